@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make demo` and `make test`. Every target installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RECORD := runs/demo-sandbox-record.jsonl
+
+.PHONY: install demo nightly test lint bench serve sandbox clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: install
+	@mkdir -p runs
+	@scripts/with-sandbox.sh --latency-ms 20 --fail-rate 0.05 --record $(RECORD) -- \
+		$(BIN)/campaign run jobs/demo.yaml --no-progress
+	@echo "summary: $$(ls -td runs/demo-*/ | head -1)summary.json"
+	@echo "requests the sandbox accepted so far: $$(wc -l < $(RECORD)) (in $(RECORD))"
+
+nightly: install
+	$(BIN)/campaign run jobs/nightly.yaml
+
+sandbox: install
+	$(BIN)/campaign sandbox --port 8765
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check campaign tests bench scripts
+	$(BIN)/ruff format --check campaign tests bench scripts
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,402 @@
+"""The command line: parse, call the pipeline, turn errors into one line and an exit code.
+
+Heavy libraries are imported inside the commands, so `campaign --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from campaign.dispatch import Progress
+    from campaign.pipeline import RunControl, RunOutcome
+
+PROG = "campaign"
+PROGRESS_LOG_EVERY_S = 10.0
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number greater than 0, not {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Send an SMS campaign to a spreadsheet of people through the Avaamo SMS "
+        "Send API, once per person, with a per-row results CSV.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def input_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("job", metavar="JOB.yaml", help="the job file")
+        p.add_argument(
+            "--input", metavar="PATH", help="spreadsheet to use instead of the job's input"
+        )
+        p.add_argument(
+            "--output-dir",
+            metavar="DIR",
+            help="where campaign state lives (default: the job's output_dir)",
+        )
+        p.add_argument(
+            "--log-format",
+            choices=("console", "json"),
+            default="console",
+            help="log lines on stderr: console (default) or json",
+        )
+        p.add_argument(
+            "--no-progress", action="store_true", help="no progress bar, even on a terminal"
+        )
+
+    run = commands.add_parser(
+        "run",
+        help="send the campaign (or continue it)",
+        description="Send the campaign, or continue it: rows already sent are never sent again.",
+    )
+    input_options(run)
+    which = run.add_mutually_exclusive_group()
+    which.add_argument(
+        "--campaign", metavar="ID", help="campaign id (default: the job's campaign:, e.g. JOB-DATE)"
+    )
+    which.add_argument(
+        "--new",
+        action="store_true",
+        help="start the job's new campaign even though its latest one did not finish",
+    )
+    run.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="N",
+        help="requests per second (overrides limits.rate_per_second)",
+    )
+    run.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="requests in flight at once (overrides limits.concurrency)",
+    )
+    run.add_argument(
+        "--only-failed", action="store_true", help="send only recipients that failed before"
+    )
+    run.add_argument(
+        "--resend-unknown",
+        action="store_true",
+        help="also send recipients whose earlier request may or may not have arrived",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="validate and write the results CSV; send nothing"
+    )
+
+    validate = commands.add_parser(
+        "validate", help="check the job and input; send nothing (= run --dry-run)"
+    )
+    input_options(validate)
+    validate.add_argument(
+        "--campaign", metavar="ID", help="campaign id (default: the job's campaign:)"
+    )
+
+    report = commands.add_parser(
+        "report", help="rewrite results.csv and summary.json from the ledger"
+    )
+    report.add_argument(
+        "target",
+        metavar="JOB.yaml|RUN_DIR",
+        help="a job file (its latest campaign) or a campaign directory",
+    )
+    report.add_argument(
+        "--campaign", metavar="ID", help="with a job file: this campaign instead of the latest"
+    )
+    report.add_argument(
+        "--output-dir", metavar="DIR", help="with a job file: where campaign state lives"
+    )
+
+    sandbox = commands.add_parser(
+        "sandbox", help="a local stand-in for the Avaamo SMS API (never forwards anything)"
+    )
+    sandbox.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sandbox.add_argument(
+        "--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)"
+    )
+    sandbox.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="N",
+        help="answer 429 + Retry-After above N requests per second",
+    )
+    sandbox.add_argument(
+        "--fail-rate",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of requests answered 503 (0..1)",
+    )
+    sandbox.add_argument(
+        "--latency-ms", type=float, default=0.0, metavar="N", help="delay before each answer"
+    )
+    sandbox.add_argument(
+        "--custom-auth",
+        action="store_true",
+        help="channel with custom user authentication: to_phone optional",
+    )
+    sandbox.add_argument(
+        "--record", metavar="FILE", help="append every accepted request to FILE as a JSON line"
+    )
+
+    serve = commands.add_parser("serve", help="the upload web page and its API")
+    serve.add_argument(
+        "job", metavar="JOB.yaml", help="job file: API, limits, default mapping, data directory"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--max-upload-mb",
+        type=_positive_float,
+        default=50.0,
+        metavar="N",
+        help="upload size cap (default 50)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from campaign.errors import CampaignError
+
+    state: dict[str, Any] = {"sending": False, "directory": None}
+    try:
+        return _dispatch(args, state)
+    except CampaignError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception:
+        where = _save_traceback(state.get("directory"))
+        _error(f"unexpected error: {sys.exc_info()[1]!r}; details in {where}")
+        return 1 if state["sending"] else 2
+
+
+def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    if args.command == "sandbox":
+        from campaign.sandbox import serve_sandbox
+
+        return serve_sandbox(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "serve":
+        from campaign.web import serve_web
+
+        return serve_web(args)
+    return _run(args, state)
+
+
+def _load(args: argparse.Namespace, path: str | None = None) -> Any:
+    from campaign.job import load_job
+
+    job = load_job(path or args.job, output_dir=args.output_dir)
+    limits = job.limits.model_copy(
+        update={
+            k: v
+            for k, v in (
+                ("rate_per_second", getattr(args, "rate", None)),
+                ("concurrency", getattr(args, "concurrency", None)),
+            )
+            if v is not None
+        }
+    )
+    return job.model_copy(update={"limits": limits})
+
+
+def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    from campaign import logs
+    from campaign.pipeline import RunControl, RunOptions, run_campaign
+
+    logs.configure(args.log_format)
+    job = _load(args)
+    logs.masker.hide(job.api.channel_uuid)
+    options = RunOptions(
+        input=args.input,
+        campaign=args.campaign,
+        new=getattr(args, "new", False),
+        only_failed=getattr(args, "only_failed", False),
+        resend_unknown=getattr(args, "resend_unknown", False),
+        dry_run=args.command == "validate" or args.dry_run,
+    )
+    control = RunControl()
+    state["directory"] = Path(job.output_dir)
+    show_bar = not args.no_progress and sys.stderr.isatty()
+
+    async def main() -> RunOutcome:
+        _install_signal_handlers(control)
+        with _ProgressView(show_bar) as view:
+
+            def on_progress(progress: Progress) -> None:
+                state["sending"] = True
+                view.update(progress)
+
+            return await run_campaign(job, options, control, on_progress)
+
+    outcome = asyncio.run(main())
+    _print_outcome(outcome)
+    return outcome.exit_code
+
+
+def _install_signal_handlers(control: RunControl) -> None:
+    import structlog
+
+    loop = asyncio.get_running_loop()
+    log = structlog.get_logger("campaign.cli")
+
+    def on_signal(signum: int) -> None:
+        if control.stopping:
+            _error("stopped at once; requests in flight will be marked unknown on the next run")
+            os._exit(130)
+        name = signal.Signals(signum).name
+        log.warning("stopping: finishing requests in flight (again to quit at once)", signal=name)
+        control.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+class _ProgressView:
+    """A rich progress bar on a terminal; a log line every few seconds otherwise."""
+
+    def __init__(self, show_bar: bool) -> None:
+        self.show_bar = show_bar
+        self.bar: Any = None
+        self.task: Any = None
+        self.last_log = time.monotonic()
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _ProgressView:
+        if self.show_bar:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]sending"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "sent {task.fields[sent]}  failed {task.fields[failed]}  "
+                    "unknown {task.fields[unknown]}  {task.fields[rate]}/s"
+                ),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.bar.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, progress: Progress) -> None:
+        now = time.monotonic()
+        rate = f"{progress.requests / max(now - self.started, 1e-6):.1f}"
+        counts = {k: progress.by_state.get(k, 0) for k in ("sent", "failed", "unknown")}
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task("send", total=progress.total, rate=rate, **counts)
+            self.bar.update(self.task, completed=progress.done, rate=rate, **counts)
+        elif now - self.last_log >= PROGRESS_LOG_EVERY_S:
+            import structlog
+
+            self.last_log = now
+            structlog.get_logger("campaign.cli").info(
+                "progress", done=progress.done, total=progress.total, rate=float(rate), **counts
+            )
+
+
+def _print_outcome(outcome: RunOutcome) -> None:
+    counts = outcome.summary["counts"]
+    line = "  ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"campaign {outcome.campaign}: {outcome.message or outcome.state}")
+    print(f"  {line}")
+    if outcome.invalid_examples:
+        print("  first invalid rows:")
+        for row, error in outcome.invalid_examples:
+            print(f"    row {row}: {error}")
+    print(f"  results: {outcome.results}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from campaign.errors import UsageError
+    from campaign.pipeline import rebuild_report
+    from campaign.store import list_campaigns
+
+    target = Path(args.target)
+    if target.is_dir():
+        directory = target
+    else:
+        job = _load(args, args.target)
+        output_dir = Path(job.output_dir)
+        if args.campaign:
+            directory = output_dir / args.campaign
+        else:
+            mine = [c for c in list_campaigns(output_dir) if c.job == job.name]
+            if not mine:
+                raise UsageError(f"{args.target}: no campaign of this job under {output_dir}")
+            directory = output_dir / mine[0].id
+    summary = rebuild_report(directory)
+    line = "  ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    print(f"campaign {summary['campaign']}: report rewritten from the ledger")
+    print(f"  {line}")
+    print(f"  results: {directory / 'results.csv'}")
+    return 0
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _save_traceback(directory: Path | None) -> Path:
+    import tempfile
+
+    from campaign.logs import masker
+
+    text = masker.clean(traceback.format_exc())
+    for folder in (directory, Path(tempfile.gettempdir())):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return Path("(not saved)")

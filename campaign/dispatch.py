@@ -1,0 +1,305 @@
+"""Dispatch: send to every target once, within the rate and concurrency limits.
+
+A fixed pool of workers takes targets from a bounded queue, so memory does not grow with
+the campaign, and each worker turns whatever happens to its target into a recorded
+outcome. The order for one request is the contract's: take the rate-limit slot, have the
+ledger commit the attempt as in flight, then send. Attempts that start together share one
+commit (`LedgerWriter`), which keeps the ledger off the hot path without ever letting a
+request leave before its record is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+
+from campaign.job import Api, Limits
+from campaign.ledger import Ledger, Outcome, Target
+from campaign.policy import Answer, Decision, Transport, decide, parse_retry_after
+from campaign.rate import RateLimiter
+
+log = structlog.get_logger(__name__)
+
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_DETAIL_CHARS = 200
+
+
+class LedgerWriter:
+    """Group commit: every op queued while the last transaction ran goes into the next."""
+
+    def __init__(self, ledger: Ledger, run_id: int) -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self._begins: list[tuple[int, int, asyncio.Future[bool]]] = []
+        self._outcomes: list[Outcome] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+
+    async def begin(self, recipient_id: int, n: int) -> bool:
+        """Resolves once the attempt is committed; False if the recipient is already sent."""
+        if self._error is not None:
+            raise self._error
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._begins.append((recipient_id, n, future))
+        self._wake.set()
+        return await future
+
+    def finish(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._flush()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Let every worker that is ready queue its op, so they share this commit.
+            await asyncio.sleep(0)
+            self._flush()
+
+    def _flush(self) -> None:
+        begins, self._begins = self._begins, []
+        outcomes, self._outcomes = self._outcomes, []
+        try:
+            if outcomes:
+                self.ledger.finish_attempts(outcomes)
+            if begins:
+                started = self.ledger.begin_attempts(
+                    self.run_id, [(rid, n) for rid, n, _ in begins]
+                )
+        except Exception as exc:
+            self._error = exc
+            for *_, future in begins:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (_, _, future), ok in zip(begins, started if begins else [], strict=True):
+            if not future.done():
+                future.set_result(ok)
+
+
+@dataclass
+class Progress:
+    """Counts for this run, updated as answers arrive."""
+
+    total: int
+    done: int = 0
+    requests: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+
+    def add(self, state: str) -> None:
+        self.by_state[state] = self.by_state.get(state, 0) + 1
+        self.done += 1
+
+
+@dataclass
+class DispatchResult:
+    aborted: str | None = None  # why the run stopped early on fatal answers
+    interrupted: bool = False
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        api: Api,
+        limits: Limits,
+        writer: LedgerWriter,
+        progress: Progress,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.url = f"{api.base_url}/sms/{api.channel_uuid}/send.json"
+        self.api = api
+        self.limits = limits
+        self.writer = writer
+        self.progress = progress
+        self.on_progress = on_progress or (lambda _p: None)
+        self.halt = asyncio.Event()
+        self.result = DispatchResult()
+        self._fatal_streak = 0
+        self._unreachable_streak = 0
+        self._limiter = RateLimiter(limits.rate_per_second)
+        self._session: aiohttp.ClientSession | None = None
+        self._busy: dict[asyncio.Task[None], bool] = {}
+
+    def stop(self) -> None:
+        """Stop taking new requests; the ones in flight finish and are recorded."""
+        self.result.interrupted = True
+        self._halt()
+
+    def _halt(self) -> None:
+        if self.halt.is_set():
+            return
+        self.halt.set()
+        # Only tasks with no request open are cancelled: waiting for a rate slot, a retry
+        # or a queue place. A request in flight always gets its answer recorded.
+        for task, busy in self._busy.items():
+            if not busy:
+                task.cancel()
+
+    async def run(self, batches: Iterator[list[Target]]) -> DispatchResult:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.api.timeout_s, sock_read=self.api.timeout_s
+        )
+        connector = aiohttp.TCPConnector(limit=self.limits.concurrency, limit_per_host=0)
+        queue: asyncio.Queue[Target | None] = asyncio.Queue(maxsize=self.limits.concurrency)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
+        ) as self._session:
+            tasks = [asyncio.create_task(self._produce(batches, queue), name="producer")]
+            tasks += [
+                asyncio.create_task(self._worker(queue), name=f"worker-{i}")
+                for i in range(self.limits.concurrency)
+            ]
+            self._busy = dict.fromkeys(tasks, False)
+            await asyncio.gather(*tasks)
+        return self.result
+
+    async def _produce(
+        self, batches: Iterator[list[Target]], queue: asyncio.Queue[Target | None]
+    ) -> None:
+        with _quiet_when(self.halt):
+            for batch in batches:
+                for target in batch:
+                    await queue.put(target)
+            for _ in range(self.limits.concurrency):
+                await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue[Target | None]) -> None:
+        with _quiet_when(self.halt):
+            while not self.halt.is_set() and (target := await queue.get()) is not None:
+                await self._deliver(target)
+
+    async def _deliver(self, target: Target) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        attempt = target.attempts
+        cap = target.attempts + self.limits.max_attempts  # each run gets max_attempts
+        maybe_delivered = target.maybe_delivered
+        while True:
+            await self._limiter.acquire()
+            self._busy[task] = True
+            try:
+                attempt += 1
+                if not await self.writer.begin(target.id, attempt):
+                    return  # already sent (by an earlier run): never send again
+                self.progress.requests += 1
+                answer = await self._post(target.payload)
+                decision = decide(
+                    answer,
+                    attempt,
+                    max_attempts=cap,
+                    retry_ambiguous=self.limits.retry_ambiguous,
+                    maybe_delivered_before=maybe_delivered,
+                )
+                maybe_delivered = maybe_delivered or answer.maybe_delivered
+                self._record(target, attempt, answer, decision)
+            finally:
+                self._busy[task] = False
+            if decision.retry_in_s is None or self.halt.is_set():
+                return
+            await asyncio.sleep(decision.retry_in_s)
+
+    def _record(self, target: Target, attempt: int, answer: Answer, decision: Decision) -> None:
+        sent_at = None
+        if decision.state == "sent":
+            sent_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        self.writer.finish(
+            Outcome(target.id, attempt, decision.state, answer.http_status, decision.error, sent_at)
+        )
+        if decision.state != "pending":
+            self.progress.add(decision.state)
+        self._watch_streaks(answer, decision)
+        self.on_progress(self.progress)
+
+    def _watch_streaks(self, answer: Answer, decision: Decision) -> None:
+        """Abort after `abort_after_fatal` fatal answers (or final connect failures) in a row."""
+        self._fatal_streak = self._fatal_streak + 1 if decision.fatal else 0
+        unreachable = answer.transport is Transport.CONNECT and decision.state != "pending"
+        if decision.state != "pending" or answer.transport is None:
+            self._unreachable_streak = self._unreachable_streak + 1 if unreachable else 0
+        limit = self.limits.abort_after_fatal
+        if self._fatal_streak >= limit and not self.result.aborted:
+            self.result.aborted = (
+                f"{self._fatal_streak} fatal answers in a row (last: HTTP {answer.http_status}); "
+                "check api.base_url and api.channel_uuid"
+            )
+            log.error("aborting", reason="fatal answers", http_status=answer.http_status)
+            self._halt()
+        elif self._unreachable_streak >= limit and not self.result.aborted:
+            self.result.aborted = (
+                f"the API could not be reached for {self._unreachable_streak} recipients in a "
+                f"row, each after {self.limits.max_attempts} attempts ({answer.detail})"
+            )
+            log.error("aborting", reason="API unreachable")
+            self._halt()
+
+    async def _post(self, body: bytes) -> Answer:
+        assert self._session is not None
+        try:
+            async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
+                raw = await resp.read()
+                return Answer(
+                    http_status=resp.status,
+                    success=_is_success(raw),
+                    retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
+                    detail=_detail(resp.status, resp.reason, raw),
+                )
+        except aiohttp.ClientConnectorError as exc:
+            return Answer(transport=Transport.CONNECT, detail=_exc_text(exc))
+        except aiohttp.ConnectionTimeoutError:
+            return Answer(transport=Transport.CONNECT, detail="connect timed out")
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return Answer(transport=Transport.TIMEOUT, detail=f"{self.api.timeout_s:g} s")
+        except (aiohttp.ClientError, OSError) as exc:
+            return Answer(transport=Transport.DROPPED, detail=_exc_text(exc))
+
+
+class _quiet_when:
+    """Swallow the cancellation `Dispatcher._halt` uses to stop an idle task."""
+
+    def __init__(self, halt: asyncio.Event) -> None:
+        self.halt = halt
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is asyncio.CancelledError and self.halt.is_set()
+
+
+def _is_success(raw: bytes) -> bool:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("success") is True
+
+
+def _detail(status: int, reason: str | None, raw: bytes) -> str:
+    if 200 <= status < 300:
+        text = raw.decode("utf-8", "replace").strip()
+        return f"answer was not success: {text[:_DETAIL_CHARS]}" if text else "empty answer"
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    text = text[:_DETAIL_CHARS] if text and not text.lstrip().startswith("<") else ""
+    return " ".join(part for part in (reason or "", text) if part)
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:_DETAIL_CHARS] if str(exc) else type(exc).__name__

@@ -1,0 +1,63 @@
+"""The errors an operator can be shown, each carrying what it is about.
+
+    CampaignError                 anything that stops a command with one clear line
+     └── UsageError               exit 2: nothing was sent
+          ├── JobError            a job file key or ${VAR} (names the file and key)
+          ├── InputError          the spreadsheet (names the file, row, column)
+          ├── CampaignBusy        another process holds the campaign's lock
+          └── UnfinishedCampaign  the midnight guard: yesterday's campaign did not finish
+
+A bad *row* is not an exception: it becomes an `invalid` row in the results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CampaignError(Exception):
+    """An error an operator can act on; `str()` is the one line shown."""
+
+    exit_code = 1
+
+
+class UsageError(CampaignError):
+    """The job, arguments or input cannot be used; nothing was sent."""
+
+    exit_code = 2
+
+
+class JobError(UsageError):
+    def __init__(self, path: Path | str, message: str, key: str | None = None) -> None:
+        self.path = str(path)
+        self.key = key
+        where = f"{self.path}: {key}: " if key else f"{self.path}: "
+        super().__init__(where + message)
+
+
+class InputError(UsageError):
+    def __init__(
+        self,
+        path: Path | str,
+        message: str,
+        *,
+        row: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.row = row
+        self.column = column
+        where = self.path
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+
+
+class CampaignBusy(UsageError):
+    """Two processes must never send the same campaign at once."""
+
+
+class UnfinishedCampaign(UsageError):
+    """A new default campaign id would start over a campaign that did not finish."""

@@ -1,0 +1,187 @@
+"""The job file: YAML checked by pydantic, `${VAR}` read from the environment.
+
+Every problem is raised as one `JobError` naming the file and the key, so the command line
+can print a single line and exit 2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from campaign.errors import JobError
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Api(_Strict):
+    base_url: str = "https://cx.avaamo.com"
+    channel_uuid: str
+    timeout_s: float = Field(default=15, gt=0, le=600)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("channel_uuid")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip() or "/" in value:
+            raise ValueError("must be the channel's uuid")
+        return value.strip()
+
+
+class Mapping(_Strict):
+    to_phone: str | None = None
+    default_region: str = "US"
+    require_phone: bool = True
+    params: dict[str, str] | Literal["all"] = Field(default_factory=dict)
+    constants: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    recipient_key: list[str] = Field(default_factory=lambda: ["to_phone"], min_length=1)
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        import phonenumbers
+
+        region = value.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region code phonenumbers knows (e.g. US, GB, IN)")
+        return region
+
+    @model_validator(mode="after")
+    def _keys_exist(self) -> Mapping:
+        if self.require_phone and not self.to_phone:
+            raise ValueError("to_phone: a column is required unless require_phone is false")
+        known = {"to_phone"} if self.to_phone else set()
+        if self.params != "all":
+            known |= set(self.params)
+            known |= set(self.constants)
+            unknown = [k for k in self.recipient_key if k not in known]
+            if unknown:
+                raise ValueError(
+                    f"recipient_key: {', '.join(unknown)} is not a payload key "
+                    f"(known: {', '.join(sorted(known)) or 'none'})"
+                )
+        return self
+
+
+class Limits(_Strict):
+    rate_per_second: float = Field(default=10, gt=0)
+    concurrency: int = Field(default=10, gt=0, le=1000)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    abort_after_fatal: int = Field(default=3, ge=1)
+    retry_ambiguous: bool = False
+
+
+class Job(_Strict):
+    campaign: str = "{job}-{date}"
+    input: str | None = None
+    sheet: str | None = None
+    output_dir: str = "runs"
+    api: Api
+    mapping: Mapping
+    limits: Limits = Field(default_factory=Limits)
+
+    # Not keys of the file: where it came from, for `{job}` and for messages.
+    name: str = Field(default="job", exclude=True)
+    path: str = Field(default="", exclude=True)
+
+    def campaign_id(self, today: dt.date | None = None) -> str:
+        day = (today or dt.date.today()).isoformat()
+        return self.campaign.replace("{job}", self.name).replace("{date}", day)
+
+    @property
+    def campaign_has_date(self) -> bool:
+        return "{date}" in self.campaign
+
+
+def expand_vars(value: Any, path: Path, key: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of the parsed YAML."""
+    if isinstance(value, dict):
+        return {k: expand_vars(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_vars(v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None or (found == "" and default is not None):
+            if default is None:
+                raise JobError(path, f"environment variable {name} is not set", key=key)
+            return default
+        return found
+
+    return _VAR.sub(substitute, value)
+
+
+def load_job(path: Path | str, **overrides: Any) -> Job:
+    """Read and check a job file; `overrides` replace top-level keys (e.g. `input`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise JobError(path, "job file not found") from None
+    except IsADirectoryError:
+        raise JobError(path, "is a directory, not a job file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(path, f"cannot read job file ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise JobError(path, f"YAML syntax error: {where}{problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise JobError(path, "must be a YAML mapping of keys (campaign, input, api, mapping...)")
+    raw = expand_vars(raw, path)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        job = Job.model_validate({**raw, "name": path.stem, "path": str(path)})
+    except ValidationError as exc:
+        raise JobError(path, *_first_problem(exc)) from None
+    if not CAMPAIGN_ID.fullmatch(job.campaign_id()):
+        raise JobError(
+            path,
+            f"{job.campaign_id()!r} is not a usable campaign id "
+            "(letters, digits, '.', '_' and '-' only)",
+            key="campaign",
+        )
+    return job
+
+
+def _first_problem(exc: ValidationError) -> tuple[str, str | None]:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or None
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    return message, key

@@ -1,0 +1,226 @@
+"""Load: a CSV or Excel sheet into rows of text, exactly as the operator typed them.
+
+CSV is read with the standard `csv` module rather than pandas: every cell must stay the
+text that was typed (pandas' value is type inference, which we would have to switch off
+everywhere), ragged rows must become one `invalid` row instead of a parser error for the
+whole file, and the reader streams, so memory does not grow with the file.
+Excel files are read with python-calamine: it is fast, reads .xlsx and old .xls alike,
+and hands back cell *values* (numbers, dates, booleans, cached formula results), which we
+turn into text ourselves.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import datetime as dt
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from campaign.errors import InputError
+from campaign.escape import unescape
+
+CHUNK_ROWS = 5_000
+DELIMITERS = (",", ";", "\t", "|")
+_SNIFF_BYTES = 64 * 1024
+_ZIP_MAGIC = b"PK\x03\x04"
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+csv.field_size_limit(64 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int  # position under the header, from 1; blank rows keep their numbers
+    cells: list[str]  # one per kept column, in input order
+    problem: str | None = None  # a reason the row cannot be used as it is
+
+
+@dataclass
+class Sheet:
+    path: Path
+    columns: list[str]  # header names as written, without the ignored `_` result columns
+    chunks: Iterator[list[Row]] = field(repr=False)
+
+
+def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
+    """Open a spreadsheet; raises `InputError` for anything that is not a usable one."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a directory, not a spreadsheet")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except FileNotFoundError:
+        raise InputError(path, "input file not found") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read input file ({exc.strerror})") from None
+
+    suffix = path.suffix.lower()
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_OLE_MAGIC):
+        header, records = _excel_records(path, sheet)
+    elif suffix in {".xlsx", ".xlsm", ".xls"}:
+        raise InputError(path, "is not an Excel workbook (the file's content is not .xlsx or .xls)")
+    else:
+        if sheet is not None:
+            raise InputError(path, "`sheet:` is set, but a CSV file has no sheets")
+        header, records = _csv_records(path, head)
+    return _sheet(path, header, records)
+
+
+def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]]]) -> Sheet:
+    keep = [i for i, name in enumerate(header) if not name.strip().startswith("_")]
+    columns = [header[i] for i in keep]
+    width = len(header)
+
+    def rows() -> Iterator[Row]:
+        for number, cells in records:
+            if not any(cell.strip() for cell in cells):
+                continue
+            problem = None
+            if len(cells) > width:
+                extra = cells[width:]
+                if any(cell.strip() for cell in extra):
+                    problem = f"row has {len(cells)} cells but the header has {width} columns"
+                cells = cells[:width]
+            elif len(cells) < width:
+                cells = cells + [""] * (width - len(cells))
+            yield Row(number, [unescape(cells[i]) for i in keep], problem)
+
+    return Sheet(path, columns, _chunked(rows(), CHUNK_ROWS))
+
+
+def _chunked(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _numbered(
+    path: Path, records: Iterator[list[str]]
+) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """Find the header (the first non-blank record) and number the records under it."""
+    for header in records:
+        if any(cell.strip() for cell in header):
+            break
+    else:
+        raise InputError(path, "the file is empty: no header row and no data")
+    return header, ((number, cells) for number, cells in enumerate(records, start=1))
+
+
+# --- CSV -------------------------------------------------------------------------------
+
+
+def _csv_records(path: Path, head: bytes) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    encoding = _detect_encoding(path, head)
+    text = head.decode(encoding, errors="replace")
+    delimiter = _sniff_delimiter(text)
+    handle = path.open("r", encoding=encoding, newline="")
+
+    def records() -> Iterator[list[str]]:
+        reader = csv.reader(handle, delimiter=delimiter, strict=False)
+        try:
+            yield from reader
+        except csv.Error as exc:
+            raise InputError(path, f"unreadable CSV at line {reader.line_num}: {exc}") from None
+        finally:
+            handle.close()
+
+    header, numbered = _numbered(path, records())
+    return header, numbered
+
+
+def _detect_encoding(path: Path, head: bytes) -> str:
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if b"\x00" in head:
+        raise InputError(path, "is not a CSV or Excel file (it holds binary data)")
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if _decodes(path, "utf-8"):
+        return "utf-8"
+    if _decodes(path, "cp1252"):
+        return "cp1252"
+    raise InputError(path, "is not a text file in UTF-8, UTF-16 or Windows-1252 (cp1252)")
+
+
+def _decodes(path: Path, encoding: str) -> bool:
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with path.open("rb") as handle:
+        try:
+            while block := handle.read(1 << 20):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _sniff_delimiter(text: str) -> str:
+    """The candidate that splits the header line most often (`,` when none does)."""
+    reader = csv.reader(io.StringIO(text), delimiter="\x00")
+    first = next((line[0] for line in reader if line and line[0].strip()), "")
+    counts = {d: first.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+# --- Excel -----------------------------------------------------------------------------
+
+
+def _excel_records(
+    path: Path, sheet: str | None
+) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    from python_calamine import CalamineWorkbook
+
+    try:
+        book = CalamineWorkbook.from_path(str(path))
+    except Exception as exc:  # calamine raises several unrelated types for a corrupt file
+        raise InputError(path, f"is not a readable Excel workbook ({_short(exc)})") from None
+    if sheet is not None and sheet not in book.sheet_names:
+        known = ", ".join(repr(n) for n in book.sheet_names)
+        raise InputError(path, f"no sheet named {sheet!r} (sheets: {known})")
+    for name in [sheet] if sheet is not None else book.sheet_names:
+        try:
+            rows = book.get_sheet_by_name(name).iter_rows()
+            records = (list(map(excel_text, row)) for row in rows)
+            return _numbered(path, records)
+        except InputError:
+            continue  # empty sheet: the default is the first sheet with data
+        except Exception as exc:
+            raise InputError(path, f"cannot read sheet {name!r} ({_short(exc)})") from None
+    raise InputError(path, f"sheet {sheet!r} is empty" if sheet else "no sheet has any data")
+
+
+def excel_text(value: Any) -> str:
+    """An Excel cell value as the text an operator means by it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e21:
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, dt.datetime):
+        if value.time() == dt.time(0):
+            return value.date().isoformat()
+        return value.isoformat(timespec="seconds" if not value.microsecond else "auto")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        seconds = int(value.total_seconds())
+        return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return str(value)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

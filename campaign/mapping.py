@@ -1,0 +1,167 @@
+"""Map: a spreadsheet row to an API payload, its E.164 phone and its recipient key.
+
+`Mapper.map_row` never raises for anything a cell can hold: a row it cannot send comes
+back with `error` set and becomes `invalid`. Problems with the job's mapping against the
+sheet's header (a missing or doubled column) are raised once, up front, as `InputError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import NumberParseException
+
+from campaign.errors import InputError
+from campaign.job import Mapping
+from campaign.ledger import MappedRow
+from campaign.load import Row, Sheet
+
+_PARSE_REASONS = {
+    NumberParseException.INVALID_COUNTRY_CODE: "has no valid country code",
+    NumberParseException.NOT_A_NUMBER: "is not a phone number",
+    NumberParseException.TOO_SHORT_AFTER_IDD: "is too short",
+    NumberParseException.TOO_SHORT_NSN: "is too short",
+    NumberParseException.TOO_LONG: "is too long",
+}
+
+
+def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
+    """(E.164 number, None) or (None, reason it cannot be sent to)."""
+    try:
+        number = phonenumbers.parse(text, region)
+    except NumberParseException as exc:
+        return None, f"phone {_PARSE_REASONS.get(exc.error_type, 'is not a phone number')}"
+    if number.extension:
+        return None, "phone has an extension; an SMS needs a number of its own"
+    if not phonenumbers.is_valid_number(number):
+        reason = phonenumbers.is_possible_number_with_reason(number)
+        if reason == phonenumbers.ValidationResult.TOO_SHORT:
+            return None, "phone is too short"
+        if reason == phonenumbers.ValidationResult.TOO_LONG:
+            return None, "phone is too long"
+        return None, f"phone is not a valid number (region {region} assumed without +code)"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
+
+
+@dataclass(frozen=True)
+class Mapper:
+    """The job's mapping compiled against one sheet's header."""
+
+    phone_column: int | None
+    phone_name: str | None
+    params: tuple[tuple[str, int, str], ...]  # (param, column index, column name)
+    constants: tuple[tuple[str, str], ...]
+    region: str
+    require_phone: bool
+    recipient_key: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, mapping: Mapping, sheet: Sheet) -> Mapper:
+        positions: dict[str, list[int]] = {}
+        for i, name in enumerate(sheet.columns):
+            positions.setdefault(name.strip(), []).append(i)
+
+        def column(name: str, key: str) -> int:
+            found = positions.get(name.strip())
+            if not found:
+                known = ", ".join(repr(c) for c in sheet.columns if c.strip())
+                raise InputError(
+                    sheet.path,
+                    f"no such column (mapping.{key}; the columns are: {known})",
+                    column=name,
+                )
+            if len(found) > 1:
+                raise InputError(
+                    sheet.path,
+                    f"appears {len(found)} times in the header (mapping.{key})",
+                    column=name,
+                )
+            return found[0]
+
+        phone = column(mapping.to_phone, "to_phone") if mapping.to_phone else None
+        if mapping.params == "all":
+            used = [
+                (name.strip(), i)
+                for i, name in enumerate(sheet.columns)
+                if name.strip() and i != phone
+            ]
+            params = tuple(
+                (name, column(name, f"params: all ({name})"), sheet.columns[i]) for name, i in used
+            )
+        else:
+            params = tuple(
+                (param, column(name, f"params.{param}"), name.strip())
+                for param, name in mapping.params.items()
+            )
+        if any(param == "to_phone" for param, _, _ in params):
+            raise InputError(sheet.path, "to_phone is set by mapping.to_phone, not as a param")
+        constants = tuple((k, _constant_text(v)) for k, v in mapping.constants.items())
+        mapper = cls(
+            phone_column=phone,
+            phone_name=mapping.to_phone.strip() if mapping.to_phone else None,
+            params=params,
+            constants=constants,
+            region=mapping.default_region,
+            require_phone=mapping.require_phone,
+            recipient_key=tuple(mapping.recipient_key),
+        )
+        known = {"to_phone"} | {p for p, _, _ in params} | {k for k, _ in constants}
+        unknown = [k for k in mapper.recipient_key if k not in known]
+        if unknown:
+            raise InputError(
+                sheet.path,
+                f"mapping.recipient_key names {', '.join(unknown)}, which the mapping "
+                f"does not produce (payload keys: {', '.join(sorted(known))})",
+            )
+        return mapper
+
+    def map_row(self, row: Row) -> MappedRow:
+        payload: dict[str, str] = {}
+        to_phone = error = None
+        if self.phone_column is not None:
+            text = row.cells[self.phone_column].strip()
+            if text:
+                to_phone, error = normalize_phone(text, self.region)
+            elif self.require_phone:
+                error = f"{self.phone_name} is empty"
+            if to_phone:
+                payload["to_phone"] = to_phone
+        for param, i, _ in self.params:
+            value = row.cells[i].strip()
+            if value:
+                payload[param] = value
+        for name, value in self.constants:
+            payload.setdefault(name, value)
+        if row.problem:
+            error = row.problem
+        key = None
+        if error is None:
+            parts = [payload.get(k) for k in self.recipient_key]
+            missing = [k for k, v in zip(self.recipient_key, parts, strict=True) if not v]
+            if missing:
+                error = f"recipient key {', '.join(missing)} is empty"
+            elif not payload:
+                error = "nothing to send: every mapped cell is empty"
+            else:
+                key = parts[0] if len(parts) == 1 else json.dumps(parts, ensure_ascii=False)
+        return MappedRow(
+            row=row.number,
+            cells=row.cells,
+            key=key,
+            payload=None if error else json.dumps(payload, ensure_ascii=False),
+            to_phone=to_phone,
+            error=error,
+        )
+
+    def map_chunks(self, sheet: Sheet) -> Iterator[list[MappedRow]]:
+        for chunk in sheet.chunks:
+            yield [self.map_row(row) for row in chunk]
+
+
+def _constant_text(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -1,0 +1,133 @@
+"""What to do after an attempt: the retry policy as data and one pure decision function.
+
+A request is retried only when it certainly did not take effect. When it may have, the
+recipient is `unknown`: the API has no idempotency key, and a blind retry is how people
+get two SMS.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+# The server says it did not act on the request: sending again is safe.
+RETRY_STATUSES = frozenset({408, 429, 503})
+# The server may have acted before failing: the outcome is unknown.
+AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
+# The job is wrong (bad channel, no access): every other row will fail the same way.
+FATAL_STATUSES = frozenset({401, 403, 404})
+
+BACKOFF_BASE_S = 0.5  # first retry waits up to this long (full jitter)...
+BACKOFF_CAP_S = 30.0  # ...doubling per attempt, never more than this
+RETRY_AFTER_CAP_S = 600.0  # a Retry-After longer than this is treated as this
+
+
+class Transport(StrEnum):
+    """How an attempt ended when no HTTP answer came back."""
+
+    CONNECT = "connect"  # the connection could not be opened: nothing was sent
+    TIMEOUT = "timeout"  # sent, no answer in time: may have arrived
+    DROPPED = "dropped"  # connection lost after sending: may have arrived
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one attempt produced: an HTTP answer, or a transport failure."""
+
+    http_status: int | None = None
+    success: bool = False
+    retry_after_s: float | None = None
+    transport: Transport | None = None
+    detail: str = ""
+
+    @property
+    def maybe_delivered(self) -> bool:
+        if self.transport is not None:
+            return self.transport is not Transport.CONNECT
+        return self.http_status not in RETRY_STATUSES and not _client_error(self.http_status)
+
+    def describe(self) -> str:
+        if self.transport is Transport.CONNECT:
+            return f"could not connect ({self.detail})"
+        if self.transport is Transport.TIMEOUT:
+            return f"no answer in time ({self.detail})"
+        if self.transport is Transport.DROPPED:
+            return f"connection dropped after sending ({self.detail})"
+        text = f"HTTP {self.http_status}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: str  # sent | failed | unknown | pending (pending: retry after `retry_in_s`)
+    error: str | None = None
+    retry_in_s: float | None = None
+    fatal: bool = False
+
+
+def decide(
+    answer: Answer,
+    attempt: int,
+    *,
+    max_attempts: int,
+    retry_ambiguous: bool,
+    maybe_delivered_before: bool = False,
+    rng: random.Random | None = None,
+) -> Decision:
+    """Turn the answer to attempt number `attempt` (from 1) into the recipient's next state.
+
+    `maybe_delivered_before`: an earlier attempt for this recipient may have arrived, so
+    a final failure must be reported as `unknown`, never as `failed`.
+    """
+    status = answer.http_status
+    if answer.transport is None and status is not None and 200 <= status < 300 and answer.success:
+        return Decision("sent")
+
+    error = answer.describe()
+    fatal = answer.transport is None and status in FATAL_STATUSES
+    ambiguous = answer.maybe_delivered
+    retryable = answer.transport is Transport.CONNECT or status in RETRY_STATUSES
+    if ambiguous and retry_ambiguous and not fatal:
+        retryable = True
+
+    if retryable and attempt < max_attempts:
+        return Decision("pending", error, retry_in_s=backoff_s(attempt, answer.retry_after_s, rng))
+    if retryable and attempt > 1:
+        error = f"{error} (after {attempt} attempts)"
+    if ambiguous or maybe_delivered_before:
+        if maybe_delivered_before and not ambiguous:
+            error = f"{error}; an earlier attempt may have arrived"
+        return Decision("unknown", error, fatal=fatal)
+    return Decision("failed", error, fatal=fatal)
+
+
+def backoff_s(attempt: int, retry_after_s: float | None, rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt `attempt + 1`: Retry-After if given, else full jitter."""
+    if retry_after_s is not None and retry_after_s > 0:
+        return min(retry_after_s, RETRY_AFTER_CAP_S)
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    return (rng or random).uniform(0, ceiling)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds (RFC 9110: delay-seconds or an HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _client_error(status: int | None) -> bool:
+    """A 4xx (other than 408/429) or an unsuccessful 2xx/3xx: the request was refused."""
+    return status is not None and status < 500 and status not in RETRY_STATUSES

@@ -1,0 +1,46 @@
+"""An exact request rate: never more than N requests in any one-second window.
+
+`AsyncLimiter(N, 1)` alone lets a full bucket (N) through at once and then refills at N/s,
+so the first second can carry almost 2·N requests. We keep aiolimiter for smooth pacing
+with a small bucket, and add a sliding-window log that refuses the (N+1)-th acquisition
+until the N-th-last one is a full window old. The window is slightly longer than a
+second so that jitter between here and the server's clock cannot put N+1 arrivals into
+one second there; the pace is set to match, giving about 0.98·N per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+from aiolimiter import AsyncLimiter
+
+WINDOW_S = 1.02  # 20 ms of margin for scheduling and network jitter
+BURST_SHARE = 0.1  # the pacing bucket holds at most a tenth of a second's requests
+
+
+class RateLimiter:
+    """Acquire before every request, retries included. Create one per run, inside the loop."""
+
+    def __init__(self, rate_per_second: float) -> None:
+        if rate_per_second <= 0:
+            raise ValueError("rate_per_second must be positive")
+        self.rate = rate_per_second
+        # A fractional rate (e.g. 0.5/s) allows one request per 1/rate seconds.
+        self._limit = max(1, math.floor(rate_per_second))
+        self._window = max(WINDOW_S, WINDOW_S * self._limit / rate_per_second)
+        burst = max(1.0, math.floor(rate_per_second * BURST_SHARE))
+        self._pace = AsyncLimiter(burst, burst * WINDOW_S / rate_per_second)
+        self._recent: deque[float] = deque(maxlen=self._limit)
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        await self._pace.acquire()
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            if len(self._recent) == self._limit:
+                wait = self._recent[0] + self._window - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            self._recent.append(loop.time())

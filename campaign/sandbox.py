@@ -1,0 +1,117 @@
+"""A local stand-in for the Avaamo SMS Send API, for the demo and the tests.
+
+    POST /sms/{channel_uuid}/send.json  {"to_phone": "+1...", ...}  ->  200 {"success": true}
+
+Faults on demand: a rate cap answered 429 + Retry-After, a share of 503s, latency.
+`--record FILE` appends every accepted request as a JSON line (flushed at once), so a
+test can count exactly what was "delivered". It never forwards anything anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import IO
+
+from aiohttp import web
+
+
+@dataclass
+class SandboxConfig:
+    rate: float | None = None
+    fail_rate: float = 0.0
+    latency_ms: float = 0.0
+    custom_auth: bool = False
+    record: str | None = None
+
+
+def create_app(config: SandboxConfig) -> web.Application:
+    app = web.Application()
+    recent: deque[float] = deque()
+    record: IO[str] | None = None
+    accepted = 0
+
+    async def send(request: web.Request) -> web.Response:
+        nonlocal accepted
+        arrived = time.time()
+        if config.rate is not None:
+            now = time.monotonic()
+            while recent and now - recent[0] >= 1.0:
+                recent.popleft()
+            if len(recent) >= config.rate:
+                retry = max(1, int(recent[0] + 1.0 - now + 0.999))
+                return _error(429, "rate limit exceeded", headers={"Retry-After": str(retry)})
+            recent.append(now)
+        if config.latency_ms:
+            await asyncio.sleep(config.latency_ms / 1000)
+        if config.fail_rate and random.random() < config.fail_rate:
+            return _error(503, "service busy, try again", headers={"Retry-After": "0"})
+        try:
+            body = await request.json(loads=json.loads)
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object")
+        phone = body.get("to_phone")
+        if not config.custom_auth and not (isinstance(phone, str) and phone.startswith("+")):
+            return _error(400, "to_phone is required, with country code (+...)")
+        if record is not None:
+            line = {"t": arrived, "channel": request.match_info["channel"], "body": body}
+            record.write(json.dumps(line, ensure_ascii=False) + "\n")
+            record.flush()
+        accepted += 1
+        return web.json_response({"success": True})
+
+    async def stats(_request: web.Request) -> web.Response:
+        return web.json_response({"accepted": accepted})
+
+    async def open_record(_app: web.Application) -> None:
+        nonlocal record
+        if config.record:
+            record = open(config.record, "a", encoding="utf-8")  # noqa: SIM115 (app lifetime)
+
+    async def close_record(_app: web.Application) -> None:
+        if record is not None:
+            record.close()
+
+    app.router.add_post("/sms/{channel}/send.json", send)
+    app.router.add_get("/stats", stats)
+    app.on_startup.append(open_record)
+    app.on_cleanup.append(close_record)
+    return app
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"success": False, "error": message}, status=status, headers=headers)
+
+
+def serve_sandbox(args: argparse.Namespace) -> int:
+    config = SandboxConfig(
+        rate=args.rate,
+        fail_rate=args.fail_rate,
+        latency_ms=args.latency_ms,
+        custom_auth=args.custom_auth,
+        record=args.record,
+    )
+
+    async def main() -> None:
+        runner = web.AppRunner(create_app(config), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port)
+        await site.start()
+        port = runner.addresses[0][1]
+        print(f"sandbox listening on http://{args.host}:{port}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0

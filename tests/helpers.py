@@ -1,0 +1,214 @@
+"""Real parts for tests: the sandbox and scriptable fault servers on 127.0.0.1, the CLI in a
+subprocess, job files and results CSVs in tmp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+CHANNEL = "11111111-2222-4333-8444-555555555555"
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real command line, `python -m campaign ARGS`, and wait for it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "campaign", *args], cwd=cwd, env=full_env, text=True,
+        capture_output=True, timeout=timeout, input=input,
+    )
+
+
+def spawn_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[str]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "campaign", *args], cwd=cwd, env=full_env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def write_job(directory: Path, base_url: str, *, name: str = "job", input: str | Path | None = None,
+              **sections: Any) -> Path:
+    """A job file for `base_url`; `sections` update the defaults (api, mapping, limits, ...)."""
+    job: dict[str, Any] = {
+        "campaign": "test",
+        "output_dir": str(directory / "runs"),
+        "api": {"base_url": base_url, "channel_uuid": CHANNEL, "timeout_s": 2},
+        "mapping": {"to_phone": "Phone", "default_region": "US",
+                    "params": {"first_name": "First Name"}},
+        "limits": {"rate_per_second": 1000, "concurrency": 4, "max_attempts": 3},
+    }
+    if input is not None:
+        job["input"] = str(input)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]], **kwargs: Any) -> Path:
+    with path.open("w", encoding=kwargs.pop("encoding", "utf-8"), newline="") as out:
+        writer = csv.writer(out, **kwargs)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def phones(n: int, start: int = 0) -> list[str]:
+    """n distinct valid US numbers (area code 415, the 555-01xx style extended)."""
+    return [f"+1 415 2{(start + i) // 10000 % 100:02d} {(start + i) % 10000:04d}" for i in range(n)]
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def statuses(rows: list[dict[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["_status"]] = counts.get(row["_status"], 0) + 1
+    return counts
+
+
+# --- the sandbox, as the real CLI in a subprocess --------------------------------------------
+
+
+@dataclass
+class Sandbox:
+    process: subprocess.Popen[str]
+    url: str
+    record: Path
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        with self.record.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def phones(self) -> list[str]:
+        return [r["body"].get("to_phone") for r in self.records()]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def start_sandbox(directory: Path, *options: str) -> Sandbox:
+    record = directory / f"record-{time.monotonic_ns()}.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "campaign", "sandbox", "--port", "0", "--record", str(record),
+         *options],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # blocks until the sandbox says it listens
+    if "listening on" not in line:
+        process.kill()
+        raise RuntimeError(f"sandbox did not start: {line}{process.stdout.read()}")
+    return Sandbox(process, line.split("listening on ")[1].strip(), record)
+
+
+# --- scriptable fault servers, in a thread of their own ---------------------------------------
+
+Reply = Callable[[int, dict[str, Any]], Any]
+
+
+@dataclass
+class Arrival:
+    n: int  # 0-based, in arrival order
+    at: float  # time.monotonic()
+    body: dict[str, Any]
+
+
+@dataclass
+class FaultServer:
+    """An aiohttp app whose answer to the n-th request is `reply(n, body)`:
+    an int status, a (status, headers) or (status, headers, json) tuple, a web.Response,
+    "reset" (close the connection without an answer), or "hang" (never answer)."""
+
+    reply: Reply
+    arrivals: list[Arrival] = field(default_factory=list)
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _release: asyncio.Event | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> FaultServer:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fault server did not start")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._loop is not None and self._release is not None
+        self._loop.call_soon_threadsafe(self._release.set)
+        assert self._thread is not None
+        self._thread.join(10)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [a.body for a in self.arrivals]
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.run(self._main(ready))
+
+    async def _main(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._release = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/sms/{channel}/send.json", self._handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        ready.set()
+        await self._release.wait()
+        await runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        with self._lock:
+            n = len(self.arrivals)
+            self.arrivals.append(Arrival(n, time.monotonic(), body))
+        answer = self.reply(n, body)
+        if answer == "hang":
+            assert self._release is not None
+            await self._release.wait()
+            return web.Response(status=503)
+        if answer == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        if isinstance(answer, int):
+            answer = (answer,)
+        status, headers, payload = (*answer, None, None)[:3]
+        if payload is None:
+            payload = {"success": 200 <= status < 300}
+        return web.json_response(payload, status=status, headers=headers)

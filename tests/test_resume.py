@@ -1,0 +1,262 @@
+"""Never twice, never lost: kill the real CLI, rerun it, and count what the server received."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import (
+    FaultServer, Sandbox, cli, phones, read_results, spawn_cli, start_sandbox, statuses,
+    write_csv, write_job,
+)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def people(path: Path, n: int, start: int = 0) -> Path:
+    return write_csv(path, ["First Name", "Phone"],
+                     [[f"P{i}", p] for i, p in enumerate(phones(n, start))])
+
+
+def results(tmp_path: Path, campaign: str = "test") -> list[dict[str, str]]:
+    return read_results(tmp_path / "runs" / campaign / "results.csv")
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 120) -> int:
+    process.communicate(timeout=timeout)
+    return process.returncode
+
+
+def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
+    rows, concurrency, kills = 2000, 20, 3
+    box = start_sandbox(tmp_path, "--latency-ms", "50")
+    try:
+        job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", rows),
+                        limits={"concurrency": concurrency, "rate_per_second": 5000})
+        rng = random.Random()
+        marks = sorted(rng.sample(range(50, rows - 100), kills))
+        for mark in marks:
+            process = spawn_cli("run", str(job), "--no-progress")
+            wait_for(lambda m=mark: len(box.records()) >= m or process.poll() is not None,
+                     what=f"{mark} requests")
+            process.kill()
+            process.wait()
+        final = cli("run", str(job), "--no-progress", timeout=300)
+        assert final.returncode in (0, 1), final.stderr
+
+        received = Counter(box.phones())
+        assert max(received.values()) == 1, "a recipient received two requests"
+        counts = statuses(results(tmp_path))
+        assert set(counts) <= {"sent", "unknown"}
+        assert counts.get("unknown", 0) <= concurrency * kills
+        assert sum(counts.values()) == rows
+        unknown = counts.get("unknown", 0)
+
+        again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert statuses(results(tmp_path)) == {"sent": rows}
+        received = Counter(box.phones())
+        assert len(received) == rows
+        # A resent unknown may have arrived the first time too: that is why it is opt-in.
+        assert sum(received.values()) - rows <= unknown
+    finally:
+        box.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_drains_in_flight_requests_and_exits_130(tmp_path: Path, signum: int) -> None:
+    box = start_sandbox(tmp_path, "--latency-ms", "300")
+    try:
+        job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", 300),
+                        limits={"concurrency": 10, "rate_per_second": 5000})
+        process = spawn_cli("run", str(job), "--no-progress")
+        wait_for(lambda: len(box.records()) >= 20, what="20 requests")
+        process.send_signal(signum)
+        assert finish(process) == 130
+        counts = statuses(results(tmp_path))
+        assert counts.get("unknown", 0) == 0 and counts["pending"] > 0
+        assert counts["sent"] == len(box.records())  # every answer that came back is recorded
+        done = cli("run", str(job), "--no-progress")
+        assert done.returncode == 0, done.stderr
+        assert max(Counter(box.phones()).values()) == 1
+        assert len(box.records()) == 300
+    finally:
+        box.stop()
+
+
+def test_second_sigint_stops_at_once_and_leaves_unknown(tmp_path: Path) -> None:
+    with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1),
+                        api={"timeout_s": 60})
+        process = spawn_cli("run", str(job), "--no-progress")
+        wait_for(lambda: len(server.arrivals) == 1, what="the request")
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # not a race: both signals lead to exit 130; this only orders them
+        process.send_signal(signal.SIGINT)
+        assert finish(process, timeout=20) == 130
+        again = cli("run", str(job), "--no-progress")
+        assert again.returncode == 1
+        assert len(server.arrivals) == 1
+    row = results(tmp_path)[0]
+    assert row["_status"] == "unknown" and "in flight" in row["_error"]
+
+
+def test_only_failed_sends_only_rows_that_failed(tmp_path: Path) -> None:
+    data = people(tmp_path / "in.csv", 10)
+    bad = set(phones(10)[:3])
+    failing = {"+1" + "".join(c for c in p if c.isdigit())[1:] for p in bad}
+    with FaultServer(lambda _n, b: 400 if b["to_phone"] in failing else 200) as server:
+        job = write_job(tmp_path, server.url, input=data)
+        assert cli("run", str(job), "--no-progress").returncode == 1
+        assert len(server.arrivals) == 10
+    with data.open("a", encoding="utf-8") as out:
+        out.write("New,+1 415 299 0001\n")
+    with FaultServer(lambda _n, _b: 200) as server:
+        job = write_job(tmp_path, server.url, input=data)
+        done = cli("run", str(job), "--no-progress", "--only-failed")
+        assert sorted(b["to_phone"] for b in server.bodies()) == sorted(failing)
+    assert done.returncode == 1  # the new row is still pending
+    assert statuses(results(tmp_path)) == {"sent": 10, "pending": 1}
+
+
+def test_results_csv_is_a_valid_input(tmp_path: Path, sandbox: Sandbox) -> None:
+    names = ["=1+1", "-2", "@home", "+cmd", "Zoë", "'quoted"]
+    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"],
+                     [[name, p] for name, p in zip(names, phones(6), strict=True)])
+    job = write_job(tmp_path, sandbox.url, input=data)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    first = [r["body"] for r in sandbox.records()]
+    assert [b["first_name"] for b in first] == names
+    raw = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
+    assert "'=1+1" in raw and "'@home" in raw and "'+cmd" in raw and "\n-2," in raw
+
+    again = cli("run", str(job), "--no-progress", "--campaign", "again",
+                "--input", str(tmp_path / "runs" / "test" / "results.csv"))
+    assert again.returncode == 0, again.stderr
+    second = [r["body"] for r in sandbox.records()][len(first):]
+    assert second == first
+    rows = results(tmp_path, "again")
+    assert [k for k in rows[0] if not k.startswith("_")] == ["First Name", "Phone"]
+
+
+def test_edited_input_sends_fixed_and_new_rows_only(tmp_path: Path, sandbox: Sandbox) -> None:
+    path = tmp_path / "in.csv"
+    write_csv(path, ["First Name", "Phone"],
+              [["Ann", "+1 415 200 0001"], ["Bob", "415 200"], ["Cy", "+1 415 200 0003"]])
+    job = write_job(tmp_path, sandbox.url, input=path)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert sorted(sandbox.phones()) == ["+14152000001", "+14152000003"]
+
+    write_csv(path, ["First Name", "Phone"],
+              [["Ann Renamed", "+1 415 200 0001"], ["Bob", "415 200 0002"],
+               ["Cy", "+1 415 200 0033"], ["Dee", "+1 415 200 0004"]])
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    later = sandbox.phones()[2:]
+    # Bob fixed, Cy has a new number (a new person), Dee is new; Ann is never sent again.
+    assert sorted(later) == ["+14152000002", "+14152000004", "+14152000033"]
+    rows = results(tmp_path)
+    assert [r["_status"] for r in rows] == ["sent"] * 4
+    assert rows[0]["First Name"] == "Ann Renamed"
+
+
+def test_one_run_at_a_time_and_a_dead_holder_does_not_block(tmp_path: Path) -> None:
+    with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 2),
+                        api={"timeout_s": 60}, limits={"concurrency": 1})
+        holder = spawn_cli("run", str(job), "--no-progress")
+        wait_for(lambda: len(server.arrivals) == 1, what="the first request")
+        second = cli("run", str(job), "--no-progress")
+        assert second.returncode == 2
+        assert "campaign test is in use by pid" in second.stderr
+        assert f"pid {holder.pid}" in second.stderr
+        holder.kill()
+        holder.wait()
+        third = cli("run", str(job), "--no-progress")
+        assert third.returncode == 1, third.stderr  # the killed request is now unknown
+        assert len(server.arrivals) == 2
+    assert [r["_status"] for r in results(tmp_path)] == ["unknown", "sent"]
+
+
+def test_midnight_guard_blocks_a_new_day_while_yesterday_is_unfinished(tmp_path: Path) -> None:
+    yesterday = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
+    today = f"job-{dt.date.today().isoformat()}"
+    with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 3),
+                        campaign="{job}-{date}", api={"timeout_s": 60},
+                        limits={"concurrency": 1})
+        crashed = spawn_cli("run", str(job), "--no-progress", "--campaign", yesterday)
+        wait_for(lambda: len(server.arrivals) == 1, what="the first request")
+        crashed.kill()
+        crashed.wait()
+
+        blocked = cli("run", str(job), "--no-progress")
+        assert blocked.returncode == 2
+        assert yesterday in blocked.stderr and "crashed" in blocked.stderr
+        assert f"--campaign {yesterday}" in blocked.stderr and "--new" in blocked.stderr
+        assert not (tmp_path / "runs" / today).exists()
+
+        resumed = cli("run", str(job), "--no-progress", "--campaign", yesterday)
+        assert resumed.returncode == 1, resumed.stderr  # its in-flight row is unknown
+        assert len(server.arrivals) == 3
+        # Yesterday's campaign finished (with an unknown row): it no longer blocks.
+        fresh = cli("run", str(job), "--no-progress")
+        assert fresh.returncode == 0, fresh.stderr
+        assert len(server.arrivals) == 6
+
+
+def test_new_starts_todays_campaign_despite_an_unfinished_one(tmp_path: Path) -> None:
+    yesterday = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
+    with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 2),
+                        campaign="{job}-{date}", api={"timeout_s": 60},
+                        limits={"concurrency": 1})
+        crashed = spawn_cli("run", str(job), "--no-progress", "--campaign", yesterday)
+        wait_for(lambda: len(server.arrivals) == 1, what="the first request")
+        crashed.kill()
+        crashed.wait()
+        fresh = cli("run", str(job), "--no-progress", "--new")
+        assert fresh.returncode == 0, fresh.stderr
+        assert len(server.arrivals) == 3
+
+
+def test_report_rebuilds_results_from_the_ledger(tmp_path: Path, sandbox: Sandbox) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 5))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    results_csv = tmp_path / "runs" / "test" / "results.csv"
+    before = results_csv.read_text(encoding="utf-8")
+    results_csv.unlink()
+    (tmp_path / "runs" / "test" / "summary.json").unlink()
+    by_dir = cli("report", str(tmp_path / "runs" / "test"))
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert results_csv.read_text(encoding="utf-8") == before
+    by_job = cli("report", str(job))
+    assert by_job.returncode == 0 and "sent 5" in by_job.stdout
+
+
+def test_ledger_keeps_every_attempt(tmp_path: Path) -> None:
+    def reply(n: int, _b: dict[str, Any]) -> Any:
+        return 503 if n == 0 else 200
+
+    with FaultServer(reply) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1))
+        assert cli("run", str(job), "--no-progress").returncode == 0
+    db = sqlite3.connect(tmp_path / "runs" / "test" / "ledger.sqlite")
+    attempts = db.execute("SELECT n, state, http_status FROM attempts ORDER BY n").fetchall()
+    assert attempts == [(1, "pending", 503), (2, "sent", 200)]

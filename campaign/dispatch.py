@@ -153,6 +153,8 @@ class Dispatcher:
                 task.cancel()
 
     async def run(self, batches: Iterator[list[Target]]) -> DispatchResult:
+        if self.halt.is_set():
+            return self.result
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.api.timeout_s, sock_read=self.api.timeout_s
         )
@@ -224,6 +226,23 @@ class Dispatcher:
         )
         if decision.state != "pending":
             self.progress.add(decision.state)
+        if decision.state not in ("sent", "pending"):
+            log.warning(
+                "not sent",
+                row=target.row,
+                state=decision.state,
+                http_status=answer.http_status,
+                transport=answer.transport,
+            )
+        elif decision.state == "pending":
+            log.info(
+                "will retry",
+                row=target.row,
+                attempt=attempt,
+                http_status=answer.http_status,
+                transport=answer.transport,
+                wait_s=round(decision.retry_in_s or 0, 2),
+            )
         self._watch_streaks(answer, decision)
         self.on_progress(self.progress)
 

@@ -55,15 +55,18 @@ masker = Masker()
 
 
 class _Tee:
-    """Writes each event as a JSON line to the campaign's log file, then passes it on."""
+    """Writes each event of a campaign (bound with `bind_contextvars(campaign=...)`) as a
+    JSON line to that campaign's log file, then passes it on. Several campaigns may run in
+    one process (the web app), each in its own task and context."""
 
     def __init__(self) -> None:
-        self.file: IO[str] | None = None
+        self.files: dict[str, IO[str]] = {}
 
     def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
-        if self.file is not None:
-            self.file.write(json.dumps(event, default=str, ensure_ascii=False) + "\n")
-            self.file.flush()
+        file = self.files.get(event.get("campaign", ""))
+        if file is not None:
+            file.write(json.dumps(event, default=str, ensure_ascii=False) + "\n")
+            file.flush()
         return event
 
 
@@ -100,10 +103,10 @@ def configure(log_format: str = "console") -> None:
     )
 
 
-def log_to_file(path: Path | None) -> None:
-    """Start (or, with None, stop) copying events to `path` as JSON lines."""
-    if _tee.file is not None:
-        _tee.file.close()
-        _tee.file = None
+def log_to_file(campaign: str, path: Path | None) -> None:
+    """Start (or, with None, stop) copying the campaign's events to `path` as JSON lines."""
+    old = _tee.files.pop(campaign, None)
+    if old is not None:
+        old.close()
     if path is not None:
-        _tee.file = path.open("a", encoding="utf-8")
+        _tee.files[campaign] = path.open("a", encoding="utf-8")

@@ -99,13 +99,13 @@ async def run_campaign(
 
     directory = output_dir / campaign
     with open_campaign(output_dir, campaign, job.name) as ledger:
-        log_to_file(directory / LOG_FILE)
+        log_to_file(campaign, directory / LOG_FILE)
         structlog.contextvars.bind_contextvars(campaign=campaign)
         try:
             return await _run_locked(job, options, control, on_progress, ledger, directory)
         finally:
             structlog.contextvars.unbind_contextvars("campaign")
-            log_to_file(None)
+            log_to_file(campaign, None)
 
 
 async def _run_locked(

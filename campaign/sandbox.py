@@ -21,6 +21,8 @@ from typing import IO
 
 from aiohttp import web
 
+from campaign.errors import UsageError
+
 
 @dataclass
 class SandboxConfig:
@@ -112,6 +114,9 @@ def serve_sandbox(args: argparse.Namespace) -> int:
         finally:
             await runner.cleanup()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
     return 0

@@ -294,7 +294,6 @@ class _ProgressView:
         self.bar: Any = None
         self.task: Any = None
         self.last_log = time.monotonic()
-        self.started = time.monotonic()
 
     def __enter__(self) -> _ProgressView:
         if self.show_bar:
@@ -326,7 +325,7 @@ class _ProgressView:
 
     def update(self, progress: Progress) -> None:
         now = time.monotonic()
-        rate = f"{progress.requests / max(now - self.started, 1e-6):.1f}"
+        rate = f"{progress.rate:.1f}"
         counts = {k: progress.by_state.get(k, 0) for k in ("sent", "failed", "unknown")}
         if self.bar is not None:
             if self.task is None:

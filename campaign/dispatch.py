@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -102,6 +103,12 @@ class Progress:
     done: int = 0
     requests: int = 0
     by_state: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        """Requests per second since sending started."""
+        return self.requests / max(time.monotonic() - self.started, 1e-6)
 
     def add(self, state: str) -> None:
         self.by_state[state] = self.by_state.get(state, 0) + 1

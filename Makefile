@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RECORD := runs/demo-sandbox-record.jsonl
 
-.PHONY: install demo nightly test lint bench serve sandbox clean
+.PHONY: install demo nightly test lint bench serve sandbox clean chromium
 
 install: $(STAMP)
 
@@ -29,7 +29,21 @@ nightly: install
 sandbox: install
 	$(BIN)/campaign sandbox --port 8765
 
-test: install
+# The upload page against the sandbox; prints the page's URL and the access token.
+serve: install
+	@mkdir -p runs
+	@scripts/with-sandbox.sh --latency-ms 20 --fail-rate 0.05 --record $(RECORD) -- \
+		$(BIN)/campaign serve jobs/demo.yaml
+
+# The browser tests drive Debian's chromium (never a downloaded browser). Installed when
+# missing and we can (root with apt-get); otherwise those tests skip and say why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+test: install chromium
 	$(BIN)/pytest -q
 
 lint: install

@@ -1,0 +1,438 @@
+// The upload page: plain DOM code over the JSON API (see DESIGN.md, "The upload service").
+// Every value from a spreadsheet is shown with textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const STATUSES = ["sent", "failed", "unknown", "pending", "invalid", "duplicate"];
+const PAGE = 50;
+let current = null; // the open campaign, as GET /api/campaigns/{id} describes it
+let invalidOffset = 0;
+let events = null;
+
+class ApiError extends Error {
+  constructor(message, status) { super(message); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const options = { method, credentials: "same-origin", headers: {} };
+  if (body instanceof FormData) {
+    options.body = body;
+  } else if (body !== undefined) {
+    options.body = JSON.stringify(body);
+    options.headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(path, options);
+  let data = null;
+  try { data = await response.json(); } catch (_) { data = null; }
+  if (response.status === 401 && path !== "/api/session") showLogin();
+  if (!response.ok) {
+    throw new ApiError((data && data.error) || `${response.status} ${response.statusText}`, response.status);
+  }
+  return data;
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
+
+function duration(seconds) {
+  if (seconds < 90) return `${Math.max(1, Math.round(seconds))} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+// --- sign in ----------------------------------------------------------------------------
+
+function showLogin() {
+  $("login").hidden = false;
+  $("app").hidden = true;
+  $("logout").hidden = true;
+  $("token").focus();
+}
+
+async function signIn(token) {
+  await api("POST", "/api/session", { token });
+  $("login").hidden = true;
+  $("login-error").textContent = "";
+  await showApp();
+}
+
+async function showApp() {
+  await refreshList();
+  $("app").hidden = false;
+  $("login").hidden = true;
+  $("logout").hidden = false;
+  const wanted = new URLSearchParams(location.hash.slice(1)).get("campaign");
+  if (wanted && !current) await openCampaign(wanted).catch(() => {});
+}
+
+// --- upload -----------------------------------------------------------------------------
+
+async function upload(file) {
+  $("upload-error").textContent = "";
+  $("upload-status").textContent = `Uploading ${file.name}…`;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const made = await api("POST", "/api/campaigns", form);
+    $("upload-status").textContent = `${made.filename}: ${plural(made.columns.length, "column")}.`;
+    await openCampaign(made.id);
+  } catch (error) {
+    $("upload-status").textContent = "";
+    $("upload-error").textContent = error.message;
+  } finally {
+    $("file").value = "";
+  }
+}
+
+// --- a campaign ------------------------------------------------------------------------
+
+async function openCampaign(id) {
+  closeEvents();
+  current = await api("GET", `/api/campaigns/${encodeURIComponent(id)}`);
+  history.replaceState(null, "", `#campaign=${encodeURIComponent(id)}`);
+  $("campaign-id").textContent = current.id;
+  $("mapping-error").textContent = "";
+  $("send-error").textContent = "";
+  const editable = current.uploaded_here && current.mapping;
+  $("mapping-card").hidden = !editable;
+  if (editable) renderMapping(current);
+  invalidOffset = 0;
+  renderCampaign(current);
+  if (current.state !== "uploaded") await loadInvalid();
+  $("mapping-card").scrollIntoView({ block: "start" });
+}
+
+function renderCampaign(c) {
+  const validated = c.state !== "uploaded";
+  $("validation-card").hidden = !validated;
+  $("send-card").hidden = !validated;
+  if (validated) renderCounts(c.counts);
+  renderSend(c);
+  if (c.state === "running") listen(c.id);
+}
+
+function renderMapping(c) {
+  const source = {
+    job: "The mapping comes from the job file; change it below if this file differs.",
+    guessed: "The mapping was guessed from the column names and contents: check it below.",
+  };
+  $("mapping-source").textContent = source[c.mapping_source] || "The mapping as last set on this page.";
+  const preview = $("preview");
+  preview.replaceChildren();
+  const head = el("tr");
+  head.append(el("th", "Row"), ...c.columns.map((name) => el("th", name)));
+  preview.append(el("thead"));
+  preview.tHead.append(head);
+  const body = el("tbody");
+  for (const row of c.preview) {
+    const tr = el("tr");
+    tr.append(el("td", row.row, "num"), ...row.cells.map((cell) => el("td", cell)));
+    body.append(tr);
+  }
+  preview.append(body);
+
+  const m = c.mapping;
+  const params = m.params || {};
+  const rows = $("mapping").tBodies[0];
+  rows.replaceChildren();
+  c.columns.forEach((column, i) => {
+    const name = column.trim();
+    const paramName = Object.keys(params).find((k) => params[k].trim() === name);
+    const role = m.to_phone && m.to_phone.trim() === name ? "phone" : paramName ? "param" : "skip";
+    const example = (c.preview.find((r) => (r.cells[i] || "").trim()) || { cells: [] }).cells[i] || "";
+    const select = el("select");
+    select.dataset.column = column;
+    select.setAttribute("aria-label", `use of column ${name}`);
+    for (const [value, label] of [["phone", "Phone number (to_phone)"], ["param", "Param"], ["skip", "Not sent"]]) {
+      const option = el("option", label);
+      option.value = value;
+      select.append(option);
+    }
+    select.value = role;
+    const input = el("input");
+    input.value = paramName || suggestName(name);
+    input.setAttribute("aria-label", `param name for column ${name}`);
+    input.disabled = role !== "param";
+    select.addEventListener("change", () => onRoleChange(select, input));
+    const tr = el("tr");
+    tr.dataset.column = column;
+    const cellSelect = el("td");
+    cellSelect.append(select);
+    const cellInput = el("td");
+    cellInput.append(input);
+    tr.append(el("td", name, "column"), el("td", example, "muted"), cellSelect, cellInput);
+    rows.append(tr);
+  });
+  $("region").value = m.default_region || "US";
+  $("recipient-key").value = (m.recipient_key || ["to_phone"]).join(", ");
+  $("require-phone").checked = m.require_phone !== false;
+}
+
+function suggestName(column) {
+  const name = column.toLowerCase().replace(/[^0-9a-z]+/g, "_").replace(/^_+|_+$/g, "");
+  return name && !/^[0-9]/.test(name) ? name : `c_${name || "column"}`;
+}
+
+function onRoleChange(select, input) {
+  input.disabled = select.value !== "param";
+  if (select.value !== "phone") return;
+  // One phone column: the one chosen last wins, the former one becomes a param.
+  for (const other of $("mapping").querySelectorAll("select")) {
+    if (other !== select && other.value === "phone") {
+      other.value = "param";
+      other.closest("tr").querySelector("input").disabled = false;
+    }
+  }
+}
+
+function collectMapping() {
+  const mapping = {
+    to_phone: null,
+    default_region: $("region").value.trim() || "US",
+    require_phone: $("require-phone").checked,
+    params: {},
+    constants: (current.mapping && current.mapping.constants) || {},
+    recipient_key: $("recipient-key").value.split(",").map((k) => k.trim()).filter(Boolean),
+  };
+  for (const tr of $("mapping").tBodies[0].rows) {
+    const role = tr.querySelector("select").value;
+    const column = tr.dataset.column.trim();
+    if (role === "phone") mapping.to_phone = column;
+    if (role === "param") {
+      const name = tr.querySelector("input").value.trim();
+      if (!name) throw new Error(`Give the column "${column}" a param name, or choose "Not sent".`);
+      if (mapping.params[name]) throw new Error(`Two columns send the param "${name}".`);
+      mapping.params[name] = column;
+    }
+  }
+  return mapping;
+}
+
+async function validate() {
+  $("mapping-error").textContent = "";
+  let mapping;
+  try { mapping = collectMapping(); } catch (error) { $("mapping-error").textContent = error.message; return; }
+  $("validate").disabled = true;
+  $("validate-status").textContent = "Validating…";
+  try {
+    const summary = await api("PUT", `/api/campaigns/${encodeURIComponent(current.id)}/mapping`, mapping);
+    current = { ...current, ...summary, mapping };
+    invalidOffset = 0;
+    renderCampaign(current);
+    renderInvalid(summary.invalid);
+    $("validate-status").textContent = "Validated.";
+    $("validation-card").scrollIntoView({ block: "start" });
+    refreshList();
+  } catch (error) {
+    $("validate-status").textContent = "";
+    $("mapping-error").textContent = error.message;
+  } finally {
+    $("validate").disabled = false;
+  }
+}
+
+function renderCounts(counts) {
+  const box = $("counts");
+  box.replaceChildren();
+  for (const status of STATUSES) {
+    const n = (counts && counts[status]) || 0;
+    const badge = el("div", null, `count ${status}${n ? "" : " zero"}`);
+    badge.dataset.status = status;
+    badge.append(el("strong", n), el("span", status));
+    box.append(badge);
+  }
+}
+
+async function loadInvalid() {
+  const page = await api("GET", `/api/campaigns/${encodeURIComponent(current.id)}/rows?status=invalid&offset=${invalidOffset}&limit=${PAGE}`);
+  renderInvalid(page);
+}
+
+function renderInvalid(page) {
+  $("invalid-block").hidden = !page || page.total === 0;
+  if (!page || page.total === 0) return;
+  const table = $("invalid");
+  table.replaceChildren();
+  const head = el("tr");
+  head.append(el("th", "Row"), el("th", "Why it cannot be sent"), ...page.columns.map((c) => el("th", c)));
+  table.append(el("thead"));
+  table.tHead.append(head);
+  const body = el("tbody");
+  for (const row of page.rows) {
+    const tr = el("tr");
+    tr.append(el("td", row.row, "num"), el("td", row.error, "reason"), ...row.cells.map((c) => el("td", c)));
+    body.append(tr);
+  }
+  table.append(body);
+  const last = Math.min(page.offset + page.rows.length, page.total);
+  $("invalid-page").textContent = `rows ${page.offset + 1}–${last} of ${page.total}`;
+  $("invalid-prev").disabled = page.offset === 0;
+  $("invalid-next").disabled = last >= page.total;
+}
+
+// --- sending ---------------------------------------------------------------------------
+
+function renderSend(c) {
+  const running = c.state === "running";
+  const here = running && c.progress;
+  const failed = (c.counts && c.counts.failed) || 0;
+  const eta = c.to_send / Math.max(c.rate, 1e-9);
+  const start = $("start");
+  start.textContent = c.resumable
+    ? `Continue: send the remaining ${plural(c.to_send, "recipient")}`
+    : `Send to ${plural(c.to_send, "recipient")} at ${c.rate}/s (about ${duration(eta)})`;
+  start.disabled = running || c.to_send === 0 || !c.uploaded_here;
+  start.hidden = running;
+  $("stop").hidden = !here;
+  $("rerun").hidden = running || failed === 0 || !c.uploaded_here;
+  $("rerun").textContent = `Rerun the ${plural(failed, "failed row")}`;
+  const download = $("download");
+  download.hidden = !c.has_results;
+  download.href = `/api/campaigns/${encodeURIComponent(c.id)}/results.csv`;
+  download.setAttribute("download", `${c.id}-results.csv`);
+  $("send-state").textContent = stateLine(c);
+  $("send-state").dataset.state = c.state;
+  $("progress-block").hidden = !here;
+  if (c.error) $("send-error").textContent = c.error;
+  if (here) renderProgress(c.progress);
+}
+
+function stateLine(c) {
+  const counts = c.counts || {};
+  const sent = counts.sent || 0;
+  switch (c.state) {
+    case "uploaded": return "Validate the mapping first.";
+    case "validated": return c.to_send ? `Ready: ${plural(c.to_send, "recipient")} to send.` : "Nothing to send.";
+    case "running": return c.progress ? "Sending…" : "Sending from another process (campaign run)…";
+    case "done": return `Done: ${sent} sent` + (counts.failed ? `, ${counts.failed} failed` : "")
+      + (counts.unknown ? `, ${counts.unknown} unknown (may have arrived)` : "") + ".";
+    default: return `Stopped before the end (${c.last_run}): ${sent} sent so far; continue to send the rest.`;
+  }
+}
+
+function renderProgress(p) {
+  if (p.phase !== "sending") {
+    $("progress-text").textContent = p.stopping ? "Stopping…" : "Preparing…";
+    return;
+  }
+  const by = p.by_state || {};
+  const share = p.total ? p.done / p.total : 1;
+  $("bar-fill").style.width = `${Math.round(share * 100)}%`;
+  $("progress-text").textContent = `${p.done} of ${p.total} done · sent ${by.sent || 0} · failed ${by.failed || 0}`
+    + ` · unknown ${by.unknown || 0} · ${p.rate}/s` + (p.stopping ? " · stopping…" : "");
+}
+
+async function start(onlyFailed) {
+  $("send-error").textContent = "";
+  try {
+    const state = await api("POST", `/api/campaigns/${encodeURIComponent(current.id)}/start`, { only_failed: onlyFailed });
+    current = { ...current, ...state };
+    renderCampaign(current);
+    refreshList();
+  } catch (error) {
+    $("send-error").textContent = error.message;
+  }
+}
+
+function listen(id) {
+  closeEvents();
+  events = new EventSource(`/api/campaigns/${encodeURIComponent(id)}/events`);
+  events.addEventListener("progress", (e) => {
+    if (!current || current.id !== id) return;
+    $("progress-block").hidden = false;
+    renderProgress(JSON.parse(e.data));
+  });
+  events.addEventListener("state", async (e) => {
+    const state = JSON.parse(e.data);
+    if (!current || current.id !== id) return;
+    current = { ...current, ...state };
+    if (state.state === "running") { renderSend(current); return; }
+    closeEvents();
+    renderCounts(current.counts);
+    renderSend(current);
+    refreshList();
+  });
+  events.onerror = () => { if (events && events.readyState === EventSource.CLOSED) closeEvents(); };
+}
+
+function closeEvents() {
+  if (events) events.close();
+  events = null;
+}
+
+// --- past campaigns ----------------------------------------------------------------------
+
+async function refreshList() {
+  const data = await api("GET", "/api/campaigns");
+  $("job-line").textContent = `job ${data.job} · ${data.rate} messages per second · ${data.concurrency} at once`;
+  const table = $("campaigns");
+  table.replaceChildren();
+  $("no-campaigns").hidden = data.campaigns.length > 0;
+  if (!data.campaigns.length) return;
+  const head = el("tr");
+  head.append(...["Campaign", "File", "Uploaded", "State", "Counts", ""].map((h) => el("th", h)));
+  table.append(el("thead"));
+  table.tHead.append(head);
+  const body = el("tbody");
+  for (const c of data.campaigns) {
+    const tr = el("tr");
+    tr.dataset.id = c.id;
+    const when = c.created_at ? new Date(c.created_at * 1000).toLocaleString() : "";
+    const counts = STATUSES.filter((s) => c.counts[s]).map((s) => `${c.counts[s]} ${s}`).join(" · ");
+    const open = el("button", "Open");
+    open.addEventListener("click", () => openCampaign(c.id).catch((error) => { $("upload-error").textContent = error.message; }));
+    const action = el("td");
+    action.append(open);
+    tr.append(el("td", c.id, "mono"), el("td", c.filename || "(campaign run)"), el("td", when),
+      el("td", c.state + (c.resumable ? " · resumable" : ""), `state-${c.state}`), el("td", counts || "—"), action);
+    body.append(tr);
+  }
+  table.append(body);
+}
+
+// --- wiring --------------------------------------------------------------------------------
+
+function wire() {
+  $("login-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try { await signIn($("token").value); $("token").value = ""; } catch (error) { $("login-error").textContent = error.message; }
+  });
+  $("logout").addEventListener("click", async () => { await api("DELETE", "/api/session").catch(() => {}); location.hash = ""; location.reload(); });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+  });
+  $("file").addEventListener("change", () => { if ($("file").files.length) upload($("file").files[0]); });
+  $("validate").addEventListener("click", validate);
+  $("start").addEventListener("click", () => start(false));
+  $("rerun").addEventListener("click", () => start(true));
+  $("stop").addEventListener("click", async () => {
+    try { await api("POST", `/api/campaigns/${encodeURIComponent(current.id)}/stop`); } catch (error) { $("send-error").textContent = error.message; }
+  });
+  $("invalid-prev").addEventListener("click", () => { invalidOffset = Math.max(0, invalidOffset - PAGE); loadInvalid(); });
+  $("invalid-next").addEventListener("click", () => { invalidOffset += PAGE; loadInvalid(); });
+}
+
+async function boot() {
+  wire();
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token) {
+    history.replaceState(null, "", location.pathname); // keep the token out of the address bar
+    try { await signIn(token); return; } catch (_) { /* fall through to the form */ }
+  }
+  try { await showApp(); } catch (error) {
+    if (error.status !== 401) { showLogin(); $("login-error").textContent = error.message; }
+  }
+}
+
+document.addEventListener("DOMContentLoaded", boot);

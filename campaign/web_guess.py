@@ -1,0 +1,124 @@
+"""The upload page's first look at a spreadsheet: its columns, first rows, a guessed mapping.
+
+The job file's mapping is the default when its columns are all in the sheet; otherwise the
+phone column is guessed from header names and from cells that parse as phone numbers, and
+every other column is offered as a param. The operator edits the guess on the page.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from campaign.errors import InputError
+from campaign.job import Mapping
+from campaign.load import Row, Sheet, open_sheet
+from campaign.mapping import Mapper, normalize_phone
+
+PREVIEW_ROWS = 10
+SAMPLE_ROWS = 200
+# A column whose sample cells are mostly valid numbers is the phone, even without a name.
+PHONE_SHARE = 0.6
+_PHONE_WORDS = frozenset(
+    {"phone", "mobile", "cell", "cellphone", "tel", "telephone", "msisdn", "whatsapp", "sms"}
+)
+
+
+@dataclass
+class Look:
+    columns: list[str]
+    preview: list[dict[str, Any]]
+    rows_sampled: int
+    mapping: dict[str, Any]
+    mapping_source: str  # job | guessed
+
+
+def look_at(path: Path, sheet_name: str | None, job_mapping: Mapping) -> Look:
+    """Read the first rows of an upload; raises `InputError` for anything unusable."""
+    sheet = open_sheet(path, sheet_name)
+    sample = list(itertools.islice(itertools.chain.from_iterable(sheet.chunks), SAMPLE_ROWS))
+    if not sheet.columns:
+        raise InputError(path, "has no columns to read")
+    if not sample:
+        raise InputError(path, "has a header row but no data rows under it")
+    preview = [{"row": r.number, "cells": r.cells} for r in sample[:PREVIEW_ROWS]]
+    try:
+        Mapper.compile(job_mapping, Sheet(path, sheet.columns, iter(())))
+    except InputError:
+        mapping, source = guess_mapping(sheet.columns, sample, job_mapping), "guessed"
+    else:
+        mapping, source = expand_all(job_mapping, sheet.columns), "job"
+    return Look(sheet.columns, preview, len(sample), mapping, source)
+
+
+def expand_all(mapping: Mapping, columns: list[str]) -> dict[str, Any]:
+    """The mapping as the page edits it: `params: all` spelled out column by column."""
+    shape = mapping.model_dump()
+    if mapping.params == "all":
+        phone = (mapping.to_phone or "").strip()
+        shape["params"] = {c.strip(): c for c in columns if c.strip() and c.strip() != phone}
+    return shape
+
+
+def guess_mapping(columns: list[str], sample: list[Row], job_mapping: Mapping) -> dict[str, Any]:
+    phone = guess_phone_column(columns, sample, job_mapping.default_region)
+    params: dict[str, str] = {}
+    for i, column in enumerate(columns):
+        if i == phone or not column.strip():
+            continue
+        params[_unique(param_name(column, i), params)] = column.strip()
+    return {
+        "to_phone": columns[phone].strip() if phone is not None else None,
+        "default_region": job_mapping.default_region,
+        "require_phone": job_mapping.require_phone,
+        "params": params,
+        "constants": dict(job_mapping.constants),
+        "recipient_key": ["to_phone"] if phone is not None else list(params)[:1],
+    }
+
+
+def guess_phone_column(columns: list[str], sample: list[Row], region: str) -> int | None:
+    shares = [_phone_share(sample, i, region) for i in range(len(columns))]
+    named = [i for i, name in enumerate(columns) if _sounds_like_phone(name)]
+    if named:
+        return max(named, key=lambda i: shares[i])
+    best = max(range(len(columns)), key=lambda i: shares[i], default=None)
+    if best is not None and shares[best] >= PHONE_SHARE:
+        return best
+    return None
+
+
+def _sounds_like_phone(header: str) -> bool:
+    words = set(re.findall(r"[a-z]+", header.lower()))
+    return bool(words & _PHONE_WORDS) or "phone" in header.lower()
+
+
+def _phone_share(sample: list[Row], column: int, region: str) -> float:
+    cells = [r.cells[column].strip() for r in sample if r.cells[column].strip()]
+    if not cells:
+        return 0.0
+    # Short digit runs (ids, zip codes) are never phones, whatever the region's rules say.
+    valid = sum(
+        1
+        for cell in cells
+        if len(re.sub(r"\D", "", cell)) >= 7 and normalize_phone(cell, region)[0] is not None
+    )
+    return valid / len(cells)
+
+
+def param_name(column: str, index: int) -> str:
+    """`First Name` -> `first_name`: a param name an agent's script can use."""
+    name = re.sub(r"[^0-9a-z]+", "_", column.strip().lower()).strip("_")
+    if not name or name[0].isdigit() or name == "to_phone":
+        name = f"column_{index + 1}" if not name else f"c_{name}"
+    return name
+
+
+def _unique(name: str, taken: dict[str, str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    return candidate

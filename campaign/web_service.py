@@ -1,0 +1,400 @@
+"""The upload service's campaigns, on the same pipeline and ledger as the command line.
+
+Each upload gets a generated id and a directory `{output_dir}/{id}/` holding the
+spreadsheet (`upload.csv` / `upload.xlsx` / `upload.xls`, named from its content), the
+page's mapping (`mapping.json`) and what the page needs to show it again after a restart
+(`web.json`); the pipeline adds its ledger, log and results there. Validation is a dry
+run; sending is `run_campaign` in a background task that `stop`/`shutdown` drain exactly
+as Ctrl-C drains the command line. So `campaign run JOB --campaign ID --input
+{output_dir}/{id}/upload.xlsx` continues a campaign of the page, and the other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from campaign.errors import CampaignBusy, CampaignError, InputError, UsageError
+from campaign.job import CAMPAIGN_ID, Job, Mapping
+from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger
+from campaign.load import Sheet
+from campaign.mapping import Mapper
+from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
+from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write
+from campaign.store import is_locked, read_info
+from campaign.web_guess import look_at
+
+log = structlog.get_logger(__name__)
+
+WEB_FILE = "web.json"
+MAPPING_FILE = "mapping.json"
+PART_FILE = "upload.part"
+_KINDS = ((b"PK\x03\x04", ".xlsx"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
+PAGE_ROWS = 50
+
+
+class ServiceError(Exception):
+    """A request the service refuses: an HTTP status and one line for the operator."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Send:
+    control: RunControl
+    task: asyncio.Task[None]
+    only_failed: bool
+    started: float
+    outcome: RunOutcome | None = None
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self.task.done()
+
+
+class Campaigns:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.root = Path(job.output_dir)
+        # Web campaigns are one-off ids: they must not trip the midnight guard of the
+        # job's own dated campaigns, so the ledger records them under their own job name.
+        self.job_name = f"{job.name}.web"
+        self.sends: dict[str, Send] = {}
+        self.validating: set[str] = set()
+
+    # --- uploads -------------------------------------------------------------------------
+
+    def begin_upload(self) -> tuple[str, Path]:
+        """A new campaign directory and the path to stream the upload into."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        while True:
+            campaign = f"web-{stamp}-{secrets.token_hex(2)}"
+            with contextlib.suppress(FileExistsError):
+                (self.root / campaign).mkdir()
+                return campaign, self.root / campaign / PART_FILE
+
+    def discard(self, campaign: str) -> None:
+        shutil.rmtree(self.root / campaign, ignore_errors=True)
+
+    async def finish_upload(
+        self, campaign: str, filename: str, mapping_json: str | None
+    ) -> dict[str, Any]:
+        directory = self.root / campaign
+        part = directory / PART_FILE
+        with part.open("rb") as handle:
+            head = handle.read(8)
+        suffix = next((s for magic, s in _KINDS if head.startswith(magic)), ".csv")
+        upload = part.rename(directory / f"upload{suffix}")
+        shown = _display_name(filename) or f"upload{suffix}"
+        try:
+            look = await asyncio.to_thread(look_at, upload, None, self.job.mapping)
+        except InputError as exc:
+            self.discard(campaign)
+            raise ServiceError(400, _shown(exc, shown)) from None
+        mapping, source = look.mapping, look.mapping_source
+        if mapping_json:
+            try:
+                raw = json.loads(mapping_json)
+            except ValueError:
+                self.discard(campaign)
+                raise ServiceError(400, "mapping: not valid JSON") from None
+            try:
+                mapping = self._check_mapping(raw, upload, look.columns).model_dump()
+            except ServiceError:
+                self.discard(campaign)
+                raise
+            source = "request"
+        info = {
+            "filename": shown,
+            "upload": upload.name,
+            "uploaded_at": time.time(),
+            "columns": look.columns,
+            "preview": look.preview,
+            "mapping_source": source,
+            "validated": False,
+        }
+        _write_json(directory / WEB_FILE, info)
+        _write_json(directory / MAPPING_FILE, mapping)
+        log.info("upload stored", campaign=campaign, rows_sampled=look.rows_sampled)
+        return {
+            "id": campaign,
+            "filename": shown,
+            "columns": look.columns,
+            "preview": look.preview,
+            "mapping": mapping,
+            "mapping_source": source,
+        }
+
+    # --- mapping and validation ------------------------------------------------------------
+
+    async def set_mapping(self, campaign: str, raw: Any) -> dict[str, Any]:
+        directory, info = self._web_campaign(campaign)
+        self._refuse_if_busy(campaign)
+        upload = directory / info["upload"]
+        mapping = self._check_mapping(raw, upload, info["columns"])
+        _write_json(directory / MAPPING_FILE, mapping.model_dump())
+        self._update_info(directory, validated=False, mapping_source="page")
+        self.validating.add(campaign)
+        try:
+            options = RunOptions(input=str(upload), campaign=campaign, dry_run=True)
+            await run_campaign(self._job_for(mapping, upload), options, RunControl())
+        except CampaignError as exc:
+            raise ServiceError(409 if isinstance(exc, CampaignBusy) else 400, str(exc)) from None
+        finally:
+            self.validating.discard(campaign)
+        self._update_info(directory, validated=True)
+        summary = await self.describe(campaign)
+        summary["invalid"] = await asyncio.to_thread(self._rows, directory, "invalid", 0, PAGE_ROWS)
+        return summary
+
+    def _check_mapping(self, raw: Any, upload: Path, columns: list[str]) -> Mapping:
+        if not isinstance(raw, dict):
+            raise ServiceError(400, "mapping: must be a JSON object like the job file's mapping:")
+        try:
+            mapping = Mapping.model_validate(raw)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(p) for p in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            raise ServiceError(400, f"mapping.{key}: {message}" if key else message) from None
+        try:
+            Mapper.compile(mapping, Sheet(upload, columns, iter(())))
+        except InputError as exc:
+            raise ServiceError(400, _shown(exc, "the upload")) from None
+        return mapping
+
+    def _job_for(self, mapping: Mapping, upload: Path) -> Job:
+        # The upload's own first sheet with data: the job's `sheet:` names a sheet of
+        # the job's input, which an uploaded file need not have.
+        update = {"mapping": mapping, "input": str(upload), "sheet": None, "name": self.job_name}
+        return self.job.model_copy(update=update)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def start(self, campaign: str, only_failed: bool) -> dict[str, Any]:
+        directory, info = self._web_campaign(campaign)
+        self._refuse_if_busy(campaign)
+        if not info.get("validated"):
+            raise ServiceError(409, f"campaign {campaign}: validate the mapping before sending")
+        upload = directory / info["upload"]
+        mapping = self._check_mapping(_read_json(directory / MAPPING_FILE), upload, info["columns"])
+        job = self._job_for(mapping, upload)
+        options = RunOptions(input=str(upload), campaign=campaign, only_failed=only_failed)
+        control = RunControl()
+        task = asyncio.create_task(self._send(campaign, job, options, control))
+        self.sends[campaign] = Send(control, task, only_failed, time.monotonic())
+        log.info("send started from the page", campaign=campaign, only_failed=only_failed)
+        return await self.describe(campaign)
+
+    async def _send(
+        self, campaign: str, job: Job, options: RunOptions, control: RunControl
+    ) -> None:
+        send = self.sends[campaign]
+        try:
+            send.outcome = await run_campaign(job, options, control)
+        except CampaignError as exc:
+            send.error = str(exc)
+        except Exception as exc:
+            log.exception("send failed unexpectedly", campaign=campaign)
+            send.error = f"unexpected error: {exc!r}; details in the server's log"
+
+    def stop(self, campaign: str) -> None:
+        send = self.sends.get(campaign)
+        if send is None or not send.running:
+            raise ServiceError(409, f"campaign {campaign} is not sending from this server")
+        send.control.stop()
+
+    async def shutdown(self) -> None:
+        """Drain every send like Ctrl-C does: finish the requests in flight, save state."""
+        running = [s for s in self.sends.values() if s.running]
+        for send in running:
+            send.control.stop()
+        await asyncio.gather(*(s.task for s in running), return_exceptions=True)
+
+    def _refuse_if_busy(self, campaign: str) -> None:
+        send = self.sends.get(campaign)
+        if send is not None and send.running:
+            raise ServiceError(409, f"campaign {campaign} is sending; stop it first")
+        if campaign in self.validating:
+            raise ServiceError(409, f"campaign {campaign} is being validated")
+        if is_locked(self.root / campaign):
+            raise ServiceError(409, f"campaign {campaign} is in use by another process")
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def directory(self, campaign: str) -> Path:
+        if not CAMPAIGN_ID.fullmatch(campaign) or not (self.root / campaign).is_dir():
+            raise ServiceError(404, f"no campaign {campaign!r}")
+        directory = self.root / campaign
+        if not (directory / WEB_FILE).is_file() and not (directory / LEDGER_FILE).is_file():
+            raise ServiceError(404, f"no campaign {campaign!r}")
+        return directory
+
+    def _web_campaign(self, campaign: str) -> tuple[Path, dict[str, Any]]:
+        directory = self.directory(campaign)
+        info = _read_json(directory / WEB_FILE)
+        if not info:
+            raise ServiceError(
+                409,
+                f"campaign {campaign} was not uploaded here; continue it with "
+                f"`campaign run JOB.yaml --campaign {campaign}`",
+            )
+        return directory, info
+
+    def _update_info(self, directory: Path, **changes: Any) -> None:
+        _write_json(directory / WEB_FILE, {**_read_json(directory / WEB_FILE), **changes})
+
+    async def list(self) -> list[dict[str, Any]]:
+        found = [
+            d
+            for d in (self.root.iterdir() if self.root.is_dir() else [])
+            if CAMPAIGN_ID.fullmatch(d.name)
+            and ((d / WEB_FILE).is_file() or (d / LEDGER_FILE).is_file())
+        ]
+        items = await asyncio.to_thread(lambda: [self._from_disk(d) for d in found])
+        for item in items:
+            self._merge_live(item)
+        return sorted(items, key=lambda i: i["created_at"] or 0, reverse=True)
+
+    async def describe(self, campaign: str, detail: bool = False) -> dict[str, Any]:
+        directory = self.directory(campaign)
+        item = await asyncio.to_thread(self._from_disk, directory, detail)
+        self._merge_live(item)
+        return item
+
+    async def rows(self, campaign: str, status: str, offset: int, limit: int) -> dict[str, Any]:
+        if status not in ("invalid", "duplicate"):
+            raise ServiceError(400, "status: invalid or duplicate")
+        directory = self.directory(campaign)
+        return await asyncio.to_thread(self._rows, directory, status, offset, limit)
+
+    def results(self, campaign: str) -> Path:
+        path = self.directory(campaign) / RESULTS_FILE
+        if not path.is_file():
+            raise ServiceError(404, f"campaign {campaign} has no results yet: validate it first")
+        return path
+
+    def _rows(self, directory: Path, status: str, offset: int, limit: int) -> dict[str, Any]:
+        if not (directory / LEDGER_FILE).is_file():
+            return {"total": 0, "offset": offset, "columns": [], "rows": []}
+        with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
+            total = ledger.db.execute(
+                "SELECT count(*) FROM rows WHERE status = ?", (status,)
+            ).fetchone()[0]
+            found = ledger.db.execute(
+                "SELECT row, error, cells FROM rows WHERE status = ? ORDER BY row LIMIT ? OFFSET ?",
+                (status, limit, offset),
+            ).fetchall()
+            columns = ledger.get_meta("columns") or []
+        rows = [{"row": r, "error": e, "cells": json.loads(c)} for r, e, c in found]
+        return {"total": total, "offset": offset, "columns": columns, "rows": rows}
+
+    def _from_disk(self, directory: Path, detail: bool = False) -> dict[str, Any]:
+        info = _read_json(directory / WEB_FILE)
+        ledger_info = read_info(directory) if (directory / LEDGER_FILE).is_file() else None
+        counts: dict[str, int] = {}
+        if ledger_info is not None:
+            with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
+                counts = ledger.counts()
+        last = ledger_info.last_state if ledger_info else None
+        validated = info.get("validated", True) if info else ledger_info is not None
+        if last == "running":
+            state = "running"  # another process holds the campaign (`campaign run`)
+        elif last == "finished":
+            state = "done"
+        elif last is not None:
+            state = "aborted"  # aborted, interrupted, or its process died: resumable
+        else:
+            state = "validated" if validated and ledger_info else "uploaded"
+        summary = _read_json(directory / SUMMARY_FILE)
+        item: dict[str, Any] = {
+            "id": directory.name,
+            "filename": info.get("filename"),
+            "created_at": info.get("uploaded_at") or (ledger_info and ledger_info.created_at),
+            "state": state,
+            "last_run": last,
+            "resumable": state == "aborted",
+            "uploaded_here": bool(info),
+            "counts": counts,
+            "rows": sum(counts.values()),
+            "to_send": sum(counts.get(s, 0) for s in SENDABLE),
+            "rate": self.job.limits.rate_per_second,
+            "concurrency": self.job.limits.concurrency,
+            "achieved_rate": (summary.get("last_run") or {}).get("achieved_rate"),
+            "has_results": (directory / RESULTS_FILE).is_file(),
+            "error": None,
+            "progress": None,
+        }
+        if detail:
+            item["columns"] = info.get("columns", [])
+            item["preview"] = info.get("preview", [])
+            item["mapping"] = _read_json(directory / MAPPING_FILE) or None
+            item["mapping_source"] = info.get("mapping_source")
+        return item
+
+    def _merge_live(self, item: dict[str, Any]) -> None:
+        send = self.sends.get(item["id"])
+        if send is None:
+            return
+        item["error"] = send.error
+        if send.running:
+            item["state"], item["resumable"] = "running", False
+            item["progress"] = progress_json(send)
+
+
+def progress_json(send: Send) -> dict[str, Any]:
+    progress = send.control.progress
+    if progress is None:
+        return {"phase": "preparing", "stopping": send.control.stopping}
+    elapsed = max(time.monotonic() - send.started, 1e-6)
+    return {
+        "phase": "sending",
+        "stopping": send.control.stopping,
+        "only_failed": send.only_failed,
+        "total": progress.total,
+        "done": progress.done,
+        "requests": progress.requests,
+        "by_state": dict(progress.by_state),
+        "rate": round(progress.requests / elapsed, 1),
+    }
+
+
+def _display_name(filename: str) -> str:
+    """The uploaded file's own name, for display only: never part of a path."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in name if ch.isprintable())[:200]
+
+
+def _shown(exc: UsageError, shown: str) -> str:
+    """The error's message with the server's path replaced by the name the operator knows."""
+    path = getattr(exc, "path", None)
+    return str(exc).replace(path, shown, 1) if path else str(exc)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    with atomic_write(path) as out:
+        json.dump(value, out, ensure_ascii=False, indent=2)

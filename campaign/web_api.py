@@ -97,7 +97,7 @@ async def create_campaign(request: web.Request) -> web.Response:
 def _too_large(cap: int) -> ServiceError:
     return ServiceError(
         413,
-        f"the file is larger than the upload limit of {cap / 1024 / 1024:g} MB "
+        f"the file is larger than the upload limit of {cap / 1024 / 1024:.3g} MB "
         "(the server's --max-upload-mb)",
     )
 

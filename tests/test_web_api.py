@@ -1,0 +1,360 @@
+"""The upload service's API, driven over HTTP against the real `campaign serve` process.
+
+The server runs as a subprocess on a free port; sends go to the sandbox (also a
+subprocess), whose record file says exactly what was delivered.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.helpers import ROOT, Sandbox, cli, spawn_cli, start_sandbox, write_job
+
+TOKEN = "test-token-7f3a"
+XLSX = ROOT / "sample_data" / "recipients.xlsx"
+COLUMNS = ["First Name", "Last Name", "Phone", "Employee ID"]
+# recipients.xlsx: 50 rows, 5 with unusable phones, 2 repeating an earlier phone.
+EXPECTED = {"sent": 0, "failed": 0, "unknown": 0, "pending": 43, "invalid": 5, "duplicate": 2}
+WAIT_S = 30
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=WAIT_S)
+
+
+def start_serve(directory: Path, job: Path, *options: str, token: str = TOKEN) -> Served:
+    """`campaign serve JOB --port 0`, waiting for the line that says where it listens."""
+    log = directory / f"serve-{time.monotonic_ns()}.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "campaign", "serve", str(job), "--port", "0", *options],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CAMPAIGN_TOKEN": token},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening on " not in line:
+        process.kill()
+        raise RuntimeError(f"serve did not start: {line}{log.read_text()}")
+    return Served(process, line.split("listening on ")[1].strip().rstrip("/"), log)
+
+
+@asynccontextmanager
+async def client(server: Served, token: str | None = TOKEN) -> AsyncIterator[aiohttp.ClientSession]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(server.url, headers=headers) as session:
+        yield session
+
+
+async def upload(http: aiohttp.ClientSession, path: Path, **extra: str) -> dict[str, Any]:
+    form = aiohttp.FormData()
+    form.add_field("file", path.read_bytes(), filename=path.name)
+    for name, value in extra.items():
+        form.add_field(name, value)
+    async with http.post("/api/campaigns", data=form) as response:
+        body = await response.json()
+        assert response.status == 201, body
+        return body
+
+
+async def call(
+    http: aiohttp.ClientSession, method: str, path: str, status: int = 200, **kwargs: Any
+) -> Any:
+    async with http.request(method, path, **kwargs) as response:
+        body = await response.json()
+        assert response.status == status, body
+        return body
+
+
+async def final_state(http: aiohttp.ClientSession, campaign: str) -> dict[str, Any]:
+    """Follow the campaign's server-sent events until it stops running; its last state."""
+    state: dict[str, Any] = {}
+    async with http.get(f"/api/campaigns/{campaign}/events") as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        event = ""
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "state":
+                state = json.loads(line[6:])
+                if state["state"] != "running":
+                    return state
+    raise AssertionError(f"the event stream ended without a final state: {state}")
+
+
+def wait_for_records(sandbox: Sandbox, count: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while len(sandbox.records()) < count:
+        assert time.monotonic() < deadline, f"the sandbox did not get {count} requests"
+        time.sleep(0.02)
+
+
+def assert_no_duplicates(sandbox: Sandbox) -> list[str]:
+    phones = sandbox.phones()
+    assert len(phones) == len(set(phones)), "a recipient was sent twice"
+    return phones
+
+
+def results_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Any:
+    box = start_sandbox(tmp_path)
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def slow_sandbox(tmp_path: Path) -> Any:
+    """One request at a time at 50 ms each: a send of 43 rows lasts long enough to stop."""
+    box = start_sandbox(tmp_path, "--latency-ms", "50")
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path, sandbox: Sandbox) -> Any:
+    served = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
+    yield served
+    served.stop()
+
+
+async def test_every_api_route_needs_the_token(server: Served) -> None:
+    async with client(server, token=None) as anonymous:
+        async with anonymous.get("/") as page:
+            assert page.status == 200
+            assert "<title>" in await page.text()
+        async with anonymous.get("/static/app.js") as script:
+            assert script.status == 200
+        await call(anonymous, "GET", "/api/campaigns", 401)
+        await call(anonymous, "POST", "/api/campaigns/x/start", 401, json={})
+        await call(anonymous, "GET", "/api/campaigns", 401, headers={"Authorization": "Bearer no"})
+        await call(
+            anonymous, "GET", "/api/campaigns", 401, headers={"Cookie": "campaign_session=x"}
+        )
+        await call(anonymous, "POST", "/api/session", 401, json={"token": "wrong"})
+
+        async with anonymous.post("/api/session", json={"token": TOKEN}) as login:
+            assert login.status == 200
+            set_cookie = login.headers["Set-Cookie"]
+        assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+        assert TOKEN not in set_cookie
+        cookie = set_cookie.split(";")[0]
+        listed = await call(anonymous, "GET", "/api/campaigns", headers={"Cookie": cookie})
+        assert listed["campaigns"] == []
+
+    async with client(server) as bearer:
+        listed = await call(bearer, "GET", "/api/campaigns")
+        assert listed["rate"] == 1000 and listed["campaigns"] == []
+
+
+async def test_oversize_and_non_spreadsheet_uploads_are_refused(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url)
+    server = start_serve(tmp_path, job, "--max-upload-mb", "0.05")  # 52 KB
+    runs = tmp_path / "runs"
+    try:
+        async with client(server) as http:
+            line = b"First Name,Phone\n" + b"Ann,+14155550101\n" * 6000  # about 100 KB
+            for body in (line, line * 12):  # under and over the multipart slack
+                form = aiohttp.FormData()
+                form.add_field("file", body, filename="big.csv")
+                error = await call(http, "POST", "/api/campaigns", 413, data=form)
+                assert "upload limit of 0.05 MB" in error["error"]
+
+            form = aiohttp.FormData()
+            form.add_field("file", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10, filename="cat.png")
+            error = await call(http, "POST", "/api/campaigns", 400, data=form)
+            assert error["error"].startswith("cat.png: is not a CSV or Excel file")
+
+            form = aiohttp.FormData()
+            form.add_field("file", b"Phone,Name\n", filename="empty.csv")
+            error = await call(http, "POST", "/api/campaigns", 400, data=form)
+            assert error["error"] == "empty.csv: has a header row but no data rows under it"
+
+            for multipart in (True, False):
+                form = aiohttp.FormData(default_to_multipart=multipart)
+                form.add_field("other", "x")
+                error = await call(http, "POST", "/api/campaigns", 400, data=form)
+                assert "field `file`" in error["error"]
+
+            assert (await call(http, "GET", "/api/campaigns"))["campaigns"] == []
+        assert not runs.exists() or list(runs.iterdir()) == []
+    finally:
+        server.stop()
+
+
+async def test_upload_map_validate_send_download(
+    tmp_path: Path, sandbox: Sandbox, server: Served
+) -> None:
+    async with client(server) as http:
+        made = await upload(http, XLSX)
+        campaign = made["id"]
+        assert campaign.startswith("web-") and "recipients" not in campaign
+        assert made["columns"] == COLUMNS
+        assert made["preview"][0] == {"row": 1, "cells": ["José", "García", "4155550101", "0"]}
+        assert made["mapping_source"] == "job" and made["mapping"]["to_phone"] == "Phone"
+        assert (tmp_path / "runs" / campaign / "upload.xlsx").is_file()
+
+        mapping = {
+            **made["mapping"],
+            "params": {"first_name": "First Name", "surname": "Last Name"},
+        }
+        bad = {**mapping, "params": {"first_name": "Nickname"}}
+        error = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", 400, json=bad)
+        assert "'Nickname'" in error["error"] and "no such column" in error["error"]
+
+        summary = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=mapping)
+        assert summary["state"] == "validated"
+        assert summary["counts"] == EXPECTED and summary["to_send"] == 43
+        assert summary["invalid"]["total"] == 5
+        assert [r["row"] for r in summary["invalid"]["rows"]] == [12, 39, 40, 41, 42]
+        assert summary["invalid"]["rows"][1]["error"] == "phone is too short"
+        page = await call(http, "GET", f"/api/campaigns/{campaign}/rows?offset=3&limit=2")
+        assert [r["row"] for r in page["rows"]] == [41, 42] and page["total"] == 5
+        assert sandbox.records() == []  # validating sends nothing
+
+        started = await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+        assert started["state"] == "running"
+        done = await final_state(http, campaign)
+        assert done["state"] == "done" and done["counts"]["sent"] == 43
+
+        async with http.get(f"/api/campaigns/{campaign}/results.csv") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/csv")
+            assert response.headers["Content-Disposition"].startswith("attachment")
+            rows = results_rows(await response.text())
+        assert len(rows) == 50 and [r["_row"] for r in rows] == [str(i) for i in range(1, 51)]
+        assert sum(r["_status"] == "sent" for r in rows) == 43
+
+        rerun = await call(
+            http, "POST", f"/api/campaigns/{campaign}/start", 202, json={"only_failed": True}
+        )
+        assert rerun["state"] == "running"
+        assert (await final_state(http, campaign))["counts"]["sent"] == 43
+
+    phones = assert_no_duplicates(sandbox)
+    assert len(phones) == 43
+    assert {frozenset(r["body"]) for r in sandbox.records()} == {
+        frozenset({"to_phone", "first_name", "surname"})
+    }
+
+    # A restarted server shows the campaign as it was left, with the page's mapping.
+    server.stop()
+    again = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
+    try:
+        async with client(again) as http:
+            listed = (await call(http, "GET", "/api/campaigns"))["campaigns"]
+            assert [(c["id"], c["state"], c["counts"]["sent"]) for c in listed] == [
+                (campaign, "done", 43)
+            ]
+            detail = await call(http, "GET", f"/api/campaigns/{campaign}")
+            assert detail["mapping"]["params"] == mapping["params"]
+            assert detail["filename"] == "recipients.xlsx"
+    finally:
+        again.stop()
+
+
+async def _upload_and_validate(http: aiohttp.ClientSession) -> str:
+    made = await upload(http, XLSX)
+    campaign = made["id"]
+    summary = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=made["mapping"])
+    assert summary["counts"] == EXPECTED
+    return campaign
+
+
+async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
+    tmp_path: Path, slow_sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
+    server = start_serve(tmp_path, job)
+    async with client(server) as http:
+        campaign = await _upload_and_validate(http)
+        await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+    wait_for_records(slow_sandbox, 3)
+    assert server.stop(signal.SIGTERM) == 0  # drains like Ctrl-C: requests in flight finish
+    delivered = len(slow_sandbox.records())
+    assert 3 <= delivered < 43
+
+    ledger = sqlite3.connect(tmp_path / "runs" / campaign / "ledger.sqlite")
+    inflight = ledger.execute("SELECT count(*) FROM recipients WHERE state = 'inflight'")
+    assert inflight.fetchone()[0] == 0
+    assert ledger.execute("SELECT state FROM runs").fetchall() == [("interrupted",)]
+    ledger.close()
+
+    again = start_serve(tmp_path, job)
+    try:
+        async with client(again) as http:
+            listed = (await call(http, "GET", "/api/campaigns"))["campaigns"]
+            assert [(c["state"], c["resumable"]) for c in listed] == [("aborted", True)]
+            assert listed[0]["counts"]["sent"] == delivered
+
+            upload_path = tmp_path / "runs" / campaign / "upload.xlsx"
+            result = cli("run", str(job), "--campaign", campaign, "--input", str(upload_path))
+            assert result.returncode == 0, result.stderr
+            assert (await call(http, "GET", f"/api/campaigns/{campaign}"))["state"] == "done"
+    finally:
+        again.stop()
+    assert len(assert_no_duplicates(slow_sandbox)) == 43
+
+
+async def test_cli_campaign_is_continued_from_the_page(
+    tmp_path: Path, slow_sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
+    server = start_serve(tmp_path, job)
+    try:
+        async with client(server) as http:
+            campaign = await _upload_and_validate(http)
+            upload_path = tmp_path / "runs" / campaign / "upload.xlsx"
+            run = spawn_cli(
+                "run", str(job), "--campaign", campaign, "--input", str(upload_path),
+                "--no-progress",
+            )  # fmt: skip
+            wait_for_records(slow_sandbox, 3)
+            busy = await call(http, "GET", f"/api/campaigns/{campaign}")
+            assert busy["state"] == "running"
+            error = await call(http, "POST", f"/api/campaigns/{campaign}/start", 409, json={})
+            assert "another process" in error["error"]
+            run.send_signal(signal.SIGINT)
+            assert run.wait(timeout=WAIT_S) == 130
+            delivered = len(slow_sandbox.records())
+            assert delivered < 43
+
+            stopped = await call(http, "GET", f"/api/campaigns/{campaign}")
+            assert stopped["state"] == "aborted" and stopped["to_send"] == 43 - delivered
+            await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+            done = await final_state(http, campaign)
+            assert done["state"] == "done" and done["counts"]["sent"] == 43
+    finally:
+        server.stop()
+    assert len(assert_no_duplicates(slow_sandbox)) == 43

@@ -183,7 +183,9 @@ class Ledger:
 
     # --- input rows --------------------------------------------------------------------
 
-    def replace_rows(self, chunks: Iterable[list[MappedRow]], columns: list[str]) -> None:
+    def replace_rows(
+        self, chunks: Iterable[list[MappedRow]], columns: list[str], fingerprint: str = ""
+    ) -> None:
         """Store a new input: rows, duplicates, recipients. All or nothing.
 
         The rows are written to a staging table in chunks (memory stays flat and the WAL
@@ -228,10 +230,13 @@ class Ledger:
                 "to_phone = excluded.to_phone WHERE recipients.state != 'sent'"
             )
             db.execute("ALTER TABLE rows_new RENAME TO rows")
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('columns', ?) "
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (json.dumps(columns, ensure_ascii=False),),
+                [
+                    ("columns", json.dumps(columns, ensure_ascii=False)),
+                    ("input_fingerprint", json.dumps(fingerprint)),
+                ],
             )
 
     # --- sending -----------------------------------------------------------------------
@@ -304,17 +309,18 @@ class Ledger:
 
     # --- report ------------------------------------------------------------------------
 
-    def report_rows(self) -> Iterator[tuple[Any, ...]]:
-        """(row, cells JSON, status, to_phone, attempts, http_status, error, sent_at)."""
+    def report_rows(self) -> Iterator[tuple[str, ...]]:
+        """(cells JSON, _row, _status, _to_phone, _attempts, _http_status, _error, _sent_at),
+        every value as text, in input order."""
         return self.db.execute(
-            "SELECT rows.row, rows.cells, "
+            "SELECT rows.cells, CAST(rows.row AS TEXT), "
             "CASE WHEN rows.status != 'ok' THEN rows.status "
             "     WHEN r.state = 'inflight' THEN 'unknown' ELSE r.state END, "
-            "coalesce(r.to_phone, rows.to_phone), "
-            "CASE WHEN rows.status = 'ok' THEN r.attempts END, "
-            "CASE WHEN rows.status = 'ok' THEN r.http_status END, "
-            "CASE WHEN rows.status = 'ok' THEN r.error ELSE rows.error END, "
-            "CASE WHEN rows.status = 'ok' THEN r.sent_at END "
+            "coalesce(r.to_phone, rows.to_phone, ''), "
+            "CASE WHEN rows.status = 'ok' THEN CAST(r.attempts AS TEXT) ELSE '' END, "
+            "coalesce(CASE WHEN rows.status = 'ok' THEN CAST(r.http_status AS TEXT) END, ''), "
+            "coalesce(CASE WHEN rows.status = 'ok' THEN r.error ELSE rows.error END, ''), "
+            "coalesce(CASE WHEN rows.status = 'ok' THEN r.sent_at END, '') "
             "FROM rows LEFT JOIN recipients r ON r.key = rows.key AND rows.status = 'ok' "
             "ORDER BY rows.row"
         )

@@ -8,6 +8,8 @@ writing the report, whether the run finished, aborted or was interrupted.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from campaign import __version__
 from campaign.dispatch import Dispatcher, LedgerWriter, Progress
 from campaign.errors import UsageError
 from campaign.job import CAMPAIGN_ID, Job
@@ -192,8 +195,12 @@ async def _run_locked(
 
 
 def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunControl) -> None:
-    sheet = open_sheet(options.input or job.input or "", job.sheet)
+    path = Path(options.input or job.input or "")
+    sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
+    fingerprint = _fingerprint(path, job)
+    if ledger.get_meta("input_fingerprint") == fingerprint:
+        return  # the same file under the same mapping: the ledger's rows are this input
 
     def chunks() -> Iterator[list[MappedRow]]:
         for chunk in mapper.map_chunks(sheet):
@@ -201,7 +208,18 @@ def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunContr
                 raise Interrupted
             yield chunk
 
-    ledger.replace_rows(chunks(), sheet.columns)
+    ledger.replace_rows(chunks(), sheet.columns, fingerprint)
+
+
+def _fingerprint(path: Path, job: Job) -> str:
+    """What the mapped rows depend on: the file's bytes, the mapping, the sheet, the code."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    config = json.dumps([job.mapping.model_dump(), job.sheet, __version__], sort_keys=True)
+    digest.update(config.encode())
+    return digest.hexdigest()
 
 
 def invalid_examples(ledger: Ledger, limit: int = INVALID_EXAMPLES) -> list[tuple[int, str]]:

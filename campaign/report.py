@@ -23,6 +23,7 @@ from campaign.ledger import Ledger
 RESULT_COLUMNS = ["_row", "_status", "_to_phone", "_attempts", "_http_status", "_error", "_sent_at"]
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
+_MAYBE_FORMULA = frozenset("=@\t\r+-'")
 
 
 def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
@@ -31,19 +32,11 @@ def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, An
     with atomic_write(directory / RESULTS_FILE) as out:
         writer = csv.writer(out)
         writer.writerow([escape(c) for c in columns + RESULT_COLUMNS])
-        for (
-            row,
-            cells,
-            status,
-            to_phone,
-            attempts,
-            http_status,
-            error,
-            sent_at,
-        ) in ledger.report_rows():
+        for cells, *results in ledger.report_rows():
             values = json.loads(cells)
-            values.extend((str(row), status, to_phone, attempts, http_status, error, sent_at))
-            writer.writerow([escape(_text(v)) for v in values])
+            values.extend(results)
+            # escape() changes only cells starting with one of these: test that first.
+            writer.writerow([escape(v) if v[:1] in _MAYBE_FORMULA else v for v in values])
     summary = summarize(ledger, campaign)
     with atomic_write(directory / SUMMARY_FILE) as out:
         json.dump(summary, out, indent=2)
@@ -87,10 +80,6 @@ def atomic_write(path: Path) -> Iterator[IO[str]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
 
 
 def _iso(timestamp: float) -> str:

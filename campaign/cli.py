@@ -6,12 +6,9 @@ Heavy libraries are imported inside the commands, so `campaign --help` stays fas
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +232,8 @@ def _load(args: argparse.Namespace, path: str | None = None) -> Any:
 
 
 def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    import asyncio
+
     from campaign import logs
     from campaign.pipeline import RunControl, RunOptions, run_campaign
 
@@ -269,6 +268,9 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
 
 
 def _install_signal_handlers(control: RunControl) -> None:
+    import asyncio
+    import signal
+
     import structlog
 
     loop = asyncio.get_running_loop()
@@ -384,6 +386,7 @@ def _error(message: str) -> None:
 
 def _save_traceback(directory: Path | None) -> Path:
     import tempfile
+    import traceback
 
     from campaign.logs import masker
 

@@ -15,6 +15,7 @@ import codecs
 import csv
 import datetime as dt
 import io
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,12 @@ def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
     if head.startswith(_ZIP_MAGIC) or head.startswith(_OLE_MAGIC):
         header, records = _excel_records(path, sheet)
     elif suffix in {".xlsx", ".xlsm", ".xls"}:
-        raise InputError(path, "is not an Excel workbook (the file's content is not .xlsx or .xls)")
+        what = "plain text (a CSV export with the wrong name?)" if b"\x00" not in head else "data"
+        raise InputError(
+            path,
+            f"is named {suffix} but is not an Excel workbook: it holds {what}; "
+            "save it from Excel as .xlsx, or give a CSV file a .csv name",
+        )
     else:
         if sheet is not None:
             raise InputError(path, "`sheet:` is set, but a CSV file has no sheets")
@@ -90,7 +96,13 @@ def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]
                 cells = cells + [""] * (width - len(cells))
             yield Row(number, [unescape(cells[i]) for i in keep], problem)
 
-    return Sheet(path, columns, _chunked(rows(), CHUNK_ROWS))
+    # Look at the first data row now: a header with nothing under it is almost always a
+    # truncated or wrong export, and must stop the run before a campaign is started.
+    stream = rows()
+    first = next(stream, None)
+    if first is None:
+        raise InputError(path, "has a header row but no data rows under it")
+    return Sheet(path, columns, _chunked(itertools.chain([first], stream), CHUNK_ROWS))
 
 
 def _chunked(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -184,7 +196,7 @@ def _excel_records(
     try:
         book = CalamineWorkbook.from_path(str(path))
     except Exception as exc:  # calamine raises several unrelated types for a corrupt file
-        raise InputError(path, f"is not a readable Excel workbook ({_short(exc)})") from None
+        raise InputError(path, _unreadable_workbook(path, exc)) from None
     if sheet is not None and sheet not in book.sheet_names:
         known = ", ".join(repr(n) for n in book.sheet_names)
         raise InputError(path, f"no sheet named {sheet!r} (sheets: {known})")
@@ -220,6 +232,16 @@ def excel_text(value: Any) -> str:
         seconds = int(value.total_seconds())
         return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
     return str(value)
+
+
+def _unreadable_workbook(path: Path, exc: Exception) -> str:
+    with path.open("rb") as handle:
+        old_format = handle.read(len(_OLE_MAGIC)) == _OLE_MAGIC
+    kind = "an old Excel .xls file" if old_format else "an Excel .xlsx file (a zip archive)"
+    return (
+        f"looks like {kind} but cannot be read: it is damaged, incomplete or not a "
+        f"workbook ({_short(exc)}); open it in Excel and save it again as .xlsx or CSV"
+    )
 
 
 def _short(exc: Exception) -> str:

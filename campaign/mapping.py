@@ -8,6 +8,7 @@ sheet's header (a missing or doubled column) are raised once, up front, as `Inpu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,9 +20,12 @@ from campaign.job import Mapping
 from campaign.ledger import MappedRow
 from campaign.load import Row, Sheet
 
+# Excel shows a long number in a General cell as 4.15555E+09 and saves it that way to CSV.
+_SCIENTIFIC = re.compile(r"[0-9](?:[.,][0-9]+)?E\+?[0-9]+", re.IGNORECASE)
+
 _PARSE_REASONS = {
     NumberParseException.INVALID_COUNTRY_CODE: "has no valid country code",
-    NumberParseException.NOT_A_NUMBER: "is not a phone number",
+    NumberParseException.NOT_A_NUMBER: "does not look like a phone number",
     NumberParseException.TOO_SHORT_AFTER_IDD: "is too short",
     NumberParseException.TOO_SHORT_NSN: "is too short",
     NumberParseException.TOO_LONG: "is too long",
@@ -30,10 +34,16 @@ _PARSE_REASONS = {
 
 def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
     """(E.164 number, None) or (None, reason it cannot be sent to)."""
+    if _SCIENTIFIC.fullmatch(text):
+        return None, (
+            "phone was saved by Excel in scientific notation (like 4.15555E+09), which lost "
+            "its digits; format the column as Text and export again"
+        )
     try:
         number = phonenumbers.parse(text, region)
     except NumberParseException as exc:
-        return None, f"phone {_PARSE_REASONS.get(exc.error_type, 'is not a phone number')}"
+        why = _PARSE_REASONS.get(exc.error_type, "does not look like a phone number")
+        return None, f"phone {why}"
     if number.extension:
         return None, "phone has an extension; an SMS needs a number of its own"
     if not phonenumbers.is_valid_number(number):
@@ -42,7 +52,12 @@ def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
             return None, "phone is too short"
         if reason == phonenumbers.ValidationResult.TOO_LONG:
             return None, "phone is too long"
-        return None, f"phone is not a valid number (region {region} assumed without +code)"
+        if text.lstrip().startswith("+"):
+            return None, "phone is not a valid number for its country code"
+        return (
+            None,
+            f"phone is not a valid number (written without +country code: {region} assumed)",
+        )
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 

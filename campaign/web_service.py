@@ -26,18 +26,24 @@ from pydantic import ValidationError
 
 from campaign.errors import CampaignBusy, CampaignError, InputError, UsageError
 from campaign.job import CAMPAIGN_ID, Job, Mapping
-from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger
+from campaign.ledger import LEDGER_FILE
 from campaign.load import Sheet
 from campaign.mapping import Mapper
 from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
-from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write
-from campaign.store import is_locked, read_info
+from campaign.report import RESULTS_FILE
+from campaign.store import is_locked
 from campaign.web_guess import look_at
+from campaign.web_state import (
+    MAPPING_FILE,
+    WEB_FILE,
+    campaign_view,
+    read_json,
+    rows_page,
+    write_json,
+)
 
 log = structlog.get_logger(__name__)
 
-WEB_FILE = "web.json"
-MAPPING_FILE = "mapping.json"
 PART_FILE = "upload.part"
 _KINDS = ((b"PK\x03\x04", ".xlsx"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
 PAGE_ROWS = 50
@@ -127,8 +133,8 @@ class Campaigns:
             "mapping_source": source,
             "validated": False,
         }
-        _write_json(directory / WEB_FILE, info)
-        _write_json(directory / MAPPING_FILE, mapping)
+        write_json(directory / WEB_FILE, info)
+        write_json(directory / MAPPING_FILE, mapping)
         log.info("upload stored", campaign=campaign, rows_sampled=look.rows_sampled)
         return {
             "id": campaign,
@@ -146,7 +152,7 @@ class Campaigns:
         self._refuse_if_busy(campaign)
         upload = directory / info["upload"]
         mapping = self._check_mapping(raw, upload, info["columns"])
-        _write_json(directory / MAPPING_FILE, mapping.model_dump())
+        write_json(directory / MAPPING_FILE, mapping.model_dump())
         self._update_info(directory, validated=False, mapping_source="page")
         self.validating.add(campaign)
         try:
@@ -158,7 +164,7 @@ class Campaigns:
             self.validating.discard(campaign)
         self._update_info(directory, validated=True)
         summary = await self.describe(campaign)
-        summary["invalid"] = await asyncio.to_thread(self._rows, directory, "invalid", 0, PAGE_ROWS)
+        summary["invalid"] = await asyncio.to_thread(rows_page, directory, "invalid", 0, PAGE_ROWS)
         return summary
 
     def _check_mapping(self, raw: Any, upload: Path, columns: list[str]) -> Mapping:
@@ -193,7 +199,7 @@ class Campaigns:
         if not info.get("validated"):
             raise ServiceError(409, f"campaign {campaign}: validate the mapping before sending")
         upload = directory / info["upload"]
-        mapping = self._check_mapping(_read_json(directory / MAPPING_FILE), upload, info["columns"])
+        mapping = self._check_mapping(read_json(directory / MAPPING_FILE), upload, info["columns"])
         job = self._job_for(mapping, upload)
         options = RunOptions(input=str(upload), campaign=campaign, only_failed=only_failed)
         control = RunControl()
@@ -248,7 +254,7 @@ class Campaigns:
 
     def _web_campaign(self, campaign: str) -> tuple[Path, dict[str, Any]]:
         directory = self.directory(campaign)
-        info = _read_json(directory / WEB_FILE)
+        info = read_json(directory / WEB_FILE)
         if not info:
             raise ServiceError(
                 409,
@@ -258,7 +264,7 @@ class Campaigns:
         return directory, info
 
     def _update_info(self, directory: Path, **changes: Any) -> None:
-        _write_json(directory / WEB_FILE, {**_read_json(directory / WEB_FILE), **changes})
+        write_json(directory / WEB_FILE, {**read_json(directory / WEB_FILE), **changes})
 
     async def list(self) -> list[dict[str, Any]]:
         found = [
@@ -267,14 +273,14 @@ class Campaigns:
             if CAMPAIGN_ID.fullmatch(d.name)
             and ((d / WEB_FILE).is_file() or (d / LEDGER_FILE).is_file())
         ]
-        items = await asyncio.to_thread(lambda: [self._from_disk(d) for d in found])
+        items = await asyncio.to_thread(lambda: [campaign_view(d, self.job.limits) for d in found])
         for item in items:
             self._merge_live(item)
         return sorted(items, key=lambda i: i["created_at"] or 0, reverse=True)
 
     async def describe(self, campaign: str, detail: bool = False) -> dict[str, Any]:
         directory = self.directory(campaign)
-        item = await asyncio.to_thread(self._from_disk, directory, detail)
+        item = await asyncio.to_thread(campaign_view, directory, self.job.limits, detail)
         self._merge_live(item)
         return item
 
@@ -282,71 +288,13 @@ class Campaigns:
         if status not in ("invalid", "duplicate"):
             raise ServiceError(400, "status: invalid or duplicate")
         directory = self.directory(campaign)
-        return await asyncio.to_thread(self._rows, directory, status, offset, limit)
+        return await asyncio.to_thread(rows_page, directory, status, offset, limit)
 
     def results(self, campaign: str) -> Path:
         path = self.directory(campaign) / RESULTS_FILE
         if not path.is_file():
             raise ServiceError(404, f"campaign {campaign} has no results yet: validate it first")
         return path
-
-    def _rows(self, directory: Path, status: str, offset: int, limit: int) -> dict[str, Any]:
-        if not (directory / LEDGER_FILE).is_file():
-            return {"total": 0, "offset": offset, "columns": [], "rows": []}
-        with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
-            total = ledger.db.execute(
-                "SELECT count(*) FROM rows WHERE status = ?", (status,)
-            ).fetchone()[0]
-            found = ledger.db.execute(
-                "SELECT row, error, cells FROM rows WHERE status = ? ORDER BY row LIMIT ? OFFSET ?",
-                (status, limit, offset),
-            ).fetchall()
-            columns = ledger.get_meta("columns") or []
-        rows = [{"row": r, "error": e, "cells": json.loads(c)} for r, e, c in found]
-        return {"total": total, "offset": offset, "columns": columns, "rows": rows}
-
-    def _from_disk(self, directory: Path, detail: bool = False) -> dict[str, Any]:
-        info = _read_json(directory / WEB_FILE)
-        ledger_info = read_info(directory) if (directory / LEDGER_FILE).is_file() else None
-        counts: dict[str, int] = {}
-        if ledger_info is not None:
-            with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
-                counts = ledger.counts()
-        last = ledger_info.last_state if ledger_info else None
-        validated = info.get("validated", True) if info else ledger_info is not None
-        if last == "running":
-            state = "running"  # another process holds the campaign (`campaign run`)
-        elif last == "finished":
-            state = "done"
-        elif last is not None:
-            state = "aborted"  # aborted, interrupted, or its process died: resumable
-        else:
-            state = "validated" if validated and ledger_info else "uploaded"
-        summary = _read_json(directory / SUMMARY_FILE)
-        item: dict[str, Any] = {
-            "id": directory.name,
-            "filename": info.get("filename"),
-            "created_at": info.get("uploaded_at") or (ledger_info and ledger_info.created_at),
-            "state": state,
-            "last_run": last,
-            "resumable": state == "aborted",
-            "uploaded_here": bool(info),
-            "counts": counts,
-            "rows": sum(counts.values()),
-            "to_send": sum(counts.get(s, 0) for s in SENDABLE),
-            "rate": self.job.limits.rate_per_second,
-            "concurrency": self.job.limits.concurrency,
-            "achieved_rate": (summary.get("last_run") or {}).get("achieved_rate"),
-            "has_results": (directory / RESULTS_FILE).is_file(),
-            "error": None,
-            "progress": None,
-        }
-        if detail:
-            item["columns"] = info.get("columns", [])
-            item["preview"] = info.get("preview", [])
-            item["mapping"] = _read_json(directory / MAPPING_FILE) or None
-            item["mapping_source"] = info.get("mapping_source")
-        return item
 
     def _merge_live(self, item: dict[str, Any]) -> None:
         send = self.sends.get(item["id"])
@@ -385,16 +333,3 @@ def _shown(exc: UsageError, shown: str) -> str:
     """The error's message with the server's path replaced by the name the operator knows."""
     path = getattr(exc, "path", None)
     return str(exc).replace(path, shown, 1) if path else str(exc)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    with atomic_write(path) as out:
-        json.dump(value, out, ensure_ascii=False, indent=2)

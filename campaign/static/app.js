@@ -159,7 +159,8 @@ function renderMapping(c) {
     input.value = paramName || suggestName(name);
     input.setAttribute("aria-label", `param name for column ${name}`);
     input.disabled = role !== "param";
-    select.addEventListener("change", () => onRoleChange(select, input));
+    select.addEventListener("change", () => { onRoleChange(select, input); mappingChanged(); });
+    input.addEventListener("input", mappingChanged);
     const tr = el("tr");
     tr.dataset.column = column;
     const cellSelect = el("td");
@@ -172,6 +173,14 @@ function renderMapping(c) {
   $("region").value = m.default_region || "US";
   $("recipient-key").value = (m.recipient_key || ["to_phone"]).join(", ");
   $("require-phone").checked = m.require_phone !== false;
+  $("validate-status").textContent = "";
+}
+
+function mappingChanged() {
+  // What is sent is the mapping last validated: an edit must be validated before a send.
+  $("start").disabled = true;
+  $("rerun").disabled = true;
+  $("validate-status").textContent = "The mapping changed: validate it again before sending.";
 }
 
 function suggestName(column) {
@@ -238,6 +247,10 @@ async function validate() {
 }
 
 function renderCounts(counts) {
+  const duplicates = (counts && counts.duplicate) || 0;
+  $("duplicates-note").hidden = duplicates === 0;
+  $("duplicates-note").textContent = `${plural(duplicates, "row")} repeat${duplicates === 1 ? "s" : ""} an earlier row's recipient`
+    + " and will not be sent a second time (the results CSV names the earlier row).";
   const box = $("counts");
   box.replaceChildren();
   for (const status of STATUSES) {
@@ -286,11 +299,12 @@ function renderSend(c) {
   const start = $("start");
   start.textContent = c.resumable
     ? `Continue: send the remaining ${plural(c.to_send, "recipient")}`
-    : `Send to ${plural(c.to_send, "recipient")} at ${c.rate}/s (about ${duration(eta)})`;
-  start.disabled = running || c.to_send === 0 || !c.uploaded_here;
-  start.hidden = running;
+    : `Send to ${plural(c.to_send, "recipient")} at ${c.rate} per second (about ${duration(eta)})`;
+  start.disabled = running || !c.uploaded_here;
+  start.hidden = running || c.to_send === 0;
   $("stop").hidden = !here;
   $("rerun").hidden = running || failed === 0 || !c.uploaded_here;
+  $("rerun").disabled = false;
   $("rerun").textContent = `Rerun the ${plural(failed, "failed row")}`;
   const download = $("download");
   download.hidden = !c.has_results;
@@ -413,6 +427,7 @@ function wire() {
     if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
   });
   $("file").addEventListener("change", () => { if ($("file").files.length) upload($("file").files[0]); });
+  for (const id of ["region", "recipient-key", "require-phone"]) $(id).addEventListener("change", mappingChanged);
   $("validate").addEventListener("click", validate);
   $("start").addEventListener("click", () => start(false));
   $("rerun").addEventListener("click", () => start(true));

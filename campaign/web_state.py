@@ -1,0 +1,97 @@
+"""What the upload page shows of a campaign, read from its directory alone.
+
+So a restarted server shows every campaign under `output_dir`, the page's and the
+command line's, with its state: uploaded | validated | running | done | aborted.
+`aborted` covers every run that did not finish (a fatal answer, a stop, a process that
+died); the next start continues it, and its in-flight rows become `unknown` then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from campaign.job import Limits
+from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger
+from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write
+from campaign.store import read_info
+
+WEB_FILE = "web.json"  # what the page needs to show an upload again (name, preview)
+MAPPING_FILE = "mapping.json"  # the page's mapping: same shape as the job's `mapping:`
+
+
+def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict[str, Any]:
+    info = read_json(directory / WEB_FILE)
+    ledger_info = read_info(directory) if (directory / LEDGER_FILE).is_file() else None
+    counts: dict[str, int] = {}
+    if ledger_info is not None:
+        with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
+            counts = ledger.counts()
+    last = ledger_info.last_state if ledger_info else None
+    validated = info.get("validated", True) if info else ledger_info is not None
+    if last == "running":
+        state = "running"  # another process holds the campaign (`campaign run`)
+    elif last == "finished":
+        state = "done"
+    elif last is not None:
+        state = "aborted"
+    else:
+        state = "validated" if validated and ledger_info else "uploaded"
+    summary = read_json(directory / SUMMARY_FILE)
+    created = info.get("uploaded_at") or (ledger_info.created_at if ledger_info else None)
+    view: dict[str, Any] = {
+        "id": directory.name,
+        "filename": info.get("filename"),
+        "created_at": created,
+        "state": state,
+        "last_run": last,
+        "resumable": state == "aborted",
+        "uploaded_here": bool(info),
+        "counts": counts,
+        "rows": sum(counts.values()),
+        "to_send": sum(counts.get(s, 0) for s in SENDABLE),
+        "rate": limits.rate_per_second,
+        "concurrency": limits.concurrency,
+        "achieved_rate": (summary.get("last_run") or {}).get("achieved_rate"),
+        "has_results": (directory / RESULTS_FILE).is_file(),
+        "error": None,
+        "progress": None,
+    }
+    if detail:
+        view["columns"] = info.get("columns", [])
+        view["preview"] = info.get("preview", [])
+        view["mapping"] = read_json(directory / MAPPING_FILE) or None
+        view["mapping_source"] = info.get("mapping_source")
+    return view
+
+
+def rows_page(directory: Path, status: str, offset: int, limit: int) -> dict[str, Any]:
+    """A page of the latest input's rows with one status (invalid, duplicate), with reasons."""
+    if not (directory / LEDGER_FILE).is_file():
+        return {"total": 0, "offset": offset, "columns": [], "rows": []}
+    with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
+        total = ledger.db.execute(
+            "SELECT count(*) FROM rows WHERE status = ?", (status,)
+        ).fetchone()[0]
+        found = ledger.db.execute(
+            "SELECT row, error, cells FROM rows WHERE status = ? ORDER BY row LIMIT ? OFFSET ?",
+            (status, limit, offset),
+        ).fetchall()
+        columns = ledger.get_meta("columns") or []
+    rows = [{"row": r, "error": e, "cells": json.loads(c)} for r, e, c in found]
+    return {"total": total, "offset": offset, "columns": columns, "rows": rows}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    with atomic_write(path) as out:
+        json.dump(value, out, ensure_ascii=False, indent=2)

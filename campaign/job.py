@@ -60,6 +60,21 @@ class Mapping(_Strict):
     constants: dict[str, str | int | float | bool] = Field(default_factory=dict)
     recipient_key: list[str] = Field(default_factory=lambda: ["to_phone"], min_length=1)
 
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params_shape(cls, value: Any) -> Any:
+        # Checked here rather than by the union type, whose error names pydantic's types.
+        if value is None:
+            return {}
+        if value == "all":
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("must be the word `all` or lines of `param_name: Column Name`")
+        for param, column in value.items():
+            if not isinstance(column, str) or not column.strip():
+                raise ValueError(f"{param}: the column name must be text, not {column!r}")
+        return value
+
     @field_validator("default_region")
     @classmethod
     def _known_region(cls, value: str) -> str:
@@ -150,7 +165,7 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     except (OSError, UnicodeDecodeError) as exc:
         raise JobError(path, f"cannot read job file ({exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -176,12 +191,44 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     return job
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice: YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"api": Api, "mapping": Mapping, "limits": Limits}
+
+
 def _first_problem(exc: ValidationError) -> tuple[str, str | None]:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or None
-    message = error["msg"].removeprefix("Value error, ")
+    # A misspelt key also makes its right spelling "missing": name the misspelling first.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or None
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if error["type"] == "extra_forbidden":
-        message = "unknown key"
+        message = "unknown key" + _suggestion(loc)
     elif error["type"] == "missing":
         message = "required key is missing"
+    elif error["type"] in {"model_type", "dict_type"}:
+        message = "must be a section of `key: value` lines"
     return message, key
+
+
+def _suggestion(loc: list[str]) -> str:
+    import difflib
+
+    model: type[BaseModel] = _SECTIONS.get(loc[0], Job) if len(loc) > 1 else Job
+    known = [name for name, info in model.model_fields.items() if not info.exclude]
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    return f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"

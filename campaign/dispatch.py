@@ -233,23 +233,22 @@ class Dispatcher:
         )
         if decision.state != "pending":
             self.progress.add(decision.state)
-        if decision.state not in ("sent", "pending"):
-            log.warning(
-                "not sent",
-                row=target.row,
-                state=decision.state,
-                http_status=answer.http_status,
-                transport=answer.transport,
+        if decision.state != "sent":
+            answered = (
+                {"http_status": answer.http_status}
+                if answer.http_status
+                else {"transport": str(answer.transport)}
             )
-        elif decision.state == "pending":
-            log.info(
-                "will retry",
-                row=target.row,
-                attempt=attempt,
-                http_status=answer.http_status,
-                transport=answer.transport,
-                wait_s=round(decision.retry_in_s or 0, 2),
-            )
+            if decision.state == "pending":
+                log.info(
+                    "will retry",
+                    row=target.row,
+                    attempt=attempt,
+                    wait_s=round(decision.retry_in_s or 0, 2),
+                    **answered,
+                )
+            else:
+                log.warning("not sent", row=target.row, state=decision.state, **answered)
         self._watch_streaks(answer, decision)
         self.on_progress(self.progress)
 

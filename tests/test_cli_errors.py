@@ -1,0 +1,120 @@
+"""Bad command-line options and unexpected failures: exit code, one clear line, no traceback.
+
+An unexpected exception (here: a disk problem, `results.csv` being a directory) must give
+a short message and the path of a log file holding the traceback: exit 2 when nothing
+was sent yet, 1 when sending had started.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Sandbox, cli, read_results, write_csv, write_job
+
+
+def people(tmp_path: Path) -> Path:
+    rows = [["Ann", "415 555 0101"], ["Bob", "415 555 0102"]]
+    return write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows)
+
+
+def error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines, "no message on stderr"
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--rate", "0"], "argument --rate: must be greater than 0"),
+        (["--rate", "-2.5"], "argument --rate: must be greater than 0"),
+        (["--rate", "fast"], "argument --rate"),
+        (["--concurrency", "0"], "argument --concurrency: must be a whole number greater than 0"),
+        (["--concurrency", "-1"], "argument --concurrency: must be a whole number greater than 0"),
+        (["--concurrency", "1.5"], "argument --concurrency"),
+        (["--campaign", "x", "--new"], "not allowed with argument --campaign"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_bad_option_exit_2_nothing_sent(
+    options: list[str], says: str, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    done = cli("run", str(job), "--no-progress", *options)
+    assert done.returncode == 2, done.stderr
+    assert says in error_line(done)
+    assert sandbox.records() == []
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--input", "nowhere.csv", "nowhere.csv: input file not found"),
+        ("--input", ".", "is a directory, not a spreadsheet"),
+        ("--output-dir", "plain-file/runs", "plain-file/runs/test: cannot create"),
+        ("--campaign", "../escape", "--campaign '../escape'"),
+    ],
+)
+def test_bad_path_or_id_is_one_line(
+    option: str, value: str, says: str, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    (tmp_path / "plain-file").write_text("a file, not a directory\n")
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    for command in ("validate", "run"):
+        done = cli(command, str(job), "--no-progress", option, value, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert says in error_line(done)
+    assert sandbox.records() == []
+    assert not (tmp_path / "escape").exists()
+
+
+def crash_log(line: str) -> Path:
+    found = re.search(r"details in (\S+\.log)$", line)
+    assert found, line
+    return Path(found.group(1))
+
+
+def test_unexpected_error_before_sending_is_exit_2_with_a_log(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
+    done = cli("validate", str(job), "--no-progress")
+    assert done.returncode == 2
+    line = error_line(done)
+    assert line.startswith("campaign: error: unexpected error: ")
+    log = crash_log(line)
+    text = log.read_text(encoding="utf-8")
+    assert "Traceback" in text and "IsADirectoryError" in text
+    assert sandbox.records() == []
+
+
+def test_unexpected_error_after_sending_is_exit_1_with_a_log(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 1
+    line = error_line(done)
+    assert line.startswith("campaign: error: unexpected error: ")
+    assert "Traceback" in crash_log(line).read_text(encoding="utf-8")
+    assert sorted(sandbox.phones()) == ["+14155550101", "+14155550102"]
+    # The ledger kept what happened: with the obstacle gone, the report is complete and
+    # a second run sends nobody twice.
+    (tmp_path / "runs" / "test" / "results.csv").rmdir()
+    again = cli("run", str(job), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert [r["_status"] for r in read_results(tmp_path / "runs" / "test" / "results.csv")] == [
+        "sent",
+        "sent",
+    ]
+    assert len(sandbox.records()) == 2

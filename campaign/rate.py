@@ -6,6 +6,9 @@ with a small bucket, and add a sliding-window log that refuses the (N+1)-th acqu
 until the N-th-last one is a full window old. The window is slightly longer than a
 second so that jitter between here and the server's clock cannot put N+1 arrivals into
 one second there; the pace is set to match, giving about 0.98·N per second.
+
+The log only keeps the acquisitions of the last window, so a very high limit (used to
+mean "no limit") costs no memory.
 """
 
 from __future__ import annotations
@@ -24,23 +27,31 @@ class RateLimiter:
     """Acquire before every request, retries included. Create one per run, inside the loop."""
 
     def __init__(self, rate_per_second: float) -> None:
-        if rate_per_second <= 0:
+        if not rate_per_second > 0:
             raise ValueError("rate_per_second must be positive")
         self.rate = rate_per_second
         # A fractional rate (e.g. 0.5/s) allows one request per 1/rate seconds.
-        self._limit = max(1, math.floor(rate_per_second))
-        self._window = max(WINDOW_S, WINDOW_S * self._limit / rate_per_second)
-        burst = max(1.0, math.floor(rate_per_second * BURST_SHARE))
-        self._pace = AsyncLimiter(burst, burst * WINDOW_S / rate_per_second)
-        self._recent: deque[float] = deque(maxlen=self._limit)
+        self.limit = max(1, math.floor(rate_per_second))
+        self.window = max(WINDOW_S, WINDOW_S * self.limit / rate_per_second)
+        burst = max(1.0, math.floor(self.limit * BURST_SHARE))
+        # The same long-run pace as the window allows, so neither limiter starves the other.
+        self._pace = AsyncLimiter(burst, burst * self.window / self.limit)
+        self._recent: deque[float] = deque()
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
         await self._pace.acquire()
+        # One waiter at a time, in order: the lock is held while sleeping for the window.
         async with self._lock:
-            loop = asyncio.get_running_loop()
-            if len(self._recent) == self._limit:
-                wait = self._recent[0] + self._window - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            self._recent.append(loop.time())
+            now = asyncio.get_running_loop().time()
+            recent = self._recent
+            horizon = now - self.window
+            while recent and recent[0] <= horizon:
+                recent.popleft()
+            if len(recent) >= self.limit:
+                due = recent[0] + self.window
+                await asyncio.sleep(due - now)  # if cancelled here, the log is unchanged
+                recent.popleft()
+                # A timer may fire a clock tick early; never log a time inside the window.
+                now = max(asyncio.get_running_loop().time(), due)
+            recent.append(now)

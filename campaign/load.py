@@ -79,7 +79,9 @@ def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
 
 def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]]]) -> Sheet:
     keep = [i for i, name in enumerate(header) if not name.strip().startswith("_")]
-    columns = [header[i] for i in keep]
+    # The report escapes header cells like any other: a results CSV read back as input
+    # must give the job's column names again.
+    columns = [unescape(header[i]) for i in keep]
     width = len(header)
 
     def rows() -> Iterator[Row]:

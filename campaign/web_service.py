@@ -17,6 +17,7 @@ import json
 import secrets
 import shutil
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,7 @@ def progress_json(send: Send) -> dict[str, Any]:
 
 def _display_name(filename: str) -> str:
     """The uploaded file's own name, for display only: never part of a path."""
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    name = urllib.parse.unquote(filename).replace("\\", "/").rsplit("/", 1)[-1]
     return "".join(ch for ch in name if ch.isprintable())[:200]
 
 

@@ -1,0 +1,97 @@
+"""Logs are safe to ship: no whole phone number (as written or E.164), no channel uuid and
+no param value in stdout, stderr or the campaign's log.jsonl, whatever happened to a row."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import FaultServer, cli, write_csv, write_job
+
+CHANNEL = "5f2c9d1e-7a3b-4c8d-9e0f-1a2b3c4d5e6f"
+PEOPLE = [  # (name, phone as written, employee id, what the API answers)
+    ("Quillonia", "(415) 555-0123", "E-90817-Q", 200),
+    ("Zebadiah", "415.555.0124", "E-90818-Z", 400),  # failed
+    ("Ottoline", "+1 415 555 0125", "E-90819-O", 503),  # retried, then sent
+    ("Pernelle", "4155550126", "E-90820-P", 500),  # unknown
+    ("Wystan", "+44 20 7946 0958", "E-90821-W", 401),  # fatal
+    ("Ysolde", "1-415-555-0127", "E-90822-Y", 200),
+    ("Dup Quillonia", "415 555 0123", "E-90823-D", 200),  # duplicate of row 1
+    ("Extension Ezra", "415-555-0128 ext. 9", "E-90824-E", 200),  # invalid
+    ("Shorty", "555-01", "E-90825-S", 200),  # invalid
+]
+CONSTANT = "promo-Kx81-Marmalade"
+
+
+def secrets() -> list[str]:
+    found = [CHANNEL, CHANNEL[8:], CONSTANT]
+    for name, phone, emp_id, _ in PEOPLE:
+        digits = re.sub(r"\D", "", phone.split(" ext")[0])
+        found += [name, emp_id, phone, digits]
+        if len(digits) == 10:  # a US number: its E.164 and international digits
+            found += [f"+1{digits}", f"1{digits}"]
+        if phone.startswith("+"):
+            found.append(f"+{digits}")
+    return [s for s in found if len(s) >= 6]
+
+
+def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path) -> None:
+    plan = {re.sub(r"\D", "", p)[-10:]: answer for _, p, _, answer in PEOPLE}
+    seen: dict[str, int] = {}
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        key = body["to_phone"][-10:]
+        seen[key] = seen.get(key, 0) + 1
+        answer = plan[key]
+        if answer == 503:
+            return 200 if seen[key] > 1 else (503, {"Retry-After": "0"})
+        if answer in {400, 401}:  # an API that echoes what it got, as some do
+            echo = f"rejected {body['to_phone']} ({body['first_name']}, {body['emp_id']})"
+            return (answer, None, {"success": False, "error": echo})
+        return answer
+
+    data = write_csv(
+        tmp_path / "in.csv",
+        ["First Name", "Phone", "Employee ID"],
+        [[name, phone, emp_id] for name, phone, emp_id, _ in PEOPLE],
+    )
+    outputs: list[str] = []
+    with FaultServer(reply) as server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=data,
+            api={"channel_uuid": CHANNEL, "timeout_s": 1},
+            mapping={
+                "params": {"first_name": "First Name", "emp_id": "Employee ID"},
+                "constants": {"code": CONSTANT},
+            },
+            limits={"concurrency": 1, "abort_after_fatal": 5, "max_attempts": 3},
+        )
+        json_logs = ["--log-format", "json", "--no-progress"]
+        for command in (
+            ["validate", str(job), *json_logs],
+            ["run", str(job), *json_logs],
+            ["run", str(job), "--resend-unknown", *json_logs],
+            ["report", str(job)],
+        ):
+            done = cli(*command)
+            assert "Traceback" not in done.stdout + done.stderr
+            outputs += [done.stdout, done.stderr]
+        sent = server.bodies()
+
+    log = (tmp_path / "runs" / "test" / "log.jsonl").read_text(encoding="utf-8")
+    events = [json.loads(line) for line in log.splitlines()]
+    # Not vacuous: requests went out with the values, and the log tells the story.
+    assert {b["emp_id"] for b in sent} >= {"E-90817-Q", "E-90818-Z", "E-90820-P"}
+    assert all(b["code"] == CONSTANT for b in sent)
+    assert len(events) >= 5 and any(e.get("level") in {"warning", "error"} for e in events)
+    # The searched forms are real: the results file holds each value and E.164 number.
+    results = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
+    written = [v for name, phone, emp_id, _ in PEOPLE for v in (name, phone, emp_id)]
+    assert [v for v in written + [b["to_phone"] for b in sent] if v not in results] == []
+    for where, text in [("log.jsonl", log)] + [(f"output {i}", o) for i, o in enumerate(outputs)]:
+        leaked = [s for s in secrets() if s in text]
+        assert leaked == [], f"{where} holds {leaked}"

@@ -16,6 +16,7 @@ import csv
 import datetime as dt
 import io
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,16 +141,46 @@ def _csv_records(path: Path, head: bytes) -> tuple[list[str], Iterator[tuple[int
     handle = path.open("r", encoding=encoding, newline="")
 
     def records() -> Iterator[list[str]]:
+        # Lenient parsing keeps `"Ann" Smith` as one cell, but it also lets a quote that is
+        # never closed swallow the rest of the file into one cell: checked at the end.
         reader = csv.reader(handle, delimiter=delimiter, strict=False)
+        record: list[str] = []
+        start = end = 0
         try:
-            yield from reader
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                yield record
         except csv.Error as exc:
             raise InputError(path, f"unreadable CSV at line {reader.line_num}: {exc}") from None
+        except UnicodeDecodeError:
+            where = f"near line {reader.line_num + 1}"
+            raise InputError(path, f"is not valid {encoding} text {where}") from None
         finally:
             handle.close()
+        ends_in_newline = bool(record) and record[-1].endswith(("\n", "\r"))
+        if ends_in_newline and _quote_left_open(path, encoding, delimiter, start):
+            raise InputError(
+                path,
+                f"the quote that opens a cell on line {start} is never closed, so every "
+                'line after it would be read as part of that cell; add the missing "',
+            )
 
     header, numbered = _numbered(path, records())
     return header, numbered
+
+
+def _quote_left_open(path: Path, encoding: str, delimiter: str, line: int) -> bool:
+    """Does the record starting at `line` run into the end of the file inside quotes?"""
+    with path.open("r", encoding=encoding, newline="") as handle:
+        strict = csv.reader(
+            itertools.islice(handle, line - 1, None), delimiter=delimiter, strict=True
+        )
+        try:
+            for _ in strict:
+                pass
+        except csv.Error as exc:
+            return "unexpected end of data" in str(exc)
+    return False
 
 
 def _detect_encoding(path: Path, head: bytes) -> str:
@@ -157,25 +188,51 @@ def _detect_encoding(path: Path, head: bytes) -> str:
         return "utf-16"
     if b"\x00" in head:
         raise InputError(path, "is not a CSV or Excel file (it holds binary data)")
-    if head.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
-    if _decodes(path, "utf-8"):
-        return "utf-8"
-    if _decodes(path, "cp1252"):
+    utf8 = "utf-8-sig" if head.startswith(codecs.BOM_UTF8) else "utf-8"
+    bad_line = _first_bad_line(path, utf8)
+    if bad_line is None:
+        return utf8
+    # Reading a file that is mostly UTF-8 as cp1252 would send "JosÃ©" to José.
+    if utf8 == "utf-8-sig" or _has_utf8_sequences(path):
+        raise InputError(
+            path,
+            f"mixes text encodings: it is UTF-8, but line {bad_line} is not; "
+            "save the whole file again as UTF-8",
+        )
+    if _first_bad_line(path, "cp1252") is None:
         return "cp1252"
     raise InputError(path, "is not a text file in UTF-8, UTF-16 or Windows-1252 (cp1252)")
 
 
-def _decodes(path: Path, encoding: str) -> bool:
+def _first_bad_line(path: Path, encoding: str) -> int | None:
+    """The line holding the first byte that does not decode, or None if all do."""
     decoder = codecs.getincrementaldecoder(encoding)()
+    lines = 1
     with path.open("rb") as handle:
-        try:
-            while block := handle.read(1 << 20):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return False
-    return True
+        while True:
+            block = handle.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                return lines + block[: max(exc.start - len(exc.object) + len(block), 0)].count(
+                    b"\n"
+                )
+            if not block:
+                return None
+            lines += block.count(b"\n")
+
+
+_UTF8_SEQUENCE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
+)
+
+
+def _has_utf8_sequences(path: Path) -> bool:
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            if _UTF8_SEQUENCE.search(block):
+                return True
+    return False
 
 
 def _sniff_delimiter(text: str) -> str:

@@ -88,6 +88,8 @@ BAD = {
     "used column twice": Bad("duplicate_header.csv", ("column 'Phone'", "appears 2 times")),
     "binary garbage .csv": Bad("garbage.csv", ("binary data",)),
     "neither utf-8 nor cp1252": Bad("bad_encoding.csv", ("UTF-8", "cp1252")),
+    "utf-8 with a cp1252 line": Bad("mixed_encoding.csv", ("mixes text encodings", "line 3")),
+    "quote never closed": Bad("unclosed_quote.csv", ("line 3 is never closed",)),
     "text named .xlsx": Bad("not_a_workbook.xlsx", ("not an Excel workbook", "plain text")),
     "zip without a workbook": Bad("plain_zip.xlsx", (".xlsx file", "cannot be read")),
     "truncated xlsx": Bad("truncated.xlsx", (".xlsx file", "cannot be read")),
@@ -333,6 +335,8 @@ PHONES = [  # (status, _to_phone, words of _error), in row order
     ("duplicate", "+14155550101", "duplicate of row 1"),
     ("invalid", "", "Phone is empty"),
     ("invalid", "", "not a valid number"),
+    ("sent", "+14155550116", ""),  # 4155550116.0: a phone that went through a float
+    ("invalid", "", "more than one number"),
 ]
 
 
@@ -345,7 +349,7 @@ def test_phones_in_many_formats(ran: Ran) -> None:
         assert (got_status, got_phone) == (status, phone), got
         assert error in got_error, got
     assert sorted(ran.sent_to()) == sorted(p for s, p, _ in PHONES if s == "sent")
-    assert len(ran.bodies) == 8  # the duplicate is not sent
+    assert len(ran.bodies) == 9  # the duplicate is not sent
 
 
 @case("leading_zeros")
@@ -359,11 +363,11 @@ def test_leading_zero_ids_stay_text(ran: Ran) -> None:
 @case("types.xlsx")
 def test_xlsx_cells_are_their_values_as_text(ran: Ran) -> None:
     assert ran.run.returncode == 0, ran.run.stderr
-    columns = ["First Name", "Phone", "Employee ID", "Joined", "Active", "Score", "At", "_row"]
-    assert [[r[c] for c in columns] for r in ran.rows] == [
-        ["Ann", "4155550101", "00123", "2024-03-05", "TRUE", "12.5", "", "1"],
-        ["Bob", "14155550102", "1234", "2024-03-05T14:30:00", "FALSE", "1000", "x", "2"],
-        ["Cy", "+1 415 555 0103", "7", "", "", "-3", "09:15:00", "4"],
+    columns = ["First Name", "Phone", "Employee ID", "Joined", "Active", "Score", "At", "Sum"]
+    assert [[r[c] for c in [*columns, "_row"]] for r in ran.rows] == [
+        ["Ann", "4155550101", "00123", "2024-03-05", "TRUE", "12.5", "", "25", "1"],
+        ["Bob", "14155550102", "1234", "2024-03-05T14:30:00", "FALSE", "1000", "x", "2000", "2"],
+        ["Cy", "+1 415 555 0103", "7", "", "", "-3", "09:15:00", "-6", "4"],
     ]
     assert ran.sent_to()["+14155550102"] == {
         "to_phone": "+14155550102",

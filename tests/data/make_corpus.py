@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import random
+import re
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +37,14 @@ def write_text_files() -> None:
     # 0x81 and 0x8D are undefined in cp1252 and invalid UTF-8 on their own.
     (HERE / "bad_encoding.csv").write_bytes(
         (HEADER + "\nAnn,415 555 0101,1\n").encode() + b"B\x81\x8dob,415 555 0102,2\n"
+    )
+    (HERE / "mixed_encoding.csv").write_bytes(
+        (HEADER + "\nJosé,415 555 0101,1\n").encode()
+        + "Françoise,415 555 0102,2\n".encode("cp1252")
+    )
+    text(
+        "unclosed_quote.csv",
+        HEADER + '\nAnn,415 555 0101,1\n"Bob,415 555 0102,2\nCy,415 555 0103,3\n',
     )
     text("not_a_workbook.xlsx", HEADER + "\nAnn,415 555 0101,1\n")
     (HERE / "ole_garbage.xls").write_bytes(
@@ -79,8 +89,11 @@ def write_text_files() -> None:
         ("M", "+1 (415) 555-0101"),
         ("N", ""),
         ("O", "123 456 7890"),
+        ("P", "4155550116.0"),
+        ("Q", "415 555 0117, 415 555 0118"),
     ]
-    text("phones.csv", HEADER + "\n" + "".join(f"{n},{p},{i}\n" for i, (n, p) in enumerate(phones)))
+    quoted = [(n, f'"{p}"' if "," in p else p) for n, p in phones]
+    text("phones.csv", HEADER + "\n" + "".join(f"{n},{p},{i}\n" for i, (n, p) in enumerate(quoted)))
     text(
         "leading_zeros.csv",
         HEADER + "\nAnn,415 555 0101,00123\nBob,0014155550102,000\n",
@@ -119,12 +132,26 @@ def write_workbooks() -> None:
     sheet = book.active
     assert sheet is not None
     sheet.title = "Recipients"
-    sheet.append(["First Name", "Phone", "Employee ID", "Joined", "Active", "Score", "At"])
-    sheet.append(["Ann", 4155550101, "00123", dt.date(2024, 3, 5), True, 12.5, None])
-    sheet.append(["Bob", 14155550102.0, 1234, dt.datetime(2024, 3, 5, 14, 30), False, 1e3, "x"])
-    sheet.append([None, None, None, None, None, None, None])
-    sheet.append(["Cy", "+1 415 555 0103", 7, None, None, -3, dt.time(9, 15)])
+    sheet.append(["First Name", "Phone", "Employee ID", "Joined", "Active", "Score", "At", "Sum"])
+    sheet.append(["Ann", 4155550101, "00123", dt.date(2024, 3, 5), True, 12.5, None, "=F2*2"])
+    sheet.append(
+        ["Bob", 14155550102.0, 1234, dt.datetime(2024, 3, 5, 14, 30), False, 1e3, "x", "=F3*2"]
+    )
+    sheet.append([None, None, None, None, None, None, None, None])
+    sheet.append(["Cy", "+1 415 555 0103", 7, None, None, -3, dt.time(9, 15), "=F5*2"])
     book.save(HERE / "types.xlsx")
+    # openpyxl writes formulas without the value Excel caches beside them; add the values
+    # Excel would have saved, since a reader must give those, not the formula.
+    cached = {"H2": "25", "H3": "2000", "H5": "-6"}
+    _rewrite_zip_member(
+        HERE / "types.xlsx",
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r'(<c r="(H\d)"[^>]*>)(<f>[^<]*</f>)(<v\s*/>|<v></v>)?',
+            lambda m: f"{m.group(1)}{m.group(3)}<v>{cached[m.group(2)]}</v>",
+            xml,
+        ),
+    )
 
     book = Workbook()
     first = book.active
@@ -146,6 +173,16 @@ def write_workbooks() -> None:
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("readme.txt", "not a workbook")
     (HERE / "plain_zip.xlsx").write_bytes(buffer.getvalue())
+
+
+def _rewrite_zip_member(path: Path, member: str, change: Callable[[str], str]) -> None:
+    with zipfile.ZipFile(path) as source:
+        items = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for info, data in items:
+            if info.filename == member:
+                data = change(data.decode("utf-8")).encode("utf-8")
+            target.writestr(info, data)
 
 
 def write_xls() -> None:

@@ -29,7 +29,8 @@ CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # YAML reads `sheet: 2024` or a column called `2024` as a number; the operator meant text.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class Api(_Strict):
@@ -71,9 +72,11 @@ class Mapping(_Strict):
         if not isinstance(value, dict):
             raise ValueError("must be the word `all` or lines of `param_name: Column Name`")
         for param, column in value.items():
-            if not isinstance(column, str) or not column.strip():
+            if isinstance(column, bool) or not isinstance(column, str | int | float):
                 raise ValueError(f"{param}: the column name must be text, not {column!r}")
-        return value
+            if not str(column).strip():
+                raise ValueError(f"{param}: the column name is empty")
+        return {param: str(column) for param, column in value.items()}
 
     @field_validator("default_region")
     @classmethod

@@ -193,3 +193,17 @@ def test_variables_with_defaults_and_from_the_environment(tmp_path: Path, box: S
     assert [r["body"] for r in box.records() if r["channel"] == "job-defaults"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
     ]
+
+
+def test_numbers_in_the_job_file_are_read_as_the_text_written(tmp_path: Path, box: Sandbox) -> None:
+    data = write_csv(tmp_path / "in.csv", ["2024", "Phone"], [["Ann", "415 555 0101"]])
+    text = fill(GOOD, input=data, runs=tmp_path / "runs", url=box.url, channel="job-numbers")
+    text = text.replace("    first_name: First Name", "    first_name: 2024")
+    job = tmp_path / "job.yaml"
+    job.write_text(text.replace("campaign: test", "campaign: 20240305"), encoding="utf-8")
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs" / "20240305" / "results.csv").exists()
+    assert [r["body"] for r in box.records() if r["channel"] == "job-numbers"] == [
+        {"to_phone": "+14155550101", "first_name": "Ann"}
+    ]

@@ -194,18 +194,25 @@ def test_one_run_at_a_time_and_a_dead_holder_does_not_block(tmp_path: Path) -> N
     assert [r["_status"] for r in results(tmp_path)] == ["unknown", "sent"]
 
 
+YESTERDAY = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
+
+
+def crash_yesterdays_campaign(tmp_path: Path, server: FaultServer, rows: int) -> Path:
+    """A default-id job whose campaign dated yesterday died with its first request in flight."""
+    job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", rows),
+                    campaign="{job}-{date}", api={"timeout_s": 60}, limits={"concurrency": 1})
+    crashed = spawn_cli("run", str(job), "--no-progress", "--campaign", YESTERDAY)
+    wait_for(lambda: len(server.arrivals) == 1, what="the first request")
+    crashed.kill()
+    crashed.wait()
+    return job
+
+
 def test_midnight_guard_blocks_a_new_day_while_yesterday_is_unfinished(tmp_path: Path) -> None:
-    yesterday = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
+    yesterday = YESTERDAY
     today = f"job-{dt.date.today().isoformat()}"
     with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 3),
-                        campaign="{job}-{date}", api={"timeout_s": 60},
-                        limits={"concurrency": 1})
-        crashed = spawn_cli("run", str(job), "--no-progress", "--campaign", yesterday)
-        wait_for(lambda: len(server.arrivals) == 1, what="the first request")
-        crashed.kill()
-        crashed.wait()
-
+        job = crash_yesterdays_campaign(tmp_path, server, rows=3)
         blocked = cli("run", str(job), "--no-progress")
         assert blocked.returncode == 2
         assert yesterday in blocked.stderr and "crashed" in blocked.stderr
@@ -222,15 +229,8 @@ def test_midnight_guard_blocks_a_new_day_while_yesterday_is_unfinished(tmp_path:
 
 
 def test_new_starts_todays_campaign_despite_an_unfinished_one(tmp_path: Path) -> None:
-    yesterday = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
     with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 2),
-                        campaign="{job}-{date}", api={"timeout_s": 60},
-                        limits={"concurrency": 1})
-        crashed = spawn_cli("run", str(job), "--no-progress", "--campaign", yesterday)
-        wait_for(lambda: len(server.arrivals) == 1, what="the first request")
-        crashed.kill()
-        crashed.wait()
+        job = crash_yesterdays_campaign(tmp_path, server, rows=2)
         fresh = cli("run", str(job), "--no-progress", "--new")
         assert fresh.returncode == 0, fresh.stderr
         assert len(server.arrivals) == 3

@@ -237,8 +237,11 @@ def _has_utf8_sequences(path: Path) -> bool:
 
 def _sniff_delimiter(text: str) -> str:
     """The candidate that splits the header line most often (`,` when none does)."""
-    reader = csv.reader(io.StringIO(text), delimiter="\x00")
-    first = next((line[0] for line in reader if line and line[0].strip()), "")
+    try:  # newline="": old Mac files end lines with a bare CR
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\x00")
+        first = next((line[0] for line in reader if line and line[0].strip()), "")
+    except csv.Error:
+        first = next((line for line in text.splitlines() if line.strip()), "")
     counts = {d: first.count(d) for d in DELIMITERS}
     best = max(DELIMITERS, key=lambda d: counts[d])
     return best if counts[best] else ","

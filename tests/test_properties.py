@@ -16,6 +16,7 @@ import phonenumbers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from campaign.errors import InputError
 from campaign.escape import escape, unescape
 from campaign.job import Mapping
 from campaign.ledger import Ledger, MappedRow
@@ -130,3 +131,33 @@ def test_mapping_never_raises(
         assert payload["to_phone"].startswith("+")
     else:
         assert not mapping.require_phone and not phone.strip()
+
+
+csv_like = st.lists(
+    st.sampled_from(['"', ",", ";", "\t", "|", "\n", "\r\n", "\r", " ", "'", "=", "x", "é", "1"]),
+    max_size=40,
+).map("".join)
+file_bytes = st.one_of(
+    st.binary(max_size=300),
+    csv_like.map(lambda t: t.encode("utf-8")),
+    csv_like.map(lambda t: t.encode("utf-16")),
+    st.tuples(csv_like, st.binary(max_size=8)).map(lambda p: p[0].encode("cp1252") + p[1]),
+)
+
+
+@settings(FAST, max_examples=150)
+@given(file_bytes, st.sampled_from([".csv", ".txt", ".xlsx", ".xls"]))
+def test_loader_gives_rows_or_one_input_error(content: bytes, suffix: str) -> None:
+    """Whatever the bytes, the loader gives rows of text or an InputError naming the file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(content)
+        try:
+            sheet = open_sheet(path)
+            rows = [row for chunk in sheet.chunks for row in chunk]
+        except InputError as exc:
+            assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+            return
+    assert rows and all(len(row.cells) == len(sheet.columns) for row in rows)
+    assert all(isinstance(cell, str) for row in rows for cell in row.cells)
+    assert [row.number for row in rows] == sorted({row.number for row in rows})

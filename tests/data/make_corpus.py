@@ -72,6 +72,7 @@ def write_text_files() -> None:
         HEADER + '\n"Ann\nMarie",415 555 0101,1\n"Bob ""B"" Jones",415 555 0102,"2"\n',
     )
     text("crlf.csv", HEADER + "\nAnn,415 555 0101,1\nBob,415 555 0102,2\n", newline="\r\n")
+    text("cr_only.csv", HEADER + "\nAnn,415 555 0101,1\nBob,415 555 0102,2\n", newline="\r")
     text("blank_rows.csv", HEADER + "\nAnn,415 555 0101,1\n\n , ,\nCy,415 555 0103,3\n")
     phones = [
         ("A", "(415) 555-0101"),

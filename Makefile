@@ -46,6 +46,11 @@ chromium:
 test: install chromium
 	$(BIN)/pytest -q
 
+# Speed and exactness against local sandboxes: prints a table, writes bench/results.json.
+# Takes several minutes; BENCH_QUICK=1 skips the million-row measure.
+bench: install
+	$(BIN)/python bench/run.py $(if $(BENCH_QUICK),--quick)
+
 lint: install
 	$(BIN)/ruff check campaign tests bench scripts
 	$(BIN)/ruff format --check campaign tests bench scripts

@@ -1,0 +1,300 @@
+"""`make bench`: speed and exactness of `campaign run` against local sandboxes.
+
+    python bench/run.py [--quick] [--only NAME ...] [--million-rows N]
+
+Every measure starts its own sandbox (`campaign sandbox --port 0`, 127.0.0.1) and runs the
+real command line in a subprocess. Request times are taken at the server, by arrival
+(the sandbox's `--record` lines). Prints a table and writes bench/results.json.
+`--quick` (or BENCH_QUICK=1) skips the million-row measure, which takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.tools import (
+    ROOT,
+    body,
+    campaign_command,
+    count_lines,
+    fresh,
+    max_in_window,
+    rate_of,
+    run_campaign,
+    run_measured,
+    start_sandbox,
+    write_job,
+    write_people,
+)
+
+RESULTS = ROOT / "bench" / "results.json"
+OVERHEAD_ROWS = 20_000
+OVERHEAD_CONCURRENCY = 100
+NO_LIMIT = 1_000_000  # rate_per_second that never binds
+RESUME_ROWS = 100_000
+
+
+@dataclass
+class Result:
+    measure: str
+    target: str
+    result: str
+    passed: bool
+    details: dict[str, object]
+
+
+def exact_rate(work: Path, rate: int, seconds: float) -> Result:
+    """Server-side arrivals of a real run at `rate`: the fullest 1 s window, the pace."""
+    rows = int(rate * seconds * 1.02) + 1
+    directory = fresh(work / f"rate-{rate}")
+    box = start_sandbox(directory)
+    try:
+        data = write_people(directory / "people.csv", rows)
+        done = run_campaign(write_job(directory, box.url, data, rate, 20))
+        times = [line["t"] for line in box.arrivals()]
+    finally:
+        box.stop()
+    fullest, achieved = max_in_window(times), rate_of(times)
+    ok = done.code == 0 and len(times) == rows and fullest <= rate and achieved >= 0.97 * rate
+    return Result(
+        f"exact rate, N={rate}/s over {seconds:g} s",
+        f"max in any 1 s window <= {rate}; achieved >= {0.97 * rate:g}/s",
+        f"max {fullest} in 1 s; achieved {achieved:.2f}/s ({achieved / rate:.3f} N)",
+        ok,
+        {
+            "rows": rows,
+            "arrivals": len(times),
+            "exit": done.code,
+            "max_in_1s": fullest,
+            "achieved_per_s": round(achieved, 3),
+            "span_s": round(max(times) - min(times), 3),
+        },
+    )
+
+
+def overhead(work: Path, rows: int = OVERHEAD_ROWS, repeats: int = 3) -> Result:
+    """Our send rate vs a bare aiohttp client: same bodies, same sandbox, same concurrency."""
+    directory = fresh(work / "overhead")
+    box = start_sandbox(directory)
+    data = write_people(directory / "people.csv", rows)
+    ours: list[float] = []
+    bare: list[float] = []
+    end_to_end: list[float] = []
+    try:
+        for i in range(repeats):
+            # Interleaved, alternating who goes first, so drift in the machine hits both.
+            order = ["ours", "bare"] if i % 2 == 0 else ["bare", "ours"]
+            for who in order:
+                start = box.record_size()
+                if who == "ours":
+                    job = write_job(
+                        fresh(directory / f"ours-{i}"),
+                        box.url,
+                        data,
+                        NO_LIMIT,
+                        OVERHEAD_CONCURRENCY,
+                    )
+                    done = run_campaign(job)
+                    end_to_end.append(rows / done.seconds)
+                else:
+                    done = run_measured(
+                        [
+                            sys.executable,
+                            str(ROOT / "bench" / "bare_client.py"),
+                            box.url,
+                            "0",
+                            str(rows),
+                            str(OVERHEAD_CONCURRENCY),
+                        ],
+                        directory,
+                    )
+                if done.code != 0:
+                    raise RuntimeError(f"{who} run failed: {done.output[-2000:]}")
+                lines = box.arrivals(start, box.record_size())
+                if len(lines) != rows:
+                    raise RuntimeError(f"{who} run: {len(lines)} arrivals for {rows} rows")
+                if i == 0:
+                    sent = sorted(json.dumps(line["body"], ensure_ascii=False) for line in lines)
+                    if sent != sorted(body(n).decode() for n in range(rows)):
+                        raise RuntimeError(f"{who} run did not send the expected bodies")
+                (ours if who == "ours" else bare).append(rate_of([line["t"] for line in lines]))
+    finally:
+        box.stop()
+    ratio = statistics.median(ours) / statistics.median(bare)
+    return Result(
+        f"overhead at full speed, concurrency {OVERHEAD_CONCURRENCY}, ledger on",
+        "our send rate >= 0.8 x bare aiohttp (median of 3)",
+        f"{ratio:.2f} x ({statistics.median(ours):.0f}/s vs {statistics.median(bare):.0f}/s); "
+        f"end to end {statistics.median(end_to_end):.0f} rows/s",
+        ratio >= 0.8,
+        {
+            "rows": rows,
+            "ours_per_s": [round(r) for r in ours],
+            "bare_per_s": [round(r) for r in bare],
+            "ratio": round(ratio, 3),
+            "end_to_end_rows_per_s": [round(r) for r in end_to_end],
+        },
+    )
+
+
+def million(work: Path, rows: int) -> Result:
+    """Validate and send `rows` rows with no rate limit; peak RSS of the CLI process."""
+    directory = fresh(work / "million")
+    box = start_sandbox(directory, record=False)
+    try:
+        data = write_people(directory / "people.csv", rows)
+        job = write_job(directory, box.url, data, NO_LIMIT, OVERHEAD_CONCURRENCY)
+        before = box.accepted()
+        done = run_campaign(job)
+        sent = box.accepted() - before
+    finally:
+        box.stop()
+    results = directory / "runs" / "bench" / "results.csv"
+    lines = count_lines(results) if results.exists() else 0
+    data.unlink()
+    ok = done.code == 0 and sent == rows and lines == rows + 1 and done.peak_rss_mb <= 300
+    return Result(
+        f"bounded memory, {rows:,} rows validated and sent",
+        "peak RSS <= 300 MB",
+        f"{done.peak_rss_mb:.0f} MB; {done.seconds:.0f} s ({rows / done.seconds:.0f} rows/s)",
+        ok,
+        {
+            "rows": rows,
+            "exit": done.code,
+            "requests": sent,
+            "results_lines": lines,
+            "peak_rss_mb": round(done.peak_rss_mb, 1),
+            "seconds": round(done.seconds, 1),
+        },
+    )
+
+
+def resume(work: Path, rows: int = RESUME_ROWS) -> Result:
+    """Rerun a campaign whose every row is sent: time, and requests the server saw."""
+    directory = fresh(work / "resume")
+    box = start_sandbox(directory, record=False)
+    try:
+        data = write_people(directory / "people.csv", rows)
+        job = write_job(directory, box.url, data, NO_LIMIT, OVERHEAD_CONCURRENCY)
+        first = run_campaign(job)
+        if first.code != 0 or box.accepted() != rows:
+            raise RuntimeError(f"first run did not send every row: {first.output[-2000:]}")
+        again = run_campaign(job)
+        extra = box.accepted() - rows
+    finally:
+        box.stop()
+    ok = again.code == 0 and extra == 0 and again.seconds <= 3
+    return Result(
+        f"resume a fully sent {rows:,}-row campaign",
+        "<= 3 s and 0 requests",
+        f"{again.seconds:.2f} s, {extra} requests (first run {first.seconds:.1f} s)",
+        ok,
+        {
+            "rows": rows,
+            "exit": again.code,
+            "seconds": round(again.seconds, 3),
+            "requests": extra,
+            "first_run_seconds": round(first.seconds, 2),
+        },
+    )
+
+
+def startup(work: Path, repeats: int = 7) -> Result:
+    """`campaign --help` against `python -c pass`, the interpreter's own start."""
+
+    def median_time(command: list[str]) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run(command, cwd=work, check=True, capture_output=True)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    baseline = median_time([sys.executable, "-c", "pass"])
+    help_time = median_time([*campaign_command(), "--help"])
+    return Result(
+        "start: campaign --help",
+        "<= 0.3 s",
+        f"{help_time:.3f} s (python -c pass: {baseline:.3f} s)",
+        help_time <= 0.3,
+        {"help_s": round(help_time, 4), "python_s": round(baseline, 4), "repeats": repeats},
+    )
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def table(results: list[Result]) -> str:
+    rows = [("measure", "target", "result", "")] + [
+        (r.measure, r.target, r.result, "pass" if r.passed else "FAIL") for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=bool(os.environ.get("BENCH_QUICK")),
+        help="skip the million-row measure",
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="rate, overhead, million, resume, startup"
+    )
+    parser.add_argument("--million-rows", type=int, default=1_000_000, metavar="N")
+    args = parser.parse_args()
+
+    measures: dict[str, Callable[[Path], list[Result]]] = {
+        "startup": lambda w: [startup(w)],
+        "rate": lambda w: [exact_rate(w, 50, 10), exact_rate(w, 200, 10)],
+        "overhead": lambda w: [overhead(w)],
+        "resume": lambda w: [resume(w)],
+        "million": lambda w: [million(w, args.million_rows)],
+    }
+    chosen = args.only or [m for m in measures if not (args.quick and m == "million")]
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="campaign-bench-") as tmp:
+        for name in chosen:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            results += measures[name](Path(tmp))
+            print(f"bench: {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    report = {"machine": machine(), "results": [asdict(r) for r in results]}
+    if args.only and RESULTS.exists():
+        # A partial run updates its measures and keeps the others from the last full run.
+        fresh_names = {r.measure for r in results}
+        kept = json.loads(RESULTS.read_text(encoding="utf-8")).get("results", [])
+        report["results"] = [r for r in kept if r["measure"] not in fresh_names] + report["results"]
+    RESULTS.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    info = report["machine"]
+    print(f"machine: {info['cores']} cores, Python {info['python']}, {info['platform']}")
+    print(table(results))
+    print(f"written: {RESULTS.relative_to(ROOT)}")
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

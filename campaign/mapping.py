@@ -70,6 +70,21 @@ def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
+# Seven digits or more in a header cell: a phone number, so the file has no header row.
+_DIGITS = re.compile(r"\+?\d(?:[\s().-]{0,2}\d){6,}")
+
+
+def _missing(columns: list[str], key: str) -> str:
+    """Why a mapped column is missing, without repeating a person's data from the file."""
+    if any(_DIGITS.search(c) for c in columns):
+        return (
+            f"no such column (mapping.{key}); the first row looks like data, not column "
+            "names (it holds a phone number): add a header row"
+        )
+    known = ", ".join(repr(c) for c in columns if c.strip())
+    return f"no such column (mapping.{key}; the columns are: {known})"
+
+
 _SEVERAL = "phone cell holds more than one number; give each number a row of its own"
 
 
@@ -101,12 +116,7 @@ class Mapper:
         def column(name: str, key: str) -> int:
             found = positions.get(name.strip())
             if not found:
-                known = ", ".join(repr(c) for c in sheet.columns if c.strip())
-                raise InputError(
-                    sheet.path,
-                    f"no such column (mapping.{key}; the columns are: {known})",
-                    column=name,
-                )
+                raise InputError(sheet.path, _missing(sheet.columns, key), column=name)
             if len(found) > 1:
                 raise InputError(
                     sheet.path,

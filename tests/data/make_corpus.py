@@ -30,6 +30,7 @@ def write_text_files() -> None:
     text("blank_lines_only.csv", "\n  \n\n")
     text("header_only.csv", HEADER + "\n")
     text("header_and_blank_rows.csv", HEADER + "\n,,\n\n")
+    text("no_header.csv", "Ann,415 555 0101,1\nBob,415 555 0102,2\n")
     text("missing_column.csv", "Name,Phone,Employee ID\nAnn,415 555 0101,1\n")
     text("duplicate_header.csv", "Phone,First Name,Phone\n415 555 0101,Ann,415 555 0102\n")
     random.seed(7)

@@ -87,6 +87,9 @@ BAD = {
     ),
     "no header row": Bad("no_header.csv", ("first row looks like data", "add a header row")),
     "used column twice": Bad("duplicate_header.csv", ("column 'Phone'", "appears 2 times")),
+    "params all, a column twice": Bad(
+        "odd_headers.csv", ("column 'Note'", "appears 2 times"), {"mapping": {"params": "all"}}
+    ),
     "binary garbage .csv": Bad("garbage.csv", ("binary data",)),
     "neither utf-8 nor cp1252": Bad("bad_encoding.csv", ("UTF-8", "cp1252")),
     "utf-8 with a cp1252 line": Bad("mixed_encoding.csv", ("mixes text encodings", "line 3")),

@@ -118,3 +118,20 @@ def test_unexpected_error_after_sending_is_exit_1_with_a_log(
         "sent",
     ]
     assert len(sandbox.records()) == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("nowhere", "nowhere: job file not found"),
+        ("empty-dir", "empty-dir: not a campaign directory"),
+        ("job.yaml", "no campaign of this job"),
+    ],
+)
+def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_path: Path) -> None:
+    (tmp_path / "empty-dir").mkdir()
+    write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path))
+    done = cli("report", target, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert says in error_line(done)

@@ -30,10 +30,11 @@ sandbox: install
 	$(BIN)/campaign sandbox --port 8765
 
 # The upload page against the sandbox; prints the page's URL and the access token.
+# SERVE_PORT=N picks another port than 8080.
 serve: install
 	@mkdir -p runs
 	@scripts/with-sandbox.sh --latency-ms 20 --fail-rate 0.05 --record $(RECORD) -- \
-		$(BIN)/campaign serve jobs/demo.yaml
+		$(BIN)/campaign serve jobs/demo.yaml --port $${SERVE_PORT:-8080}
 
 # The browser tests drive Debian's chromium (never a downloaded browser). Installed when
 # missing and we can (root with apt-get); otherwise those tests skip and say why.

@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from campaign.errors import UsageError
 from campaign.job import Job
 from campaign.web_api import CLOSING, MAX_UPLOAD, SERVICE, add_routes
 from campaign.web_service import Campaigns, ServiceError
@@ -153,15 +154,19 @@ async def _serve(app: web.Application, host: str, port: int, shown_token: str | 
         if stopping.is_set():
             print("stopped at once; requests in flight become unknown", flush=True)
             os._exit(130)
-        log.warning("stopping: sends finish their requests in flight (again to quit at once)")
         stopping.set()
+        log.warning("stopping: sends finish their requests in flight (again to quit at once)")
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     bound = runner.addresses[0][1]
     url = f"http://{_url_host(host)}:{bound}/"
     print(f"campaign serve: listening on {url}", flush=True)

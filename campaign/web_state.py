@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     view: dict[str, Any] = {
         "id": directory.name,
         "filename": info.get("filename"),
+        "created": _iso(created),
         "created_at": created,
         "state": state,
         "last_run": last,
@@ -82,6 +84,12 @@ def rows_page(directory: Path, status: str, offset: int, limit: int) -> dict[str
         columns = ledger.get_meta("columns") or []
     rows = [{"row": r, "error": e, "cells": json.loads(c)} for r, e, c in found]
     return {"total": total, "offset": offset, "columns": columns, "rows": rows}
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -156,7 +156,8 @@ function renderMapping(c) {
     }
     select.value = role;
     const input = el("input");
-    input.value = paramName || suggestName(name);
+    input.value = paramName || (role === "skip" ? suggestName(name) : "");
+    input.placeholder = suggestName(name);
     input.setAttribute("aria-label", `param name for column ${name}`);
     input.disabled = role !== "param";
     select.addEventListener("change", () => { onRoleChange(select, input); mappingChanged(); });
@@ -190,12 +191,15 @@ function suggestName(column) {
 
 function onRoleChange(select, input) {
   input.disabled = select.value !== "param";
+  if (select.value === "param" && !input.value.trim()) input.value = input.placeholder;
   if (select.value !== "phone") return;
   // One phone column: the one chosen last wins, the former one becomes a param.
   for (const other of $("mapping").querySelectorAll("select")) {
     if (other !== select && other.value === "phone") {
       other.value = "param";
-      other.closest("tr").querySelector("input").disabled = false;
+      const input = other.closest("tr").querySelector("input");
+      input.disabled = false;
+      if (!input.value.trim()) input.value = input.placeholder;
     }
   }
 }
@@ -384,7 +388,7 @@ function closeEvents() {
 
 async function refreshList() {
   const data = await api("GET", "/api/campaigns");
-  $("job-line").textContent = `job ${data.job} · ${data.rate} messages per second · ${data.concurrency} at once`;
+  $("job-line").textContent = `Job ${data.job} · ${data.rate} messages per second · ${data.concurrency} at once`;
   const table = $("campaigns");
   table.replaceChildren();
   $("no-campaigns").hidden = data.campaigns.length > 0;

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from campaign.web_service import Campaigns, ServiceError, progress_json
+from campaign.web_service import Campaigns, ServiceError
 
 SERVICE = web.AppKey("service", Campaigns)
 CLOSING = web.AppKey("closing", asyncio.Event)
@@ -195,7 +195,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         while not closing.is_set():
             send = service.sends.get(campaign)
             if send is not None and send.running:
-                progress = progress_json(send)
+                progress = send.progress()
                 if progress != last:
                     await _event(response, "progress", progress)
                     last = progress

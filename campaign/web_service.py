@@ -18,7 +18,6 @@ import secrets
 import shutil
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,11 @@ from campaign.job import CAMPAIGN_ID, Job, Mapping
 from campaign.ledger import LEDGER_FILE
 from campaign.load import Sheet
 from campaign.mapping import Mapper
-from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
+from campaign.pipeline import RunControl, RunOptions, run_campaign
 from campaign.report import RESULTS_FILE
 from campaign.store import is_locked
 from campaign.web_guess import look_at
+from campaign.web_sends import Sends
 from campaign.web_state import (
     MAPPING_FILE,
     WEB_FILE,
@@ -58,20 +58,6 @@ class ServiceError(Exception):
         self.status = status
 
 
-@dataclass
-class Send:
-    control: RunControl
-    task: asyncio.Task[None]
-    only_failed: bool
-    started: float
-    outcome: RunOutcome | None = None
-    error: str | None = None
-
-    @property
-    def running(self) -> bool:
-        return not self.task.done()
-
-
 class Campaigns:
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -79,7 +65,7 @@ class Campaigns:
         # Web campaigns are one-off ids: they must not trip the midnight guard of the
         # job's own dated campaigns, so the ledger records them under their own job name.
         self.job_name = f"{job.name}.web"
-        self.sends: dict[str, Send] = {}
+        self.sends = Sends()
         self.validating: set[str] = set()
 
     # --- uploads -------------------------------------------------------------------------
@@ -203,40 +189,19 @@ class Campaigns:
         mapping = self._check_mapping(read_json(directory / MAPPING_FILE), upload, info["columns"])
         job = self._job_for(mapping, upload)
         options = RunOptions(input=str(upload), campaign=campaign, only_failed=only_failed)
-        control = RunControl()
-        task = asyncio.create_task(self._send(campaign, job, options, control))
-        self.sends[campaign] = Send(control, task, only_failed, time.monotonic())
-        log.info("send started from the page", campaign=campaign, only_failed=only_failed)
+        self.sends.start(campaign, job, options, directory)
         return await self.describe(campaign)
 
-    async def _send(
-        self, campaign: str, job: Job, options: RunOptions, control: RunControl
-    ) -> None:
-        send = self.sends[campaign]
-        try:
-            send.outcome = await run_campaign(job, options, control)
-        except CampaignError as exc:
-            send.error = str(exc)
-        except Exception as exc:
-            log.exception("send failed unexpectedly", campaign=campaign)
-            send.error = f"unexpected error: {exc!r}; details in the server's log"
-
     def stop(self, campaign: str) -> None:
-        send = self.sends.get(campaign)
-        if send is None or not send.running:
+        if not self.sends.stop(campaign):
             raise ServiceError(409, f"campaign {campaign} is not sending from this server")
-        send.control.stop()
 
     async def shutdown(self) -> None:
         """Drain every send like Ctrl-C does: finish the requests in flight, save state."""
-        running = [s for s in self.sends.values() if s.running]
-        for send in running:
-            send.control.stop()
-        await asyncio.gather(*(s.task for s in running), return_exceptions=True)
+        await self.sends.shutdown()
 
     def _refuse_if_busy(self, campaign: str) -> None:
-        send = self.sends.get(campaign)
-        if send is not None and send.running:
+        if self.sends.running(campaign):
             raise ServiceError(409, f"campaign {campaign} is sending; stop it first")
         if campaign in self.validating:
             raise ServiceError(409, f"campaign {campaign} is being validated")
@@ -304,24 +269,7 @@ class Campaigns:
         item["error"] = send.error
         if send.running:
             item["state"], item["resumable"] = "running", False
-            item["progress"] = progress_json(send)
-
-
-def progress_json(send: Send) -> dict[str, Any]:
-    progress = send.control.progress
-    if progress is None:
-        return {"phase": "preparing", "stopping": send.control.stopping}
-    elapsed = max(time.monotonic() - send.started, 1e-6)
-    return {
-        "phase": "sending",
-        "stopping": send.control.stopping,
-        "only_failed": send.only_failed,
-        "total": progress.total,
-        "done": progress.done,
-        "requests": progress.requests,
-        "by_state": dict(progress.by_state),
-        "rate": round(progress.requests / elapsed, 1),
-    }
+            item["progress"] = send.progress()
 
 
 def _display_name(filename: str) -> str:

@@ -1,0 +1,110 @@
+"""The server's background sends: `run_campaign` in a task per campaign.
+
+A send is stopped the way Ctrl-C stops the command line (`RunControl.stop`: requests in
+flight finish and are recorded, the rest stay pending), and the server drains every send
+the same way before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from campaign.errors import CampaignError
+from campaign.job import Job
+from campaign.logs import masker
+from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Send:
+    control: RunControl
+    task: asyncio.Task[None]
+    only_failed: bool
+    started: float
+    outcome: RunOutcome | None = None
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self.task.done()
+
+    def progress(self) -> dict[str, Any]:
+        """Live counts of this run, from the dispatcher's `Progress`."""
+        progress = self.control.progress
+        if progress is None:
+            return {"phase": "preparing", "stopping": self.control.stopping}
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return {
+            "phase": "sending",
+            "stopping": self.control.stopping,
+            "only_failed": self.only_failed,
+            "total": progress.total,
+            "done": progress.done,
+            "requests": progress.requests,
+            "by_state": dict(progress.by_state),
+            "rate": round(progress.requests / elapsed, 1),
+        }
+
+
+class Sends:
+    def __init__(self) -> None:
+        self._sends: dict[str, Send] = {}
+
+    def get(self, campaign: str) -> Send | None:
+        return self._sends.get(campaign)
+
+    def running(self, campaign: str) -> bool:
+        send = self._sends.get(campaign)
+        return send is not None and send.running
+
+    def start(self, campaign: str, job: Job, options: RunOptions, directory: Path) -> Send:
+        control = RunControl()
+        task = asyncio.create_task(self._run(campaign, job, options, control, directory))
+        send = self._sends[campaign] = Send(control, task, options.only_failed, time.monotonic())
+        log.info("send started from the page", campaign=campaign, only_failed=options.only_failed)
+        return send
+
+    async def _run(
+        self, campaign: str, job: Job, options: RunOptions, control: RunControl, directory: Path
+    ) -> None:
+        send = self._sends[campaign]
+        try:
+            send.outcome = await run_campaign(job, options, control)
+        except CampaignError as exc:
+            send.error = str(exc)
+        except Exception as exc:
+            saved = _save_traceback(directory)
+            log.error("send failed unexpectedly", campaign=campaign, details=str(saved))
+            send.error = masker.clean(f"unexpected error: {exc!r}; details in {saved.name}")
+
+    def stop(self, campaign: str) -> bool:
+        """Stop after the requests in flight; False when it is not sending here."""
+        send = self._sends.get(campaign)
+        if send is None or not send.running:
+            return False
+        send.control.stop()
+        return True
+
+    async def shutdown(self) -> None:
+        running = [s for s in self._sends.values() if s.running]
+        for send in running:
+            send.control.stop()
+        await asyncio.gather(*(s.task for s in running), return_exceptions=True)
+
+
+def _save_traceback(directory: Path) -> Path:
+    """The traceback, masked like every log line, in a file beside the campaign's log."""
+    path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with contextlib.suppress(OSError):
+        path.write_text(masker.clean(traceback.format_exc()), encoding="utf-8")
+    return path

@@ -314,7 +314,8 @@ function renderSend(c) {
   download.hidden = !c.has_results;
   download.href = `/api/campaigns/${encodeURIComponent(c.id)}/results.csv`;
   download.setAttribute("download", `${c.id}-results.csv`);
-  $("send-state").textContent = stateLine(c);
+  $("send-state").textContent = stateLine(c) + (c.uploaded_here ? ""
+    : ` This campaign was started with \`campaign run\`: continue it there (--campaign ${c.id}).`);
   $("send-state").dataset.state = c.state;
   $("progress-block").hidden = !here;
   if (c.error) $("send-error").textContent = c.error;

@@ -41,17 +41,28 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         await self._pace.acquire()
+        loop = asyncio.get_running_loop()
+        # The common case at a high limit: nobody is waiting and the window has room.
+        if not self._lock.locked() and self._take(loop.time()):
+            return
         # One waiter at a time, in order: the lock is held while sleeping for the window.
         async with self._lock:
-            now = asyncio.get_running_loop().time()
-            recent = self._recent
-            horizon = now - self.window
-            while recent and recent[0] <= horizon:
-                recent.popleft()
-            if len(recent) >= self.limit:
-                due = recent[0] + self.window
-                await asyncio.sleep(due - now)  # if cancelled here, the log is unchanged
-                recent.popleft()
-                # A timer may fire a clock tick early; never log a time inside the window.
-                now = max(asyncio.get_running_loop().time(), due)
+            now = loop.time()
+            if self._take(now):
+                return
+            due = self._recent[0] + self.window
+            await asyncio.sleep(due - now)  # if cancelled here, the log is unchanged
+            self._recent.popleft()
+            # A timer may fire a clock tick early; never log a time inside the window.
+            self._recent.append(max(loop.time(), due))
+
+    def _take(self, now: float) -> bool:
+        """Log an acquisition at `now` if the window has room."""
+        recent = self._recent
+        horizon = now - self.window
+        while recent and recent[0] <= horizon:
+            recent.popleft()
+        if len(recent) < self.limit:
             recent.append(now)
+            return True
+        return False

@@ -20,34 +20,49 @@ PROG = "campaign"
 PROGRESS_LOG_EVERY_S = 10.0
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+def _number(text: str, kind: type[float] | type[int], ok: Any, wanted: str) -> Any:
+    """An option's number; `wanted` says what it must be when it is not."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or not ok(value):  # value != value: NaN
+        raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return float(_number(text, float, lambda v: 0 < v < float("inf"), "a number greater than 0"))
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number greater than 0, not {text}")
-    return value
+    return int(_number(text, int, lambda v: v > 0, "a whole number greater than 0"))
 
 
 def _share(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
+    return float(_number(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1"))
+
+
+def _port(text: str) -> int:
+    return int(_number(text, int, lambda v: 0 <= v <= 65535, "a whole number from 0 to 65535"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get one line (and exit 2), like every other error."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Send an SMS campaign to a spreadsheet of people through the Avaamo SMS "
         "Send API, once per person, with a per-row results CSV.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     def input_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("job", metavar="JOB.yaml", help="the job file")
@@ -136,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sandbox.add_argument(
-        "--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)"
+        "--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)"
     )
     sandbox.add_argument(
         "--rate",
@@ -169,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(
-        "--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)"
+        "--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)"
     )
     serve.add_argument(
         "--max-upload-mb",
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from campaign.errors import CampaignError
 
-    state: dict[str, Any] = {"sending": False, "directory": None}
+    state: dict[str, Any] = {"control": None, "directory": None}
     try:
         return _dispatch(args, state)
     except CampaignError as exc:
@@ -195,9 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception:
+        from campaign.logs import masker
+
         where = _save_traceback(state.get("directory"))
-        _error(f"unexpected error: {sys.exc_info()[1]!r}; details in {where}")
-        return 1 if state["sending"] else 2
+        _error(
+            f"unexpected error: {masker.clean(repr(sys.exc_info()[1]))[:200]}; details in {where}"
+        )
+        control = state["control"]
+        # Once the dispatcher exists, requests may have left: never claim nothing was sent.
+        return 1 if control is not None and control.dispatcher is not None else 2
 
 
 def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
@@ -248,19 +269,14 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
         resend_unknown=getattr(args, "resend_unknown", False),
         dry_run=args.command == "validate" or args.dry_run,
     )
-    control = RunControl()
+    control = state["control"] = RunControl()
     state["directory"] = Path(job.output_dir)
     show_bar = not args.no_progress and sys.stderr.isatty()
 
     async def main() -> RunOutcome:
         _install_signal_handlers(control)
         with _ProgressView(show_bar) as view:
-
-            def on_progress(progress: Progress) -> None:
-                state["sending"] = True
-                view.update(progress)
-
-            return await run_campaign(job, options, control, on_progress)
+            return await run_campaign(job, options, control, view.update)
 
     outcome = asyncio.run(main())
     _print_outcome(outcome)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -101,14 +102,21 @@ async def run_campaign(
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
 
     directory = output_dir / campaign
-    with open_campaign(output_dir, campaign, job.name) as ledger:
-        log_to_file(campaign, directory / LOG_FILE)
-        structlog.contextvars.bind_contextvars(campaign=campaign)
-        try:
-            return await _run_locked(job, options, control, on_progress, ledger, directory)
-        finally:
-            structlog.contextvars.unbind_contextvars("campaign")
-            log_to_file(campaign, None)
+    created = not directory.exists()
+    try:
+        with open_campaign(output_dir, campaign, job.name) as ledger:
+            log_to_file(campaign, directory / LOG_FILE)
+            structlog.contextvars.bind_contextvars(campaign=campaign)
+            try:
+                return await _run_locked(job, options, control, on_progress, ledger, directory)
+            finally:
+                structlog.contextvars.unbind_contextvars("campaign")
+                log_to_file(campaign, None)
+    except UsageError:
+        if created:
+            # An unusable input leaves no empty campaign behind to confuse the next run.
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 async def _run_locked(

@@ -31,8 +31,8 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        (["--rate", "0"], "argument --rate: must be greater than 0"),
-        (["--rate", "-2.5"], "argument --rate: must be greater than 0"),
+        (["--rate", "0"], "argument --rate: must be a number greater than 0"),
+        (["--rate", "-2.5"], "argument --rate: must be a number greater than 0"),
         (["--rate", "fast"], "argument --rate"),
         (["--concurrency", "0"], "argument --concurrency: must be a whole number greater than 0"),
         (["--concurrency", "-1"], "argument --concurrency: must be a whole number greater than 0"),

@@ -98,6 +98,9 @@ class Campaigns:
         except InputError as exc:
             self.discard(campaign)
             raise ServiceError(400, _shown(exc, shown)) from None
+        except BaseException:
+            self.discard(campaign)  # a half-read upload must not stay behind as a campaign
+            raise
         mapping, source = look.mapping, look.mapping_source
         if mapping_json:
             try:

@@ -48,6 +48,7 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
     box = start_sandbox(tmp_path, "--latency-ms", "50")
     try:
         job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", rows),
+                        api={"timeout_s": 10},
                         limits={"concurrency": concurrency, "rate_per_second": 5000})
         rng = random.Random()
         marks = sorted(rng.sample(range(50, rows - 100), kills))
@@ -58,7 +59,7 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
             process.kill()
             process.wait()
         final = cli("run", str(job), "--no-progress", timeout=300)
-        assert final.returncode in (0, 1), final.stderr
+        assert final.returncode in (0, 1), final.stdout + final.stderr
 
         received = Counter(box.phones())
         assert max(received.values()) == 1, "a recipient received two requests"
@@ -69,7 +70,7 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
         unknown = counts.get("unknown", 0)
 
         again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=300)
-        assert again.returncode == 0, again.stderr
+        assert again.returncode == 0, again.stdout + again.stderr
         assert statuses(results(tmp_path)) == {"sent": rows}
         received = Counter(box.phones())
         assert len(received) == rows
@@ -84,6 +85,7 @@ def test_signal_drains_in_flight_requests_and_exits_130(tmp_path: Path, signum: 
     box = start_sandbox(tmp_path, "--latency-ms", "300")
     try:
         job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", 300),
+                        api={"timeout_s": 10},
                         limits={"concurrency": 10, "rate_per_second": 5000})
         process = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(box.records()) >= 20, what="20 requests")

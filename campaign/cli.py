@@ -210,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception:
-        from campaign.logs import masker
+        import tempfile
 
-        where = _save_traceback(state.get("directory"))
+        from campaign.logs import masker, save_traceback
+
+        where = save_traceback(state.get("directory"), Path(tempfile.gettempdir()))
         _error(
             f"unexpected error: {masker.clean(repr(sys.exc_info()[1]))[:200]}; details in {where}"
         )
@@ -398,23 +400,3 @@ def _report(args: argparse.Namespace) -> int:
 
 def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-
-
-def _save_traceback(directory: Path | None) -> Path:
-    import tempfile
-    import traceback
-
-    from campaign.logs import masker
-
-    text = masker.clean(traceback.format_exc())
-    for folder in (directory, Path(tempfile.gettempdir())):
-        if folder is None:
-            continue
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-            path.write_text(text, encoding="utf-8")
-            return path
-        except OSError:
-            continue
-    return Path("(not saved)")

@@ -183,7 +183,7 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     try:
         job = Job.model_validate({**raw, "name": path.stem, "path": str(path)})
     except ValidationError as exc:
-        raise JobError(path, *_first_problem(exc)) from None
+        raise JobError(path, *first_problem(exc)) from None
     if not CAMPAIGN_ID.fullmatch(job.campaign_id()):
         raise JobError(
             path,
@@ -212,7 +212,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _SECTIONS: dict[str, type[BaseModel]] = {"api": Api, "mapping": Mapping, "limits": Limits}
 
 
-def _first_problem(exc: ValidationError) -> tuple[str, str | None]:
+def first_problem(
+    exc: ValidationError, root: type[BaseModel] | None = None
+) -> tuple[str, str | None]:
+    """(message, dotted key) for the error an operator should fix first; `root` is the model
+    that was validated (the whole job by default)."""
     # A misspelt key also makes its right spelling "missing": name the misspelling first.
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     error = errors[0]
@@ -220,7 +224,7 @@ def _first_problem(exc: ValidationError) -> tuple[str, str | None]:
     key = ".".join(loc) or None
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if error["type"] == "extra_forbidden":
-        message = "unknown key" + _suggestion(loc)
+        message = "unknown key" + _suggestion(loc, root or Job)
     elif error["type"] == "missing":
         message = "required key is missing"
     elif error["type"] in {"model_type", "dict_type"}:
@@ -228,10 +232,11 @@ def _first_problem(exc: ValidationError) -> tuple[str, str | None]:
     return message, key
 
 
-def _suggestion(loc: list[str]) -> str:
+def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
     import difflib
 
-    model: type[BaseModel] = _SECTIONS.get(loc[0], Job) if len(loc) > 1 else Job
+    nested = root is Job and len(loc) > 1
+    model: type[BaseModel] = _SECTIONS.get(loc[0], Job) if nested else root
     known = [name for name, info in model.model_fields.items() if not info.exclude]
     close = difflib.get_close_matches(loc[-1], known, n=1)
     return f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"

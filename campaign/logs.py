@@ -7,6 +7,7 @@ so no call site can leak a phone number, the channel uuid or a param value by mi
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -110,3 +111,23 @@ def log_to_file(campaign: str, path: Path | None) -> None:
         old.close()
     if path is not None:
         _tee.files[campaign] = path.open("a", encoding="utf-8")
+
+
+def save_traceback(*folders: Path | None) -> Path | None:
+    """Write the current exception's traceback, masked like every log line, to a crash log
+    in the first folder that takes it; return its path."""
+    import time
+    import traceback
+
+    text = masker.clean(traceback.format_exc())
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    return None

@@ -8,9 +8,7 @@ the same way before it exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import structlog
 
 from campaign.errors import CampaignError
 from campaign.job import Job
-from campaign.logs import masker
+from campaign.logs import masker, save_traceback
 from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
 
 log = structlog.get_logger(__name__)
@@ -43,7 +41,6 @@ class Send:
         progress = self.control.progress
         if progress is None:
             return {"phase": "preparing", "stopping": self.control.stopping}
-        elapsed = max(time.monotonic() - self.started, 1e-6)
         return {
             "phase": "sending",
             "stopping": self.control.stopping,
@@ -52,7 +49,7 @@ class Send:
             "done": progress.done,
             "requests": progress.requests,
             "by_state": dict(progress.by_state),
-            "rate": round(progress.requests / elapsed, 1),
+            "rate": round(progress.rate, 1),
         }
 
 
@@ -83,9 +80,10 @@ class Sends:
         except CampaignError as exc:
             send.error = str(exc)
         except Exception as exc:
-            saved = _save_traceback(directory)
+            saved = save_traceback(directory)
             log.error("send failed unexpectedly", campaign=campaign, details=str(saved))
-            send.error = masker.clean(f"unexpected error: {exc!r}; details in {saved.name}")
+            where = saved.name if saved else "the server's log"
+            send.error = masker.clean(f"unexpected error: {exc!r}; details in {where}")
 
     def stop(self, campaign: str) -> bool:
         """Stop after the requests in flight; False when it is not sending here."""
@@ -100,11 +98,3 @@ class Sends:
         for send in running:
             send.control.stop()
         await asyncio.gather(*(s.task for s in running), return_exceptions=True)
-
-
-def _save_traceback(directory: Path) -> Path:
-    """The traceback, masked like every log line, in a file beside the campaign's log."""
-    path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    with contextlib.suppress(OSError):
-        path.write_text(masker.clean(traceback.format_exc()), encoding="utf-8")
-    return path

@@ -25,7 +25,7 @@ import structlog
 from pydantic import ValidationError
 
 from campaign.errors import CampaignBusy, CampaignError, InputError, UsageError
-from campaign.job import CAMPAIGN_ID, Job, Mapping
+from campaign.job import CAMPAIGN_ID, Job, Mapping, first_problem
 from campaign.ledger import LEDGER_FILE
 from campaign.load import Sheet
 from campaign.mapping import Mapper
@@ -163,11 +163,7 @@ class Campaigns:
         try:
             mapping = Mapping.model_validate(raw)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            key = ".".join(str(p) for p in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown key"
+            message, key = first_problem(exc, Mapping)
             raise ServiceError(400, f"mapping.{key}: {message}" if key else message) from None
         try:
             Mapper.compile(mapping, Sheet(upload, columns, iter(())))

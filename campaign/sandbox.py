@@ -42,6 +42,10 @@ def create_app(config: SandboxConfig) -> web.Application:
     async def send(request: web.Request) -> web.Response:
         nonlocal accepted
         arrived = time.time()
+        try:
+            raw = await request.read()
+        except ConnectionResetError:
+            return _error(400, "connection lost before the body arrived")
         if config.rate is not None:
             now = time.monotonic()
             while recent and now - recent[0] >= 1.0:
@@ -50,12 +54,8 @@ def create_app(config: SandboxConfig) -> web.Application:
                 retry = max(1, int(recent[0] + 1.0 - now + 0.999))
                 return _error(429, "rate limit exceeded", headers={"Retry-After": str(retry)})
             recent.append(now)
-        if config.latency_ms:
-            await asyncio.sleep(config.latency_ms / 1000)
-        if config.fail_rate and random.random() < config.fail_rate:
-            return _error(503, "service busy, try again", headers={"Retry-After": "0"})
         try:
-            body = await request.json(loads=json.loads)
+            body = json.loads(raw)
         except ValueError:
             return _error(400, "body is not JSON")
         if not isinstance(body, dict):
@@ -63,6 +63,12 @@ def create_app(config: SandboxConfig) -> web.Application:
         phone = body.get("to_phone")
         if not config.custom_auth and not (isinstance(phone, str) and phone.startswith("+")):
             return _error(400, "to_phone is required, with country code (+...)")
+        # Like the real API, the work goes on when the client hangs up mid-request: the
+        # SMS is sent (and recorded) even though nobody reads the answer.
+        if config.latency_ms:
+            await asyncio.sleep(config.latency_ms / 1000)
+        if config.fail_rate and random.random() < config.fail_rate:
+            return _error(503, "service busy, try again", headers={"Retry-After": "0"})
         if record is not None:
             line = {"t": arrived, "channel": request.match_info["channel"], "body": body}
             record.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -126,6 +126,9 @@ def start_sandbox(directory: Path, *options: str) -> Sandbox:
     if "listening on" not in line:
         process.kill()
         raise RuntimeError(f"sandbox did not start: {line}{process.stdout.read()}")
+    # Keep reading what it prints (aiohttp reports clients killed mid-request): a full pipe
+    # would block the sandbox.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     return Sandbox(process, line.split("listening on ")[1].strip(), record)
 
 

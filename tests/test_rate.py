@@ -143,9 +143,59 @@ def test_the_log_forgets_old_acquisitions() -> None:
             await limiter.acquire()
         await asyncio.sleep(2)
         await limiter.acquire()
-        return [float(len(limiter._recent))]
+        return [float(len(limiter._slots.recent))]
 
     assert run_virtual(main) == [1.0]
+
+
+def stalled_departures(rate: int, confirm: bool) -> list[float]:
+    """Each request leaves after a stall between its slot and its departure (a ledger commit,
+    a checkpoint): usually none, 150 ms for a run of requests now and then."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        limiter = RateLimiter(rate)
+        departures: list[float] = []
+        end = loop.time() + 6
+        taken = 0
+
+        async def worker() -> None:
+            nonlocal taken
+            while loop.time() < end:
+                await limiter.acquire()
+                taken += 1
+                if taken % 293 < 30:
+                    await asyncio.sleep(0.15)
+                if confirm:
+                    await limiter.confirm()
+                departures.append(loop.time())
+
+        await asyncio.gather(*(worker() for _ in range(40)))
+        return departures
+
+    return run_virtual(main)
+
+
+def test_confirm_keeps_departures_within_the_rate_despite_stalls() -> None:
+    assert max_in_window(stalled_departures(200, confirm=False)) > 200  # the hazard is real
+    departures = stalled_departures(200, confirm=True)
+    assert max_in_window(departures) <= 200
+    assert achieved(departures) >= 0.97 * 200
+
+
+def test_confirm_costs_nothing_when_nothing_stalls() -> None:
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        limiter = RateLimiter(100)
+        waits = []
+        for _ in range(500):
+            await limiter.acquire()
+            before = loop.time()
+            await limiter.confirm()
+            waits.append(loop.time() - before)
+        return waits
+
+    assert max(run_virtual(main)) < 1e-3
 
 
 def test_a_rate_must_be_positive() -> None:

@@ -29,6 +29,11 @@ log = structlog.get_logger(__name__)
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _DETAIL_CHARS = 200
+MAX_ANSWER_BYTES = 64 * 1024
+# Shorter than the idle timeout of common servers (5 s): a connection the server closed
+# while idle would fail a request that it never received, and that failure looks the same
+# as a request that arrived: `unknown`.
+KEEPALIVE_S = 2.0
 
 
 class LedgerWriter:
@@ -165,7 +170,9 @@ class Dispatcher:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.api.timeout_s, sock_read=self.api.timeout_s
         )
-        connector = aiohttp.TCPConnector(limit=self.limits.concurrency, limit_per_host=0)
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
+        )
         queue: asyncio.Queue[Target | None] = asyncio.Queue(maxsize=self.limits.concurrency)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
@@ -277,22 +284,41 @@ class Dispatcher:
     async def _post(self, body: bytes) -> Answer:
         assert self._session is not None
         try:
-            async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
-                raw = await resp.read()
-                return Answer(
-                    http_status=resp.status,
-                    success=_is_success(raw),
-                    retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-                    detail=_detail(resp.status, resp.reason, raw),
-                )
+            # sock_read restarts with every byte: the overall deadline stops a trickle.
+            async with asyncio.timeout(self.api.timeout_s * 2):
+                async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
+                    raw = await _read_capped(resp.content, MAX_ANSWER_BYTES)
+                    return Answer(
+                        http_status=resp.status,
+                        success=_is_success(raw),
+                        retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
+                        detail=_detail(resp.status, resp.reason, raw),
+                    )
         except aiohttp.ClientConnectorError as exc:
-            return Answer(transport=Transport.CONNECT, detail=_exc_text(exc))
+            return Answer(transport=Transport.CONNECT, detail=self._exc_text(exc))
         except aiohttp.ConnectionTimeoutError:
             return Answer(transport=Transport.CONNECT, detail="connect timed out")
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return Answer(transport=Transport.TIMEOUT, detail=f"{self.api.timeout_s:g} s")
         except (aiohttp.ClientError, OSError) as exc:
-            return Answer(transport=Transport.DROPPED, detail=_exc_text(exc))
+            return Answer(transport=Transport.DROPPED, detail=self._exc_text(exc))
+
+    def _exc_text(self, exc: BaseException) -> str:
+        """The error's text, without the channel uuid (it is as good as a password)."""
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        uuid = self.api.channel_uuid
+        return text.replace(uuid, uuid[:8] + "…")[:_DETAIL_CHARS]
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
+    """The whole answer, or its first `cap` bytes: an answer is a few bytes of JSON, and a
+    huge one must not fill the memory."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < cap and (chunk := await stream.read(cap - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class _quiet_when:
@@ -323,8 +349,3 @@ def _detail(status: int, reason: str | None, raw: bytes) -> str:
     text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
     text = text[:_DETAIL_CHARS] if text and not text.lstrip().startswith("<") else ""
     return " ".join(part for part in (reason or "", text) if part)
-
-
-def _exc_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:_DETAIL_CHARS] if str(exc) else type(exc).__name__

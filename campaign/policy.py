@@ -47,6 +47,8 @@ class Answer:
     def maybe_delivered(self) -> bool:
         if self.transport is not None:
             return self.transport is not Transport.CONNECT
+        if self.http_status is not None and 200 < self.http_status < 300:
+            return True  # 202 Accepted, 204...: the API took the request, whatever it says
         return self.http_status not in RETRY_STATUSES and not _client_error(self.http_status)
 
     def describe(self) -> str:
@@ -129,5 +131,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _client_error(status: int | None) -> bool:
-    """A 4xx (other than 408/429) or an unsuccessful 2xx/3xx: the request was refused."""
-    return status is not None and status < 500 and status not in RETRY_STATUSES
+    """A 4xx (other than 408/429), a 3xx, or a 200 that is not success: refused."""
+    if status is None or status in RETRY_STATUSES or 200 < status < 300:
+        return False
+    return status < 500

@@ -153,6 +153,8 @@ class FaultServer:
     reply: Reply
     arrivals: list[Arrival] = field(default_factory=list)
     url: str = ""
+    # reply names -> handlers for answers that need a stream (e.g. a trickle)
+    streams: dict[str, Callable[[web.Request], Any]] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _release: asyncio.Event | None = None
@@ -209,6 +211,9 @@ class FaultServer:
             return web.Response(status=500)
         if isinstance(answer, web.StreamResponse):
             return answer
+        if isinstance(answer, str) and answer in self.streams:
+            result: web.StreamResponse = await self.streams[answer](request)
+            return result
         if isinstance(answer, int):
             answer = (answer,)
         status, headers, payload = (*answer, None, None)[:3]

@@ -23,6 +23,8 @@ def run(answer: Answer, attempt: int = 1, *, ambiguous: bool = False, before: bo
         (OK, "sent", False, False),
         (Answer(http_status=201, success=True), "sent", False, False),
         (Answer(http_status=200, success=False), "failed", False, False),
+        (Answer(http_status=202), "unknown", False, False),
+        (Answer(http_status=204), "unknown", False, False),
         (Answer(http_status=400), "failed", False, False),
         (Answer(http_status=422), "failed", False, False),
         (Answer(http_status=301), "failed", False, False),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.helpers import (
     CHANNEL, ROOT, FaultServer, Sandbox, cli, phones, read_results, start_sandbox, statuses,
@@ -222,3 +224,29 @@ def test_unusable_job_is_exit_2_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "limits.rate_per_second" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_trickling_answer_is_cut_off_as_unknown(tmp_path: Path) -> None:
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        for _ in range(200):  # one byte at a time, never finishing within timeout_s
+            await response.write(b" ")
+            await asyncio.sleep(0.2)
+        return response
+
+    with FaultServer(lambda _n, _b: "trickle") as server:
+        server.streams["trickle"] = trickle
+        job = write_job(tmp_path, server.url, input=people(tmp_path, 1), api={"timeout_s": 1})
+        done = cli("run", str(job), "--no-progress", timeout=60)
+    assert done.returncode == 1, done.stderr
+    row = results(tmp_path)[0]
+    assert row["_status"] == "unknown" and "no answer in time" in row["_error"]
+
+
+def test_the_channel_uuid_never_reaches_the_results(tmp_path: Path) -> None:
+    with FaultServer(lambda _n, _b: "reset") as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
+        cli("run", str(job), "--no-progress")
+    text = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
+    assert CHANNEL not in text

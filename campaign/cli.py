@@ -383,9 +383,9 @@ def _report(args: argparse.Namespace) -> int:
     else:
         job = _load(args, args.target)
         output_dir = Path(job.output_dir)
-        if args.campaign:
-            directory = output_dir / args.campaign
-        else:
+        directory = output_dir / (args.campaign or job.campaign_id())
+        if not args.campaign and not directory.is_dir():
+            # Today's id has no campaign yet: the job's latest one is meant.
             mine = [c for c in list_campaigns(output_dir) if c.job == job.name]
             if not mine:
                 raise UsageError(f"{args.target}: no campaign of this job under {output_dir}")

@@ -36,7 +36,7 @@ class _Strict(BaseModel):
 class Api(_Strict):
     base_url: str = "https://cx.avaamo.com"
     channel_uuid: str
-    timeout_s: float = Field(default=15, gt=0, le=600)
+    timeout_s: float = Field(default=15, gt=0, le=600, allow_inf_nan=False)
 
     @field_validator("base_url")
     @classmethod
@@ -78,6 +78,13 @@ class Mapping(_Strict):
                 raise ValueError(f"{param}: the column name is empty")
         return {param: str(column) for param, column in value.items()}
 
+    @field_validator("default_region", mode="before")
+    @classmethod
+    def _not_a_yaml_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):  # Norway's NO is YAML's false
+            raise ValueError("YAML read this as true/false: write the region in quotes, e.g. 'NO'")
+        return value
+
     @field_validator("default_region")
     @classmethod
     def _known_region(cls, value: str) -> str:
@@ -106,7 +113,7 @@ class Mapping(_Strict):
 
 
 class Limits(_Strict):
-    rate_per_second: float = Field(default=10, gt=0)
+    rate_per_second: float = Field(default=10, gt=0, allow_inf_nan=False)
     concurrency: int = Field(default=10, gt=0, le=1000)
     max_attempts: int = Field(default=5, ge=1, le=100)
     abort_after_fatal: int = Field(default=3, ge=1)

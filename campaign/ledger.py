@@ -336,6 +336,10 @@ class Ledger:
             counts[status] = n
         return counts
 
+    def total_requests(self) -> int:
+        """Requests ever made for this campaign, whoever is in the input now."""
+        return self.db.execute("SELECT count(*) FROM attempts").fetchone()[0]
+
     def total_attempts(self) -> int:
         return self.db.execute(
             "SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id "

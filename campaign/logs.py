@@ -35,7 +35,7 @@ class Masker:
         self.secrets: dict[str, str] = {}
 
     def hide(self, secret: str, keep: int = 8) -> None:
-        if secret:
+        if len(secret) > keep:  # a secret no longer than what may be shown needs no hiding
             self.secrets[secret] = secret[:keep] + "…"
 
     def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:

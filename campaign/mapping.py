@@ -74,8 +74,13 @@ def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
 _DIGITS = re.compile(r"\+?\d(?:[\s().-]{0,2}\d){6,}")
 
 
-def _missing(columns: list[str], key: str) -> str:
+def _missing(columns: list[str], key: str, name: str = "") -> str:
     """Why a mapped column is missing, without repeating a person's data from the file."""
+    if name.strip().startswith("_"):
+        return (
+            f"no such column (mapping.{key}): columns whose names start with _ are the "
+            "results of an earlier run and are ignored on load; rename the column"
+        )
     if any(_DIGITS.search(c) for c in columns):
         return (
             f"no such column (mapping.{key}); the first row looks like data, not column "
@@ -116,7 +121,7 @@ class Mapper:
         def column(name: str, key: str) -> int:
             found = positions.get(name.strip())
             if not found:
-                raise InputError(sheet.path, _missing(sheet.columns, key), column=name)
+                raise InputError(sheet.path, _missing(sheet.columns, key, name), column=name)
             if len(found) > 1:
                 raise InputError(
                     sheet.path,

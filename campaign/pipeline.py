@@ -8,6 +8,7 @@ writing the report, whether the run finished, aborted or was interrupted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -28,7 +29,7 @@ from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
 from campaign.report import RESULTS_FILE, write_report
-from campaign.store import LOG_FILE, check_unfinished, open_campaign
+from campaign.store import LOG_FILE, check_unfinished, job_lock, open_campaign
 
 log = structlog.get_logger(__name__)
 
@@ -95,8 +96,6 @@ async def run_campaign(
     control = control or RunControl()
     campaign = campaign_id_for(job, options)
     output_dir = Path(job.output_dir)
-    if not options.dry_run and not options.campaign and not options.new:
-        check_unfinished(output_dir, job.name, campaign)
     input_path = options.input or job.input
     if not input_path:
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
@@ -104,7 +103,11 @@ async def run_campaign(
     directory = output_dir / campaign
     created = not directory.exists()
     try:
-        with open_campaign(output_dir, campaign, job.name) as ledger:
+        with contextlib.ExitStack() as hold:
+            with job_lock(output_dir, job.name):
+                if not options.dry_run and not options.campaign and not options.new:
+                    check_unfinished(output_dir, job.name, campaign)
+                ledger = hold.enter_context(open_campaign(output_dir, campaign, job.name))
             log_to_file(campaign, directory / LOG_FILE)
             structlog.contextvars.bind_contextvars(campaign=campaign)
             try:
@@ -172,13 +175,13 @@ async def _run_locked(
         concurrency=job.limits.concurrency,
     )
     writer = LedgerWriter(ledger, run_id)
-    dispatcher = Dispatcher(job.api, job.limits, writer, progress, on_progress)
-    control.dispatcher = dispatcher
-    if control.stopping:
-        dispatcher.stop()
-    writer.start()
     state = "crashed"
     try:
+        dispatcher = Dispatcher(job.api, job.limits, writer, progress, on_progress)
+        control.dispatcher = dispatcher
+        if control.stopping:
+            dispatcher.stop()
+        writer.start()
         result = await dispatcher.run(ledger.targets(states))
         state = "aborted" if result.aborted else "interrupted" if result.interrupted else "finished"
     finally:
@@ -196,6 +199,8 @@ async def _run_locked(
         )
     elif counts["failed"] or counts["unknown"] or counts["pending"]:
         code, message = EXIT_INCOMPLETE, "finished, but some rows were not sent"
+    elif not counts["sent"]:
+        code, message = EXIT_OK, "finished: no row is sendable (see _error in the results)"
     else:
         code, message = EXIT_OK, "finished: every sendable row is sent"
     log.info("run ended", state=state, requests=progress.requests, **counts)
@@ -206,6 +211,7 @@ def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunContr
     path = Path(options.input or job.input or "")
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
+    _keep_recipient_key(ledger, list(job.mapping.recipient_key))
     fingerprint = _fingerprint(path, job)
     if ledger.get_meta("input_fingerprint") == fingerprint:
         return  # the same file under the same mapping: the ledger's rows are this input
@@ -217,6 +223,21 @@ def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunContr
             yield chunk
 
     ledger.replace_rows(chunks(), sheet.columns, fingerprint)
+
+
+def _keep_recipient_key(ledger: Ledger, key: list[str]) -> None:
+    """A campaign's recipient key cannot change once a request went out: under a new key
+    everyone would be a new person, and be sent to again."""
+    stored = ledger.get_meta("recipient_key")
+    if stored == key:
+        return
+    if stored is not None and ledger.total_requests():
+        raise UsageError(
+            f"campaign {ledger.get_meta('campaign')} identifies people by "
+            f"recipient_key {stored}, and the job now says {key}: under a new key everyone "
+            "would be sent again. Restore recipient_key, or start a new campaign (--campaign ID)"
+        )
+    ledger.set_meta(recipient_key=key)
 
 
 def _fingerprint(path: Path, job: Job) -> str:

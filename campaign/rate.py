@@ -25,8 +25,8 @@ from collections import deque
 
 from aiolimiter import AsyncLimiter
 
-WINDOW_S = 1.025  # 25 ms of margin for scheduling and network jitter
-SEND_WINDOW_S = 1.025  # departures: the same margin, for the network and the server
+WINDOW_S = 1.02  # 20 ms of margin for scheduling and network jitter
+SEND_WINDOW_S = 1.02  # departures: the same margin, for the network and the server
 BURST_SHARE = 0.02  # the pacing bucket: a fiftieth of a second of requests; even spacing
 MIN_BURST = 3.0
 

@@ -123,15 +123,37 @@ def is_locked(directory: Path) -> bool:
 def check_unfinished(output_dir: Path, job_name: str, campaign: str) -> None:
     """The midnight guard: refuse to start `campaign` while the job's latest one is unfinished."""
     for info in list_campaigns(output_dir):
-        if info.job != job_name or info.last_state is None:
+        state = info.last_state
+        if info.job != job_name:
             continue
-        if info.id != campaign and info.last_state in UNFINISHED:
+        if state is None:
+            # Never sent, unless a run holds it right now (still reading its input).
+            if not is_locked(output_dir / info.id):
+                continue
+            state = "running"
+        if info.id != campaign and state in UNFINISHED:
             raise UnfinishedCampaign(
                 f"campaign {info.id} of job {job_name} did not finish (its last run "
-                f"{_said(info.last_state)}). Continue it with `--campaign {info.id}`, "
+                f"{_said(state)}). Continue it with `--campaign {info.id}`, "
                 f"or start {campaign} anyway with `--new`"
             )
         return  # only the latest campaign that was sent counts
+
+
+@contextlib.contextmanager
+def job_lock(output_dir: Path, job_name: str) -> Iterator[None]:
+    """Held while a run checks the midnight guard and takes its campaign's lock, so two runs
+    of one job started at the same moment cannot both pass the guard."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = (output_dir / f".{job_name}.lock").open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(
+            f"{output_dir}: cannot create the output directory ({exc.strerror})"
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _said(state: str) -> str:

@@ -58,7 +58,7 @@ def test_bad_option_exit_2_nothing_sent(
     [
         ("--input", "nowhere.csv", "nowhere.csv: input file not found"),
         ("--input", ".", "is a directory, not a spreadsheet"),
-        ("--output-dir", "plain-file/runs", "plain-file/runs/test: cannot create"),
+        ("--output-dir", "plain-file/runs", "plain-file/runs: cannot create the output directory"),
         ("--campaign", "../escape", "--campaign '../escape'"),
     ],
 )

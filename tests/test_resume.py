@@ -262,3 +262,28 @@ def test_ledger_keeps_every_attempt(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "runs" / "test" / "ledger.sqlite")
     attempts = db.execute("SELECT n, state, http_status FROM attempts ORDER BY n").fetchall()
     assert attempts == [(1, "pending", 503), (2, "sent", 200)]
+
+
+def test_a_run_still_reading_its_input_blocks_the_next_days_campaign(tmp_path: Path) -> None:
+    from campaign.store import open_campaign
+
+    with FaultServer(lambda _n, _b: 200) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 2),
+                        campaign="{job}-{date}")
+        # Yesterday's run holds its campaign but has not recorded a run yet (still loading).
+        with open_campaign(tmp_path / "runs", YESTERDAY, "job"):
+            blocked = cli("run", str(job), "--no-progress")
+        assert blocked.returncode == 2
+        assert YESTERDAY in blocked.stderr and "still running" in blocked.stderr
+        assert server.arrivals == []
+
+
+def test_the_recipient_key_cannot_change_once_sent(tmp_path: Path, sandbox: Sandbox) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2),
+                    mapping={"recipient_key": ["to_phone", "first_name"]})
+    refused = cli("run", str(job), "--no-progress")
+    assert refused.returncode == 2
+    assert "recipient_key" in refused.stderr and "new campaign" in refused.stderr
+    assert len(sandbox.records()) == 2

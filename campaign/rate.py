@@ -5,7 +5,7 @@ so the first second can carry almost 2·N requests. We keep aiolimiter for smoot
 with a small bucket, and add a sliding-window log that refuses the (N+1)-th acquisition
 until the N-th-last one is a full window old. The window is slightly longer than a
 second so that jitter between here and the server's clock cannot put N+1 arrivals into
-one second there; the pace is set to match, giving about 0.98·N per second.
+one second there; the pace is set to match, about 0.98·N per second, evenly spaced.
 
 A slot is taken before the ledger records the attempt, so a stall between the two (a
 commit, a checkpoint, a pause of the process) would let a request leave late and land in

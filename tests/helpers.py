@@ -23,34 +23,58 @@ ROOT = Path(__file__).resolve().parent.parent
 CHANNEL = "11111111-2222-4333-8444-555555555555"
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-        timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real command line, `python -m campaign ARGS`, and wait for it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "campaign", *args], cwd=cwd, env=full_env, text=True,
-        capture_output=True, timeout=timeout, input=input,
+        [sys.executable, "-m", "campaign", *args],
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        input=input,
     )
 
 
-def spawn_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[str]:
+def spawn_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "campaign", *args], cwd=cwd, env=full_env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "campaign", *args],
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
-def write_job(directory: Path, base_url: str, *, name: str = "job", input: str | Path | None = None,
-              **sections: Any) -> Path:
+def write_job(
+    directory: Path,
+    base_url: str,
+    *,
+    name: str = "job",
+    input: str | Path | None = None,
+    **sections: Any,
+) -> Path:
     """A job file for `base_url`; `sections` update the defaults (api, mapping, limits, ...)."""
     job: dict[str, Any] = {
         "campaign": "test",
         "output_dir": str(directory / "runs"),
         "api": {"base_url": base_url, "channel_uuid": CHANNEL, "timeout_s": 2},
-        "mapping": {"to_phone": "Phone", "default_region": "US",
-                    "params": {"first_name": "First Name"}},
+        "mapping": {
+            "to_phone": "Phone",
+            "default_region": "US",
+            "params": {"first_name": "First Name"},
+        },
         "limits": {"rate_per_second": 1000, "concurrency": 4, "max_attempts": 3},
     }
     if input is not None:
@@ -116,9 +140,20 @@ class Sandbox:
 def start_sandbox(directory: Path, *options: str) -> Sandbox:
     record = directory / f"record-{time.monotonic_ns()}.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "campaign", "sandbox", "--port", "0", "--record", str(record),
-         *options],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True, stdout=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "campaign",
+            "sandbox",
+            "--port",
+            "0",
+            "--record",
+            str(record),
+            *options,
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     assert process.stdout is not None

@@ -13,8 +13,14 @@ OK = Answer(http_status=200, success=True)
 
 
 def run(answer: Answer, attempt: int = 1, *, ambiguous: bool = False, before: bool = False):
-    return decide(answer, attempt, max_attempts=3, retry_ambiguous=ambiguous,
-                  maybe_delivered_before=before, rng=random.Random(7))
+    return decide(
+        answer,
+        attempt,
+        max_attempts=3,
+        retry_ambiguous=ambiguous,
+        maybe_delivered_before=before,
+        rng=random.Random(7),
+    )
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,16 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
-    FaultServer, Sandbox, cli, phones, read_results, spawn_cli, start_sandbox, statuses,
-    write_csv, write_job,
+    FaultServer,
+    Sandbox,
+    cli,
+    phones,
+    read_results,
+    spawn_cli,
+    start_sandbox,
+    statuses,
+    write_csv,
+    write_job,
 )
 
 
@@ -30,8 +38,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "co
 
 
 def people(path: Path, n: int, start: int = 0) -> Path:
-    return write_csv(path, ["First Name", "Phone"],
-                     [[f"P{i}", p] for i, p in enumerate(phones(n, start))])
+    return write_csv(
+        path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(phones(n, start))]
+    )
 
 
 def results(tmp_path: Path, campaign: str = "test") -> list[dict[str, str]]:
@@ -47,15 +56,21 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
     rows, concurrency, kills = 2000, 20, 3
     box = start_sandbox(tmp_path, "--latency-ms", "50")
     try:
-        job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", rows),
-                        api={"timeout_s": 10},
-                        limits={"concurrency": concurrency, "rate_per_second": 5000})
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            api={"timeout_s": 10},
+            limits={"concurrency": concurrency, "rate_per_second": 5000},
+        )
         rng = random.Random()
         marks = sorted(rng.sample(range(50, rows - 100), kills))
         for mark in marks:
             process = spawn_cli("run", str(job), "--no-progress")
-            wait_for(lambda m=mark: len(box.records()) >= m or process.poll() is not None,
-                     what=f"{mark} requests")
+            wait_for(
+                lambda m=mark, p=process: len(box.records()) >= m or p.poll() is not None,
+                what=f"{mark} requests",
+            )
             process.kill()
             process.wait()
         final = cli("run", str(job), "--no-progress", timeout=300)
@@ -84,9 +99,13 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
 def test_signal_drains_in_flight_requests_and_exits_130(tmp_path: Path, signum: int) -> None:
     box = start_sandbox(tmp_path, "--latency-ms", "300")
     try:
-        job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", 300),
-                        api={"timeout_s": 10},
-                        limits={"concurrency": 10, "rate_per_second": 5000})
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", 300),
+            api={"timeout_s": 10},
+            limits={"concurrency": 10, "rate_per_second": 5000},
+        )
         process = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(box.records()) >= 20, what="20 requests")
         process.send_signal(signum)
@@ -104,8 +123,9 @@ def test_signal_drains_in_flight_requests_and_exits_130(tmp_path: Path, signum: 
 
 def test_second_sigint_stops_at_once_and_leaves_unknown(tmp_path: Path) -> None:
     with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1),
-                        api={"timeout_s": 60})
+        job = write_job(
+            tmp_path, server.url, input=people(tmp_path / "in.csv", 1), api={"timeout_s": 60}
+        )
         process = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(server.arrivals) == 1, what="the request")
         process.send_signal(signal.SIGINT)
@@ -139,8 +159,11 @@ def test_only_failed_sends_only_rows_that_failed(tmp_path: Path) -> None:
 
 def test_results_csv_is_a_valid_input(tmp_path: Path, sandbox: Sandbox) -> None:
     names = ["=1+1", "-2", "@home", "+cmd", "Zoë", "'quoted"]
-    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"],
-                     [[name, p] for name, p in zip(names, phones(6), strict=True)])
+    data = write_csv(
+        tmp_path / "in.csv",
+        ["First Name", "Phone"],
+        [[name, p] for name, p in zip(names, phones(6), strict=True)],
+    )
     job = write_job(tmp_path, sandbox.url, input=data)
     assert cli("run", str(job), "--no-progress").returncode == 0
     first = [r["body"] for r in sandbox.records()]
@@ -148,10 +171,17 @@ def test_results_csv_is_a_valid_input(tmp_path: Path, sandbox: Sandbox) -> None:
     raw = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
     assert "'=1+1" in raw and "'@home" in raw and "'+cmd" in raw and "\n-2," in raw
 
-    again = cli("run", str(job), "--no-progress", "--campaign", "again",
-                "--input", str(tmp_path / "runs" / "test" / "results.csv"))
+    again = cli(
+        "run",
+        str(job),
+        "--no-progress",
+        "--campaign",
+        "again",
+        "--input",
+        str(tmp_path / "runs" / "test" / "results.csv"),
+    )
     assert again.returncode == 0, again.stderr
-    second = [r["body"] for r in sandbox.records()][len(first):]
+    second = [r["body"] for r in sandbox.records()][len(first) :]
     assert second == first
     rows = results(tmp_path, "again")
     assert [k for k in rows[0] if not k.startswith("_")] == ["First Name", "Phone"]
@@ -159,15 +189,25 @@ def test_results_csv_is_a_valid_input(tmp_path: Path, sandbox: Sandbox) -> None:
 
 def test_edited_input_sends_fixed_and_new_rows_only(tmp_path: Path, sandbox: Sandbox) -> None:
     path = tmp_path / "in.csv"
-    write_csv(path, ["First Name", "Phone"],
-              [["Ann", "+1 415 200 0001"], ["Bob", "415 200"], ["Cy", "+1 415 200 0003"]])
+    write_csv(
+        path,
+        ["First Name", "Phone"],
+        [["Ann", "+1 415 200 0001"], ["Bob", "415 200"], ["Cy", "+1 415 200 0003"]],
+    )
     job = write_job(tmp_path, sandbox.url, input=path)
     assert cli("run", str(job), "--no-progress").returncode == 0
     assert sorted(sandbox.phones()) == ["+14152000001", "+14152000003"]
 
-    write_csv(path, ["First Name", "Phone"],
-              [["Ann Renamed", "+1 415 200 0001"], ["Bob", "415 200 0002"],
-               ["Cy", "+1 415 200 0033"], ["Dee", "+1 415 200 0004"]])
+    write_csv(
+        path,
+        ["First Name", "Phone"],
+        [
+            ["Ann Renamed", "+1 415 200 0001"],
+            ["Bob", "415 200 0002"],
+            ["Cy", "+1 415 200 0033"],
+            ["Dee", "+1 415 200 0004"],
+        ],
+    )
     done = cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr
     later = sandbox.phones()[2:]
@@ -180,8 +220,13 @@ def test_edited_input_sends_fixed_and_new_rows_only(tmp_path: Path, sandbox: San
 
 def test_one_run_at_a_time_and_a_dead_holder_does_not_block(tmp_path: Path) -> None:
     with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 2),
-                        api={"timeout_s": 60}, limits={"concurrency": 1})
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path / "in.csv", 2),
+            api={"timeout_s": 60},
+            limits={"concurrency": 1},
+        )
         holder = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(server.arrivals) == 1, what="the first request")
         second = cli("run", str(job), "--no-progress")
@@ -201,8 +246,14 @@ YESTERDAY = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
 
 def crash_yesterdays_campaign(tmp_path: Path, server: FaultServer, rows: int) -> Path:
     """A default-id job whose campaign dated yesterday died with its first request in flight."""
-    job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", rows),
-                    campaign="{job}-{date}", api={"timeout_s": 60}, limits={"concurrency": 1})
+    job = write_job(
+        tmp_path,
+        server.url,
+        input=people(tmp_path / "in.csv", rows),
+        campaign="{job}-{date}",
+        api={"timeout_s": 60},
+        limits={"concurrency": 1},
+    )
     crashed = spawn_cli("run", str(job), "--no-progress", "--campaign", YESTERDAY)
     wait_for(lambda: len(server.arrivals) == 1, what="the first request")
     crashed.kill()
@@ -268,8 +319,9 @@ def test_a_run_still_reading_its_input_blocks_the_next_days_campaign(tmp_path: P
     from campaign.store import open_campaign
 
     with FaultServer(lambda _n, _b: 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 2),
-                        campaign="{job}-{date}")
+        job = write_job(
+            tmp_path, server.url, input=people(tmp_path / "in.csv", 2), campaign="{job}-{date}"
+        )
         # Yesterday's run holds its campaign but has not recorded a run yet (still loading).
         with open_campaign(tmp_path / "runs", YESTERDAY, "job"):
             blocked = cli("run", str(job), "--no-progress")
@@ -281,8 +333,12 @@ def test_a_run_still_reading_its_input_blocks_the_next_days_campaign(tmp_path: P
 def test_the_recipient_key_cannot_change_once_sent(tmp_path: Path, sandbox: Sandbox) -> None:
     job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
     assert cli("run", str(job), "--no-progress").returncode == 0
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2),
-                    mapping={"recipient_key": ["to_phone", "first_name"]})
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        input=people(tmp_path / "in.csv", 2),
+        mapping={"recipient_key": ["to_phone", "first_name"]},
+    )
     refused = cli("run", str(job), "--no-progress")
     assert refused.returncode == 2
     assert "recipient_key" in refused.stderr and "new campaign" in refused.stderr

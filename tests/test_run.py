@@ -12,8 +12,17 @@ import pytest
 from aiohttp import web
 
 from tests.helpers import (
-    CHANNEL, ROOT, FaultServer, Sandbox, cli, phones, read_results, start_sandbox, statuses,
-    write_csv, write_job,
+    CHANNEL,
+    ROOT,
+    FaultServer,
+    Sandbox,
+    cli,
+    phones,
+    read_results,
+    start_sandbox,
+    statuses,
+    write_csv,
+    write_job,
 )
 
 
@@ -31,8 +40,13 @@ def by_phone(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
 
 
 def test_every_status_and_exit_1(tmp_path: Path) -> None:
-    plan = {"+14152000000": 200, "+14152000001": 400, "+14152000002": 502,
-            "+14152000003": "hang", "+14152000004": (200, None, {"success": False})}
+    plan = {
+        "+14152000000": 200,
+        "+14152000001": 400,
+        "+14152000002": 502,
+        "+14152000003": "hang",
+        "+14152000004": (200, None, {"success": False}),
+    }
 
     def reply(_n: int, body: dict[str, Any]) -> Any:
         return plan.get(body["to_phone"], 200)
@@ -45,7 +59,14 @@ def test_every_status_and_exit_1(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     rows = results(tmp_path)
     assert [r["_status"] for r in rows] == [
-        "sent", "failed", "unknown", "unknown", "failed", "duplicate", "invalid"]
+        "sent",
+        "failed",
+        "unknown",
+        "unknown",
+        "failed",
+        "duplicate",
+        "invalid",
+    ]
     assert sorted(sent_to) == sorted(plan)  # one request each: nothing retried
     assert rows[5]["_error"] == "duplicate of row 1"
     assert "HTTP 400" in rows[1]["_error"] and rows[1]["_http_status"] == "400"
@@ -56,7 +77,9 @@ def test_every_status_and_exit_1(tmp_path: Path) -> None:
     assert "campaign test:" in done.stdout and "results:" in done.stdout
 
 
-def test_all_sent_is_exit_0_and_a_second_run_sends_nothing(tmp_path: Path, sandbox: Sandbox) -> None:
+def test_all_sent_is_exit_0_and_a_second_run_sends_nothing(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
     job = write_job(tmp_path, sandbox.url, input=people(tmp_path, 20, [["X", "nope"]]))
     first = cli("run", str(job), "--no-progress")
     assert first.returncode == 0, first.stderr
@@ -126,8 +149,7 @@ def test_dropped_connection_is_unknown(tmp_path: Path) -> None:
 
 def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(tmp_path: Path) -> None:
     with FaultServer(lambda _n, _b: 404) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 10),
-                        limits={"concurrency": 1})
+        job = write_job(tmp_path, server.url, input=people(tmp_path, 10), limits={"concurrency": 1})
         done = cli("run", str(job), "--no-progress")
         assert len(server.arrivals) == 3
     assert done.returncode == 3, done.stderr
@@ -138,8 +160,9 @@ def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(tmp_path: Path)
 def test_unreachable_api_aborts_with_exit_3(tmp_path: Path) -> None:
     with FaultServer(lambda _n, _b: 200) as server:
         url = server.url  # a port that was just free: nothing listens there afterwards
-    job = write_job(tmp_path, url, input=people(tmp_path, 10),
-                    limits={"concurrency": 1, "max_attempts": 2})
+    job = write_job(
+        tmp_path, url, input=people(tmp_path, 10), limits={"concurrency": 1, "max_attempts": 2}
+    )
     done = cli("run", str(job), "--no-progress")
     assert done.returncode == 3, done.stderr
     counts = statuses(results(tmp_path))
@@ -149,7 +172,7 @@ def test_unreachable_api_aborts_with_exit_3(tmp_path: Path) -> None:
 
 def test_request_leaves_only_after_the_ledger_records_it_in_flight(tmp_path: Path) -> None:
     ledger = tmp_path / "runs" / "test" / "ledger.sqlite"
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, int]] = []
 
     def reply(_n: int, body: dict[str, Any]) -> Any:
         db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
@@ -158,41 +181,57 @@ def test_request_leaves_only_after_the_ledger_records_it_in_flight(tmp_path: Pat
         ).fetchone()
         open_attempts = db.execute(
             "SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id "
-            "WHERE r.key = ? AND a.state IS NULL", (body["to_phone"],)
+            "WHERE r.key = ? AND a.state IS NULL",
+            (body["to_phone"],),
         ).fetchone()[0]
         db.close()
-        seen.append((state, open_attempts))
+        seen.append((state, attempts, open_attempts))
         return 200
 
     with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 30),
-                        limits={"concurrency": 8})
+        job = write_job(tmp_path, server.url, input=people(tmp_path, 30), limits={"concurrency": 8})
         assert cli("run", str(job), "--no-progress").returncode == 0
-    assert seen == [("inflight", 1)] * 30
+    assert seen == [("inflight", 1, 1)] * 30
 
 
 def test_custom_auth_channel_without_phones(tmp_path: Path) -> None:
     box = start_sandbox(tmp_path, "--custom-auth")
     try:
-        data = write_csv(tmp_path / "in.csv", ["Employee ID", "First Name"],
-                         [["007", "Ann"], ["008", "Bob"], ["007", "Ann again"], ["", "Nobody"]])
-        job = write_job(tmp_path, box.url, input=data, mapping={
-            "to_phone": None, "require_phone": False,
-            "params": {"emp_id": "Employee ID", "first_name": "First Name"},
-            "recipient_key": ["emp_id"]})
+        data = write_csv(
+            tmp_path / "in.csv",
+            ["Employee ID", "First Name"],
+            [["007", "Ann"], ["008", "Bob"], ["007", "Ann again"], ["", "Nobody"]],
+        )
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=data,
+            mapping={
+                "to_phone": None,
+                "require_phone": False,
+                "params": {"emp_id": "Employee ID", "first_name": "First Name"},
+                "recipient_key": ["emp_id"],
+            },
+        )
         done = cli("run", str(job), "--no-progress")
         bodies = [r["body"] for r in box.records()]
     finally:
         box.stop()
     assert done.returncode == 0, done.stderr
-    assert bodies == [{"emp_id": "007", "first_name": "Ann"}, {"emp_id": "008", "first_name": "Bob"}]
+    assert bodies == [
+        {"emp_id": "007", "first_name": "Ann"},
+        {"emp_id": "008", "first_name": "Bob"},
+    ]
     assert [r["_status"] for r in results(tmp_path)] == ["sent", "sent", "duplicate", "invalid"]
 
 
 @pytest.mark.parametrize("sample", ["recipients.csv", "recipients.xlsx"])
 def test_sample_spreadsheets_keep_their_text(tmp_path: Path, sandbox: Sandbox, sample: str) -> None:
-    job = write_job(tmp_path, sandbox.url, mapping={
-        "params": {"first_name": "First Name", "emp_id": "Employee ID"}})
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        mapping={"params": {"first_name": "First Name", "emp_id": "Employee ID"}},
+    )
     done = cli("run", str(job), "--input", str(ROOT / "sample_data" / sample), "--no-progress")
     assert done.returncode == 0, done.stderr
     rows = results(tmp_path)
@@ -218,8 +257,9 @@ def test_channel_uuid_goes_in_the_url(tmp_path: Path) -> None:
 
 
 def test_unusable_job_is_exit_2_with_one_line(tmp_path: Path) -> None:
-    job = write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path, 1),
-                    limits={"rate_per_second": 0})
+    job = write_job(
+        tmp_path, "http://127.0.0.1:9", input=people(tmp_path, 1), limits={"rate_per_second": 0}
+    )
     done = cli("run", str(job))
     assert done.returncode == 2
     assert "limits.rate_per_second" in done.stderr and "Traceback" not in done.stderr

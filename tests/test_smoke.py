@@ -6,8 +6,11 @@ from tests.helpers import Sandbox, cli, read_results, statuses, write_csv, write
 
 
 def test_run_sends_each_valid_row_once(tmp_path: Path, sandbox: Sandbox) -> None:
-    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"],
-                     [["Ann", "(415) 555-0101"], ["Bob", "bad"], ["Cy", "415 555 0101"]])
+    data = write_csv(
+        tmp_path / "in.csv",
+        ["First Name", "Phone"],
+        [["Ann", "(415) 555-0101"], ["Bob", "bad"], ["Cy", "415 555 0101"]],
+    )
     job = write_job(tmp_path, sandbox.url, input=data)
     done = cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr

@@ -68,6 +68,9 @@ def exact_rate(work: Path, rate: int, seconds: float) -> Result:
     finally:
         box.stop()
     fullest, achieved = max_in_window(times), rate_of(times)
+    ordered = sorted(times)
+    # How close N+1 arrivals came to fitting into one second (above 1.0 s: they never did).
+    tightest = min((b - a for a, b in zip(ordered, ordered[rate:], strict=False)), default=0.0)
     ok = done.code == 0 and len(times) == rows and fullest <= rate and achieved >= 0.97 * rate
     return Result(
         f"exact rate, N={rate}/s over {seconds:g} s",
@@ -81,6 +84,7 @@ def exact_rate(work: Path, rate: int, seconds: float) -> Result:
             "max_in_1s": fullest,
             "achieved_per_s": round(achieved, 3),
             "span_s": round(max(times) - min(times), 3),
+            "tightest_n_plus_1_span_s": round(tightest, 4),
         },
     )
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from campaign.dispatch import Progress
     from campaign.pipeline import RunControl, RunOutcome
+    from campaign.progress import Progress
 
 PROG = "campaign"
 PROGRESS_LOG_EVERY_S = 10.0

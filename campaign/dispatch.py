@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
@@ -23,6 +22,7 @@ import structlog
 from campaign.job import Api, Limits
 from campaign.ledger import Ledger, Outcome, Target
 from campaign.policy import Answer, Decision, Transport, decide, parse_retry_after
+from campaign.progress import DispatchResult, Progress
 from campaign.rate import RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _DETAIL_CHARS = 200
 MAX_ANSWER_BYTES = 64 * 1024
+_SUCCESS_BODIES = frozenset({b'{"success": true}', b'{"success":true}'})
 # Shorter than the idle timeout of common servers (5 s): a connection the server closed
 # while idle would fail a request that it never received, and that failure looks the same
 # as a request that arrived: `unknown`.
@@ -100,32 +101,6 @@ class LedgerWriter:
                 future.set_result(ok)
 
 
-@dataclass
-class Progress:
-    """Counts for this run, updated as answers arrive."""
-
-    total: int
-    done: int = 0
-    requests: int = 0
-    by_state: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def rate(self) -> float:
-        """Requests per second since sending started."""
-        return self.requests / max(time.monotonic() - self.started, 1e-6)
-
-    def add(self, state: str) -> None:
-        self.by_state[state] = self.by_state.get(state, 0) + 1
-        self.done += 1
-
-
-@dataclass
-class DispatchResult:
-    aborted: str | None = None  # why the run stopped early on fatal answers
-    interrupted: bool = False
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -173,32 +148,23 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(
             limit=self.limits.concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
         )
-        queue: asyncio.Queue[Target | None] = asyncio.Queue(maxsize=self.limits.concurrency)
+        # Workers take the next target straight from the ledger's stream: in input order,
+        # never more than `concurrency` held in memory beyond the current batch.
+        targets = itertools.chain.from_iterable(batches)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
         ) as self._session:
-            tasks = [asyncio.create_task(self._produce(batches, queue), name="producer")]
-            tasks += [
-                asyncio.create_task(self._worker(queue), name=f"worker-{i}")
+            tasks = [
+                asyncio.create_task(self._worker(targets), name=f"worker-{i}")
                 for i in range(self.limits.concurrency)
             ]
             self._busy = dict.fromkeys(tasks, False)
             await asyncio.gather(*tasks)
         return self.result
 
-    async def _produce(
-        self, batches: Iterator[list[Target]], queue: asyncio.Queue[Target | None]
-    ) -> None:
+    async def _worker(self, targets: Iterator[Target]) -> None:
         with _quiet_when(self.halt):
-            for batch in batches:
-                for target in batch:
-                    await queue.put(target)
-            for _ in range(self.limits.concurrency):
-                await queue.put(None)
-
-    async def _worker(self, queue: asyncio.Queue[Target | None]) -> None:
-        with _quiet_when(self.halt):
-            while not self.halt.is_set() and (target := await queue.get()) is not None:
+            while not self.halt.is_set() and (target := next(targets, None)) is not None:
                 await self._deliver(target)
 
     async def _deliver(self, target: Target) -> None:
@@ -214,6 +180,7 @@ class Dispatcher:
                 attempt += 1
                 if not await self.writer.begin(target.id, attempt):
                     return  # already sent (by an earlier run): never send again
+                await self._limiter.confirm()
                 self.progress.requests += 1
                 answer = await self._post(target.payload)
                 decision = decide(
@@ -335,6 +302,8 @@ class _quiet_when:
 
 
 def _is_success(raw: bytes) -> bool:
+    if raw in _SUCCESS_BODIES:
+        return True
     try:
         body = json.loads(raw)
     except ValueError:

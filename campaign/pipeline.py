@@ -16,20 +16,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from campaign import __version__
-from campaign.dispatch import Dispatcher, LedgerWriter, Progress
 from campaign.errors import UsageError
 from campaign.job import CAMPAIGN_ID, Job
 from campaign.ledger import SENDABLE, Ledger, MappedRow
 from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
-from campaign.report import RESULTS_FILE, write_report
+from campaign.progress import DispatchResult, Progress
+from campaign.report import RESULTS_FILE, write_report, write_summary
 from campaign.store import LOG_FILE, check_unfinished, job_lock, open_campaign
+
+if TYPE_CHECKING:
+    from campaign.dispatch import Dispatcher
 
 log = structlog.get_logger(__name__)
 
@@ -174,20 +177,13 @@ async def _run_locked(
         rate_per_second=job.limits.rate_per_second,
         concurrency=job.limits.concurrency,
     )
-    writer = LedgerWriter(ledger, run_id)
     state = "crashed"
     try:
-        dispatcher = Dispatcher(job.api, job.limits, writer, progress, on_progress)
-        control.dispatcher = dispatcher
-        if control.stopping:
-            dispatcher.stop()
-        writer.start()
-        result = await dispatcher.run(ledger.targets(states))
+        result = await _send(job, ledger, run_id, states, control, on_progress)
         state = "aborted" if result.aborted else "interrupted" if result.interrupted else "finished"
     finally:
-        await writer.close()
         ledger.end_run(run_id, state)
-        summary = write_report(ledger, directory, campaign)
+        summary = _report(ledger, directory, recovered)
 
     counts = summary["counts"]
     if result.aborted:
@@ -205,6 +201,46 @@ async def _run_locked(
         code, message = EXIT_OK, "finished: every sendable row is sent"
     log.info("run ended", state=state, requests=progress.requests, **counts)
     return RunOutcome(campaign, directory, summary, code, state, message)
+
+
+async def _send(
+    job: Job,
+    ledger: Ledger,
+    run_id: int,
+    states: tuple[str, ...],
+    control: RunControl,
+    on_progress: Callable[[Progress], None] | None,
+) -> DispatchResult:
+    assert control.progress is not None
+    if not control.progress.total:
+        return DispatchResult(interrupted=control.stopping)
+    from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
+
+    writer = LedgerWriter(ledger, run_id)
+    try:
+        dispatcher = Dispatcher(job.api, job.limits, writer, control.progress, on_progress)
+        control.dispatcher = dispatcher
+        if control.stopping:
+            dispatcher.stop()
+        writer.start()
+        return await dispatcher.run(ledger.targets(states))
+    finally:
+        await writer.close()
+
+
+def _report(ledger: Ledger, directory: Path, recovered: int) -> dict[str, Any]:
+    """Rewrite the report, unless nothing it shows can have changed since it was written:
+    same input rows, no request since, nothing recovered (a no-op rerun of a big campaign
+    should not spend its time rewriting an identical file)."""
+    stamp = json.dumps(
+        [ledger.get_meta("input_fingerprint"), ledger.total_requests(), ledger.counts()]
+    )
+    unchanged = not recovered and ledger.get_meta("report_stamp") == stamp
+    if unchanged and (directory / RESULTS_FILE).is_file():
+        return write_summary(ledger, directory, directory.name)
+    summary = write_report(ledger, directory, directory.name)
+    ledger.set_meta(report_stamp=stamp)
+    return summary
 
 
 def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunControl) -> None:

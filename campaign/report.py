@@ -37,6 +37,10 @@ def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, An
             values.extend(results)
             # escape() changes only cells starting with one of these: test that first.
             writer.writerow([escape(v) if v[:1] in _MAYBE_FORMULA else v for v in values])
+    return write_summary(ledger, directory, campaign)
+
+
+def write_summary(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
     summary = summarize(ledger, campaign)
     with atomic_write(directory / SUMMARY_FILE) as out:
         json.dump(summary, out, indent=2)

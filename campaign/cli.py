@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 PROG = "campaign"
 PROGRESS_LOG_EVERY_S = 10.0
+REDRAW_EVERY_S = 0.1
 
 
 def _number(text: str, kind: type[float] | type[int], ok: Any, wanted: str) -> Any:
@@ -313,7 +314,7 @@ class _ProgressView:
         self.show_bar = show_bar
         self.bar: Any = None
         self.task: Any = None
-        self.last_log = time.monotonic()
+        self.last_shown = time.monotonic()
 
     def __enter__(self) -> _ProgressView:
         if self.show_bar:
@@ -344,17 +345,21 @@ class _ProgressView:
             self.bar.stop()
 
     def update(self, progress: Progress) -> None:
+        # Called for every answer: do nothing until a redraw or a log line is due.
         now = time.monotonic()
+        due = REDRAW_EVERY_S if self.bar is not None else PROGRESS_LOG_EVERY_S
+        if now - self.last_shown < due and progress.done < progress.total:
+            return
+        self.last_shown = now
         rate = f"{progress.rate:.1f}"
         counts = {k: progress.by_state.get(k, 0) for k in ("sent", "failed", "unknown")}
         if self.bar is not None:
             if self.task is None:
                 self.task = self.bar.add_task("send", total=progress.total, rate=rate, **counts)
             self.bar.update(self.task, completed=progress.done, rate=rate, **counts)
-        elif now - self.last_log >= PROGRESS_LOG_EVERY_S:
+        else:
             import structlog
 
-            self.last_log = now
             structlog.get_logger("campaign.cli").info(
                 "progress", done=progress.done, total=progress.total, rate=float(rate), **counts
             )

@@ -31,6 +31,7 @@ _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _DETAIL_CHARS = 200
 MAX_ANSWER_BYTES = 64 * 1024
 _SUCCESS_BODIES = frozenset({b'{"success": true}', b'{"success":true}'})
+_SENT = Answer(http_status=200, success=True)
 # Shorter than the idle timeout of common servers (5 s): a connection the server closed
 # while idle would fail a request that it never received, and that failure looks the same
 # as a request that arrived: `unknown`.
@@ -142,8 +143,12 @@ class Dispatcher:
     async def run(self, batches: Iterator[list[Target]]) -> DispatchResult:
         if self.halt.is_set():
             return self.result
+        # sock_read restarts with every byte: the overall deadline stops a trickle. It is
+        # longer than sock_connect, so a connection that cannot be opened is told apart.
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.api.timeout_s, sock_read=self.api.timeout_s
+            total=self.api.timeout_s * 2,
+            sock_connect=self.api.timeout_s,
+            sock_read=self.api.timeout_s,
         )
         connector = aiohttp.TCPConnector(
             limit=self.limits.concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
@@ -251,16 +256,16 @@ class Dispatcher:
     async def _post(self, body: bytes) -> Answer:
         assert self._session is not None
         try:
-            # sock_read restarts with every byte: the overall deadline stops a trickle.
-            async with asyncio.timeout(self.api.timeout_s * 2):
-                async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
-                    raw = await _read_capped(resp.content, MAX_ANSWER_BYTES)
-                    return Answer(
-                        http_status=resp.status,
-                        success=_is_success(raw),
-                        retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-                        detail=_detail(resp.status, resp.reason, raw),
-                    )
+            async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
+                raw = await _read_capped(resp.content, MAX_ANSWER_BYTES)
+                if resp.status == 200 and raw in _SUCCESS_BODIES:
+                    return _SENT
+                return Answer(
+                    http_status=resp.status,
+                    success=_is_success(raw),
+                    retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
+                    detail=_detail(resp.status, resp.reason, raw),
+                )
         except aiohttp.ClientConnectorError as exc:
             return Answer(transport=Transport.CONNECT, detail=self._exc_text(exc))
         except aiohttp.ConnectionTimeoutError:

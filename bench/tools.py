@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ def start_sandbox(directory: Path, *options: str, record: bool = True) -> Sandbo
     if "listening on" not in line:
         process.kill()
         raise RuntimeError(f"sandbox did not start: {line}{process.stdout.read()}")
+    # Keep reading what it prints: a full pipe would block the sandbox mid-measure.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     return Sandbox(process, line.split("listening on ")[1].strip(), path)
 
 

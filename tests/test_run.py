@@ -214,7 +214,7 @@ def test_custom_auth_channel_without_phones(tmp_path: Path) -> None:
             },
         )
         done = cli("run", str(job), "--no-progress")
-        bodies = [r["body"] for r in box.records()]
+        bodies = sorted((r["body"] for r in box.records()), key=lambda b: b["emp_id"])
     finally:
         box.stop()
     assert done.returncode == 0, done.stderr

@@ -256,7 +256,6 @@ def _load(args: argparse.Namespace, path: str | None = None) -> Any:
 
 
 def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
-    import asyncio
 
     from campaign import logs
     from campaign.pipeline import RunControl, RunOptions, run_campaign
@@ -281,9 +280,21 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
         with _ProgressView(show_bar) as view:
             return await run_campaign(job, options, control, view.update)
 
-    outcome = asyncio.run(main())
+    outcome = _run_loop(main())
     _print_outcome(outcome)
     return outcome.exit_code
+
+
+def _run_loop(coroutine: Any) -> Any:
+    """Run on uvloop where it is installed: the same asyncio API, with less overhead per
+    request, which at full speed is what limits the send rate."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def _install_signal_handlers(control: RunControl) -> None:

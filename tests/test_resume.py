@@ -77,10 +77,11 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path) -> None:
         assert final.returncode in (0, 1), final.stdout + final.stderr
 
         received = Counter(box.phones())
-        assert max(received.values()) == 1, "a recipient received two requests"
+        twice = [phone for phone, n in received.items() if n > 1]
+        assert not twice, f"recipients that received two requests: {twice}"
         counts = statuses(results(tmp_path))
-        assert set(counts) <= {"sent", "unknown"}
-        assert counts.get("unknown", 0) <= concurrency * kills
+        assert set(counts) <= {"sent", "unknown"}, counts
+        assert counts.get("unknown", 0) <= concurrency * kills, counts
         assert sum(counts.values()) == rows
         unknown = counts.get("unknown", 0)
 

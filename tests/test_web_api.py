@@ -271,7 +271,8 @@ async def test_upload_map_validate_send_download(
         rerun = await call(
             http, "POST", f"/api/campaigns/{campaign}/start", 202, json={"only_failed": True}
         )
-        assert rerun["state"] == "running"
+        # Nothing failed, so the rerun has nothing to send and may be over already.
+        assert rerun["state"] in ("running", "done")
         assert (await final_state(http, campaign))["counts"]["sent"] == 43
 
     phones = assert_no_duplicates(sandbox)

@@ -9,12 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from campaign.sandbox import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL = "bench000-0000-4000-8000-000000000000"
@@ -56,20 +57,8 @@ class Sandbox:
 def start_sandbox(directory: Path, *options: str, record: bool = True) -> Sandbox:
     path = directory / f"record-{time.monotonic_ns()}.jsonl" if record else None
     extra = ["--record", str(path)] if path else []
-    process = subprocess.Popen(
-        [*campaign_command(), "sandbox", "--port", "0", *extra, *options],
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()  # blocks until the sandbox says it listens
-    if "listening on" not in line:
-        process.kill()
-        raise RuntimeError(f"sandbox did not start: {line}{process.stdout.read()}")
-    # Keep reading what it prints: a full pipe would block the sandbox mid-measure.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    return Sandbox(process, line.split("listening on ")[1].strip(), path)
+    process, url = spawn(campaign_command(), *extra, *options)
+    return Sandbox(process, url, path)
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import json
 import random
+import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -126,3 +128,24 @@ def serve_sandbox(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
     return 0
+
+
+def spawn(
+    command: list[str], *options: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start `COMMAND sandbox --port 0 OPTIONS` (tests, bench) and return the process and its
+    URL once it listens. What it prints later is read and dropped: a full pipe would block it."""
+    process = subprocess.Popen(
+        [*command, "sandbox", "--port", "0", *options],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # blocks until the sandbox says it listens
+    if "listening on" not in line:
+        process.kill()
+        raise RuntimeError(f"sandbox did not start: {line}{process.stdout.read()}")
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process, line.split("listening on ")[1].strip()

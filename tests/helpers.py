@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from campaign.sandbox import spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL = "11111111-2222-4333-8444-555555555555"
 
@@ -139,32 +141,14 @@ class Sandbox:
 
 def start_sandbox(directory: Path, *options: str) -> Sandbox:
     record = directory / f"record-{time.monotonic_ns()}.jsonl"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "campaign",
-            "sandbox",
-            "--port",
-            "0",
-            "--record",
-            str(record),
-            *options,
-        ],
+    process, url = spawn(
+        [sys.executable, "-m", "campaign"],
+        "--record",
+        str(record),
+        *options,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()  # blocks until the sandbox says it listens
-    if "listening on" not in line:
-        process.kill()
-        raise RuntimeError(f"sandbox did not start: {line}{process.stdout.read()}")
-    # Keep reading what it prints (aiohttp reports clients killed mid-request): a full pipe
-    # would block the sandbox.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    return Sandbox(process, line.split("listening on ")[1].strip(), record)
+    return Sandbox(process, url, record)
 
 
 # --- scriptable fault servers, in a thread of their own ---------------------------------------

@@ -232,12 +232,11 @@ def _report(ledger: Ledger, directory: Path, recovered: int) -> dict[str, Any]:
     """Rewrite the report, unless nothing it shows can have changed since it was written:
     same input rows, no request since, nothing recovered (a no-op rerun of a big campaign
     should not spend its time rewriting an identical file)."""
-    stamp = json.dumps(
-        [ledger.get_meta("input_fingerprint"), ledger.total_requests(), ledger.counts()]
-    )
+    counts = ledger.counts()
+    stamp = json.dumps([ledger.get_meta("input_fingerprint"), ledger.total_requests(), counts])
     unchanged = not recovered and ledger.get_meta("report_stamp") == stamp
     if unchanged and (directory / RESULTS_FILE).is_file():
-        return write_summary(ledger, directory, directory.name)
+        return write_summary(ledger, directory, directory.name, counts)
     summary = write_report(ledger, directory, directory.name)
     ledger.set_meta(report_stamp=stamp)
     return summary

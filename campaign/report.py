@@ -40,16 +40,21 @@ def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, An
     return write_summary(ledger, directory, campaign)
 
 
-def write_summary(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
-    summary = summarize(ledger, campaign)
+def write_summary(
+    ledger: Ledger, directory: Path, campaign: str, counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    summary = summarize(ledger, campaign, counts)
     with atomic_write(directory / SUMMARY_FILE) as out:
         json.dump(summary, out, indent=2)
         out.write("\n")
     return summary
 
 
-def summarize(ledger: Ledger, campaign: str) -> dict[str, Any]:
-    counts = ledger.counts()
+def summarize(
+    ledger: Ledger, campaign: str, counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """`counts`: the ledger's counts, when the caller has just read them."""
+    counts = counts if counts is not None else ledger.counts()
     summary: dict[str, Any] = {
         "campaign": campaign,
         "rows": sum(counts.values()),

@@ -1,20 +1,24 @@
 """Dispatch: send to every target once, within the rate and concurrency limits.
 
-A fixed pool of workers takes targets from a bounded queue, so memory does not grow with
-the campaign, and each worker turns whatever happens to its target into a recorded
-outcome. The order for one request is the contract's: take the rate-limit slot, have the
-ledger commit the attempt as in flight, then send. Attempts that start together share one
-commit (`LedgerWriter`), which keeps the ledger off the hot path without ever letting a
-request leave before its record is durable.
+A fixed pool of workers takes targets straight from the ledger's stream, so memory does
+not grow with the campaign, and each worker turns whatever happens to its target into a
+recorded outcome. The order for one request is the contract's: take the rate-limit slot,
+have the ledger commit the attempt as in flight, then send. Attempts that start together
+share one commit (`LedgerWriter`), made in a thread of its own on a connection of its
+own: while one fsync runs, the loop goes on answering and queueing the next batch, and no
+request leaves before its record is on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import itertools
 import json
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import structlog
@@ -24,6 +28,7 @@ from campaign.ledger import Ledger, Outcome, Target
 from campaign.policy import Answer, Decision, Transport, decide, parse_retry_after
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import RateLimiter
+from campaign.report import iso_utc
 
 log = structlog.get_logger(__name__)
 
@@ -36,22 +41,31 @@ _SENT = Answer(http_status=200, success=True)
 # while idle would fail a request that it never received, and that failure looks the same
 # as a request that arrived: `unknown`.
 KEEPALIVE_S = 2.0
+T = TypeVar("T")
 
 
 class LedgerWriter:
-    """Group commit: every op queued while the last transaction ran goes into the next."""
+    """Group commit: every op queued while the last transaction ran goes into the next.
 
-    def __init__(self, ledger: Ledger, run_id: int) -> None:
-        self.ledger = ledger
+    `begin` resolves once the attempt is committed. If the ledger fails, every waiting and
+    later `begin` raises that error, so no request leaves unrecorded; outcomes that could
+    not be written leave their recipients in flight, which the next start makes `unknown`.
+    """
+
+    def __init__(self, ledger_path: Path, run_id: int) -> None:
+        self.ledger_path = ledger_path
         self.run_id = run_id
         self._begins: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._outcomes: list[Outcome] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        self._ledger: Ledger | None = None
 
     async def begin(self, recipient_id: int, n: int) -> bool:
-        """Resolves once the attempt is committed; False if the recipient is already sent."""
+        """True once the attempt is committed; False if the recipient is already sent."""
         if self._error is not None:
             raise self._error
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -63,43 +77,56 @@ class LedgerWriter:
         self._outcomes.append(outcome)
         self._wake.set()
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        self._ledger = await self._in_thread(Ledger, self.ledger_path)
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def close(self) -> None:
         """Commit everything queued, then stop."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._flush()
+            await self._task
+        if self._ledger is not None:
+            await self._in_thread(self._ledger.close)
+        self._thread.shutdown(wait=True)
 
     async def _run(self) -> None:
-        while True:
+        while self._error is None:
             await self._wake.wait()
             self._wake.clear()
             # Let every worker that is ready queue its op, so they share this commit.
             await asyncio.sleep(0)
-            self._flush()
+            if self._begins or self._outcomes:
+                await self._commit_queued()
+            elif self._closing:
+                return
 
-    def _flush(self) -> None:
+    async def _commit_queued(self) -> None:
         begins, self._begins = self._begins, []
         outcomes, self._outcomes = self._outcomes, []
         try:
-            if outcomes:
-                self.ledger.finish_attempts(outcomes)
-            if begins:
-                started = self.ledger.begin_attempts(
-                    self.run_id, [(rid, n) for rid, n, _ in begins]
-                )
+            started = await self._in_thread(self._commit, [(r, n) for r, n, _ in begins], outcomes)
         except Exception as exc:
             self._error = exc
-            for *_, future in begins:
+            log.error("the ledger cannot be written; stopping", error=repr(exc))
+            for _, _, future in begins + self._begins:
                 if not future.done():
                     future.set_exception(exc)
-            raise
-        for (_, _, future), ok in zip(begins, started if begins else [], strict=True):
+            return
+        for (_, _, future), ok in zip(begins, started, strict=True):
             if not future.done():
                 future.set_result(ok)
+        self._wake.set()  # ops queued during the commit go into the next one
+
+    def _commit(self, begins: list[tuple[int, int]], outcomes: list[Outcome]) -> list[bool]:
+        assert self._ledger is not None
+        if outcomes:
+            self._ledger.finish_attempts(outcomes)
+        return self._ledger.begin_attempts(self.run_id, begins) if begins else []
+
+    async def _in_thread(self, call: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
 
 
 class Dispatcher:
@@ -119,8 +146,9 @@ class Dispatcher:
         self.on_progress = on_progress or (lambda _p: None)
         self.halt = asyncio.Event()
         self.result = DispatchResult()
-        self._fatal_streak = 0
-        self._unreachable_streak = 0
+        # Recipients in a row whose final outcome was of one kind (`_streak_of`).
+        self._streak: tuple[str | None, int] = (None, 0)
+        self._crash: BaseException | None = None
         self._limiter = RateLimiter(limits.rate_per_second)
         self._session: aiohttp.ClientSession | None = None
         self._busy: dict[asyncio.Task[None], bool] = {}
@@ -164,13 +192,21 @@ class Dispatcher:
                 for i in range(self.limits.concurrency)
             ]
             self._busy = dict.fromkeys(tasks, False)
+            # Every worker ends (its request in flight answered and recorded) before the
+            # session closes, even when one of them hit an error.
             await asyncio.gather(*tasks)
+        if self._crash is not None:
+            raise self._crash
         return self.result
 
     async def _worker(self, targets: Iterator[Target]) -> None:
         with _quiet_when(self.halt):
-            while not self.halt.is_set() and (target := next(targets, None)) is not None:
-                await self._deliver(target)
+            try:
+                while not self.halt.is_set() and (target := next(targets, None)) is not None:
+                    await self._deliver(target)
+            except Exception as exc:  # the ledger failed: nothing more may leave
+                self._crash = self._crash or exc
+                self._halt()
 
     async def _deliver(self, target: Target) -> None:
         task = asyncio.current_task()
@@ -204,9 +240,7 @@ class Dispatcher:
             await asyncio.sleep(decision.retry_in_s)
 
     def _record(self, target: Target, attempt: int, answer: Answer, decision: Decision) -> None:
-        sent_at = None
-        if decision.state == "sent":
-            sent_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        sent_at = iso_utc(time.time()) if decision.state == "sent" else None
         self.writer.finish(
             Outcome(target.id, attempt, decision.state, answer.http_status, decision.error, sent_at)
         )
@@ -232,26 +266,29 @@ class Dispatcher:
         self.on_progress(self.progress)
 
     def _watch_streaks(self, answer: Answer, decision: Decision) -> None:
-        """Abort after `abort_after_fatal` fatal answers (or final connect failures) in a row."""
-        self._fatal_streak = self._fatal_streak + 1 if decision.fatal else 0
-        unreachable = answer.transport is Transport.CONNECT and decision.state != "pending"
-        if decision.state != "pending" or answer.transport is None:
-            self._unreachable_streak = self._unreachable_streak + 1 if unreachable else 0
-        limit = self.limits.abort_after_fatal
-        if self._fatal_streak >= limit and not self.result.aborted:
+        """Abort when `abort_after_fatal` recipients in a row end the same bad way: a fatal
+        answer (401/403/404), or no connection even after every retry. Any other outcome,
+        and any answer while retrying, breaks the streak."""
+        if decision.state == "pending" and answer.transport is Transport.CONNECT:
+            return  # still trying to connect: this recipient's end decides
+        kind = _streak_of(answer, decision)
+        last, count = self._streak
+        count = count + 1 if kind is not None and kind == last else 1
+        self._streak = (kind, count)
+        if kind is None or count < self.limits.abort_after_fatal or self.result.aborted:
+            return
+        if kind == "fatal":
             self.result.aborted = (
-                f"{self._fatal_streak} fatal answers in a row (last: HTTP {answer.http_status}); "
+                f"{count} fatal answers in a row (last: HTTP {answer.http_status}); "
                 "check api.base_url and api.channel_uuid"
             )
-            log.error("aborting", reason="fatal answers", http_status=answer.http_status)
-            self._halt()
-        elif self._unreachable_streak >= limit and not self.result.aborted:
+        else:
             self.result.aborted = (
-                f"the API could not be reached for {self._unreachable_streak} recipients in a "
-                f"row, each after {self.limits.max_attempts} attempts ({answer.detail})"
+                f"the API could not be reached for {count} recipients in a row, each after "
+                f"{self.limits.max_attempts} attempts ({answer.detail})"
             )
-            log.error("aborting", reason="API unreachable")
-            self._halt()
+        log.error("aborting", reason=kind, http_status=answer.http_status)
+        self._halt()
 
     async def _post(self, body: bytes) -> Answer:
         assert self._session is not None
@@ -304,6 +341,14 @@ class _quiet_when:
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
         return kind is asyncio.CancelledError and self.halt.is_set()
+
+
+def _streak_of(answer: Answer, decision: Decision) -> str | None:
+    if decision.fatal:
+        return "fatal"
+    if decision.state != "pending" and answer.transport is Transport.CONNECT:
+        return "unreachable"
+    return None
 
 
 def _is_success(raw: bytes) -> bool:

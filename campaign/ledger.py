@@ -1,8 +1,8 @@
 """The ledger: one SQLite database per campaign, the single source of truth.
 
 Tables:
-    meta        campaign facts (id, job, input columns)
-    recipients  one per recipient key: payload, state, attempts, last answer
+    meta        campaign facts (id, job, origin, mapping, input columns, report stamp)
+    recipients  one per recipient key: payload, state, attempts, last answer, last row
     attempts    one per HTTP request: when, outcome
     rows        the latest input, row by row: cells, and ok / invalid / duplicate
     runs        one per command that ran: when, how it ended
@@ -12,8 +12,12 @@ A recipient is `inflight` only while its request is open; the state is committed
 the request leaves (`Ledger.begin_attempts`), so a crash leaves it `inflight`, and the
 next start turns it into `unknown` (`Ledger.recover`).
 
-WAL with synchronous=NORMAL: a commit survives the process being killed (it is in the
-WAL file), though not a power cut; per-request fsync would cost more than the requests.
+Durability: WAL with synchronous=FULL, so every commit is fsynced before it returns and
+an in-flight record survives a power cut, not only a killed process. The dispatcher
+batches the attempts that start together into one commit (one fsync).
+
+Every committed change bumps `meta.generation`; a report stamped with the generation it
+was written at is known to be current (`report.report_is_current`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from typing import Any
 LEDGER_FILE = "ledger.sqlite"
 SENDABLE = ("pending", "failed")
 STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate")
+SCHEMA_VERSION = 2
+# States in which a request may have reached the API: such a person stays in every report.
+MAYBE_REACHED = ("sent", "unknown", "inflight")
+
+LedgerError = sqlite3.Error
 
 _ROWS_COLUMNS = """
     row INTEGER PRIMARY KEY,
@@ -41,6 +50,7 @@ _ROWS_COLUMNS = """
 """
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0');
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
@@ -50,7 +60,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     attempts INTEGER NOT NULL DEFAULT 0,
     http_status INTEGER,
     error TEXT,
-    sent_at TEXT
+    sent_at TEXT,
+    row INTEGER
 );
 CREATE TABLE IF NOT EXISTS attempts (
     recipient_id INTEGER NOT NULL,
@@ -74,6 +85,35 @@ CREATE TABLE IF NOT EXISTS runs (
     requests INTEGER NOT NULL DEFAULT 0
 );
 """.replace("{ROWS_COLUMNS}", _ROWS_COLUMNS)
+
+# The results, one line per input row in input order, then the people who may have been
+# reached but are in no row of the current input (invariant 4: once sent, always shown).
+# A row shows its person's state when it is a sendable row, or when its person was
+# reached before the row became unusable. Read by the report and by the counts alike.
+_RESULTS_VIEW = f"""
+CREATE TEMP VIEW IF NOT EXISTS results AS
+SELECT rows.row AS row, rows.row AS ord, rows.cells AS cells,
+    CASE WHEN p.id IS NULL THEN rows.status
+         WHEN p.state = 'inflight' THEN 'unknown' ELSE p.state END AS status,
+    coalesce(p.to_phone, rows.to_phone) AS to_phone,
+    p.attempts AS attempts, p.http_status AS http_status,
+    CASE WHEN p.id IS NULL THEN rows.error
+         WHEN rows.status = 'invalid'
+         THEN coalesce(CASE p.state WHEN 'sent' THEN 'sent earlier' ELSE p.error END, '')
+              || '; the row now: ' || rows.error
+         ELSE p.error END AS error,
+    p.sent_at AS sent_at
+FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
+    rows.status = 'ok' OR (rows.status = 'invalid' AND p.state IN {MAYBE_REACHED}))
+UNION ALL
+SELECT NULL, p.row, NULL, CASE p.state WHEN 'inflight' THEN 'unknown' ELSE p.state END,
+    p.to_phone, p.attempts, p.http_status,
+    'not in the current input' || coalesce(' (was row ' || p.row || ')', '')
+        || coalesce('; ' || p.error, ''),
+    p.sent_at
+FROM recipients p
+WHERE p.state IN {MAYBE_REACHED} AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.key = p.key)
+"""
 
 
 @dataclass(frozen=True)
@@ -110,19 +150,58 @@ class RunInfo:
 
 
 class Ledger:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
+        if readonly:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self.db.execute("PRAGMA busy_timeout=5000")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self._migrate()
+            self.db.execute(_RESULTS_VIEW)
+        except sqlite3.Error:
+            self.db.close()
+            raise
+
+    @classmethod
+    def reader(cls, path: Path | str) -> Ledger:
+        """A read-only connection: for looking at a campaign another process may own. A
+        ledger of an older schema is upgraded first (a short write, like any other)."""
+        if not Path(path).is_file():
+            raise sqlite3.OperationalError(f"{path}: no ledger")
+        ledger = cls(path, readonly=True)
+        if ledger._version() >= SCHEMA_VERSION:
+            return ledger
+        ledger.close()
+        return cls(path)
+
+    def _version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        """Create the schema, or upgrade a ledger written by an older version in place."""
+        if self._version() >= SCHEMA_VERSION:
+            return
         self.db.executescript(_SCHEMA)
+        with self.transaction(changes=False):
+            if self._version() >= SCHEMA_VERSION:
+                return  # another process upgraded it meanwhile
+            columns = {c[1] for c in self.db.execute("PRAGMA table_info(recipients)")}
+            if "row" not in columns:  # version 1
+                self.db.execute("ALTER TABLE recipients ADD COLUMN row INTEGER")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self) -> _Transaction:
-        return _Transaction(self.db)
+    def transaction(self, changes: bool = True) -> _Transaction:
+        """BEGIN IMMEDIATE ... COMMIT; `changes`: the report may change (bump generation)."""
+        return _Transaction(self.db, changes)
 
     # --- meta --------------------------------------------------------------------------
 
@@ -130,13 +209,26 @@ class Ledger:
         found = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(found[0]) if found else None
 
+    def all_meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
     def set_meta(self, **values: Any) -> None:
-        with self.transaction():
+        self._set_meta(values, changes=True)
+
+    def set_report_stamp(self, stamp: Any) -> None:
+        """Recording what the report shows changes nothing the report shows."""
+        self._set_meta({"report_stamp": stamp}, changes=False)
+
+    def _set_meta(self, values: dict[str, Any], changes: bool) -> None:
+        with self.transaction(changes):
             self.db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [(k, json.dumps(v)) for k, v in values.items()],
+                [(k, json.dumps(v, ensure_ascii=False)) for k, v in values.items()],
             )
+
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
 
     # --- runs --------------------------------------------------------------------------
 
@@ -196,7 +288,7 @@ class Ledger:
         db.execute("DROP TABLE IF EXISTS rows_new")
         db.execute(f"CREATE TABLE rows_new ({_ROWS_COLUMNS})")
         for chunk in chunks:
-            with self.transaction():
+            with self.transaction(changes=False):
                 db.executemany(
                     "INSERT INTO rows_new (row, cells, status, key, payload, to_phone, error) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -214,6 +306,7 @@ class Ledger:
                     ),
                 )
         with self.transaction():
+            db.execute("DROP VIEW IF EXISTS temp.results")
             db.execute("DROP TABLE rows")
             db.execute("CREATE INDEX rows_key ON rows_new (key, row)")
             db.execute(
@@ -224,12 +317,14 @@ class Ledger:
                 "  WHERE f.key = rows_new.key AND f.status = 'ok')"
             )
             db.execute(
-                "INSERT INTO recipients (key, payload, to_phone) "
-                "SELECT key, payload, to_phone FROM rows_new WHERE status = 'ok' "
-                "ON CONFLICT (key) DO UPDATE SET payload = excluded.payload, "
-                "to_phone = excluded.to_phone WHERE recipients.state != 'sent'"
+                "INSERT INTO recipients (key, payload, to_phone, row) "
+                "SELECT key, payload, to_phone, row FROM rows_new WHERE status = 'ok' "
+                "ON CONFLICT (key) DO UPDATE SET row = excluded.row, "
+                "payload = CASE WHEN state = 'sent' THEN payload ELSE excluded.payload END, "
+                "to_phone = CASE WHEN state = 'sent' THEN to_phone ELSE excluded.to_phone END"
             )
             db.execute("ALTER TABLE rows_new RENAME TO rows")
+            db.execute(_RESULTS_VIEW)
             db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -238,6 +333,21 @@ class Ledger:
                     ("input_fingerprint", json.dumps(fingerprint)),
                 ],
             )
+
+    def has_rows(self) -> bool:
+        return self.db.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is not None
+
+    def rows_with_status(
+        self, status: str, offset: int = 0, limit: int = 50
+    ) -> tuple[int, list[tuple[int, str, list[str]]]]:
+        """(how many, a page of (row, reason, cells)) of the input's rows with `status`
+        (invalid, duplicate) as the input gave it."""
+        total = self.db.execute("SELECT count(*) FROM rows WHERE status = ?", (status,))
+        found = self.db.execute(
+            "SELECT row, error, cells FROM rows WHERE status = ? ORDER BY row LIMIT ? OFFSET ?",
+            (status, limit, offset),
+        )
+        return total.fetchone()[0], [(r, e, json.loads(c)) for r, e, c in found]
 
     # --- sending -----------------------------------------------------------------------
 
@@ -309,42 +419,26 @@ class Ledger:
 
     # --- report ------------------------------------------------------------------------
 
-    def report_rows(self) -> Iterator[tuple[str, ...]]:
-        """(cells JSON, _row, _status, _to_phone, _attempts, _http_status, _error, _sent_at),
-        every value as text, in input order."""
+    def report_rows(self) -> Iterator[tuple[Any, ...]]:
+        """(cells JSON or None, _row, _status, _to_phone, _attempts, _http_status, _error,
+        _sent_at), every result as text: the input's rows in order, then the people who
+        may have been reached but are in no row of it (cells None, _row empty)."""
         return self.db.execute(
-            "SELECT rows.cells, CAST(rows.row AS TEXT), "
-            "CASE WHEN rows.status != 'ok' THEN rows.status "
-            "     WHEN r.state = 'inflight' THEN 'unknown' ELSE r.state END, "
-            "coalesce(r.to_phone, rows.to_phone, ''), "
-            "CASE WHEN rows.status = 'ok' THEN CAST(r.attempts AS TEXT) ELSE '' END, "
-            "coalesce(CASE WHEN rows.status = 'ok' THEN CAST(r.http_status AS TEXT) END, ''), "
-            "coalesce(CASE WHEN rows.status = 'ok' THEN r.error ELSE rows.error END, ''), "
-            "coalesce(CASE WHEN rows.status = 'ok' THEN r.sent_at END, '') "
-            "FROM rows LEFT JOIN recipients r ON r.key = rows.key AND rows.status = 'ok' "
-            "ORDER BY rows.row"
+            "SELECT cells, coalesce(CAST(row AS TEXT), ''), status, coalesce(to_phone, ''), "
+            "coalesce(CAST(attempts AS TEXT), ''), coalesce(CAST(http_status AS TEXT), ''), "
+            "coalesce(error, ''), coalesce(sent_at, '') "
+            "FROM results ORDER BY row IS NULL, ord"
         )
 
     def counts(self) -> dict[str, int]:
+        """Lines of the report per status."""
         counts = dict.fromkeys(STATUSES, 0)
-        for status, n in self.db.execute(
-            "SELECT CASE WHEN rows.status != 'ok' THEN rows.status "
-            "WHEN r.state = 'inflight' THEN 'unknown' ELSE r.state END, count(*) "
-            "FROM rows LEFT JOIN recipients r ON r.key = rows.key AND rows.status = 'ok' "
-            "GROUP BY 1"
-        ):
-            counts[status] = n
+        counts.update(self.db.execute("SELECT status, count(*) FROM results GROUP BY status"))
         return counts
 
     def total_requests(self) -> int:
         """Requests ever made for this campaign, whoever is in the input now."""
         return self.db.execute("SELECT count(*) FROM attempts").fetchone()[0]
-
-    def total_attempts(self) -> int:
-        return self.db.execute(
-            "SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id "
-            "JOIN rows ON rows.key = r.key AND rows.status = 'ok'"
-        ).fetchone()[0]
 
 
 @dataclass(frozen=True)
@@ -358,17 +452,24 @@ class Outcome:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit)."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit).
+    A transaction that may change the report also bumps `meta.generation`."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, changes: bool) -> None:
         self.db = db
+        self.changes = changes
 
     def __enter__(self) -> sqlite3.Connection:
         self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
-        if kind is None:
-            self.db.execute("COMMIT")
-        else:
+        if kind is not None:
             self.db.execute("ROLLBACK")
+            return
+        if self.changes:
+            self.db.execute(
+                "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+                "WHERE key = 'generation'"
+            )
+        self.db.execute("COMMIT")

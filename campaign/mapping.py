@@ -186,16 +186,17 @@ class Mapper:
             payload.setdefault(name, value)
         if row.problem:
             error = row.problem
+        parts = [payload.get(k) for k in self.recipient_key]
+        missing = [k for k, v in zip(self.recipient_key, parts, strict=True) if not v]
+        if error is None and missing:
+            error = f"recipient key {', '.join(missing)} is empty"
+        elif error is None and not payload:
+            error = "nothing to send: every mapped cell is empty"
+        # The person the row names, even when the row cannot be sent as it is: a person
+        # reached earlier keeps showing as reached (ledger: the results view).
         key = None
-        if error is None:
-            parts = [payload.get(k) for k in self.recipient_key]
-            missing = [k for k, v in zip(self.recipient_key, parts, strict=True) if not v]
-            if missing:
-                error = f"recipient key {', '.join(missing)} is empty"
-            elif not payload:
-                error = "nothing to send: every mapped cell is empty"
-            else:
-                key = parts[0] if len(parts) == 1 else json.dumps(parts, ensure_ascii=False)
+        if not missing:
+            key = parts[0] if len(parts) == 1 else json.dumps(parts, ensure_ascii=False)
         return MappedRow(
             row=row.number,
             cells=row.cells,
@@ -204,6 +205,18 @@ class Mapper:
             to_phone=to_phone,
             error=error,
         )
+
+    def effective(self) -> dict[str, object]:
+        """The mapping as it applies to this sheet, by column name: two mappings with the
+        same effective form send every person the same payload under the same key."""
+        return {
+            "to_phone": self.phone_name,
+            "default_region": self.region,
+            "require_phone": self.require_phone,
+            "params": {param: name.strip() for param, _, name in self.params},
+            "constants": dict(self.constants),
+            "recipient_key": list(self.recipient_key),
+        }
 
     def map_chunks(self, sheet: Sheet) -> Iterator[list[MappedRow]]:
         for chunk in sheet.chunks:

@@ -1,8 +1,11 @@
 """The pipeline: load -> map -> ledger -> dispatch -> report, for the CLI and the web app.
 
-`run_campaign` is the one entry point. It settles what an earlier run left in flight
-before reading new input, decides what to send from the ledger alone, and always ends by
-writing the report, whether the run finished, aborted or was interrupted.
+`run_campaign` is the one entry point. It takes the campaign (its lock, and under it every
+decision about the campaign's directory), settles what an earlier run left in flight
+before reading new input, checks that people are mapped as they were when requests went
+out, decides what to send from the ledger alone, and writes the report when a run ends,
+whether it finished, aborted or was interrupted. Everything that blocks (locks, SQLite,
+files) runs in a thread, so the web server's other campaigns keep moving meanwhile.
 """
 
 from __future__ import annotations
@@ -11,25 +14,36 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
 from campaign import __version__
-from campaign.errors import UsageError
-from campaign.job import CAMPAIGN_ID, Job
+from campaign.errors import InputError, UsageError
+from campaign.job import CAMPAIGN_ID, Job, Mapping
 from campaign.ledger import SENDABLE, Ledger, MappedRow
-from campaign.load import open_sheet
+from campaign.load import Sheet, open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
 from campaign.progress import DispatchResult, Progress
-from campaign.report import RESULTS_FILE, write_report, write_summary
-from campaign.store import LOG_FILE, check_unfinished, job_lock, open_campaign
+from campaign.report import (
+    RESULTS_FILE,
+    report_is_current,
+    write_report,
+    write_summary,
+)
+from campaign.store import (
+    LOG_FILE,
+    MAPPING_FILE,
+    OpenCampaign,
+    check_unfinished,
+    job_lock,
+    open_campaign,
+)
 
 if TYPE_CHECKING:
     from campaign.dispatch import Dispatcher
@@ -48,6 +62,12 @@ class RunOptions:
     only_failed: bool = False
     resend_unknown: bool = False
     dry_run: bool = False
+    # Who runs it: a campaign made on the page and continued from the command line keeps
+    # the page's mapping (the job file's is only the page's default).
+    origin: Literal["cli", "page"] = "cli"
+    # Send what the ledger holds, with the campaign's stored mapping, reading no input:
+    # the page continuing a campaign of the command line.
+    reuse_rows: bool = False
 
 
 @dataclass
@@ -98,51 +118,52 @@ async def run_campaign(
 ) -> RunOutcome:
     control = control or RunControl()
     campaign = campaign_id_for(job, options)
-    output_dir = Path(job.output_dir)
-    input_path = options.input or job.input
-    if not input_path:
+    if not (options.input or job.input or options.reuse_rows):
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
-
-    directory = output_dir / campaign
-    created = not directory.exists()
-    try:
-        with contextlib.ExitStack() as hold:
-            with job_lock(output_dir, job.name):
-                if not options.dry_run and not options.campaign and not options.new:
-                    check_unfinished(output_dir, job.name, campaign)
-                ledger = hold.enter_context(open_campaign(output_dir, campaign, job.name))
-            log_to_file(campaign, directory / LOG_FILE)
-            structlog.contextvars.bind_contextvars(campaign=campaign)
-            try:
-                return await _run_locked(job, options, control, on_progress, ledger, directory)
-            finally:
-                structlog.contextvars.unbind_contextvars("campaign")
-                log_to_file(campaign, None)
-    except UsageError:
-        if created:
-            # An unusable input leaves no empty campaign behind to confuse the next run.
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
+    with contextlib.ExitStack() as hold:
+        owned = await asyncio.to_thread(_take, hold, job, options, campaign)
+        log_to_file(campaign, owned.directory / LOG_FILE)
+        structlog.contextvars.bind_contextvars(campaign=campaign)
+        try:
+            return await _run_owned(job, options, control, on_progress, owned)
+        except UsageError:
+            if owned.fresh and not owned.ledger.total_requests():
+                owned.discard()  # an unusable input leaves no empty campaign behind
+            raise
+        finally:
+            structlog.contextvars.unbind_contextvars("campaign")
+            log_to_file(campaign, None)
+    raise AssertionError("unreachable")
 
 
-async def _run_locked(
+def _take(hold: contextlib.ExitStack, job: Job, options: RunOptions, campaign: str) -> OpenCampaign:
+    """Own the campaign: under the job's lock, the midnight guard and the campaign's lock
+    are one step. Nothing is created or removed before the campaign's lock is held."""
+    output_dir = Path(job.output_dir)
+    with job_lock(output_dir, job.name):
+        if not options.dry_run and not options.campaign and not options.new:
+            check_unfinished(output_dir, job.name, campaign)
+        return hold.enter_context(open_campaign(output_dir, campaign, job.name, options.origin))
+
+
+async def _run_owned(
     job: Job,
     options: RunOptions,
     control: RunControl,
     on_progress: Callable[[Progress], None] | None,
-    ledger: Ledger,
-    directory: Path,
+    owned: OpenCampaign,
 ) -> RunOutcome:
+    ledger, directory = owned.ledger, owned.directory
     campaign = directory.name
-    recovered = ledger.recover()
+    recovered = await asyncio.to_thread(ledger.recover)
     if recovered:
         log.warning("in-flight recipients of an earlier run marked unknown", count=recovered)
 
     started = time.monotonic()
     try:
-        await asyncio.to_thread(_load_input, ledger, job, options, control)
+        job = await asyncio.to_thread(_load_input, ledger, job, options, control, directory)
     except Interrupted:
-        summary = write_report(ledger, directory, campaign)
+        summary = await asyncio.to_thread(_report, ledger, directory)
         return RunOutcome(
             campaign,
             directory,
@@ -154,7 +175,7 @@ async def _run_locked(
     log.info("input mapped", seconds=round(time.monotonic() - started, 2), **_counts(ledger))
 
     if options.dry_run:
-        summary = write_report(ledger, directory, campaign)
+        summary = await asyncio.to_thread(write_report, ledger, directory, campaign)
         code = EXIT_INCOMPLETE if summary["counts"]["invalid"] else EXIT_OK
         return RunOutcome(
             campaign,
@@ -168,8 +189,8 @@ async def _run_locked(
     states: tuple[str, ...] = ("failed",) if options.only_failed else SENDABLE
     if options.resend_unknown:
         states += ("unknown",)
-    run_id = ledger.start_run("run")
-    total = ledger.count_targets(states)
+    run_id = await asyncio.to_thread(ledger.start_run, "run")
+    total = await asyncio.to_thread(ledger.count_targets, states)
     progress = control.progress = Progress(total=total)
     log.info(
         "sending",
@@ -182,8 +203,8 @@ async def _run_locked(
         result = await _send(job, ledger, run_id, states, control, on_progress)
         state = "aborted" if result.aborted else "interrupted" if result.interrupted else "finished"
     finally:
-        ledger.end_run(run_id, state)
-        summary = _report(ledger, directory, recovered)
+        await asyncio.to_thread(ledger.end_run, run_id, state)
+        summary = await asyncio.to_thread(_report, ledger, directory)
 
     counts = summary["counts"]
     if result.aborted:
@@ -216,40 +237,50 @@ async def _send(
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
-    writer = LedgerWriter(ledger, run_id)
+    writer = LedgerWriter(ledger.path, run_id)
+    dispatcher = Dispatcher(job.api, job.limits, writer, control.progress, on_progress)
+    control.dispatcher = dispatcher
+    if control.stopping:
+        dispatcher.stop()
+    await writer.start()
     try:
-        dispatcher = Dispatcher(job.api, job.limits, writer, control.progress, on_progress)
-        control.dispatcher = dispatcher
-        if control.stopping:
-            dispatcher.stop()
-        writer.start()
         return await dispatcher.run(ledger.targets(states))
     finally:
         await writer.close()
 
 
-def _report(ledger: Ledger, directory: Path, recovered: int) -> dict[str, Any]:
-    """Rewrite the report, unless nothing it shows can have changed since it was written:
-    same input rows, no request since, nothing recovered (a no-op rerun of a big campaign
-    should not spend its time rewriting an identical file)."""
-    counts = ledger.counts()
-    stamp = json.dumps([ledger.get_meta("input_fingerprint"), ledger.total_requests(), counts])
-    unchanged = not recovered and ledger.get_meta("report_stamp") == stamp
-    if unchanged and (directory / RESULTS_FILE).is_file():
-        return write_summary(ledger, directory, directory.name, counts)
-    summary = write_report(ledger, directory, directory.name)
-    ledger.set_meta(report_stamp=stamp)
-    return summary
+def _report(ledger: Ledger, directory: Path) -> dict[str, Any]:
+    """Rewrite the report, unless the results.csv there is the one written from this very
+    ledger state (a no-op rerun of a big campaign should not rewrite an identical file)."""
+    if report_is_current(ledger, directory):
+        return write_summary(ledger, directory, directory.name)
+    return write_report(ledger, directory, directory.name)
 
 
-def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunControl) -> None:
+def _load_input(
+    ledger: Ledger, job: Job, options: RunOptions, control: RunControl, directory: Path
+) -> Job:
+    """Map the input into the ledger; returns the job as this campaign is run (its mapping
+    may be the campaign's own, see `_own_mapping`)."""
+    own = _own_mapping(ledger, directory)
+    page_campaign_from_cli = _made_on_page(ledger) and options.origin == "cli"
+    if own is not None and (options.reuse_rows or page_campaign_from_cli):
+        job = job.model_copy(update={"mapping": own})
+    if options.reuse_rows or (page_campaign_from_cli and not options.input):
+        if not ledger.has_rows():
+            raise UsageError(
+                f"campaign {directory.name} has no rows yet (validate it on the page first, "
+                "or give the input with --input)"
+            )
+        log.info("continuing with the campaign's own rows and mapping")
+        return job
     path = Path(options.input or job.input or "")
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
-    _keep_recipient_key(ledger, list(job.mapping.recipient_key))
+    _keep_mapping(ledger, job.mapping, sheet)
     fingerprint = _fingerprint(path, job)
     if ledger.get_meta("input_fingerprint") == fingerprint:
-        return  # the same file under the same mapping: the ledger's rows are this input
+        return job  # the same file under the same mapping: the ledger's rows are this input
 
     def chunks() -> Iterator[list[MappedRow]]:
         for chunk in mapper.map_chunks(sheet):
@@ -258,21 +289,86 @@ def _load_input(ledger: Ledger, job: Job, options: RunOptions, control: RunContr
             yield chunk
 
     ledger.replace_rows(chunks(), sheet.columns, fingerprint)
+    return job
 
 
-def _keep_recipient_key(ledger: Ledger, key: list[str]) -> None:
-    """A campaign's recipient key cannot change once a request went out: under a new key
-    everyone would be a new person, and be sent to again."""
-    stored = ledger.get_meta("recipient_key")
-    if stored == key:
+def _made_on_page(ledger: Ledger) -> bool:
+    origin = ledger.get_meta("origin")
+    return origin == "page" or (origin is None and str(ledger.get_meta("job")).endswith(".web"))
+
+
+def _own_mapping(ledger: Ledger, directory: Path) -> Mapping | None:
+    """The mapping stored with the campaign (for a page campaign from before mappings were
+    stored in the ledger: the page's mapping.json)."""
+    stored = ledger.get_meta("mapping")
+    if stored is None and _made_on_page(ledger):
+        with contextlib.suppress(OSError, ValueError):
+            stored = json.loads((directory / MAPPING_FILE).read_text(encoding="utf-8"))
+    if not isinstance(stored, dict):
+        return None
+    try:
+        return Mapping.model_validate(stored)
+    except ValueError:
+        return None
+
+
+def _keep_mapping(ledger: Ledger, mapping: Mapping, sheet: Sheet) -> None:
+    """What a person is sent, and who counts as one person, is fixed once a request went
+    out: the same mapping, however written, is fine; another one stops the run."""
+    wanted = mapping.model_dump(mode="json")
+    stored = ledger.get_meta("mapping")
+    if stored == wanted:
         return
-    if stored is not None and ledger.total_requests():
-        raise UsageError(
-            f"campaign {ledger.get_meta('campaign')} identifies people by "
-            f"recipient_key {stored}, and the job now says {key}: under a new key everyone "
-            "would be sent again. Restore recipient_key, or start a new campaign (--campaign ID)"
-        )
-    ledger.set_meta(recipient_key=key)
+    if ledger.total_requests():
+        campaign = ledger.get_meta("campaign")
+        if stored is None:  # a ledger from before mappings were stored: its recipient key
+            old_key = ledger.get_meta("recipient_key")
+            if old_key is not None and old_key != wanted["recipient_key"]:
+                raise UsageError(
+                    f"campaign {campaign} identifies people by recipient_key {old_key}, and "
+                    f"the mapping now says {wanted['recipient_key']}: under a new key "
+                    "everyone would be sent again. Restore recipient_key, or start a new "
+                    "campaign (--campaign ID)"
+                )
+        else:
+            changed = _mapping_changes(Mapping.model_validate(stored), mapping, sheet)
+            if changed:
+                raise UsageError(
+                    f"campaign {campaign} was sent with another mapping; this run changes "
+                    f"{'; '.join(changed)}. People could be sent again or sent other "
+                    "values: use the campaign's mapping, or start a new campaign "
+                    "(--campaign ID)"
+                )
+            return  # the same mapping, written another way: keep the one requests used
+    ledger.set_meta(mapping=wanted)
+
+
+def _mapping_changes(before: Mapping, after: Mapping, sheet: Sheet) -> list[str]:
+    """What differs between two mappings as they apply to this sheet, named by key and
+    column (never by a value: constants are param values)."""
+    try:
+        was = Mapper.compile(before, sheet).effective()
+    except InputError as exc:
+        column = f" ({exc.column!r})" if exc.column else ""
+        return [f"the campaign's columns{column}: not in this input"]
+    now = Mapper.compile(after, sheet).effective()
+    changed = []
+    for key, value in now.items():
+        if value == was.get(key):
+            continue
+        if key == "constants":
+            changed.append("mapping.constants")
+        else:
+            changed.append(f"mapping.{key} ({_shown(was.get(key))} -> {_shown(value)})")
+    return changed
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return repr(value)
 
 
 def _fingerprint(path: Path, job: Job) -> str:
@@ -287,9 +383,7 @@ def _fingerprint(path: Path, job: Job) -> str:
 
 
 def invalid_examples(ledger: Ledger, limit: int = INVALID_EXAMPLES) -> list[tuple[int, str]]:
-    return ledger.db.execute(
-        "SELECT row, error FROM rows WHERE status = 'invalid' ORDER BY row LIMIT ?", (limit,)
-    ).fetchall()
+    return [(row, error) for row, error, _ in ledger.rows_with_status("invalid", 0, limit)[1]]
 
 
 def _counts(ledger: Ledger) -> dict[str, int]:

@@ -1,8 +1,12 @@
 """Report: the per-row results CSV and summary.json, rebuilt from the ledger.
 
-Both are written to a temporary file beside the target and renamed over it, so a reader
-never sees half a file. Rows stream from SQLite to the CSV: memory does not grow with the
-campaign.
+Both are written to a temporary file beside the target, fsynced and renamed over it (the
+directory is fsynced too), so a reader never sees half a file, not even after a power cut.
+Rows stream from SQLite to the CSV: memory does not grow with the campaign.
+
+Every results.csv written is stamped in the ledger with the ledger's generation and the
+file's size and time, whoever wrote it (run, validate, report, the page); a later run may
+skip rewriting it only when that stamp still matches (`report_is_current`).
 """
 
 from __future__ import annotations
@@ -28,16 +32,35 @@ _MAYBE_FORMULA = frozenset("=@\t\r+-'")
 
 def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
     """Write results.csv and summary.json; return the summary."""
+    generation = ledger.generation()
     columns: list[str] = ledger.get_meta("columns") or []
+    blank = [""] * len(columns)
     with atomic_write(directory / RESULTS_FILE) as out:
         writer = csv.writer(out)
         writer.writerow([escape(c) for c in columns + RESULT_COLUMNS])
         for cells, *results in ledger.report_rows():
-            values = json.loads(cells)
+            # No cells: a person reached earlier whose row is gone from the input.
+            values = json.loads(cells) if cells is not None else list(blank)
             values.extend(results)
             # escape() changes only cells starting with one of these: test that first.
             writer.writerow([escape(v) if v[:1] in _MAYBE_FORMULA else v for v in values])
+    ledger.set_report_stamp(_stamp(directory, generation))
     return write_summary(ledger, directory, campaign)
+
+
+def report_is_current(ledger: Ledger, directory: Path) -> bool:
+    """Whether results.csv shows the ledger as it is: nothing changed in the ledger since it
+    was written, and the file is the one written then."""
+    stamp = _stamp(directory, ledger.generation())
+    return stamp is not None and ledger.get_meta("report_stamp") == stamp
+
+
+def _stamp(directory: Path, generation: int) -> list[int] | None:
+    try:
+        found = (directory / RESULTS_FILE).stat()
+    except OSError:
+        return None
+    return [generation, found.st_size, found.st_mtime_ns]
 
 
 def write_summary(
@@ -59,7 +82,7 @@ def summarize(
         "campaign": campaign,
         "rows": sum(counts.values()),
         "counts": counts,
-        "attempts": ledger.total_attempts(),
+        "attempts": ledger.total_requests(),
     }
     run = ledger.last_run(("run",))
     if run is not None:
@@ -67,8 +90,8 @@ def summarize(
         duration = max(ended - run.started_at, 1e-9)
         summary["last_run"] = {
             "state": run.state,
-            "started_at": _iso(run.started_at),
-            "finished_at": _iso(run.finished_at) if run.finished_at else None,
+            "started_at": iso_utc(run.started_at),
+            "finished_at": iso_utc(run.finished_at),
             "duration_s": round(duration, 3),
             "requests": run.requests,
             "achieved_rate": round(run.requests / duration, 2),
@@ -89,7 +112,20 @@ def atomic_write(path: Path) -> Iterator[IO[str]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
-def _iso(timestamp: float) -> str:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC (seconds), the form of every time we show."""
+    if timestamp is None:
+        return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

@@ -1,74 +1,161 @@
-"""Campaign directories: `{output_dir}/{campaign}/` with its ledger, lock and log.
+"""Campaign directories: `{output_dir}/{campaign}/` with its ledger, locks and log.
 
-One process at a time per campaign: an advisory `flock` on `.lock`, which the kernel
-drops when the holder dies (even by SIGKILL), so a stale lock never blocks a rerun.
+One process at a time per campaign. Two advisory `flock`s, which the kernel drops when
+the holder dies (even by SIGKILL), so a stale lock never blocks a rerun:
+
+    .lock   the owner's: taken exclusively, without waiting; a second run gets
+            `CampaignBusy`. Nobody else ever touches it.
+    .live   held exclusively by the owner as well; anyone who only wants to know
+            whether the campaign is in use (`is_locked`) tries a *shared* lock on this
+            one. A question can so never make a real run fail.
+
+Everything about a campaign directory is decided while holding `.lock`: whether the
+campaign is new, and removing what an unusable input left behind. A lock file can be
+removed (with its directory) only by its holder, so whoever takes a lock checks that
+the file it locked is still the one at that path (`_lock_file`), and starts again if not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
+import shutil
 import socket
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
-from campaign.ledger import LEDGER_FILE, Ledger
+from campaign.ledger import LEDGER_FILE, Ledger, LedgerError, RunInfo
 
 LOCK_FILE = ".lock"
+LIVE_FILE = ".live"
 LOG_FILE = "log.jsonl"
+MAPPING_FILE = "mapping.json"  # a page campaign's mapping, as the page last saved it
 UNFINISHED = ("running", "crashed", "interrupted", "aborted")
 
 
+@dataclass
+class OpenCampaign:
+    """A campaign this process owns until the `open_campaign` block ends."""
+
+    directory: Path
+    ledger: Ledger
+    fresh: bool  # the ledger did not exist before this process took the lock
+
+    def discard(self) -> None:
+        """Remove the campaign, lock files included: only for a fresh campaign whose input
+        turned out unusable, so that no empty campaign confuses the next run."""
+        assert self.fresh and not self.ledger.total_requests()
+        self.ledger.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def open_campaign(output_dir: Path, campaign: str, job_name: str) -> Iterator[Ledger]:
+def open_campaign(
+    output_dir: Path, campaign: str, job_name: str, origin: str = "cli"
+) -> Iterator[OpenCampaign]:
     """Create/lock the campaign directory and open its ledger for the duration."""
     directory = output_dir / campaign
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = (directory / LOCK_FILE).open("a+", encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(
-            f"{directory}: cannot create the campaign directory ({exc.strerror})"
-        ) from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
+    with _lock_file(directory, LOCK_FILE, fcntl.LOCK_EX | fcntl.LOCK_NB) as lock:
+        if lock is None:
             raise CampaignBusy(
-                f"campaign {campaign} is in use by {holder}; "
+                f"campaign {campaign} is in use by {_holder(directory)}; "
                 "wait for it to finish, or stop it (Ctrl-C) first"
+            )
+        # Probes hold `.live` shared for an instant only: waiting for it is short.
+        with _lock_file(directory, LIVE_FILE, fcntl.LOCK_EX) as live:
+            assert live is not None
+            _write_holder(lock)
+            fresh = not (directory / LEDGER_FILE).exists()
+            try:
+                ledger = Ledger(directory / LEDGER_FILE)
+            except LedgerError as exc:
+                raise UsageError(
+                    f"{directory / LEDGER_FILE}: cannot open the ledger ({exc})"
+                ) from None
+            try:
+                if ledger.get_meta("campaign") is None:
+                    ledger.set_meta(
+                        campaign=campaign, job=job_name, origin=origin, created_at=time.time()
+                    )
+                yield OpenCampaign(directory, ledger, fresh)
+            finally:
+                ledger.close()
+                if directory.exists():
+                    lock.seek(0)
+                    lock.truncate()
+
+
+@contextlib.contextmanager
+def _lock_file(directory: Path, name: str, how: int) -> Iterator[IO[str] | None]:
+    """Hold `flock(how)` on `directory/name`; None when LOCK_NB found it taken."""
+    path = directory / name
+    while True:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(
+                f"{directory}: cannot create the campaign directory ({exc.strerror})"
             ) from None
-        lock.seek(0)
-        lock.truncate()
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
-        lock.flush()
+        with handle:
+            try:
+                fcntl.flock(handle, how)
+            except BlockingIOError:
+                yield None
+                return
+            if _same_file(handle, path):
+                yield handle
+                return
+        # Its holder removed the file while we waited for it: lock the new one.
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _write_holder(lock: IO[str]) -> None:
+    lock.seek(0)
+    lock.truncate()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+    lock.flush()
+
+
+def _holder(directory: Path) -> str:
+    try:
+        return (directory / LOCK_FILE).read_text(encoding="utf-8").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def is_locked(directory: Path) -> bool:
+    """Whether a process owns the campaign now. Takes nothing an owner needs: a shared lock
+    on `.live`, for an instant, which an owner-to-be simply waits out."""
+    try:
+        handle = (directory / LIVE_FILE).open("r", encoding="utf-8")
+    except OSError:
+        return False  # never owned since it was created (or not a campaign)
+    with handle:
         try:
-            ledger = Ledger(directory / LEDGER_FILE)
-        except sqlite3.Error as exc:
-            raise UsageError(f"{directory / LEDGER_FILE}: cannot open the ledger ({exc})") from None
-        try:
-            if ledger.get_meta("campaign") is None:
-                ledger.set_meta(campaign=campaign, job=job_name, created_at=time.time())
-            yield ledger
-        finally:
-            ledger.close()
-            lock.seek(0)
-            lock.truncate()
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
 class CampaignInfo:
     id: str
     job: str | None
+    origin: str
     created_at: float | None
     last_state: str | None  # state of the last `run`; None if it was never sent
     last_started_at: float | None
@@ -89,35 +176,17 @@ def list_campaigns(output_dir: Path) -> list[CampaignInfo]:
 
 def read_info(directory: Path) -> CampaignInfo | None:
     try:
-        db = sqlite3.connect(f"file:{directory / LEDGER_FILE}?mode=ro", uri=True)
-    except sqlite3.Error:
+        with contextlib.closing(Ledger.reader(directory / LEDGER_FILE)) as ledger:
+            meta = ledger.all_meta()
+            run: RunInfo | None = ledger.last_run()
+    except LedgerError:
         return None
-    try:
-        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-        run = db.execute(
-            "SELECT state, started_at FROM runs WHERE command = 'run' ORDER BY id DESC LIMIT 1"
-        ).fetchone()
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
-    state, started = run if run else (None, None)
+    state, started = (run.state, run.started_at) if run else (None, None)
     if state == "running" and not is_locked(directory):
         state = "crashed"
-    return CampaignInfo(directory.name, meta.get("job"), meta.get("created_at"), state, started)
-
-
-def is_locked(directory: Path) -> bool:
-    try:
-        with (directory / LOCK_FILE).open("a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
+    job = meta.get("job")
+    origin = meta.get("origin") or ("page" if str(job).endswith(".web") else "cli")
+    return CampaignInfo(directory.name, job, origin, meta.get("created_at"), state, started)
 
 
 def check_unfinished(output_dir: Path, job_name: str, campaign: str) -> None:
@@ -143,7 +212,8 @@ def check_unfinished(output_dir: Path, job_name: str, campaign: str) -> None:
 @contextlib.contextmanager
 def job_lock(output_dir: Path, job_name: str) -> Iterator[None]:
     """Held while a run checks the midnight guard and takes its campaign's lock, so two runs
-    of one job started at the same moment cannot both pass the guard."""
+    of one job started at the same moment cannot both pass the guard. It blocks: call it
+    off the event loop."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock = (output_dir / f".{job_name}.lock").open("a+", encoding="utf-8")

@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from campaign.job import Limits
-from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger
-from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write
-from campaign.store import read_info
+from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger, LedgerError
+from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write, iso_utc
+from campaign.store import MAPPING_FILE, read_info
 
 WEB_FILE = "web.json"  # what the page needs to show an upload again (name, preview)
-MAPPING_FILE = "mapping.json"  # the page's mapping: same shape as the job's `mapping:`
 
 
 def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict[str, Any]:
+    """What the page shows of a campaign; reads the ledger read-only (another process may
+    be sending it)."""
     info = read_json(directory / WEB_FILE)
     ledger_info = read_info(directory) if (directory / LEDGER_FILE).is_file() else None
     counts: dict[str, int] = {}
+    stored_mapping = None
     if ledger_info is not None:
-        with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
+        with contextlib.suppress(LedgerError), _reader(directory) as ledger:
             counts = ledger.counts()
+            stored_mapping = ledger.get_meta("mapping")
     last = ledger_info.last_state if ledger_info else None
     validated = info.get("validated", True) if info else ledger_info is not None
     if last == "running":
@@ -45,12 +47,13 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     view: dict[str, Any] = {
         "id": directory.name,
         "filename": info.get("filename"),
-        "created": _iso(created),
+        "created": iso_utc(created),
         "created_at": created,
         "state": state,
         "last_run": last,
         "resumable": state == "aborted",
         "uploaded_here": bool(info),
+        "origin": ledger_info.origin if ledger_info else "page",
         "counts": counts,
         "rows": sum(counts.values()),
         "to_send": sum(counts.get(s, 0) for s in SENDABLE),
@@ -64,7 +67,9 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     if detail:
         view["columns"] = info.get("columns", [])
         view["preview"] = info.get("preview", [])
-        view["mapping"] = read_json(directory / MAPPING_FILE) or None
+        # The ledger's mapping is the one requests went out with; the page's file is what
+        # the page last saved (the same once validated).
+        view["mapping"] = read_json(directory / MAPPING_FILE) or stored_mapping
         view["mapping_source"] = info.get("mapping_source")
     return view
 
@@ -73,23 +78,15 @@ def rows_page(directory: Path, status: str, offset: int, limit: int) -> dict[str
     """A page of the latest input's rows with one status (invalid, duplicate), with reasons."""
     if not (directory / LEDGER_FILE).is_file():
         return {"total": 0, "offset": offset, "columns": [], "rows": []}
-    with contextlib.closing(Ledger(directory / LEDGER_FILE)) as ledger:
-        total = ledger.db.execute(
-            "SELECT count(*) FROM rows WHERE status = ?", (status,)
-        ).fetchone()[0]
-        found = ledger.db.execute(
-            "SELECT row, error, cells FROM rows WHERE status = ? ORDER BY row LIMIT ? OFFSET ?",
-            (status, limit, offset),
-        ).fetchall()
+    with _reader(directory) as ledger:
+        total, found = ledger.rows_with_status(status, offset, limit)
         columns = ledger.get_meta("columns") or []
-    rows = [{"row": r, "error": e, "cells": json.loads(c)} for r, e, c in found]
+    rows = [{"row": r, "error": e, "cells": c} for r, e, c in found]
     return {"total": total, "offset": offset, "columns": columns, "rows": rows}
 
 
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+def _reader(directory: Path) -> contextlib.closing[Ledger]:
+    return contextlib.closing(Ledger.reader(directory / LEDGER_FILE))
 
 
 def read_json(path: Path) -> dict[str, Any]:

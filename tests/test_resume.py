@@ -216,8 +216,12 @@ def test_edited_input_sends_fixed_and_new_rows_only(tmp_path: Path, sandbox: San
     # Bob fixed, Cy has a new number (a new person), Dee is new; Ann is never sent again.
     assert sorted(later) == ["+14152000002", "+14152000004", "+14152000033"]
     rows = results(tmp_path)
-    assert [r["_status"] for r in rows] == ["sent"] * 4
+    assert [r["_status"] for r in rows] == ["sent"] * 5
     assert rows[0]["First Name"] == "Ann Renamed"
+    # Cy's old number was sent and is in no row now: still shown, after the input's rows.
+    gone = rows[4]
+    assert (gone["_row"], gone["First Name"], gone["_to_phone"]) == ("", "", "+14152000003")
+    assert gone["_error"] == "not in the current input (was row 3)"
 
 
 def test_one_run_at_a_time_and_a_dead_holder_does_not_block(tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
 Each upload gets a generated id and a directory `{output_dir}/{id}/` holding the
 spreadsheet (`upload.csv` / `upload.xlsx` / `upload.xls`, named from its content), the
 page's mapping (`mapping.json`) and what the page needs to show it again after a restart
-(`web.json`); the pipeline adds its ledger, log and results there. Validation is a dry
-run; sending is `run_campaign` in a background task that `stop`/`shutdown` drain exactly
-as Ctrl-C drains the command line. So `campaign run JOB --campaign ID --input
-{output_dir}/{id}/upload.xlsx` continues a campaign of the page, and the other way round.
+(`web.json`); the pipeline adds its ledger (which stores the mapping requests went out
+with), log and results there. Validation is a dry run; sending is `run_campaign` in a
+background task that `stop`/`shutdown` drain exactly as Ctrl-C drains the command line.
+So `campaign run JOB --campaign ID` continues a campaign of the page with the page's
+mapping, and the page continues a campaign of `campaign run` from its ledger.
 """
 
 from __future__ import annotations
@@ -142,17 +143,18 @@ class Campaigns:
         self._refuse_if_busy(campaign)
         upload = directory / info["upload"]
         mapping = self._check_mapping(raw, upload, info["columns"])
-        write_json(directory / MAPPING_FILE, mapping.model_dump())
-        self._update_info(directory, validated=False, mapping_source="page")
         self.validating.add(campaign)
         try:
-            options = RunOptions(input=str(upload), campaign=campaign, dry_run=True)
+            options = RunOptions(input=str(upload), campaign=campaign, dry_run=True, origin="page")
             await run_campaign(self._job_for(mapping, upload), options, RunControl())
         except CampaignError as exc:
+            # Nothing saved: a mapping the campaign cannot take (e.g. another one after
+            # requests went out) must not become the one the next start uses.
             raise ServiceError(409 if isinstance(exc, CampaignBusy) else 400, str(exc)) from None
         finally:
             self.validating.discard(campaign)
-        self._update_info(directory, validated=True)
+        write_json(directory / MAPPING_FILE, mapping.model_dump())
+        self._update_info(directory, validated=True, mapping_source="page")
         summary = await self.describe(campaign)
         summary["invalid"] = await asyncio.to_thread(rows_page, directory, "invalid", 0, PAGE_ROWS)
         return summary
@@ -171,23 +173,35 @@ class Campaigns:
             raise ServiceError(400, _shown(exc, "the upload")) from None
         return mapping
 
-    def _job_for(self, mapping: Mapping, upload: Path) -> Job:
+    def _job_for(self, mapping: Mapping, upload: Path | None) -> Job:
         # The upload's own first sheet with data: the job's `sheet:` names a sheet of
         # the job's input, which an uploaded file need not have.
-        update = {"mapping": mapping, "input": str(upload), "sheet": None, "name": self.job_name}
+        source = str(upload) if upload else None
+        update = {"mapping": mapping, "input": source, "sheet": None, "name": self.job_name}
         return self.job.model_copy(update=update)
 
     # --- sending ---------------------------------------------------------------------------
 
     async def start(self, campaign: str, only_failed: bool) -> dict[str, Any]:
-        directory, info = self._web_campaign(campaign)
+        directory = self.directory(campaign)
+        info = read_json(directory / WEB_FILE)
         self._refuse_if_busy(campaign)
+        if not info:
+            # Started with `campaign run`: its rows and its mapping are in its ledger.
+            job = self._job_for(self.job.mapping, None)
+            options = RunOptions(
+                campaign=campaign, only_failed=only_failed, origin="page", reuse_rows=True
+            )
+            self.sends.start(campaign, job, options, directory)
+            return await self.describe(campaign)
         if not info.get("validated"):
             raise ServiceError(409, f"campaign {campaign}: validate the mapping before sending")
         upload = directory / info["upload"]
         mapping = self._check_mapping(read_json(directory / MAPPING_FILE), upload, info["columns"])
         job = self._job_for(mapping, upload)
-        options = RunOptions(input=str(upload), campaign=campaign, only_failed=only_failed)
+        options = RunOptions(
+            input=str(upload), campaign=campaign, only_failed=only_failed, origin="page"
+        )
         self.sends.start(campaign, job, options, directory)
         return await self.describe(campaign)
 
@@ -223,8 +237,8 @@ class Campaigns:
         if not info:
             raise ServiceError(
                 409,
-                f"campaign {campaign} was not uploaded here; continue it with "
-                f"`campaign run JOB.yaml --campaign {campaign}`",
+                f"campaign {campaign} was started with `campaign run`: its mapping is the one "
+                "in its ledger, set by its job file (it can still be sent from here)",
             )
         return directory, info
 

@@ -304,10 +304,10 @@ function renderSend(c) {
   start.textContent = c.resumable
     ? `Continue: send the remaining ${plural(c.to_send, "recipient")}`
     : `Send to ${plural(c.to_send, "recipient")} at ${c.rate} per second (about ${duration(eta)})`;
-  start.disabled = running || !c.uploaded_here;
+  start.disabled = running;
   start.hidden = running || c.to_send === 0;
   $("stop").hidden = !here;
-  $("rerun").hidden = running || failed === 0 || !c.uploaded_here;
+  $("rerun").hidden = running || failed === 0;
   $("rerun").disabled = false;
   $("rerun").textContent = `Rerun the ${plural(failed, "failed row")}`;
   const download = $("download");
@@ -315,7 +315,7 @@ function renderSend(c) {
   download.href = `/api/campaigns/${encodeURIComponent(c.id)}/results.csv`;
   download.setAttribute("download", `${c.id}-results.csv`);
   $("send-state").textContent = stateLine(c) + (c.uploaded_here ? ""
-    : ` This campaign was started with \`campaign run\`: continue it there (--campaign ${c.id}).`);
+    : " Started with `campaign run`: it continues here with the rows and mapping in its ledger.");
   $("send-state").dataset.state = c.state;
   $("progress-block").hidden = !here;
   if (c.error) $("send-error").textContent = c.error;

@@ -1,0 +1,215 @@
+"""Never twice, never lost: the ledger's invariants under hostile schedules, counted at the
+sandbox's record (what was really delivered), with the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+import threading
+from pathlib import Path
+
+from campaign.ledger import Ledger
+from campaign.store import is_locked
+from tests.helpers import (
+    Sandbox,
+    cli,
+    phones,
+    read_results,
+    spawn_cli,
+    start_sandbox,
+    statuses,
+    write_csv,
+    write_job,
+)
+
+TRIALS = 20
+EARLIER_CAMPAIGNS = 300
+
+
+def _people(path: Path, n: int, start: int = 0) -> Path:
+    return write_csv(
+        path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(phones(n, start))]
+    )
+
+
+def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
+    """Earlier campaigns of the job, each with a finished run: the midnight guard reads
+    them all, which widens the moment two runs started together race in."""
+    for i in range(count):
+        directory = output_dir / f"{job_name}-old-{i:04d}"
+        directory.mkdir(parents=True)
+        ledger = Ledger(directory / "ledger.sqlite")
+        ledger.set_meta(campaign=directory.name, job=job_name, origin="cli", created_at=i)
+        ledger.end_run(ledger.start_run("run"), "finished")
+        ledger.close()
+
+
+def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
+    box = start_sandbox(tmp_path, "--latency-ms", "30")
+    try:
+        _finished_campaigns(tmp_path / "runs", "nightly", EARLIER_CAMPAIGNS)
+        for trial in range(TRIALS):
+            data = _people(tmp_path / f"in-{trial}.csv", 6, start=100 * trial)
+            job = write_job(
+                tmp_path,
+                box.url,
+                name="nightly",
+                input=data,
+                campaign=f"t{trial:02d}-{{date}}",
+                limits={"concurrency": 2},
+            )
+            runs = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+            ended = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+            codes = sorted(code for code, _, _ in ended)
+            assert codes in ([0, 0], [0, 2]), ended
+            for code, _, err in ended:
+                if code == 2:
+                    assert "is in use by" in err or "did not finish" in err, err
+            # The campaign the winner made is whole: a third run sends nobody again.
+            again = cli("run", str(job), "--no-progress")
+            assert again.returncode == 0, again.stderr
+            rows = read_results(next((tmp_path / "runs").glob(f"t{trial:02d}-*/results.csv")))
+            assert statuses(rows) == {"sent": 6}
+        delivered = collections.Counter(box.phones())
+        assert len(delivered) == 6 * TRIALS
+        assert [phone for phone, n in delivered.items() if n > 1] == []
+    finally:
+        box.stop()
+
+
+def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=_people(tmp_path / "in.csv", 3))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    directory = tmp_path / "runs" / "test"
+    done = threading.Event()
+    probes = 0
+
+    def probe() -> None:
+        nonlocal probes
+        while not done.is_set():
+            is_locked(directory)
+            probes += 1
+
+    # Several probers at once, as a page server and the midnight guards of other jobs may.
+    probers = [threading.Thread(target=probe) for _ in range(3)]
+    for prober in probers:
+        prober.start()
+    try:
+        codes = [cli("run", str(job), "--no-progress").returncode for _ in range(20)]
+    finally:
+        done.set()
+        for prober in probers:
+            prober.join()
+    assert probes > 100
+    assert codes == [0] * 20
+    assert len(sandbox.phones()) == 3
+
+
+def test_another_mapping_after_requests_is_refused_and_named(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    data = write_csv(
+        tmp_path / "in.csv",
+        ["First Name", "Phone", "Mobile"],
+        [[f"P{i}", p, m] for i, (p, m) in enumerate(zip(phones(3), phones(3, 50), strict=True))],
+    )
+    job = write_job(tmp_path, sandbox.url, input=data)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+
+    other = write_job(tmp_path, sandbox.url, input=data, mapping={"to_phone": "Mobile"})
+    for command in ("run", "validate"):
+        refused = cli(command, str(other), "--no-progress")
+        assert refused.returncode == 2, refused.stderr
+        assert "mapping.to_phone ('Phone' -> 'Mobile')" in refused.stderr
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+
+    # The same mapping written another way is the same mapping.
+    same = write_job(
+        tmp_path, sandbox.url, input=data, mapping={"to_phone": " Phone ", "default_region": "us"}
+    )
+    done = cli("run", str(same), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert sorted(sandbox.phones()) == sorted(p.replace(" ", "") for p in phones(3))
+
+
+def test_validating_another_file_between_runs_leaves_a_true_report(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    a = _people(tmp_path / "a.csv", 3)
+    b = _people(tmp_path / "b.csv", 1, start=40)
+    job = write_job(tmp_path, sandbox.url, input=a)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert cli("validate", str(job), "--input", str(b)).returncode == 0
+    results = tmp_path / "runs" / "test" / "results.csv"
+    assert statuses(read_results(results)) == {"pending": 1, "sent": 3}
+
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    rows = read_results(results)
+    assert [(r["First Name"], r["_status"]) for r in rows] == [
+        ("P0", "sent"),
+        ("P1", "sent"),
+        ("P2", "sent"),
+    ]
+    assert len(sandbox.phones()) == 3
+
+
+def test_a_report_edited_by_hand_is_rewritten_by_the_next_run(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=_people(tmp_path / "in.csv", 2))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    results = tmp_path / "runs" / "test" / "results.csv"
+    results.write_text("not the report\n", encoding="utf-8")
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert statuses(read_results(results)) == {"sent": 2}
+
+
+def test_a_sent_row_edited_into_an_unusable_one_still_shows_sent(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    path = tmp_path / "in.csv"
+    write_csv(path, ["First Name", "Phone"], [["Ann", "+1 415 200 0001"], ["Bob", "415 200"]])
+    job = write_job(tmp_path, sandbox.url, input=path)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    path.write_text(
+        "First Name,Phone\nAnn,+1 415 200 0001,an extra cell\nBob,415 200 0002\n", "utf-8"
+    )
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert [(r["_row"], r["_status"]) for r in rows] == [("1", "sent"), ("2", "sent")]
+    assert rows[0]["_error"].startswith("sent earlier; the row now: ")
+    assert sorted(sandbox.phones()) == ["+14152000001", "+14152000002"]
+
+
+def test_every_commit_is_fsynced(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        journal = ledger.db.execute("PRAGMA journal_mode").fetchone()[0]
+        synchronous = ledger.db.execute("PRAGMA synchronous").fetchone()[0]
+    finally:
+        ledger.close()
+    assert (journal, synchronous) == ("wal", 2)  # 2: FULL, an fsync at every commit
+
+
+def test_a_ledger_of_the_previous_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE recipients (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,"
+        " payload TEXT NOT NULL, to_phone TEXT, state TEXT NOT NULL DEFAULT 'pending',"
+        " attempts INTEGER NOT NULL DEFAULT 0, http_status INTEGER, error TEXT, sent_at TEXT);"
+        "INSERT INTO recipients (key, payload, to_phone, state) VALUES"
+        " ('+14152000001', '{}', '+14152000001', 'sent');"
+    )
+    old.close()
+    ledger = Ledger(path)
+    try:
+        assert ledger.counts()["sent"] == 1  # the person is in no row: still shown as sent
+        assert [r[3] for r in ledger.report_rows()] == ["+14152000001"]
+    finally:
+        ledger.close()

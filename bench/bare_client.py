@@ -1,9 +1,10 @@
 """The baseline: a bare aiohttp client posting the campaign's bodies, nothing else.
 
-    python bench/bare_client.py URL FIRST_ROW ROWS CONCURRENCY
+    python bench/bare_client.py URL FIRST_ROW ROWS CONCURRENCY [asyncio|uvloop]
 
 No ledger, no limiter, no parsing of the answer: the fastest this machine can post these
-bodies to that server with that many requests in flight.
+bodies to that server with that many requests in flight, on the standard event loop (what
+a hand-written script uses) or on uvloop (what `campaign run` uses).
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ async def post_all(url: str, bodies: list[bytes], concurrency: int) -> int:
 
 def main() -> int:
     url, first, rows, concurrency = sys.argv[1], *map(int, sys.argv[2:5])
+    loop = sys.argv[5] if len(sys.argv) > 5 else "asyncio"
     bodies = [body(i) for i in range(first, first + rows)]
-    failures = asyncio.run(post_all(url, bodies, concurrency))
+    if loop == "uvloop":
+        import uvloop
+
+        failures = uvloop.run(post_all(url, bodies, concurrency))
+    else:
+        failures = asyncio.run(post_all(url, bodies, concurrency))
     print(f"posted {rows}, {failures} not 200")
     return 1 if failures else 0
 

@@ -89,11 +89,18 @@ def write_people(path: Path, n: int) -> Path:
     return path
 
 
-def write_job(directory: Path, url: str, data: Path, rate: float, concurrency: int) -> Path:
+def write_job(
+    directory: Path,
+    url: str,
+    data: Path,
+    rate: float,
+    concurrency: int,
+    output_dir: Path | None = None,
+) -> Path:
     job = {
         "campaign": "bench",
         "input": str(data),
-        "output_dir": str(directory / "runs"),
+        "output_dir": str(output_dir or directory / "runs"),
         "api": {"base_url": url, "channel_uuid": CHANNEL, "timeout_s": 10},
         "mapping": {"to_phone": "Phone", "default_region": "US", "params": PARAMS},
         "limits": {"rate_per_second": rate, "concurrency": concurrency, "max_attempts": 3},

@@ -163,9 +163,11 @@ class Dispatcher:
             return
         self.halt.set()
         # Only tasks with no request open are cancelled: waiting for a rate slot, a retry
-        # or a queue place. A request in flight always gets its answer recorded.
+        # or a queue place. A request in flight always gets its answer recorded. The task
+        # that halts ends by itself (cancelling it would cancel the whole gather).
+        halting = asyncio.current_task()
         for task, busy in self._busy.items():
-            if not busy:
+            if not busy and task is not halting:
                 task.cancel()
 
     async def run(self, batches: Iterator[list[Target]]) -> DispatchResult:

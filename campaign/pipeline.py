@@ -172,7 +172,8 @@ async def _run_owned(
             "interrupted",
             "interrupted while reading the input; nothing was sent",
         )
-    log.info("input mapped", seconds=round(time.monotonic() - started, 2), **_counts(ledger))
+    counts = await asyncio.to_thread(_counts, ledger)
+    log.info("input mapped", seconds=round(time.monotonic() - started, 2), **counts)
 
     if options.dry_run:
         summary = await asyncio.to_thread(write_report, ledger, directory, campaign)

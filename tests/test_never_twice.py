@@ -4,9 +4,15 @@ sandbox's record (what was really delivered), with the real CLI in subprocesses.
 from __future__ import annotations
 
 import collections
+import contextlib
 import sqlite3
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from campaign.ledger import Ledger
 from campaign.store import is_locked
@@ -213,3 +219,77 @@ def test_a_ledger_of_the_previous_version_is_upgraded_in_place(tmp_path: Path) -
         assert [r[3] for r in ledger.report_rows()] == ["+14152000001"]
     finally:
         ledger.close()
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of `size_mb` at `path` (root only): a disk that can be filled on purpose."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * (1 << 20))
+    return filler
+
+
+def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) -> None:
+    people = 2000
+    box = start_sandbox(tmp_path, "--latency-ms", "20")
+    try:
+        with _small_disk(tmp_path / "disk", 16) as disk:
+            job = write_job(
+                tmp_path,
+                box.url,
+                input=_people(tmp_path / "in.csv", people),
+                output_dir=str(disk / "runs"),
+                limits={"concurrency": 10},
+            )
+            run = spawn_cli("run", str(job), "--no-progress")
+            deadline = time.monotonic() + 60
+            while len(box.records()) < 100:
+                assert time.monotonic() < deadline and run.poll() is None, "no requests"
+                time.sleep(0.01)
+            filler = _fill(disk)
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == 1, err
+            assert "disk is full" in err and "Traceback" not in err
+            arrived = box.phones()
+            assert len(arrived) < people
+
+            filler.unlink()  # space again: every request that arrived has its record
+            ledger = Ledger(disk / "runs" / "test" / "ledger.sqlite")
+            recorded = {
+                phone
+                for (phone,) in ledger.db.execute(
+                    "SELECT to_phone FROM recipients WHERE attempts > 0"
+                )
+            }
+            ledger.close()
+            assert set(arrived) <= recorded
+
+            again = cli("run", str(job), "--no-progress")
+            assert again.returncode in (0, 1), again.stderr
+            rows = read_results(disk / "runs" / "test" / "results.csv")
+        counts = statuses(rows)
+        # Only people in flight when the disk filled may be unknown; everyone else is sent.
+        assert counts.get("unknown", 0) <= 10 and sum(counts.values()) == people
+        assert counts["sent"] + counts.get("unknown", 0) == people
+        delivered = collections.Counter(box.phones())
+        assert [phone for phone, n in delivered.items() if n > 1] == []
+        assert len(delivered) >= counts["sent"]
+    finally:
+        box.stop()

@@ -118,7 +118,7 @@ async def run_campaign(
 ) -> RunOutcome:
     control = control or RunControl()
     campaign = campaign_id_for(job, options)
-    if not (options.input or job.input or options.reuse_rows):
+    if not (options.input or job.input or options.reuse_rows or options.campaign):
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
     with contextlib.ExitStack() as hold:
         owned = await asyncio.to_thread(_take, hold, job, options, campaign)
@@ -275,6 +275,8 @@ def _load_input(
             )
         log.info("continuing with the campaign's own rows and mapping")
         return job
+    if not (options.input or job.input):
+        raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
     path = Path(options.input or job.input or "")
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)

@@ -8,15 +8,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import FaultServer, Sandbox, cli, phones, read_results, write_csv, write_job
-from tests.test_web_api import call, client, final_state, start_serve, upload
+from tests.helpers import (
+    FaultServer,
+    Sandbox,
+    cli,
+    phones,
+    read_results,
+    spawn_cli,
+    start_sandbox,
+    write_csv,
+    write_job,
+)
+from tests.test_web_api import (
+    call,
+    client,
+    final_state,
+    start_serve,
+    upload,
+    wait_for_records,
+)
 
 # The page chooses Mobile; the job file says Phone: another person for every row.
 HEADER = ["First Name", "Phone", "Mobile"]
+TRIALS = 8
 
 
-def _office_and_mobile(path: Path, n: int) -> Path:
-    rows = [[f"P{i}", o, m] for i, (o, m) in enumerate(zip(phones(n), phones(n, 500), strict=True))]
+def _office_and_mobile(path: Path, n: int, start: int = 0) -> Path:
+    office, mobile = phones(n, start), phones(n, start + 500)
+    rows = [[f"P{i}", o, m] for i, (o, m) in enumerate(zip(office, mobile, strict=True))]
     return write_csv(path, HEADER, rows)
 
 
@@ -81,3 +100,54 @@ async def test_a_command_line_campaign_is_continued_on_the_page(tmp_path: Path) 
     }
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")
     assert [r["_status"] for r in rows] == ["sent"] * 3
+
+
+async def test_page_and_command_line_on_one_campaign_send_each_person_once(
+    tmp_path: Path,
+) -> None:
+    """Each trial starts the page's send and `campaign run --campaign` on one campaign, in
+    turn one first and the other while it sends: one works, the other is refused."""
+    people = 30
+    box = start_sandbox(tmp_path, "--latency-ms", "40")
+    job = write_job(tmp_path, box.url, limits={"concurrency": 2})
+    server = start_serve(tmp_path, job)
+    losers = []
+    try:
+        async with client(server) as http:
+            for trial in range(TRIALS):
+                data = _office_and_mobile(tmp_path / f"people-{trial}.csv", people, 1000 * trial)
+                made = await upload(http, data)
+                campaign = made["id"]
+                path = f"/api/campaigns/{campaign}"
+                await call(http, "PUT", f"{path}/mapping", json=made["mapping"])
+                before = len(box.records())
+                if trial % 2:
+                    command = spawn_cli("run", str(job), "--campaign", campaign, "--no-progress")
+                    wait_for_records(box, before + 1)  # the command line is sending
+                    async with http.post(f"{path}/start", json={}) as started:
+                        page = (started.status, (await started.json()).get("error"))
+                else:
+                    await call(http, "POST", f"{path}/start", 202, json={})
+                    wait_for_records(box, before + 1)  # the page is sending
+                    command = spawn_cli("run", str(job), "--campaign", campaign, "--no-progress")
+                    page = (202, None)
+                _, err = command.communicate(timeout=120)
+                final = await final_state(http, campaign)
+                if command.returncode == 2:
+                    assert "is in use by" in err, err
+                    losers.append("command line")
+                elif page[0] == 409 or final.get("error"):
+                    assert "in use" in (page[1] or final["error"]), (page, final)
+                    losers.append("page")
+                # Whoever lost, the campaign is whole: a last run sends nobody again.
+                again = cli("run", str(job), "--campaign", campaign, "--no-progress")
+                assert again.returncode == 0, again.stderr
+                rows = read_results(tmp_path / "runs" / campaign / "results.csv")
+                assert [r["_status"] for r in rows] == ["sent"] * people
+    finally:
+        server.stop()
+        box.stop()
+    delivered = collections.Counter(box.phones())
+    assert len(delivered) == people * TRIALS
+    assert set(delivered.values()) == {1}
+    assert sorted(set(losers)) == ["command line", "page"], losers

@@ -38,6 +38,11 @@ _SENT = Answer(http_status=200, success=True)
 KEEPALIVE_S = 2.0
 
 
+def send_url(api: Api) -> str:
+    """The channel's Send API address: what one rate budget is for."""
+    return f"{api.base_url}/sms/{api.channel_uuid}/send.json"
+
+
 class LedgerWriter:
     """Group commit: every op queued while the last transaction ran goes into the next."""
 
@@ -110,8 +115,9 @@ class Dispatcher:
         writer: LedgerWriter,
         progress: Progress,
         on_progress: Callable[[Progress], None] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        self.url = f"{api.base_url}/sms/{api.channel_uuid}/send.json"
+        self.url = send_url(api)
         self.api = api
         self.limits = limits
         self.writer = writer
@@ -121,7 +127,8 @@ class Dispatcher:
         self.result = DispatchResult()
         self._fatal_streak = 0
         self._unreachable_streak = 0
-        self._limiter = RateLimiter(limits.rate_per_second)
+        # A limiter shared with other runs to the same channel (the server's), else our own.
+        self._limiter = limiter or RateLimiter(limits.rate_per_second)
         self._session: aiohttp.ClientSession | None = None
         self._busy: dict[asyncio.Task[None], bool] = {}
 

@@ -33,6 +33,7 @@ from campaign.store import LOG_FILE, check_unfinished, job_lock, open_campaign
 
 if TYPE_CHECKING:
     from campaign.dispatch import Dispatcher
+    from campaign.rate import RateLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -68,10 +69,11 @@ class RunOutcome:
 class RunControl:
     """Lets a caller (signal handler, web request) stop a run at any stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, limiter: RateLimiter | None = None) -> None:
         self.stopping = False
         self.dispatcher: Dispatcher | None = None
         self.progress: Progress | None = None
+        self.limiter = limiter  # shared by every run to the channel in one process; None: own
 
     def stop(self) -> None:
         self.stopping = True
@@ -218,7 +220,9 @@ async def _send(
 
     writer = LedgerWriter(ledger, run_id)
     try:
-        dispatcher = Dispatcher(job.api, job.limits, writer, control.progress, on_progress)
+        dispatcher = Dispatcher(
+            job.api, job.limits, writer, control.progress, on_progress, limiter=control.limiter
+        )
         control.dispatcher = dispatcher
         if control.stopping:
             dispatcher.stop()

@@ -26,7 +26,7 @@ import pytest
 
 from tests.helpers import ROOT, Sandbox, cli, spawn_cli, start_sandbox, write_job
 
-TOKEN = "test-token-7f3a"
+TOKEN = "test-token-7f3a-5b0e"  # at least 16 characters, or serve refuses it
 XLSX = ROOT / "sample_data" / "recipients.xlsx"
 COLUMNS = ["First Name", "Last Name", "Phone", "Employee ID"]
 # recipients.xlsx: 50 rows, 5 with unusable phones, 2 repeating an earlier phone.

@@ -7,17 +7,14 @@ client and count what reached the sandbox.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from campaign.job import load_job
-from campaign.web import _is_loopback, create_app
+from campaign.web import _is_loopback
 from campaign.web_access import SESSION_TTL_S, Sessions
 from tests.helpers import Sandbox, cli, write_job
 from tests.test_web_api import (
@@ -28,9 +25,11 @@ from tests.test_web_api import (
     call,
     client,
     final_state,
+    in_process,
     start_serve,
 )
 
+NOWHERE = "http://127.0.0.1:9"  # the API of tests that send nothing
 CROSS_ORIGIN = "refused: a state-changing request signed in by the session cookie"
 
 
@@ -168,25 +167,11 @@ async def test_scripts_send_with_the_token_and_json_or_no_body(
     assert len(sandbox.records()) == 43
 
 
-@asynccontextmanager
-async def in_process(tmp_path: Path, **options: Any) -> AsyncIterator[str]:
-    """The app in this process on 127.0.0.1, for what a subprocess cannot be made to show
-    (a clock 12 hours on); its URL."""
-    job = load_job(write_job(tmp_path, "http://127.0.0.1:9"))
-    runner = web.AppRunner(create_app(job, TOKEN, 1024 * 1024, **options), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_session_ends_after_12_hours_and_is_forgotten(tmp_path: Path) -> None:
     clock = [1000.0]
     sessions = Sessions(clock=lambda: clock[0])
     async with (
-        in_process(tmp_path, sessions=sessions) as url,
+        in_process(write_job(tmp_path, NOWHERE), sessions=sessions) as (url, _),
         aiohttp.ClientSession(url) as http,
     ):
         cookie, _ = await sign_in(http, url)
@@ -208,7 +193,7 @@ async def test_the_cookie_is_secure_when_the_server_listens_beyond_loopback(
     hosts = ["127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "192.168.1.20", "example.org"]
     assert [h for h in hosts if _is_loopback(h)] == ["127.0.0.1", "::1", "localhost"]
     async with (
-        in_process(tmp_path, secure_cookie=True) as url,
+        in_process(write_job(tmp_path, NOWHERE), secure_cookie=True) as (url, _),
         aiohttp.ClientSession(url) as http,
     ):
         _, set_cookie = await sign_in(http, url)
@@ -216,7 +201,7 @@ async def test_the_cookie_is_secure_when_the_server_listens_beyond_loopback(
 
 
 def test_a_short_token_is_refused_at_start(tmp_path: Path) -> None:
-    job = write_job(tmp_path, "http://127.0.0.1:9")
+    job = write_job(tmp_path, NOWHERE)
     result = cli(
         "serve", str(job), "--port", "0", env={"CAMPAIGN_TOKEN": "fifteen-chars-x"}, timeout=30
     )

@@ -159,3 +159,20 @@ async def test_a_watch_reads_the_ledger_again_only_when_the_campaign_changed(
     once_a_second = Watch(directory)
     looks: list[Awaitable[int]] = [look(once_a_second) for _ in range(5)]
     assert await asyncio.gather(*looks) == [5] * 5  # five pages, one read
+
+
+async def test_two_starts_at_once_make_one_send(sandbox: Sandbox, tmp_path: Path) -> None:
+    server = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
+    try:
+        async with client(server) as http:
+            campaign = await _upload_and_validate(http)
+
+            async def start() -> int:
+                async with http.post(f"/api/campaigns/{campaign}/start", json={}) as response:
+                    return response.status
+
+            assert sorted(await asyncio.gather(start(), start())) == [202, 409]
+            assert (await final_state(http, campaign))["counts"]["sent"] == 43
+    finally:
+        server.stop()
+    assert len(sandbox.records()) == 43

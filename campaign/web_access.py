@@ -102,7 +102,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if route == LOGIN:
         # No credential yet, but a page of another origin must not sign anyone in.
         if _claimed_origin(request) and not _same_origin(request):
-            raise _cross_origin()
+            raise ServiceError(403, "refused: sign in on this server's own page")
     else:
         way = _credential(request)
         if way is None:
@@ -116,7 +116,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _credential(request: web.Request) -> str | None:
-    """ "bearer" or "cookie" when the request carries a valid one, else None."""
+    """Which valid credential the request carries: "bearer", "cookie", or None."""
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         token = request.app[TOKEN]

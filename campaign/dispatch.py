@@ -44,6 +44,11 @@ KEEPALIVE_S = 2.0
 T = TypeVar("T")
 
 
+def send_url(api: Api) -> str:
+    """The channel's Send API address: what one rate budget is for."""
+    return f"{api.base_url}/sms/{api.channel_uuid}/send.json"
+
+
 class LedgerWriter:
     """Group commit: every op queued while the last transaction ran goes into the next.
 
@@ -137,8 +142,9 @@ class Dispatcher:
         writer: LedgerWriter,
         progress: Progress,
         on_progress: Callable[[Progress], None] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        self.url = f"{api.base_url}/sms/{api.channel_uuid}/send.json"
+        self.url = send_url(api)
         self.api = api
         self.limits = limits
         self.writer = writer
@@ -149,7 +155,8 @@ class Dispatcher:
         # Recipients in a row whose final outcome was of one kind (`_streak_of`).
         self._streak: tuple[str | None, int] = (None, 0)
         self._crash: BaseException | None = None
-        self._limiter = RateLimiter(limits.rate_per_second)
+        # A limiter shared with other runs to the same channel (the server's), else our own.
+        self._limiter = limiter or RateLimiter(limits.rate_per_second)
         self._session: aiohttp.ClientSession | None = None
         self._busy: dict[asyncio.Task[None], bool] = {}
 

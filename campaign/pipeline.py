@@ -47,6 +47,7 @@ from campaign.store import (
 
 if TYPE_CHECKING:
     from campaign.dispatch import Dispatcher
+    from campaign.rate import RateLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -88,10 +89,11 @@ class RunOutcome:
 class RunControl:
     """Lets a caller (signal handler, web request) stop a run at any stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, limiter: RateLimiter | None = None) -> None:
         self.stopping = False
         self.dispatcher: Dispatcher | None = None
         self.progress: Progress | None = None
+        self.limiter = limiter  # shared by every run to the channel in one process; None: own
 
     def stop(self) -> None:
         self.stopping = True
@@ -239,7 +241,9 @@ async def _send(
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
     writer = LedgerWriter(ledger.path, run_id)
-    dispatcher = Dispatcher(job.api, job.limits, writer, control.progress, on_progress)
+    dispatcher = Dispatcher(
+        job.api, job.limits, writer, control.progress, on_progress, limiter=control.limiter
+    )
     control.dispatcher = dispatcher
     if control.stopping:
         dispatcher.stop()

@@ -1,18 +1,18 @@
 """`campaign serve`: the upload page and its JSON API, on the same pipeline as the CLI.
 
-Access: every `/api/` route needs the token, as `Authorization: Bearer TOKEN` or as the
-session cookie that `POST /api/session {"token"}` sets (HttpOnly, SameSite=Strict, so a
-page on another site can neither read nor send it). The cookie holds an HMAC of the
-token, not the token, and stays valid across restarts with the same token. The page and
-its assets hold no data and need no token.
+Access (`web_access`): every `/api/` route needs the token, as `Authorization: Bearer
+TOKEN` or as the session cookie that `POST /api/session {"token"}` sets (HttpOnly,
+SameSite=Strict, Secure when the server listens beyond loopback). The cookie holds a
+random session id that this process keeps for 12 hours; signing out or a restart ends
+it. A state-changing request on the cookie must come from the page itself (its Origin),
+and JSON routes take only JSON. The page and its assets hold no data and need no token.
+A `CAMPAIGN_TOKEN` shorter than 16 characters is refused at start.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import os
 import secrets
@@ -26,58 +26,54 @@ from aiohttp import web
 
 from campaign.errors import UsageError
 from campaign.job import Job
+from campaign.web_access import (
+    MIN_TOKEN_CHARS,
+    SECURE_COOKIE,
+    SESSIONS,
+    TOKEN,
+    Sessions,
+    guard,
+    login,
+    logout,
+)
 from campaign.web_api import CLOSING, MAX_UPLOAD, SERVICE, add_routes
 from campaign.web_service import Campaigns, ServiceError
 
 log = structlog.get_logger(__name__)
 
-SESSION_COOKIE = "campaign_session"
-TOKEN = web.AppKey("token", str)
 STATIC = Path(str(resources.files("campaign") / "static"))
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(job: Job, token: str, max_upload_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth])
+def create_app(
+    job: Job,
+    token: str,
+    max_upload_bytes: int,
+    *,
+    secure_cookie: bool = False,
+    sessions: Sessions | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=[_errors, guard])
     app[SERVICE] = Campaigns(job)
     app[TOKEN] = token
+    app[SESSIONS] = sessions if sessions is not None else Sessions()
+    app[SECURE_COOKIE] = secure_cookie
     app[MAX_UPLOAD] = max_upload_bytes
     app[CLOSING] = asyncio.Event()
     app.router.add_get("/", _index)
     app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
-    app.router.add_post("/api/session", _login)
-    app.router.add_delete("/api/session", _logout)
+    app.router.add_post("/api/session", login)
+    app.router.add_delete("/api/session", logout)
     add_routes(app)
     app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_drain_sends)
     return app
-
-
-def session_value(token: str) -> str:
-    return hmac.new(token.encode(), b"campaign-session", hashlib.sha256).hexdigest()
-
-
-def _authorized(request: web.Request) -> bool:
-    token = request.app[TOKEN]
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        return hmac.compare_digest(header[7:].strip().encode(), token.encode())
-    cookie = request.cookies.get(SESSION_COOKIE, "")
-    return bool(cookie) and hmac.compare_digest(cookie.encode(), session_value(token).encode())
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    is_login = request.path == "/api/session" and request.method == "POST"
-    if request.path.startswith("/api/") and not is_login and not _authorized(request):
-        raise ServiceError(401, "a valid token is needed (Authorization: Bearer TOKEN)")
-    return await handler(request)
 
 
 @web.middleware
@@ -104,28 +100,6 @@ async def _index(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
 
-async def _login(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        body = None
-    given = body.get("token") if isinstance(body, dict) else None
-    token = request.app[TOKEN]
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
-        raise ServiceError(401, "wrong token")
-    response = web.json_response({"ok": True})
-    response.set_cookie(
-        SESSION_COOKIE, session_value(token), httponly=True, samesite="Strict", path="/"
-    )
-    return response
-
-
-async def _logout(_request: web.Request) -> web.Response:
-    response = web.json_response({"ok": True})
-    response.del_cookie(SESSION_COOKIE, path="/")
-    return response
-
-
 async def _drain_sends(app: web.Application) -> None:
     app[CLOSING].set()
     await app[SERVICE].shutdown()
@@ -136,12 +110,22 @@ def serve_web(args: argparse.Namespace) -> int:
     from campaign.job import load_job
 
     logs.configure("console")
+    token = os.environ.get("CAMPAIGN_TOKEN", "").strip()
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise UsageError(
+            f"CAMPAIGN_TOKEN is shorter than {MIN_TOKEN_CHARS} characters: use a longer one "
+            "(or leave it unset, and serve makes one up)"
+        )
     job = load_job(args.job)
     logs.masker.hide(job.api.channel_uuid)
-    token = os.environ.get("CAMPAIGN_TOKEN", "").strip()
     generated = not token
     token = token or secrets.token_urlsafe(18)
-    app = create_app(job, token, int(args.max_upload_mb * 1024 * 1024))
+    app = create_app(
+        job,
+        token,
+        int(args.max_upload_mb * 1024 * 1024),
+        secure_cookie=not _is_loopback(args.host),
+    )
     asyncio.run(_serve(app, args.host, args.port, token if generated else None))
     return 0
 
@@ -176,6 +160,7 @@ async def _serve(app: web.Application, host: str, port: int, shown_token: str | 
         print(f"open {url}  (token: the value of CAMPAIGN_TOKEN)", flush=True)
     if not _is_loopback(host):
         log.warning("listening beyond this machine: anyone who has the token can send", host=host)
+        log.warning("the session cookie is Secure: the page signs in over HTTPS only")
     try:
         await stopping.wait()
     finally:

@@ -1,7 +1,8 @@
 """The upload service's JSON API (the routes of DESIGN.md), over `web_service.Campaigns`.
 
 Handlers parse the request, call the service and shape the answer; a `ServiceError`
-becomes a JSON `{"error": ...}` with its status in `web.py`'s middleware.
+becomes a JSON `{"error": ...}` with its status in `web.py`'s middleware. Files are
+written and read in threads (`asyncio.to_thread`), never on the event loop.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from aiohttp import BodyPartReader, web
 
@@ -25,8 +27,10 @@ MULTIPART_SLACK = 256 * 1024
 # gets to read the 413 instead of a connection reset in the middle of its send.
 DRAIN_LIMIT = 64 * 1024 * 1024
 MAX_MAPPING_BYTES = 256 * 1024
+# An upload reaches the disk in writes of about this size, each in a thread.
+WRITE_BATCH = 1024 * 1024
+# How often an event stream looks at the progress, and whether its page is still there.
 PROGRESS_POLL_S = 0.25
-ELSEWHERE_POLL_S = 1.0
 
 
 def add_routes(app: web.Application) -> None:
@@ -63,15 +67,9 @@ async def create_campaign(request: web.Request) -> web.Response:
             if not isinstance(part, BodyPartReader):
                 continue
             if part.name == "file" and campaign is None:
-                campaign, path = service.begin_upload()
+                campaign, path = await asyncio.to_thread(service.begin_upload)
                 filename = part.filename or ""
-                size = 0
-                with path.open("wb") as out:
-                    while chunk := await part.read_chunk():
-                        size += len(chunk)
-                        if size > cap:
-                            raise _TooLarge
-                        out.write(chunk)
+                await _save(part, path, cap)
             elif part.name == "mapping":
                 data = await part.read()
                 if len(data) > MAX_MAPPING_BYTES:
@@ -81,17 +79,35 @@ async def create_campaign(request: web.Request) -> web.Response:
                 await part.release()
     except _TooLarge:
         if campaign:
-            service.discard(campaign)
+            await service.discard(campaign)
         await _drain(request)
         raise _too_large(cap) from None
     except BaseException:
         if campaign:
-            service.discard(campaign)
+            await service.discard(campaign)
         raise
     if campaign is None:
         raise ServiceError(400, "no file in the upload: send it as the form field `file`")
     body = await service.finish_upload(campaign, filename, mapping_json)
     return web.json_response(body, status=201)
+
+
+async def _save(part: BodyPartReader, path: Path, cap: int) -> None:
+    """The part's bytes into `path`, up to `cap` (else `_TooLarge`), written in a thread."""
+    out: IO[bytes] = await asyncio.to_thread(path.open, "wb")
+    try:
+        size, batch = 0, bytearray()
+        while chunk := await part.read_chunk():
+            size += len(chunk)
+            if size > cap:
+                raise _TooLarge
+            batch += chunk
+            if len(batch) >= WRITE_BATCH:
+                full, batch = batch, bytearray()
+                await asyncio.to_thread(out.write, full)
+        await asyncio.to_thread(out.write, batch)
+    finally:
+        await asyncio.to_thread(out.close)
 
 
 def _too_large(cap: int) -> ServiceError:
@@ -146,14 +162,14 @@ async def start(request: web.Request) -> web.Response:
 async def stop(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     campaign = request.match_info["id"]
-    service.directory(campaign)
+    await service.directory(campaign)
     service.stop(campaign)
     return web.json_response(await service.describe(campaign), status=202)
 
 
 async def results(request: web.Request) -> web.FileResponse:
     campaign = request.match_info["id"]
-    path = request.app[SERVICE].results(campaign)
+    path = await request.app[SERVICE].results(campaign)
     return web.FileResponse(
         path,
         headers={
@@ -178,10 +194,15 @@ async def rows(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Progress as server-sent events while the campaign sends, then its final state."""
+    """Progress as server-sent events while the campaign sends, then its final state.
+
+    An event goes out when something changed; the stream ends when the campaign stops
+    running, the server stops, or the page goes away (looked at every PROGRESS_POLL_S:
+    nothing is written to a stream whose page shows nothing new, so a write error
+    cannot be what tells)."""
     service, closing = request.app[SERVICE], request.app[CLOSING]
     campaign = request.match_info["id"]
-    state = await service.describe(campaign)
+    directory = await service.directory(campaign)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -190,28 +211,32 @@ async def events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    try:
+    with service.watches.open(campaign, directory) as watch, contextlib.suppress(ConnectionError):
         last: dict[str, Any] | None = None
-        while not closing.is_set():
+        while not closing.is_set() and not _gone(request):
             send = service.sends.get(campaign)
             if send is not None and send.running:
-                progress = send.progress()
-                if progress != last:
-                    await _event(response, "progress", progress)
-                    last = progress
-                wait = PROGRESS_POLL_S
+                name, data = "progress", send.progress()
+                watch.forget()  # what another process showed before is old now
             else:
-                state = await service.describe(campaign)
-                if state["state"] != "running":
+                # Sent by another process (`campaign run`), or over: read from its files.
+                name, data = "state", await watch.view(lambda: service.describe(campaign))
+                if data["state"] != "running":
                     break
-                await _event(response, "state", state)  # sending from another process
-                wait = ELSEWHERE_POLL_S
+            if data != last:
+                await _event(response, name, data)
+                last = data
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closing.wait(), wait)
-        await _event(response, "state", await service.describe(campaign))
-    except (ConnectionResetError, ConnectionError):
-        pass  # the page went away
+                await asyncio.wait_for(closing.wait(), PROGRESS_POLL_S)
+        if not _gone(request):
+            await _event(response, "state", await service.describe(campaign))
     return response
+
+
+def _gone(request: web.Request) -> bool:
+    """The page closed the connection (or the server is closing it)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _event(response: web.StreamResponse, name: str, data: dict[str, Any]) -> None:

@@ -3,6 +3,11 @@
 A send is stopped the way Ctrl-C stops the command line (`RunControl.stop`: requests in
 flight finish and are recorded, the rest stay pending), and the server drains every send
 the same way before it exits.
+
+Every send to one channel (one Send API address) shares one `RateLimiter`: the rate is
+the channel's budget, not each campaign's, so two campaigns started on the page at 20/s
+reach the API at 20/s together, not 40/s. The limiter is made on the first send, inside
+the server's event loop, and lives as long as the server.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from typing import Any
 
 import structlog
 
+from campaign.dispatch import send_url
 from campaign.errors import CampaignError
 from campaign.job import Job
 from campaign.logs import masker, save_traceback
 from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
+from campaign.rate import RateLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +63,7 @@ class Send:
 class Sends:
     def __init__(self) -> None:
         self._sends: dict[str, Send] = {}
+        self._limiters: dict[str, RateLimiter] = {}  # by send URL
 
     def get(self, campaign: str) -> Send | None:
         return self._sends.get(campaign)
@@ -65,11 +73,18 @@ class Sends:
         return send is not None and send.running
 
     def start(self, campaign: str, job: Job, options: RunOptions, directory: Path) -> Send:
-        control = RunControl()
+        control = RunControl(limiter=self._limiter(job))
         task = asyncio.create_task(self._run(campaign, job, options, control, directory))
         send = self._sends[campaign] = Send(control, task, options.only_failed, time.monotonic())
         log.info("send started from the page", campaign=campaign, only_failed=options.only_failed)
         return send
+
+    def _limiter(self, job: Job) -> RateLimiter:
+        url = send_url(job.api)
+        if url not in self._limiters:
+            # Every campaign of one server has the job's limits, so one rate per channel.
+            self._limiters[url] = RateLimiter(job.limits.rate_per_second)
+        return self._limiters[url]
 
     async def _run(
         self, campaign: str, job: Job, options: RunOptions, control: RunControl, directory: Path

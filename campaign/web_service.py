@@ -8,6 +8,9 @@ with), log and results there. Validation is a dry run; sending is `run_campaign`
 background task that `stop`/`shutdown` drain exactly as Ctrl-C drains the command line.
 So `campaign run JOB --campaign ID` continues a campaign of the page with the page's
 mapping, and the page continues a campaign of `campaign run` from its ledger.
+
+Whatever touches the disk (files, SQLite, the campaign lock) runs in a thread, never on
+the event loop: one operator's big upload or slow disk must not freeze another's page.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import secrets
 import shutil
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from campaign.web_state import (
     rows_page,
     write_json,
 )
+from campaign.web_watch import Watches
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +72,8 @@ class Campaigns:
         # job's own dated campaigns, so the ledger records them under their own job name.
         self.job_name = f"{job.name}.web"
         self.sends = Sends()
-        self.validating: set[str] = set()
+        self.busy: dict[str, str] = {}  # campaign -> what this server is doing with it
+        self.watches = Watches()
 
     # --- uploads -------------------------------------------------------------------------
 
@@ -81,40 +87,31 @@ class Campaigns:
                 (self.root / campaign).mkdir()
                 return campaign, self.root / campaign / PART_FILE
 
-    def discard(self, campaign: str) -> None:
-        shutil.rmtree(self.root / campaign, ignore_errors=True)
+    async def discard(self, campaign: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.root / campaign, ignore_errors=True)
 
     async def finish_upload(
         self, campaign: str, filename: str, mapping_json: str | None
     ) -> dict[str, Any]:
         directory = self.root / campaign
-        part = directory / PART_FILE
-        with part.open("rb") as handle:
-            head = handle.read(8)
-        suffix = next((s for magic, s in _KINDS if head.startswith(magic)), ".csv")
-        upload = part.rename(directory / f"upload{suffix}")
-        shown = _display_name(filename) or f"upload{suffix}"
         try:
-            look = await asyncio.to_thread(look_at, upload, None, self.job.mapping)
-        except InputError as exc:
-            self.discard(campaign)
-            raise ServiceError(400, _shown(exc, shown)) from None
-        except BaseException:
-            self.discard(campaign)  # a half-read upload must not stay behind as a campaign
-            raise
-        mapping, source = look.mapping, look.mapping_source
-        if mapping_json:
+            upload = await asyncio.to_thread(_name_by_content, directory / PART_FILE)
+            shown = _display_name(filename) or upload.name
             try:
-                raw = json.loads(mapping_json)
-            except ValueError:
-                self.discard(campaign)
-                raise ServiceError(400, "mapping: not valid JSON") from None
-            try:
+                look = await asyncio.to_thread(look_at, upload, None, self.job.mapping)
+            except InputError as exc:
+                raise ServiceError(400, _shown(exc, shown)) from None
+            mapping, source = look.mapping, look.mapping_source
+            if mapping_json:
+                try:
+                    raw = json.loads(mapping_json)
+                except ValueError:
+                    raise ServiceError(400, "mapping: not valid JSON") from None
                 mapping = self._check_mapping(raw, upload, look.columns).model_dump()
-            except ServiceError:
-                self.discard(campaign)
-                raise
-            source = "request"
+                source = "request"
+        except BaseException:
+            await self.discard(campaign)  # a refused upload must not stay behind as a campaign
+            raise
         info = {
             "filename": shown,
             "upload": upload.name,
@@ -124,8 +121,8 @@ class Campaigns:
             "mapping_source": source,
             "validated": False,
         }
-        write_json(directory / WEB_FILE, info)
-        write_json(directory / MAPPING_FILE, mapping)
+        await asyncio.to_thread(write_json, directory / WEB_FILE, info)
+        await asyncio.to_thread(write_json, directory / MAPPING_FILE, mapping)
         log.info("upload stored", campaign=campaign, rows_sampled=look.rows_sampled)
         return {
             "id": campaign,
@@ -139,22 +136,20 @@ class Campaigns:
     # --- mapping and validation ------------------------------------------------------------
 
     async def set_mapping(self, campaign: str, raw: Any) -> dict[str, Any]:
-        directory, info = self._web_campaign(campaign)
-        self._refuse_if_busy(campaign)
-        upload = directory / info["upload"]
-        mapping = self._check_mapping(raw, upload, info["columns"])
-        self.validating.add(campaign)
-        try:
+        directory, info = await asyncio.to_thread(self._web_campaign, campaign)
+        async with self._exclusive(campaign, "being validated"):
+            upload = directory / info["upload"]
+            mapping = self._check_mapping(raw, upload, info["columns"])
             options = RunOptions(input=str(upload), campaign=campaign, dry_run=True, origin="page")
-            await run_campaign(self._job_for(mapping, upload), options, RunControl())
-        except CampaignError as exc:
-            # Nothing saved: a mapping the campaign cannot take (e.g. another one after
-            # requests went out) must not become the one the next start uses.
-            raise ServiceError(409 if isinstance(exc, CampaignBusy) else 400, str(exc)) from None
-        finally:
-            self.validating.discard(campaign)
-        write_json(directory / MAPPING_FILE, mapping.model_dump())
-        self._update_info(directory, validated=True, mapping_source="page")
+            try:
+                await run_campaign(self._job_for(mapping, upload), options, RunControl())
+            except CampaignError as exc:
+                # Nothing saved: a mapping the campaign cannot take (e.g. another one after
+                # requests went out) must not become the one the next start uses.
+                status = 409 if isinstance(exc, CampaignBusy) else 400
+                raise ServiceError(status, str(exc)) from None
+            await asyncio.to_thread(write_json, directory / MAPPING_FILE, mapping.model_dump())
+            await self._update_info(directory, validated=True, mapping_source="page")
         summary = await self.describe(campaign)
         summary["invalid"] = await asyncio.to_thread(rows_page, directory, "invalid", 0, PAGE_ROWS)
         return summary
@@ -183,26 +178,28 @@ class Campaigns:
     # --- sending ---------------------------------------------------------------------------
 
     async def start(self, campaign: str, only_failed: bool) -> dict[str, Any]:
-        directory = self.directory(campaign)
-        info = read_json(directory / WEB_FILE)
-        self._refuse_if_busy(campaign)
-        if not info:
-            # Started with `campaign run`: its rows and its mapping are in its ledger.
-            job = self._job_for(self.job.mapping, None)
-            options = RunOptions(
-                campaign=campaign, only_failed=only_failed, origin="page", reuse_rows=True
-            )
+        directory = await self.directory(campaign)
+        info = await asyncio.to_thread(read_json, directory / WEB_FILE)
+        async with self._exclusive(campaign, "starting"):
+            if not info:
+                # Started with `campaign run`: its rows and its mapping are in its ledger.
+                job = self._job_for(self.job.mapping, None)
+                options = RunOptions(
+                    campaign=campaign, only_failed=only_failed, origin="page", reuse_rows=True
+                )
+            else:
+                if not info.get("validated"):
+                    raise ServiceError(
+                        409, f"campaign {campaign}: validate the mapping before sending"
+                    )
+                upload = directory / info["upload"]
+                raw = await asyncio.to_thread(read_json, directory / MAPPING_FILE)
+                mapping = self._check_mapping(raw, upload, info["columns"])
+                job = self._job_for(mapping, upload)
+                options = RunOptions(
+                    input=str(upload), campaign=campaign, only_failed=only_failed, origin="page"
+                )
             self.sends.start(campaign, job, options, directory)
-            return await self.describe(campaign)
-        if not info.get("validated"):
-            raise ServiceError(409, f"campaign {campaign}: validate the mapping before sending")
-        upload = directory / info["upload"]
-        mapping = self._check_mapping(read_json(directory / MAPPING_FILE), upload, info["columns"])
-        job = self._job_for(mapping, upload)
-        options = RunOptions(
-            input=str(upload), campaign=campaign, only_failed=only_failed, origin="page"
-        )
-        self.sends.start(campaign, job, options, directory)
         return await self.describe(campaign)
 
     def stop(self, campaign: str) -> None:
@@ -213,17 +210,30 @@ class Campaigns:
         """Drain every send like Ctrl-C does: finish the requests in flight, save state."""
         await self.sends.shutdown()
 
-    def _refuse_if_busy(self, campaign: str) -> None:
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, campaign: str, doing: str) -> AsyncIterator[None]:
+        """One change at a time per campaign. It is claimed before the first await, so two
+        requests that interleave at the awaits (a double click on Send) cannot both pass;
+        a send holds it from then on until it ends."""
         if self.sends.running(campaign):
             raise ServiceError(409, f"campaign {campaign} is sending; stop it first")
-        if campaign in self.validating:
-            raise ServiceError(409, f"campaign {campaign} is being validated")
-        if is_locked(self.root / campaign):
-            raise ServiceError(409, f"campaign {campaign} is in use by another process")
+        if campaign in self.busy:
+            raise ServiceError(409, f"campaign {campaign} is {self.busy[campaign]}")
+        self.busy[campaign] = doing
+        try:
+            if await asyncio.to_thread(is_locked, self.root / campaign):
+                raise ServiceError(409, f"campaign {campaign} is in use by another process")
+            yield
+        finally:
+            del self.busy[campaign]
 
     # --- reading -----------------------------------------------------------------------------
 
-    def directory(self, campaign: str) -> Path:
+    async def directory(self, campaign: str) -> Path:
+        """The campaign's directory; 404 when there is no such campaign."""
+        return await asyncio.to_thread(self._directory, campaign)
+
+    def _directory(self, campaign: str) -> Path:
         if not CAMPAIGN_ID.fullmatch(campaign) or not (self.root / campaign).is_dir():
             raise ServiceError(404, f"no campaign {campaign!r}")
         directory = self.root / campaign
@@ -232,7 +242,7 @@ class Campaigns:
         return directory
 
     def _web_campaign(self, campaign: str) -> tuple[Path, dict[str, Any]]:
-        directory = self.directory(campaign)
+        directory = self._directory(campaign)
         info = read_json(directory / WEB_FILE)
         if not info:
             raise ServiceError(
@@ -242,38 +252,51 @@ class Campaigns:
             )
         return directory, info
 
-    def _update_info(self, directory: Path, **changes: Any) -> None:
-        write_json(directory / WEB_FILE, {**read_json(directory / WEB_FILE), **changes})
+    async def _update_info(self, directory: Path, **changes: Any) -> None:
+        def update() -> None:
+            write_json(directory / WEB_FILE, {**read_json(directory / WEB_FILE), **changes})
 
-    async def list(self) -> list[dict[str, Any]]:
+        await asyncio.to_thread(update)
+
+    def _views(self) -> list[dict[str, Any]]:
         found = [
             d
             for d in (self.root.iterdir() if self.root.is_dir() else [])
             if CAMPAIGN_ID.fullmatch(d.name)
             and ((d / WEB_FILE).is_file() or (d / LEDGER_FILE).is_file())
         ]
-        items = await asyncio.to_thread(lambda: [campaign_view(d, self.job.limits) for d in found])
+        return [campaign_view(d, self.job.limits) for d in found]
+
+    async def list(self) -> list[dict[str, Any]]:
+        items = await asyncio.to_thread(self._views)
         for item in items:
             self._merge_live(item)
         return sorted(items, key=lambda i: i["created_at"] or 0, reverse=True)
 
     async def describe(self, campaign: str, detail: bool = False) -> dict[str, Any]:
-        directory = self.directory(campaign)
-        item = await asyncio.to_thread(campaign_view, directory, self.job.limits, detail)
+        def view() -> dict[str, Any]:
+            return campaign_view(self._directory(campaign), self.job.limits, detail)
+
+        item = await asyncio.to_thread(view)
         self._merge_live(item)
         return item
 
     async def rows(self, campaign: str, status: str, offset: int, limit: int) -> dict[str, Any]:
         if status not in ("invalid", "duplicate"):
             raise ServiceError(400, "status: invalid or duplicate")
-        directory = self.directory(campaign)
+        directory = await self.directory(campaign)
         return await asyncio.to_thread(rows_page, directory, status, offset, limit)
 
-    def results(self, campaign: str) -> Path:
-        path = self.directory(campaign) / RESULTS_FILE
-        if not path.is_file():
-            raise ServiceError(404, f"campaign {campaign} has no results yet: validate it first")
-        return path
+    async def results(self, campaign: str) -> Path:
+        def find() -> Path:
+            path = self._directory(campaign) / RESULTS_FILE
+            if not path.is_file():
+                raise ServiceError(
+                    404, f"campaign {campaign} has no results yet: validate it first"
+                )
+            return path
+
+        return await asyncio.to_thread(find)
 
     def _merge_live(self, item: dict[str, Any]) -> None:
         send = self.sends.get(item["id"])
@@ -283,6 +306,14 @@ class Campaigns:
         if send.running:
             item["state"], item["resumable"] = "running", False
             item["progress"] = send.progress()
+
+
+def _name_by_content(part: Path) -> Path:
+    """The finished upload renamed `upload.csv`, `.xlsx` or `.xls` by its first bytes."""
+    with part.open("rb") as handle:
+        head = handle.read(8)
+    suffix = next((s for magic, s in _KINDS if head.startswith(magic)), ".csv")
+    return part.rename(part.parent / f"upload{suffix}")
 
 
 def _display_name(filename: str) -> str:

@@ -177,6 +177,7 @@ class FaultServer:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _release: asyncio.Event | None = None
+    _released: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __enter__(self) -> FaultServer:
@@ -188,10 +189,16 @@ class FaultServer:
         return self
 
     def __exit__(self, *_: object) -> None:
-        assert self._loop is not None and self._release is not None
-        self._loop.call_soon_threadsafe(self._release.set)
+        self.release()
         assert self._thread is not None
         self._thread.join(10)
+
+    def release(self) -> None:
+        """Stop the server; requests that "hang" are answered 503 (or cut) as it goes."""
+        assert self._loop is not None and self._release is not None
+        if not self._released:
+            self._released = True
+            self._loop.call_soon_threadsafe(self._release.set)
 
     def bodies(self) -> list[dict[str, Any]]:
         with self._lock:

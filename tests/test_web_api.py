@@ -23,10 +23,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from campaign.job import load_job
+from campaign.web import create_app
 from tests.helpers import ROOT, Sandbox, cli, spawn_cli, start_sandbox, write_job
 
-TOKEN = "test-token-7f3a"
+TOKEN = "test-token-7f3a-5b0e"  # at least 16 characters, or serve refuses it
 XLSX = ROOT / "sample_data" / "recipients.xlsx"
 COLUMNS = ["First Name", "Last Name", "Phone", "Employee ID"]
 # recipients.xlsx: 50 rows, 5 with unusable phones, 2 repeating an earlier phone.
@@ -62,6 +65,21 @@ def start_serve(directory: Path, job: Path, *options: str, token: str = TOKEN) -
         process.kill()
         raise RuntimeError(f"serve did not start: {line}{log.read_text()}")
     return Served(process, line.split("listening on ")[1].strip().rstrip("/"), log)
+
+
+@asynccontextmanager
+async def in_process(job: Path, **options: Any) -> AsyncIterator[tuple[str, web.Application]]:
+    """The app in the test's own process and loop, on 127.0.0.1: its URL and the app, for
+    what a subprocess cannot show (its open event streams) or be made to do (a clock 12 h
+    on). Sends run in the test's loop."""
+    app = create_app(load_job(job), TOKEN, 1024 * 1024, **options)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
+    finally:
+        await runner.cleanup()
 
 
 @asynccontextmanager

@@ -5,7 +5,6 @@ another process sends."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from campaign.store import open_campaign
 from campaign.web_api import SERVICE
 from campaign.web_watch import Watch
 from tests.helpers import FaultServer, Sandbox, cli, spawn_cli, write_csv, write_job
@@ -151,8 +151,7 @@ async def test_a_watch_reads_the_ledger_again_only_when_the_campaign_changed(
     assert [await look(every_time), await look(every_time)] == [1, 1]  # nothing changed
     assert cli("validate", str(job)).returncode == 0  # the ledger is written again
     assert [await look(every_time), await look(every_time)] == [2, 2]
-    with (directory / ".lock").open("a+") as lock:  # a process takes the campaign
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open_campaign(directory.parent, directory.name, "job"):  # a process takes it
         assert await look(every_time) == 3
     assert await look(every_time) == 4  # ... and lets it go (or dies: no file changes)
 

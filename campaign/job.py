@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -129,9 +130,31 @@ class Job(_Strict):
     mapping: Mapping
     limits: Limits = Field(default_factory=Limits)
 
-    # Not keys of the file: where it came from, for `{job}` and for messages.
-    name: str = Field(default="job", exclude=True)
-    path: str = Field(default="", exclude=True)
+    # Not keys of the file: where it came from, for `{job}` and for messages. Private
+    # attributes, so that no key of the file (`name:`, `path:`) can set them.
+    _name: str = PrivateAttr(default="job")
+    _path: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        """The job's name: its file's stem, `{job}` in campaign ids."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The job file, for messages."""
+        return self._path
+
+    def with_changes(self, name: str | None = None, **keys: Any) -> Job:
+        """A copy with top-level keys replaced, checked like the file's own (raises
+        `JobError` naming the key), under another `name` when one is given."""
+        try:
+            job = Job.model_validate({**self.model_dump(), **keys})
+        except ValidationError as exc:
+            raise JobError(self.path, *first_problem(exc)) from None
+        job._name = self.name if name is None else name
+        job._path = self.path
+        return job
 
     def campaign_id(self, today: dt.date | None = None) -> str:
         day = (today or dt.date.today()).isoformat()
@@ -142,12 +165,20 @@ class Job(_Strict):
         return "{date}" in self.campaign
 
 
-def expand_vars(value: Any, path: Path, key: str = "") -> Any:
+def expand_vars(
+    value: Any, path: Path, key: str = "", _inside: frozenset[int] = frozenset()
+) -> Any:
     """Replace `${VAR}` and `${VAR:-default}` in every string of the parsed YAML."""
-    if isinstance(value, dict):
-        return {k: expand_vars(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_vars(v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict | list):
+        if id(value) in _inside:  # `a: &x {b: *x}`: YAML allows it, no job key means it
+            raise JobError(path, "an alias (*name) refers to a section that holds it", key=key)
+        inside = _inside | {id(value)}
+        if isinstance(value, dict):
+            return {
+                k: expand_vars(v, path, f"{key}.{k}" if key else str(k), inside)
+                for k, v in value.items()
+            }
+        return [expand_vars(v, path, f"{key}[{i}]", inside) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -180,7 +211,8 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise JobError(path, f"YAML syntax error: {where}{problem}") from None
+        kind = "" if isinstance(exc, _KeyProblem) else "YAML syntax error: "
+        raise JobError(path, f"{kind}{where}{problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -188,9 +220,10 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     raw = expand_vars(raw, path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        job = Job.model_validate({**raw, "name": path.stem, "path": str(path)})
+        job = Job.model_validate(raw)
     except ValidationError as exc:
         raise JobError(path, *first_problem(exc)) from None
+    job._name, job._path = path.stem, str(path)
     if not CAMPAIGN_ID.fullmatch(job.campaign_id()):
         raise JobError(
             path,
@@ -201,19 +234,55 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     return job
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _KeyProblem(yaml.constructor.ConstructorError):
+    """A key no job file can use: written twice, or not a name."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice: YAML would silently keep the last."""
+    """SafeLoader whose keys are names, each written once.
+
+    YAML would silently keep the last of two equal keys, and reads `yes:`, `1:` or `~:`
+    as true, a number or null, which no key of a job file (a section, a setting, a param
+    name) can be. Merge keys (`<<: *anchor`) keep their YAML meaning: the keys written
+    beside them win, and the merged keys are checked like any others."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        seen: set[str] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark
+            if key_node.tag == _MERGE_TAG:
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _KeyProblem(
+                    None, None, "a key must be a name, not a list or a section", key_node.start_mark
                 )
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                raise _KeyProblem(
+                    None,
+                    None,
+                    f"key {key_node.value or '(empty)'} is read by YAML as {_yaml_kind(key)}, "
+                    "not as a name; write it in quotes if a name is meant",
+                    key_node.start_mark,
+                )
+            if key in seen:
+                raise _KeyProblem(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dt.date):
+        return "a date"
+    return type(value).__name__
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {"api": Api, "mapping": Mapping, "limits": Limits}
@@ -244,6 +313,6 @@ def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
 
     nested = root is Job and len(loc) > 1
     model: type[BaseModel] = _SECTIONS.get(loc[0], Job) if nested else root
-    known = [name for name, info in model.model_fields.items() if not info.exclude]
+    known = list(model.model_fields)
     close = difflib.get_close_matches(loc[-1], known, n=1)
     return f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"

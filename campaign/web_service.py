@@ -174,8 +174,9 @@ class Campaigns:
     def _job_for(self, mapping: Mapping, upload: Path) -> Job:
         # The upload's own first sheet with data: the job's `sheet:` names a sheet of
         # the job's input, which an uploaded file need not have.
-        update = {"mapping": mapping, "input": str(upload), "sheet": None, "name": self.job_name}
-        return self.job.model_copy(update=update)
+        return self.job.with_changes(
+            name=self.job_name, mapping=mapping, input=str(upload), sheet=None
+        )
 
     # --- sending ---------------------------------------------------------------------------
 

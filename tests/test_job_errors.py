@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from campaign.errors import JobError
+from campaign.job import load_job
 from tests.helpers import Sandbox, cli, start_sandbox, write_csv
 
 GOOD = """\
@@ -53,6 +55,26 @@ CASES = {
     "unknown nested key": Case(
         "  timeout_s: 2", "  timeout: 2", ("api.timeout: unknown key", "timeout_s")
     ),
+    # `name` and `path` are the job's own attributes (its file's stem and path), not keys.
+    "name at the top": Case(
+        "campaign: test", "campaign: test\nname: other", ("name: unknown key", "known keys")
+    ),
+    "path at the top": Case(
+        "campaign: test", "campaign: test\npath: /tmp", ("path: unknown key", "known keys")
+    ),
+    "key read as true/false": Case(
+        "  timeout_s: 2", "  timeout_s: 2\n  yes: 3", ("line 8", "key yes", "true/false")
+    ),
+    "param name read as a number": Case(
+        "    first_name: First Name", "    2024: First Name", ("line 12", "key 2024", "number")
+    ),
+    "a list as a key": Case(
+        "  timeout_s: 2", "  timeout_s: 2\n  ? [a, b]\n  : 3", ("line 8", "must be a name")
+    ),
+    "merged key unknown": Case(
+        "  to_phone: Phone", "  <<: {timeout_s: 2}\n  to_phone: Phone", ("mapping.timeout_s",)
+    ),
+    "alias inside itself": Case("limits:", "x: &loop\n  - *loop\nlimits:", ("x[0]", "alias")),
     "section not a mapping": Case(
         "limits:\n  rate_per_second: 1000\n  concurrency: 4\n",
         "limits: fast\n",
@@ -207,3 +229,27 @@ def test_numbers_in_the_job_file_are_read_as_the_text_written(tmp_path: Path, bo
     assert [r["body"] for r in box.records() if r["channel"] == "job-numbers"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
     ]
+
+
+def test_merge_keys_merge_and_the_keys_beside_them_win(tmp_path: Path) -> None:
+    text = fill(GOOD, input="in.csv", runs="runs", url="http://127.0.0.1:9", channel="written")
+    merged = "  <<: {timeout_s: 7, channel_uuid: merged}\n"
+    job_file = tmp_path / "merge.yaml"
+    job_file.write_text(text.replace("  timeout_s: 2\n", merged), encoding="utf-8")
+    job = load_job(job_file)
+    assert (job.api.timeout_s, job.api.channel_uuid) == (7, "written")
+
+
+def test_a_copy_under_another_name_is_checked_like_the_file(tmp_path: Path) -> None:
+    text = fill(GOOD, input="in.csv", runs="runs", url="http://127.0.0.1:9", channel="c")
+    job_file = tmp_path / "nightly.yaml"
+    job_file.write_text(text, encoding="utf-8")
+    job = load_job(job_file)
+    copy = job.with_changes(name="nightly.web", input="upload.csv", sheet=None)
+    assert (copy.name, copy.path, copy.input) == ("nightly.web", str(job_file), "upload.csv")
+    assert (job.name, job.input) == ("nightly", "in.csv")
+    assert copy.limits == job.limits and copy.mapping == job.mapping
+    with pytest.raises(JobError, match=r"limits\.concurrency: "):
+        job.with_changes(limits={"concurrency": 0})
+    with pytest.raises(JobError, match="path: unknown key"):
+        job.with_changes(path="elsewhere")

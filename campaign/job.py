@@ -7,8 +7,10 @@ can print a single line and exit 2.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,11 +21,13 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
-from campaign.errors import JobError
+from campaign.errors import JobError, OptionError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -130,6 +134,16 @@ class Job(_Strict):
     mapping: Mapping
     limits: Limits = Field(default_factory=Limits)
 
+    @field_validator("input", "output_dir")
+    @classmethod
+    def _a_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # An empty `${VAR:-}` or `--input "$UNSET"`: "" would quietly mean another file or
+        # the current directory.
+        if value is not None and not value.strip():
+            here = " (. for the current directory)" if info.field_name == "output_dir" else ""
+            raise ValueError(f"is empty: give a path{here}")
+        return value
+
     # Not keys of the file: where it came from, for `{job}` and for messages. Private
     # attributes, so that no key of the file (`name:`, `path:`) can set them.
     _name: str = PrivateAttr(default="job")
@@ -194,8 +208,18 @@ def expand_vars(
     return _VAR.sub(substitute, value)
 
 
-def load_job(path: Path | str, **overrides: Any) -> Job:
-    """Read and check a job file; `overrides` replace top-level keys (e.g. `input`)."""
+@dataclass(frozen=True)
+class Override:
+    """A key of the job given from outside the file (a command-line option): checked like
+    the file's own keys, and named as the operator gave it when it is wrong."""
+
+    key: str  # dotted, e.g. "limits.concurrency"
+    value: Any
+    given_as: str  # e.g. "--concurrency"
+
+
+def load_job(path: Path | str, *overrides: Override) -> Job:
+    """Read and check a job file, with `overrides` in place of the keys they name."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -218,11 +242,25 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     if not isinstance(raw, dict):
         raise JobError(path, "must be a YAML mapping of keys (campaign, input, api, mapping...)")
     raw = expand_vars(raw, path)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for override in overrides:
+        *sections, name = override.key.split(".")
+        into = raw
+        for section in sections:
+            into = into.setdefault(section, {})
+            if not isinstance(into, dict):  # the file's section is not a section: say so
+                break
+        else:
+            into[name] = override.value
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:
-        raise JobError(path, *first_problem(exc)) from None
+        message, key = first_problem(exc)
+        for override in overrides:
+            if override.key == key:
+                value = override.value
+                shown = f", not {value:.15g}" if isinstance(value, int | float) else ""
+                raise OptionError(override.given_as, message + shown) from None
+        raise JobError(path, message, key) from None
     job._name, job._path = path.stem, str(path)
     if not CAMPAIGN_ID.fullmatch(job.campaign_id()):
         raise JobError(
@@ -305,7 +343,51 @@ def first_problem(
         message = "required key is missing"
     elif error["type"] in {"model_type", "dict_type"}:
         message = "must be a section of `key: value` lines"
+    elif error["type"] in _OUT_OF_RANGE and (field := _field(loc, root or Job)) is not None:
+        message = "must be " + allowed_range(field)
     return message, key
+
+
+_OUT_OF_RANGE = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "finite_number",
+}
+
+
+def _field(loc: list[str], model: type[BaseModel]) -> FieldInfo | None:
+    for part in loc[:-1]:
+        section = model.model_fields.get(part)
+        if section is None or not (
+            isinstance(section.annotation, type) and issubclass(section.annotation, BaseModel)
+        ):
+            return None
+        model = section.annotation
+    return model.model_fields.get(loc[-1]) if loc else None
+
+
+def allowed_range(field: FieldInfo) -> str:
+    """`a whole number from 1 to 1000`: a numeric key's bounds as one phrase."""
+    bounds: dict[str, float] = {}
+    for rule in field.metadata:
+        for name in ("gt", "ge", "lt", "le"):
+            if getattr(rule, name, None) is not None:
+                bounds[name] = getattr(rule, name)
+    whole = field.annotation is int
+    if whole:  # the strict bounds of a whole number are the next whole numbers
+        if "gt" in bounds:
+            bounds["ge"] = math.floor(bounds.pop("gt")) + 1
+        if "lt" in bounds:
+            bounds["le"] = math.ceil(bounds.pop("lt")) - 1
+    noun = "a whole number" if whole else "a number"
+    low, high = bounds.get("ge"), bounds.get("le")
+    if low is not None and high is not None:
+        return f"{noun} from {low:g} to {high:g}"
+    words = {"gt": "greater than", "ge": "at least", "lt": "less than", "le": "at most"}
+    said = " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
+    return f"{noun} {'of ' if said.startswith('at ') else ''}{said}".strip()
 
 
 def _suggestion(loc: list[str], root: type[BaseModel]) -> str:

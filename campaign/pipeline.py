@@ -84,7 +84,8 @@ class Interrupted(Exception):
 
 
 def campaign_id_for(job: Job, options: RunOptions) -> str:
-    campaign = options.campaign or job.campaign_id()
+    # `--campaign ""` (an unset variable) is refused, not read as "the default campaign".
+    campaign = job.campaign_id() if options.campaign is None else options.campaign
     if not CAMPAIGN_ID.fullmatch(campaign):
         raise UsageError(f"--campaign {campaign!r}: use letters, digits, '.', '_' and '-' only")
     return campaign

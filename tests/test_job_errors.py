@@ -103,7 +103,13 @@ CASES = {
         ("limits.rate_per_second", "greater than 0"),
     ),
     "concurrency zero": Case(
-        "  concurrency: 4", "  concurrency: 0", ("limits.concurrency", "greater than 0")
+        "  concurrency: 4", "  concurrency: 0", ("limits.concurrency", "from 1 to 1000")
+    ),
+    "concurrency too high": Case(
+        "  concurrency: 4", "  concurrency: 5000", ("limits.concurrency", "from 1 to 1000")
+    ),
+    "output_dir empty": Case(
+        "output_dir: {runs}", "output_dir: ${CAMPAIGN_TEST_NEVER_SET:-}", ("output_dir: is empty",)
     ),
     "unset variable": Case(
         "  channel_uuid: {channel}",
@@ -177,7 +183,7 @@ def outcomes(
         assert text != GOOD, f"case {name!r} changes nothing"
         job = home / "job.yaml"
         job.write_text(fill(text, home=home, **fields), encoding="utf-8")
-        return Done(job, channel, cli(case.command, str(job), "--no-progress"))
+        return Done(job, channel, cli(case.command, str(job), "--no-progress", cwd=home))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         yield {name: pool.submit(one, name, case) for name, case in CASES.items()}

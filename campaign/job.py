@@ -31,6 +31,21 @@ from campaign.errors import JobError, OptionError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A param reaches the agent as `context.params.<name>`: a name its script can write so.
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def param_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a param (or constant) name, None when it can: the one rule for
+    the job file, the page's mapping and the names the page guesses."""
+    if name == "to_phone":
+        return "to_phone is not a param: the phone comes from mapping.to_phone"
+    if not isinstance(name, str) or not PARAM_NAME.fullmatch(name):
+        return (
+            f"{name!r} is not a usable param name: use A-Z, a-z, 0-9 and _, not starting "
+            "with a digit (the agent reads it as context.params.<name>)"
+        )
+    return None
 
 
 class _Strict(BaseModel):
@@ -77,11 +92,22 @@ class Mapping(_Strict):
         if not isinstance(value, dict):
             raise ValueError("must be the word `all` or lines of `param_name: Column Name`")
         for param, column in value.items():
+            if problem := param_name_problem(param):
+                raise ValueError(problem)
             if isinstance(column, bool) or not isinstance(column, str | int | float):
                 raise ValueError(f"{param}: the column name must be text, not {column!r}")
             if not str(column).strip():
                 raise ValueError(f"{param}: the column name is empty")
         return {param: str(column) for param, column in value.items()}
+
+    @field_validator("constants", mode="before")
+    @classmethod
+    def _constant_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in value:
+                if problem := param_name_problem(name):
+                    raise ValueError(problem)
+        return value
 
     @field_validator("default_region", mode="before")
     @classmethod

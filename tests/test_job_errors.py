@@ -75,6 +75,20 @@ CASES = {
         "  to_phone: Phone", "  <<: {timeout_s: 2}\n  to_phone: Phone", ("mapping.timeout_s",)
     ),
     "alias inside itself": Case("limits:", "x: &loop\n  - *loop\nlimits:", ("x[0]", "alias")),
+    # A param reaches the agent as context.params.<name>: the page's rule, too.
+    "param name with a space": Case(
+        "    first_name: First Name",
+        '    "first name": First Name',
+        ("mapping.params: 'first name' is not a usable param name", "0-9 and _"),
+    ),
+    "param named to_phone": Case(
+        "    first_name: First Name", "    to_phone: First Name", ("mapping.params: to_phone",)
+    ),
+    "constant name with a dash": Case(
+        "  default_region: US",
+        "  default_region: US\n  constants: {promo-code: x}",
+        ("mapping.constants: 'promo-code' is not a usable param name",),
+    ),
     "section not a mapping": Case(
         "limits:\n  rate_per_second: 1000\n  concurrency: 4\n",
         "limits: fast\n",

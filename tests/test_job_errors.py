@@ -60,7 +60,7 @@ CASES = {
         "campaign: test", "campaign: test\nname: other", ("name: unknown key", "known keys")
     ),
     "path at the top": Case(
-        "campaign: test", "campaign: test\npath: /tmp", ("path: unknown key", "known keys")
+        "campaign: test", "campaign: test\npath: other.yaml", ("path: unknown key", "known keys")
     ),
     "key read as true/false": Case(
         "  timeout_s: 2", "  timeout_s: 2\n  yes: 3", ("line 8", "key yes", "true/false")

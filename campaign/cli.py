@@ -32,12 +32,16 @@ def _number(text: str, kind: type[float] | type[int], ok: Any, wanted: str) -> A
     return value
 
 
+def _float(text: str) -> float:
+    return float(_number(text, float, lambda v: True, "a number"))
+
+
+def _int(text: str) -> int:
+    return int(_number(text, int, lambda v: True, "a whole number"))
+
+
 def _positive_float(text: str) -> float:
     return float(_number(text, float, lambda v: 0 < v < float("inf"), "a number greater than 0"))
-
-
-def _positive_int(text: str) -> int:
-    return int(_number(text, int, lambda v: v > 0, "a whole number greater than 0"))
 
 
 def _share(text: str) -> float:
@@ -100,15 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the job's new campaign even though its latest one did not finish",
     )
+    # The job's limits say which values are allowed: an option is checked with the file.
     run.add_argument(
         "--rate",
-        type=_positive_float,
+        type=_float,
         metavar="N",
         help="requests per second (overrides limits.rate_per_second)",
     )
     run.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=_int,
         metavar="N",
         help="requests in flight at once (overrides limits.concurrency)",
     )
@@ -238,21 +243,25 @@ def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
     return _run(args, state)
 
 
-def _load(args: argparse.Namespace, path: str | None = None) -> Any:
-    from campaign.job import load_job
+# Options that stand for a key of the job file: (option, argparse dest, job key).
+OVERRIDES = (
+    ("--input", "input", "input"),
+    ("--output-dir", "output_dir", "output_dir"),
+    ("--rate", "rate", "limits.rate_per_second"),
+    ("--concurrency", "concurrency", "limits.concurrency"),
+)
 
-    job = load_job(path or args.job, output_dir=args.output_dir)
-    limits = job.limits.model_copy(
-        update={
-            k: v
-            for k, v in (
-                ("rate_per_second", getattr(args, "rate", None)),
-                ("concurrency", getattr(args, "concurrency", None)),
-            )
-            if v is not None
-        }
-    )
-    return job.model_copy(update={"limits": limits})
+
+def _load(args: argparse.Namespace, path: str | None = None) -> Any:
+    """The job, with the options that override its keys checked like the file's own."""
+    from campaign.job import Override, load_job
+
+    given = [
+        Override(key, value, option)
+        for option, dest, key in OVERRIDES
+        if (value := getattr(args, dest, None)) is not None
+    ]
+    return load_job(path or args.job, *given)
 
 
 def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
@@ -264,7 +273,6 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     job = _load(args)
     logs.masker.hide(job.api.channel_uuid)
     options = RunOptions(
-        input=args.input,
         campaign=args.campaign,
         new=getattr(args, "new", False),
         only_failed=getattr(args, "only_failed", False),
@@ -390,7 +398,7 @@ def _print_outcome(outcome: RunOutcome) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from campaign.errors import UsageError
-    from campaign.pipeline import rebuild_report
+    from campaign.pipeline import RunOptions, campaign_id_for, rebuild_report
     from campaign.store import list_campaigns
 
     target = Path(args.target)
@@ -399,8 +407,8 @@ def _report(args: argparse.Namespace) -> int:
     else:
         job = _load(args, args.target)
         output_dir = Path(job.output_dir)
-        directory = output_dir / (args.campaign or job.campaign_id())
-        if not args.campaign and not directory.is_dir():
+        directory = output_dir / campaign_id_for(job, RunOptions(campaign=args.campaign))
+        if args.campaign is None and not directory.is_dir():
             # Today's id has no campaign yet: the job's latest one is meant.
             mine = [c for c in list_campaigns(output_dir) if c.job == job.name]
             if not mine:

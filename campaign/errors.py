@@ -3,6 +3,7 @@
     CampaignError                 anything that stops a command with one clear line
      └── UsageError               exit 2: nothing was sent
           ├── JobError            a job file key or ${VAR} (names the file and key)
+          ├── OptionError         a command-line option's value (names the option)
           ├── InputError          the spreadsheet (names the file, row, column)
           ├── CampaignBusy        another process holds the campaign's lock
           └── UnfinishedCampaign  the midnight guard: yesterday's campaign did not finish
@@ -33,6 +34,12 @@ class JobError(UsageError):
         self.key = key
         where = f"{self.path}: {key}: " if key else f"{self.path}: "
         super().__init__(where + message)
+
+
+class OptionError(UsageError):
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"{option}: {message}")
 
 
 class InputError(UsageError):

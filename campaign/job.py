@@ -7,8 +7,10 @@ can print a single line and exit 2.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,15 +19,33 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
-from campaign.errors import JobError
+from campaign.errors import JobError, OptionError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A param reaches the agent as `context.params.<name>`: a name its script can write so.
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def param_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a param (or constant) name, None when it can: the one rule for
+    the job file, the page's mapping and the names the page guesses."""
+    if name == "to_phone":
+        return "to_phone is not a param: the phone comes from mapping.to_phone"
+    if not isinstance(name, str) or not PARAM_NAME.fullmatch(name):
+        return (
+            f"{name!r} is not a usable param name: use A-Z, a-z, 0-9 and _, not starting "
+            "with a digit (the agent reads it as context.params.<name>)"
+        )
+    return None
 
 
 class _Strict(BaseModel):
@@ -72,11 +92,22 @@ class Mapping(_Strict):
         if not isinstance(value, dict):
             raise ValueError("must be the word `all` or lines of `param_name: Column Name`")
         for param, column in value.items():
+            if problem := param_name_problem(param):
+                raise ValueError(problem)
             if isinstance(column, bool) or not isinstance(column, str | int | float):
                 raise ValueError(f"{param}: the column name must be text, not {column!r}")
             if not str(column).strip():
                 raise ValueError(f"{param}: the column name is empty")
         return {param: str(column) for param, column in value.items()}
+
+    @field_validator("constants", mode="before")
+    @classmethod
+    def _constant_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in value:
+                if problem := param_name_problem(name):
+                    raise ValueError(problem)
+        return value
 
     @field_validator("default_region", mode="before")
     @classmethod
@@ -129,9 +160,41 @@ class Job(_Strict):
     mapping: Mapping
     limits: Limits = Field(default_factory=Limits)
 
-    # Not keys of the file: where it came from, for `{job}` and for messages.
-    name: str = Field(default="job", exclude=True)
-    path: str = Field(default="", exclude=True)
+    @field_validator("input", "output_dir")
+    @classmethod
+    def _a_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # An empty `${VAR:-}` or `--input "$UNSET"`: "" would quietly mean another file or
+        # the current directory.
+        if value is not None and not value.strip():
+            here = " (. for the current directory)" if info.field_name == "output_dir" else ""
+            raise ValueError(f"is empty: give a path{here}")
+        return value
+
+    # Not keys of the file: where it came from, for `{job}` and for messages. Private
+    # attributes, so that no key of the file (`name:`, `path:`) can set them.
+    _name: str = PrivateAttr(default="job")
+    _path: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        """The job's name: its file's stem, `{job}` in campaign ids."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The job file, for messages."""
+        return self._path
+
+    def with_changes(self, name: str | None = None, **keys: Any) -> Job:
+        """A copy with top-level keys replaced, checked like the file's own (raises
+        `JobError` naming the key), under another `name` when one is given."""
+        try:
+            job = Job.model_validate({**self.model_dump(), **keys})
+        except ValidationError as exc:
+            raise JobError(self.path, *first_problem(exc)) from None
+        job._name = self.name if name is None else name
+        job._path = self.path
+        return job
 
     def campaign_id(self, today: dt.date | None = None) -> str:
         day = (today or dt.date.today()).isoformat()
@@ -142,12 +205,20 @@ class Job(_Strict):
         return "{date}" in self.campaign
 
 
-def expand_vars(value: Any, path: Path, key: str = "") -> Any:
+def expand_vars(
+    value: Any, path: Path, key: str = "", _inside: frozenset[int] = frozenset()
+) -> Any:
     """Replace `${VAR}` and `${VAR:-default}` in every string of the parsed YAML."""
-    if isinstance(value, dict):
-        return {k: expand_vars(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_vars(v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict | list):
+        if id(value) in _inside:  # `a: &x {b: *x}`: YAML allows it, no job key means it
+            raise JobError(path, "an alias (*name) refers to a section that holds it", key=key)
+        inside = _inside | {id(value)}
+        if isinstance(value, dict):
+            return {
+                k: expand_vars(v, path, f"{key}.{k}" if key else str(k), inside)
+                for k, v in value.items()
+            }
+        return [expand_vars(v, path, f"{key}[{i}]", inside) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -163,8 +234,18 @@ def expand_vars(value: Any, path: Path, key: str = "") -> Any:
     return _VAR.sub(substitute, value)
 
 
-def load_job(path: Path | str, **overrides: Any) -> Job:
-    """Read and check a job file; `overrides` replace top-level keys (e.g. `input`)."""
+@dataclass(frozen=True)
+class Override:
+    """A key of the job given from outside the file (a command-line option): checked like
+    the file's own keys, and named as the operator gave it when it is wrong."""
+
+    key: str  # dotted, e.g. "limits.concurrency"
+    value: Any
+    given_as: str  # e.g. "--concurrency"
+
+
+def load_job(path: Path | str, *overrides: Override) -> Job:
+    """Read and check a job file, with `overrides` in place of the keys they name."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -180,17 +261,33 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise JobError(path, f"YAML syntax error: {where}{problem}") from None
+        kind = "" if isinstance(exc, _KeyProblem) else "YAML syntax error: "
+        raise JobError(path, f"{kind}{where}{problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise JobError(path, "must be a YAML mapping of keys (campaign, input, api, mapping...)")
     raw = expand_vars(raw, path)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for override in overrides:
+        *sections, name = override.key.split(".")
+        into = raw
+        for section in sections:
+            into = into.setdefault(section, {})
+            if not isinstance(into, dict):  # the file's section is not a section: say so
+                break
+        else:
+            into[name] = override.value
     try:
-        job = Job.model_validate({**raw, "name": path.stem, "path": str(path)})
+        job = Job.model_validate(raw)
     except ValidationError as exc:
-        raise JobError(path, *first_problem(exc)) from None
+        message, key = first_problem(exc)
+        for override in overrides:
+            if override.key == key:
+                value = override.value
+                shown = f", not {value:.15g}" if isinstance(value, int | float) else ""
+                raise OptionError(override.given_as, message + shown) from None
+        raise JobError(path, message, key) from None
+    job._name, job._path = path.stem, str(path)
     if not CAMPAIGN_ID.fullmatch(job.campaign_id()):
         raise JobError(
             path,
@@ -201,19 +298,55 @@ def load_job(path: Path | str, **overrides: Any) -> Job:
     return job
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _KeyProblem(yaml.constructor.ConstructorError):
+    """A key no job file can use: written twice, or not a name."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice: YAML would silently keep the last."""
+    """SafeLoader whose keys are names, each written once.
+
+    YAML would silently keep the last of two equal keys, and reads `yes:`, `1:` or `~:`
+    as true, a number or null, which no key of a job file (a section, a setting, a param
+    name) can be. Merge keys (`<<: *anchor`) keep their YAML meaning: the keys written
+    beside them win, and the merged keys are checked like any others."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        seen: set[str] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark
+            if key_node.tag == _MERGE_TAG:
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _KeyProblem(
+                    None, None, "a key must be a name, not a list or a section", key_node.start_mark
                 )
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                raise _KeyProblem(
+                    None,
+                    None,
+                    f"key {key_node.value or '(empty)'} is read by YAML as {_yaml_kind(key)}, "
+                    "not as a name; write it in quotes if a name is meant",
+                    key_node.start_mark,
+                )
+            if key in seen:
+                raise _KeyProblem(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dt.date):
+        return "a date"
+    return type(value).__name__
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {"api": Api, "mapping": Mapping, "limits": Limits}
@@ -236,7 +369,51 @@ def first_problem(
         message = "required key is missing"
     elif error["type"] in {"model_type", "dict_type"}:
         message = "must be a section of `key: value` lines"
+    elif error["type"] in _OUT_OF_RANGE and (field := _field(loc, root or Job)) is not None:
+        message = "must be " + allowed_range(field)
     return message, key
+
+
+_OUT_OF_RANGE = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "finite_number",
+}
+
+
+def _field(loc: list[str], model: type[BaseModel]) -> FieldInfo | None:
+    for part in loc[:-1]:
+        section = model.model_fields.get(part)
+        if section is None or not (
+            isinstance(section.annotation, type) and issubclass(section.annotation, BaseModel)
+        ):
+            return None
+        model = section.annotation
+    return model.model_fields.get(loc[-1]) if loc else None
+
+
+def allowed_range(field: FieldInfo) -> str:
+    """`a whole number from 1 to 1000`: a numeric key's bounds as one phrase."""
+    bounds: dict[str, float] = {}
+    for rule in field.metadata:
+        for name in ("gt", "ge", "lt", "le"):
+            if getattr(rule, name, None) is not None:
+                bounds[name] = getattr(rule, name)
+    whole = field.annotation is int
+    if whole:  # the strict bounds of a whole number are the next whole numbers
+        if "gt" in bounds:
+            bounds["ge"] = math.floor(bounds.pop("gt")) + 1
+        if "lt" in bounds:
+            bounds["le"] = math.ceil(bounds.pop("lt")) - 1
+    noun = "a whole number" if whole else "a number"
+    low, high = bounds.get("ge"), bounds.get("le")
+    if low is not None and high is not None:
+        return f"{noun} from {low:g} to {high:g}"
+    words = {"gt": "greater than", "ge": "at least", "lt": "less than", "le": "at most"}
+    said = " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
+    return f"{noun} {'of ' if said.startswith('at ') else ''}{said}".strip()
 
 
 def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
@@ -244,6 +421,6 @@ def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
 
     nested = root is Job and len(loc) > 1
     model: type[BaseModel] = _SECTIONS.get(loc[0], Job) if nested else root
-    known = [name for name, info in model.model_fields.items() if not info.exclude]
+    known = list(model.model_fields)
     close = difflib.get_close_matches(loc[-1], known, n=1)
     return f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"

@@ -17,6 +17,7 @@ import phonenumbers
 from phonenumbers import NumberParseException
 
 from campaign.errors import InputError
+from campaign.header import about_data, about_missing, looks_like_names
 from campaign.job import Mapping
 from campaign.ledger import MappedRow
 from campaign.load import Row, Sheet
@@ -70,10 +71,6 @@ def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
-# Seven digits or more in a header cell: a phone number, so the file has no header row.
-_DIGITS = re.compile(r"\+?\d(?:[\s().-]{0,2}\d){6,}")
-
-
 def _missing(columns: list[str], key: str, name: str = "") -> str:
     """Why a mapped column is missing, without repeating a person's data from the file."""
     if name.strip().startswith("_"):
@@ -81,13 +78,7 @@ def _missing(columns: list[str], key: str, name: str = "") -> str:
             f"no such column (mapping.{key}): columns whose names start with _ are the "
             "results of an earlier run and are ignored on load; rename the column"
         )
-    if any(_DIGITS.search(c) for c in columns):
-        return (
-            f"no such column (mapping.{key}); the first row looks like data, not column "
-            "names (it holds a phone number): add a header row"
-        )
-    known = ", ".join(repr(c) for c in columns if c.strip())
-    return f"no such column (mapping.{key}; the columns are: {known})"
+    return f"no such column (mapping.{key}); {about_missing(columns, name)}"
 
 
 _SEVERAL = "phone cell holds more than one number; give each number a row of its own"
@@ -132,6 +123,14 @@ class Mapper:
 
         phone = column(mapping.to_phone, "to_phone") if mapping.to_phone else None
         if mapping.params == "all":
+            if not looks_like_names(sheet.columns):
+                # Its cells would become the param names of every payload: one person's
+                # data sent to everyone.
+                raise InputError(
+                    sheet.path,
+                    "mapping.params is all, so the header names would become param names, "
+                    f"but {about_data(sheet.columns)}",
+                )
             used = [
                 (name.strip(), i)
                 for i, name in enumerate(sheet.columns)

@@ -106,7 +106,8 @@ class Interrupted(Exception):
 
 
 def campaign_id_for(job: Job, options: RunOptions) -> str:
-    campaign = options.campaign or job.campaign_id()
+    # `--campaign ""` (an unset variable) is refused, not read as "the default campaign".
+    campaign = job.campaign_id() if options.campaign is None else options.campaign
     if not CAMPAIGN_ID.fullmatch(campaign):
         raise UsageError(f"--campaign {campaign!r}: use letters, digits, '.', '_' and '-' only")
     return campaign
@@ -270,7 +271,7 @@ def _load_input(
     own = _own_mapping(ledger, directory)
     page_campaign_from_cli = _made_on_page(ledger) and options.origin == "cli"
     if own is not None and (options.reuse_rows or page_campaign_from_cli):
-        job = job.model_copy(update={"mapping": own})
+        job = job.with_changes(mapping=own)
     if options.reuse_rows or (page_campaign_from_cli and not options.input):
         if not ledger.has_rows():
             raise UsageError(
@@ -311,12 +312,16 @@ def _own_mapping(ledger: Ledger, directory: Path) -> Mapping | None:
     if stored is None and _made_on_page(ledger):
         with contextlib.suppress(OSError, ValueError):
             stored = json.loads((directory / MAPPING_FILE).read_text(encoding="utf-8"))
-    if not isinstance(stored, dict):
-        return None
+    return _as_mapping(stored) if isinstance(stored, dict) else None
+
+
+def _as_mapping(stored: dict[str, Any]) -> Mapping:
+    """A mapping stored by an earlier run, as it was: a rule added since (e.g. for param
+    names) must not change what the rest of the campaign is sent."""
     try:
         return Mapping.model_validate(stored)
     except ValueError:
-        return None
+        return Mapping.model_construct(**stored)
 
 
 def _keep_mapping(ledger: Ledger, mapping: Mapping, sheet: Sheet) -> None:
@@ -338,7 +343,7 @@ def _keep_mapping(ledger: Ledger, mapping: Mapping, sheet: Sheet) -> None:
                     "campaign (--campaign ID)"
                 )
         else:
-            changed = _mapping_changes(Mapping.model_validate(stored), mapping, sheet)
+            changed = _mapping_changes(_as_mapping(stored), mapping, sheet)
             if changed:
                 raise UsageError(
                     f"campaign {campaign} was sent with another mapping; this run changes "

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from campaign.errors import InputError
-from campaign.job import Mapping
+from campaign.job import Mapping, param_name_problem
 from campaign.load import Row, Sheet, open_sheet
 from campaign.mapping import Mapper, normalize_phone
 
@@ -55,11 +56,18 @@ def look_at(path: Path, sheet_name: str | None, job_mapping: Mapping) -> Look:
 
 
 def expand_all(mapping: Mapping, columns: list[str]) -> dict[str, Any]:
-    """The mapping as the page edits it: `params: all` spelled out column by column."""
+    """The mapping as the page edits it: `params: all` spelled out column by column. A
+    header name that is not a usable param name gets the name the page would guess, so
+    that the mapping the page sends back passes the job's rule."""
     shape = mapping.model_dump()
     if mapping.params == "all":
         phone = (mapping.to_phone or "").strip()
-        shape["params"] = {c.strip(): c for c in columns if c.strip() and c.strip() != phone}
+        names = [(i, c.strip()) for i, c in enumerate(columns) if c.strip() not in {"", phone}]
+        params = {name: name for _, name in names if param_name_problem(name) is None}
+        for i, name in names:
+            if param_name_problem(name) is not None:
+                params[_unique(param_name(name, i), params)] = name
+        shape["params"] = params
     return shape
 
 
@@ -110,10 +118,16 @@ def _phone_share(sample: list[Row], column: int, region: str) -> float:
 
 
 def param_name(column: str, index: int) -> str:
-    """`First Name` -> `first_name`: a param name an agent's script can use."""
-    name = re.sub(r"[^0-9a-z]+", "_", column.strip().lower()).strip("_")
-    if not name or name[0].isdigit() or name == "to_phone":
-        name = f"column_{index + 1}" if not name else f"c_{name}"
+    """`First Name` -> `first_name`, `Prénom` -> `prenom`: a name that passes the job's
+    param-name rule. The page's `suggestName` (static/app.js) is the same steps in
+    JavaScript, for the columns the guess leaves out."""
+    # NFKD splits an accented letter into the letter and a combining mark (U+0300-U+036F).
+    text = re.sub("[\u0300-\u036f]", "", unicodedata.normalize("NFKD", column)).lower()
+    name = re.sub(r"[^0-9a-z]+", "_", text).strip("_")
+    if not name:
+        return f"column_{index + 1}"
+    if name[0].isdigit() or param_name_problem(name) is not None:
+        return f"c_{name}"
     return name
 
 

@@ -172,8 +172,7 @@ class Campaigns:
         # The upload's own first sheet with data: the job's `sheet:` names a sheet of
         # the job's input, which an uploaded file need not have.
         source = str(upload) if upload else None
-        update = {"mapping": mapping, "input": source, "sheet": None, "name": self.job_name}
-        return self.job.model_copy(update=update)
+        return self.job.with_changes(name=self.job_name, mapping=mapping, input=source, sheet=None)
 
     # --- sending ---------------------------------------------------------------------------
 

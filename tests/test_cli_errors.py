@@ -31,12 +31,15 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        (["--rate", "0"], "argument --rate: must be a number greater than 0"),
-        (["--rate", "-2.5"], "argument --rate: must be a number greater than 0"),
-        (["--rate", "fast"], "argument --rate"),
-        (["--concurrency", "0"], "argument --concurrency: must be a whole number greater than 0"),
-        (["--concurrency", "-1"], "argument --concurrency: must be a whole number greater than 0"),
-        (["--concurrency", "1.5"], "argument --concurrency"),
+        # The job's limits decide, whether a value comes from the file or an option.
+        (["--rate", "0"], "--rate: must be a number greater than 0, not 0"),
+        (["--rate", "-2.5"], "--rate: must be a number greater than 0, not -2.5"),
+        (["--rate", "inf"], "--rate: must be a number greater than 0, not inf"),
+        (["--rate", "fast"], "argument --rate: must be a number, not 'fast'"),
+        (["--concurrency", "0"], "--concurrency: must be a whole number from 1 to 1000, not 0"),
+        (["--concurrency", "-1"], "--concurrency: must be a whole number from 1 to 1000"),
+        (["--concurrency", "100000"], "--concurrency: must be a whole number from 1 to 1000"),
+        (["--concurrency", "1.5"], "argument --concurrency: must be a whole number, not '1.5'"),
         (["--campaign", "x", "--new"], "not allowed with argument --campaign"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
@@ -60,6 +63,10 @@ def test_bad_option_exit_2_nothing_sent(
         ("--input", ".", "is a directory, not a spreadsheet"),
         ("--output-dir", "plain-file/runs", "plain-file/runs: cannot create the output directory"),
         ("--campaign", "../escape", "--campaign '../escape'"),
+        # An unset variable in a script must not mean "the job's input" or "here".
+        ("--input", "", "--input: is empty: give a path"),
+        ("--output-dir", "", "--output-dir: is empty: give a path"),
+        ("--campaign", "", "--campaign '': use letters"),
     ],
 )
 def test_bad_path_or_id_is_one_line(
@@ -74,6 +81,7 @@ def test_bad_path_or_id_is_one_line(
         assert says in error_line(done)
     assert sandbox.records() == []
     assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "test").exists()  # `--output-dir ""` made no campaign here
 
 
 def crash_log(line: str) -> Path:
@@ -135,3 +143,13 @@ def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_pat
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert says in error_line(done)
+
+
+@pytest.mark.parametrize("campaign", ["", "../runs/test"])
+def test_report_takes_only_a_campaign_id(campaign: str, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path))
+    assert cli("validate", str(job), "--no-progress").returncode == 0
+    done = cli("report", str(job), "--campaign", campaign, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"--campaign {campaign!r}: use letters" in error_line(done)

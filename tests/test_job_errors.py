@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from campaign.errors import JobError
+from campaign.job import load_job
 from tests.helpers import Sandbox, cli, start_sandbox, write_csv
 
 GOOD = """\
@@ -53,6 +55,40 @@ CASES = {
     "unknown nested key": Case(
         "  timeout_s: 2", "  timeout: 2", ("api.timeout: unknown key", "timeout_s")
     ),
+    # `name` and `path` are the job's own attributes (its file's stem and path), not keys.
+    "name at the top": Case(
+        "campaign: test", "campaign: test\nname: other", ("name: unknown key", "known keys")
+    ),
+    "path at the top": Case(
+        "campaign: test", "campaign: test\npath: other.yaml", ("path: unknown key", "known keys")
+    ),
+    "key read as true/false": Case(
+        "  timeout_s: 2", "  timeout_s: 2\n  yes: 3", ("line 8", "key yes", "true/false")
+    ),
+    "param name read as a number": Case(
+        "    first_name: First Name", "    2024: First Name", ("line 12", "key 2024", "number")
+    ),
+    "a list as a key": Case(
+        "  timeout_s: 2", "  timeout_s: 2\n  ? [a, b]\n  : 3", ("line 8", "must be a name")
+    ),
+    "merged key unknown": Case(
+        "  to_phone: Phone", "  <<: {timeout_s: 2}\n  to_phone: Phone", ("mapping.timeout_s",)
+    ),
+    "alias inside itself": Case("limits:", "x: &loop\n  - *loop\nlimits:", ("x[0]", "alias")),
+    # A param reaches the agent as context.params.<name>: the page's rule, too.
+    "param name with a space": Case(
+        "    first_name: First Name",
+        '    "first name": First Name',
+        ("mapping.params: 'first name' is not a usable param name", "0-9 and _"),
+    ),
+    "param named to_phone": Case(
+        "    first_name: First Name", "    to_phone: First Name", ("mapping.params: to_phone",)
+    ),
+    "constant name with a dash": Case(
+        "  default_region: US",
+        "  default_region: US\n  constants: {promo-code: x}",
+        ("mapping.constants: 'promo-code' is not a usable param name",),
+    ),
     "section not a mapping": Case(
         "limits:\n  rate_per_second: 1000\n  concurrency: 4\n",
         "limits: fast\n",
@@ -81,7 +117,13 @@ CASES = {
         ("limits.rate_per_second", "greater than 0"),
     ),
     "concurrency zero": Case(
-        "  concurrency: 4", "  concurrency: 0", ("limits.concurrency", "greater than 0")
+        "  concurrency: 4", "  concurrency: 0", ("limits.concurrency", "from 1 to 1000")
+    ),
+    "concurrency too high": Case(
+        "  concurrency: 4", "  concurrency: 5000", ("limits.concurrency", "from 1 to 1000")
+    ),
+    "output_dir empty": Case(
+        "output_dir: {runs}", "output_dir: ${CAMPAIGN_TEST_NEVER_SET:-}", ("output_dir: is empty",)
     ),
     "unset variable": Case(
         "  channel_uuid: {channel}",
@@ -155,7 +197,7 @@ def outcomes(
         assert text != GOOD, f"case {name!r} changes nothing"
         job = home / "job.yaml"
         job.write_text(fill(text, home=home, **fields), encoding="utf-8")
-        return Done(job, channel, cli(case.command, str(job), "--no-progress"))
+        return Done(job, channel, cli(case.command, str(job), "--no-progress", cwd=home))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         yield {name: pool.submit(one, name, case) for name, case in CASES.items()}
@@ -207,3 +249,27 @@ def test_numbers_in_the_job_file_are_read_as_the_text_written(tmp_path: Path, bo
     assert [r["body"] for r in box.records() if r["channel"] == "job-numbers"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
     ]
+
+
+def test_merge_keys_merge_and_the_keys_beside_them_win(tmp_path: Path) -> None:
+    text = fill(GOOD, input="in.csv", runs="runs", url="http://127.0.0.1:9", channel="written")
+    merged = "  <<: {timeout_s: 7, channel_uuid: merged}\n"
+    job_file = tmp_path / "merge.yaml"
+    job_file.write_text(text.replace("  timeout_s: 2\n", merged), encoding="utf-8")
+    job = load_job(job_file)
+    assert (job.api.timeout_s, job.api.channel_uuid) == (7, "written")
+
+
+def test_a_copy_under_another_name_is_checked_like_the_file(tmp_path: Path) -> None:
+    text = fill(GOOD, input="in.csv", runs="runs", url="http://127.0.0.1:9", channel="c")
+    job_file = tmp_path / "nightly.yaml"
+    job_file.write_text(text, encoding="utf-8")
+    job = load_job(job_file)
+    copy = job.with_changes(name="nightly.web", input="upload.csv", sheet=None)
+    assert (copy.name, copy.path, copy.input) == ("nightly.web", str(job_file), "upload.csv")
+    assert (job.name, job.input) == ("nightly", "in.csv")
+    assert copy.limits == job.limits and copy.mapping == job.mapping
+    with pytest.raises(JobError, match=r"limits\.concurrency: "):
+        job.with_changes(limits={"concurrency": 0})
+    with pytest.raises(JobError, match="path: unknown key"):
+        job.with_changes(path="elsewhere")

@@ -3,10 +3,14 @@ no param value in stdout, stderr or the campaign's log.jsonl, whatever happened 
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
 import json
 import re
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.helpers import FaultServer, cli, write_csv, write_job
 
@@ -94,4 +98,84 @@ def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path) -> None:
     assert [v for v in written + [b["to_phone"] for b in sent] if v not in results] == []
     for where, text in [("log.jsonl", log)] + [(f"output {i}", o) for i, o in enumerate(outputs)]:
         leaked = [s for s in secrets() if s in text]
+        assert leaked == [], f"{where} holds {leaked}"
+
+
+# A file without a header row: its first person is read as the header.
+FIRST_ROW = ["Quillonia Marchbanks", "E-90817-Q", "quillonia@example.com", "1985-04-12"]
+SECOND_ROW = ["Zebadiah Oakes", "E-90818-Z", "zebadiah@example.com", "1990-01-31"]
+PHONES = ["+1 415 555 0123", "415.555.0124"]
+HEADER = ["First Name", "Employee ID", "Email", "Born"]
+
+MAPPINGS = {  # name: (mapping, whether the file has a phone column)
+    "phone": ({"to_phone": "Phone", "params": {"first_name": "First Name"}}, True),
+    "custom auth": (
+        {
+            "to_phone": None,
+            "require_phone": False,
+            "params": {"emp_id": "Employee ID"},
+            "recipient_key": ["emp_id"],
+        },
+        False,
+    ),
+    "every column": (
+        {"to_phone": None, "require_phone": False, "params": "all", "recipient_key": ["Email"]},
+        False,
+    ),
+}
+
+
+def write_rows(path: Path, rows: list[list[str]]) -> None:
+    if path.suffix == ".csv":
+        with path.open("w", encoding="utf-8", newline="") as out:
+            csv.writer(out).writerows(rows)
+        return
+    from openpyxl import Workbook
+
+    book = Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for row in rows:  # the dates as Excel dates, the rest as text
+        sheet.append([dt.date.fromisoformat(c) if c[:2] in {"19", "20"} else c for c in row])
+    book.save(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".xlsx"])
+@pytest.mark.parametrize("mapping", MAPPINGS)
+def test_a_file_without_a_header_row_is_not_quoted(
+    mapping: str, suffix: str, tmp_path: Path
+) -> None:
+    shape, with_phone = MAPPINGS[mapping]
+    people = [FIRST_ROW, SECOND_ROW]
+    if with_phone:
+        people = [[*row, phone] for row, phone in zip(people, PHONES, strict=True)]
+    header = HEADER + ["Phone"] * with_phone
+    good = tmp_path / f"good{suffix}"
+    ann = ["Ann", "1", "a@example.com", "2000-01-01", "415 555 0101"][: len(header)]
+    write_rows(good, [header, ann])
+    headerless = tmp_path / f"people{suffix}"
+    write_rows(headerless, people)
+    outputs: list[str] = []
+    with FaultServer(lambda _n, _body: 200) as server:
+        job = write_job(tmp_path, server.url, input=good, mapping=shape)
+        # The campaign exists (and has its log) before the file without a header comes.
+        checked = cli("validate", str(job), "--no-progress")
+        assert checked.returncode == 0, checked.stderr
+        for command in ("validate", "run"):
+            done = cli(command, str(job), "--input", str(headerless), "--log-format", "json")
+            assert done.returncode == 2, (done.stdout, done.stderr)
+            assert "Traceback" not in done.stdout + done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1, done.stderr
+            assert "first row looks like data" in lines[0] and "add a header row" in lines[0]
+            assert f"the first row has {len(header)} cells" in lines[0]
+            outputs += [done.stdout, done.stderr]
+        assert server.bodies() == []
+
+    log = (tmp_path / "runs" / "test" / "log.jsonl").read_text(encoding="utf-8")
+    assert log.strip()  # the first validate's lines: the search below is not vacuous
+    values = [*FIRST_ROW, *SECOND_ROW, *PHONES, "4155550123", "4155550124"]
+    values += [word for value in FIRST_ROW + SECOND_ROW for word in value.split()]
+    for where, text in [("log.jsonl", log)] + [(f"output {i}", o) for i, o in enumerate(outputs)]:
+        leaked = [v for v in values if v in text]
         assert leaked == [], f"{where} holds {leaked}"

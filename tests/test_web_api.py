@@ -262,6 +262,10 @@ async def test_upload_map_validate_send_download(
         bad = {**mapping, "params": {"first_name": "Nickname"}}
         error = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", 400, json=bad)
         assert "'Nickname'" in error["error"] and "no such column" in error["error"]
+        # The job file's rule for param names, and its words.
+        bad = {**mapping, "params": {"first name": "First Name"}}
+        error = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", 400, json=bad)
+        assert error["error"].startswith("mapping.params: 'first name' is not a usable param")
 
         summary = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=mapping)
         assert summary["state"] == "validated"

@@ -107,6 +107,14 @@ def test_upload_map_validate_send_download_rerun(
             expect(phone_use).to_have_value("phone")
             page.get_by_label("use of column Employee ID").select_option("skip")
             expect(page.locator("#validate-status")).to_contain_text("validate it again")
+            # Whether a param name is usable is the server's answer, as for a job file.
+            last_name = page.get_by_label("param name for column Last Name")
+            last_name.fill("last name")
+            page.click("#validate")
+            expect(page.locator("#mapping-error")).to_contain_text(
+                "mapping.params: 'last name' is not a usable param name"
+            )
+            last_name.fill("last_name")
             page.screenshot(path=shots / "2-uploaded-and-mapped.png", full_page=True)
 
             page.click("#validate")

@@ -156,8 +156,8 @@ function renderMapping(c) {
     }
     select.value = role;
     const input = el("input");
-    input.value = paramName || (role === "skip" ? suggestName(name) : "");
-    input.placeholder = suggestName(name);
+    input.value = paramName || (role === "skip" ? suggestName(name, i) : "");
+    input.placeholder = suggestName(name, i);
     input.setAttribute("aria-label", `param name for column ${name}`);
     input.disabled = role !== "param";
     select.addEventListener("change", () => { onRoleChange(select, input); mappingChanged(); });
@@ -184,9 +184,14 @@ function mappingChanged() {
   $("validate-status").textContent = "The mapping changed: validate it again before sending.";
 }
 
-function suggestName(column) {
-  const name = column.toLowerCase().replace(/[^0-9a-z]+/g, "_").replace(/^_+|_+$/g, "");
-  return name && !/^[0-9]/.test(name) ? name : `c_${name || "column"}`;
+// A param name for a column the server's guess left out: the same steps as the server's
+// web_guess.param_name. Whether a name is usable is the server's answer (PUT .../mapping
+// says why not), one rule for the page and the job file.
+function suggestName(column, index) {
+  const text = column.normalize("NFKD").replace(/[\u0300-\u036f]/g, "").toLowerCase();
+  const name = text.replace(/[^0-9a-z]+/g, "_").replace(/^_+|_+$/g, "");
+  if (!name) return `column_${index + 1}`;
+  return /^[0-9]/.test(name) || name === "to_phone" ? `c_${name}` : name;
 }
 
 function onRoleChange(select, input) {

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from campaign import __version__
-from campaign.errors import InputError, UsageError
-from campaign.job import CAMPAIGN_ID, Job, Mapping
+from campaign.errors import UsageError
+from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
+from campaign.job import CAMPAIGN_ID, Job
 from campaign.ledger import SENDABLE, Ledger, MappedRow
-from campaign.load import Sheet, open_sheet
+from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
 from campaign.progress import DispatchResult, Progress
@@ -38,7 +39,6 @@ from campaign.report import (
 )
 from campaign.store import (
     LOG_FILE,
-    MAPPING_FILE,
     OpenCampaign,
     check_unfinished,
     job_lock,
@@ -267,9 +267,9 @@ def _load_input(
     ledger: Ledger, job: Job, options: RunOptions, control: RunControl, directory: Path
 ) -> Job:
     """Map the input into the ledger; returns the job as this campaign is run (its mapping
-    may be the campaign's own, see `_own_mapping`)."""
-    own = _own_mapping(ledger, directory)
-    page_campaign_from_cli = _made_on_page(ledger) and options.origin == "cli"
+    may be the campaign's own, see `fixed_mapping.own_mapping`)."""
+    own = own_mapping(ledger, directory)
+    page_campaign_from_cli = made_on_page(ledger) and options.origin == "cli"
     if own is not None and (options.reuse_rows or page_campaign_from_cli):
         job = job.with_changes(mapping=own)
     if options.reuse_rows or (page_campaign_from_cli and not options.input):
@@ -280,12 +280,14 @@ def _load_input(
             )
         log.info("continuing with the campaign's own rows and mapping")
         return job
+    if page_campaign_from_cli and own is not None:
+        log.info("a campaign of the page: its own mapping is used, not the job file's")
     if not (options.input or job.input):
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
     path = Path(options.input or job.input or "")
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
-    _keep_mapping(ledger, job.mapping, sheet)
+    keep_mapping(ledger, job.mapping, sheet)
     fingerprint = _fingerprint(path, job)
     if ledger.get_meta("input_fingerprint") == fingerprint:
         return job  # the same file under the same mapping: the ledger's rows are this input
@@ -298,89 +300,6 @@ def _load_input(
 
     ledger.replace_rows(chunks(), sheet.columns, fingerprint)
     return job
-
-
-def _made_on_page(ledger: Ledger) -> bool:
-    origin = ledger.get_meta("origin")
-    return origin == "page" or (origin is None and str(ledger.get_meta("job")).endswith(".web"))
-
-
-def _own_mapping(ledger: Ledger, directory: Path) -> Mapping | None:
-    """The mapping stored with the campaign (for a page campaign from before mappings were
-    stored in the ledger: the page's mapping.json)."""
-    stored = ledger.get_meta("mapping")
-    if stored is None and _made_on_page(ledger):
-        with contextlib.suppress(OSError, ValueError):
-            stored = json.loads((directory / MAPPING_FILE).read_text(encoding="utf-8"))
-    return _as_mapping(stored) if isinstance(stored, dict) else None
-
-
-def _as_mapping(stored: dict[str, Any]) -> Mapping:
-    """A mapping stored by an earlier run, as it was: a rule added since (e.g. for param
-    names) must not change what the rest of the campaign is sent."""
-    try:
-        return Mapping.model_validate(stored)
-    except ValueError:
-        return Mapping.model_construct(**stored)
-
-
-def _keep_mapping(ledger: Ledger, mapping: Mapping, sheet: Sheet) -> None:
-    """What a person is sent, and who counts as one person, is fixed once a request went
-    out: the same mapping, however written, is fine; another one stops the run."""
-    wanted = mapping.model_dump(mode="json")
-    stored = ledger.get_meta("mapping")
-    if stored == wanted:
-        return
-    if ledger.total_requests():
-        campaign = ledger.get_meta("campaign")
-        if stored is None:  # a ledger from before mappings were stored: its recipient key
-            old_key = ledger.get_meta("recipient_key")
-            if old_key is not None and old_key != wanted["recipient_key"]:
-                raise UsageError(
-                    f"campaign {campaign} identifies people by recipient_key {old_key}, and "
-                    f"the mapping now says {wanted['recipient_key']}: under a new key "
-                    "everyone would be sent again. Restore recipient_key, or start a new "
-                    "campaign (--campaign ID)"
-                )
-        else:
-            changed = _mapping_changes(_as_mapping(stored), mapping, sheet)
-            if changed:
-                raise UsageError(
-                    f"campaign {campaign} was sent with another mapping; this run changes "
-                    f"{'; '.join(changed)}. People could be sent again or sent other "
-                    "values: use the campaign's mapping, or start a new campaign "
-                    "(--campaign ID)"
-                )
-            return  # the same mapping, written another way: keep the one requests used
-    ledger.set_meta(mapping=wanted)
-
-
-def _mapping_changes(before: Mapping, after: Mapping, sheet: Sheet) -> list[str]:
-    """What differs between two mappings as they apply to this sheet, named by key and
-    column (never by a value: constants are param values)."""
-    try:
-        was = Mapper.compile(before, sheet).effective()
-    except InputError as exc:
-        column = f" ({exc.column!r})" if exc.column else ""
-        return [f"the campaign's columns{column}: not in this input"]
-    now = Mapper.compile(after, sheet).effective()
-    changed = []
-    for key, value in now.items():
-        if value == was.get(key):
-            continue
-        if key == "constants":
-            changed.append("mapping.constants")
-        else:
-            changed.append(f"mapping.{key} ({_shown(was.get(key))} -> {_shown(value)})")
-    return changed
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
-    if isinstance(value, list):
-        return ", ".join(map(str, value))
-    return repr(value)
 
 
 def _fingerprint(path: Path, job: Job) -> str:

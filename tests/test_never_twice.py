@@ -27,15 +27,10 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.test_resume import people
 
 TRIALS = 20
 EARLIER_CAMPAIGNS = 300
-
-
-def _people(path: Path, n: int, start: int = 0) -> Path:
-    return write_csv(
-        path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(phones(n, start))]
-    )
 
 
 def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
@@ -55,7 +50,7 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
     try:
         _finished_campaigns(tmp_path / "runs", "nightly", EARLIER_CAMPAIGNS)
         for trial in range(TRIALS):
-            data = _people(tmp_path / f"in-{trial}.csv", 6, start=100 * trial)
+            data = people(tmp_path / f"in-{trial}.csv", 6, start=100 * trial)
             job = write_job(
                 tmp_path,
                 box.url,
@@ -86,7 +81,7 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
 def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=_people(tmp_path / "in.csv", 3))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 3))
     assert cli("run", str(job), "--no-progress").returncode == 0
     directory = tmp_path / "runs" / "test"
     done = threading.Event()
@@ -143,8 +138,8 @@ def test_another_mapping_after_requests_is_refused_and_named(
 def test_validating_another_file_between_runs_leaves_a_true_report(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    a = _people(tmp_path / "a.csv", 3)
-    b = _people(tmp_path / "b.csv", 1, start=40)
+    a = people(tmp_path / "a.csv", 3)
+    b = people(tmp_path / "b.csv", 1, start=40)
     job = write_job(tmp_path, sandbox.url, input=a)
     assert cli("run", str(job), "--no-progress").returncode == 0
     assert cli("validate", str(job), "--input", str(b)).returncode == 0
@@ -165,7 +160,7 @@ def test_validating_another_file_between_runs_leaves_a_true_report(
 def test_a_report_edited_by_hand_is_rewritten_by_the_next_run(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=_people(tmp_path / "in.csv", 2))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
     assert cli("run", str(job), "--no-progress").returncode == 0
     results = tmp_path / "runs" / "test" / "results.csv"
     results.write_text("not the report\n", encoding="utf-8")
@@ -254,7 +249,7 @@ def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) 
             job = write_job(
                 tmp_path,
                 box.url,
-                input=_people(tmp_path / "in.csv", people),
+                input=people(tmp_path / "in.csv", people),
                 output_dir=str(disk / "runs"),
                 limits={"concurrency": 10},
             )

@@ -242,14 +242,14 @@ def _fill(disk: Path) -> Path:
 
 
 def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) -> None:
-    people = 2000
+    total = 2000
     box = start_sandbox(tmp_path, "--latency-ms", "20")
     try:
         with _small_disk(tmp_path / "disk", 16) as disk:
             job = write_job(
                 tmp_path,
                 box.url,
-                input=people(tmp_path / "in.csv", people),
+                input=people(tmp_path / "in.csv", total),
                 output_dir=str(disk / "runs"),
                 limits={"concurrency": 10},
             )
@@ -263,7 +263,7 @@ def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) 
             assert run.returncode == 1, err
             assert "disk is full" in err and "Traceback" not in err
             arrived = box.phones()
-            assert len(arrived) < people
+            assert len(arrived) < total
 
             filler.unlink()  # space again: every request that arrived has its record
             ledger = Ledger(disk / "runs" / "test" / "ledger.sqlite")
@@ -281,8 +281,8 @@ def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) 
             rows = read_results(disk / "runs" / "test" / "results.csv")
         counts = statuses(rows)
         # Only people in flight when the disk filled may be unknown; everyone else is sent.
-        assert counts.get("unknown", 0) <= 10 and sum(counts.values()) == people
-        assert counts["sent"] + counts.get("unknown", 0) == people
+        assert counts.get("unknown", 0) <= 10 and sum(counts.values()) == total
+        assert counts["sent"] + counts.get("unknown", 0) == total
         delivered = collections.Counter(box.phones())
         assert [phone for phone, n in delivered.items() if n > 1] == []
         assert len(delivered) >= counts["sent"]

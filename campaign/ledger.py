@@ -86,13 +86,15 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """.replace("{ROWS_COLUMNS}", _ROWS_COLUMNS)
 
-# The results, one line per input row in input order, then the people who may have been
-# reached but are in no row of the current input (invariant 4: once sent, always shown).
-# A row shows its person's state when it is a sendable row, or when its person was
-# reached before the row became unusable. Read by the report and by the counts alike.
-_RESULTS_VIEW = f"""
-CREATE TEMP VIEW IF NOT EXISTS results AS
-SELECT rows.row AS row, rows.row AS ord, rows.cells AS cells,
+# The results: one line per input row in input order (`row_results`), then the people who
+# may have been reached but are in no row of the current input (`gone_results`; invariant
+# 4: once sent, always shown). A row shows its person's state when it is a sendable row,
+# or when its person was reached before the row became unusable. The report and the
+# counts read the same views.
+_RESULTS_VIEWS = (
+    f"""
+CREATE TEMP VIEW IF NOT EXISTS row_results AS
+SELECT rows.row AS row, rows.cells AS cells,
     CASE WHEN p.id IS NULL THEN rows.status
          WHEN p.state = 'inflight' THEN 'unknown' ELSE p.state END AS status,
     coalesce(p.to_phone, rows.to_phone) AS to_phone,
@@ -105,15 +107,25 @@ SELECT rows.row AS row, rows.row AS ord, rows.cells AS cells,
     p.sent_at AS sent_at
 FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
     rows.status = 'ok' OR (rows.status = 'invalid' AND p.state IN {MAYBE_REACHED}))
-UNION ALL
-SELECT NULL, p.row, NULL, CASE p.state WHEN 'inflight' THEN 'unknown' ELSE p.state END,
-    p.to_phone, p.attempts, p.http_status,
+""",
+    f"""
+CREATE TEMP VIEW IF NOT EXISTS gone_results AS
+SELECT p.row AS was_row, CASE p.state WHEN 'inflight' THEN 'unknown' ELSE p.state END AS status,
+    p.to_phone AS to_phone, p.attempts AS attempts, p.http_status AS http_status,
     'not in the current input' || coalesce(' (was row ' || p.row || ')', '')
-        || coalesce('; ' || p.error, ''),
-    p.sent_at
+        || coalesce('; ' || p.error, '') AS error,
+    p.sent_at AS sent_at
 FROM recipients p
 WHERE p.state IN {MAYBE_REACHED} AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.key = p.key)
-"""
+""",
+    """
+CREATE TEMP VIEW IF NOT EXISTS results AS
+SELECT status FROM row_results UNION ALL SELECT status FROM gone_results
+""",
+)
+_DROP_RESULTS_VIEWS = tuple(
+    f"DROP VIEW IF EXISTS temp.{name}" for name in ("results", "row_results", "gone_results")
+)
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,8 @@ class Ledger:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self._migrate()
-            self.db.execute(_RESULTS_VIEW)
+            for create in _RESULTS_VIEWS:
+                self.db.execute(create)
         except sqlite3.Error:
             self.db.close()
             raise
@@ -306,7 +319,8 @@ class Ledger:
                     ),
                 )
         with self.transaction():
-            db.execute("DROP VIEW IF EXISTS temp.results")
+            for drop in _DROP_RESULTS_VIEWS:
+                db.execute(drop)
             db.execute("DROP TABLE rows")
             db.execute("CREATE INDEX rows_key ON rows_new (key, row)")
             db.execute(
@@ -324,7 +338,8 @@ class Ledger:
                 "to_phone = CASE WHEN state = 'sent' THEN to_phone ELSE excluded.to_phone END"
             )
             db.execute("ALTER TABLE rows_new RENAME TO rows")
-            db.execute(_RESULTS_VIEW)
+            for create in _RESULTS_VIEWS:
+                db.execute(create)
             db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -423,11 +438,16 @@ class Ledger:
         """(cells JSON or None, _row, _status, _to_phone, _attempts, _http_status, _error,
         _sent_at), every result as text: the input's rows in order, then the people who
         may have been reached but are in no row of it (cells None, _row empty)."""
-        return self.db.execute(
-            "SELECT cells, coalesce(CAST(row AS TEXT), ''), status, coalesce(to_phone, ''), "
-            "coalesce(CAST(attempts AS TEXT), ''), coalesce(CAST(http_status AS TEXT), ''), "
-            "coalesce(error, ''), coalesce(sent_at, '') "
-            "FROM results ORDER BY row IS NULL, ord"
+        results = (
+            "coalesce(to_phone, ''), coalesce(CAST(attempts AS TEXT), ''), "
+            "coalesce(CAST(http_status AS TEXT), ''), coalesce(error, ''), "
+            "coalesce(sent_at, '')"
+        )
+        yield from self.db.execute(
+            f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results ORDER BY row"
+        )
+        yield from self.db.execute(
+            f"SELECT NULL, '', status, {results} FROM gone_results ORDER BY was_row"
         )
 
     def counts(self) -> dict[str, int]:

@@ -485,7 +485,10 @@ class _Transaction:
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
         if kind is not None:
-            self.db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (a full disk): a second
+            # ROLLBACK would fail and hide the first error.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             return
         if self.changes:
             self.db.execute(

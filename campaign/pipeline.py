@@ -322,13 +322,12 @@ def _counts(ledger: Ledger) -> dict[str, int]:
 
 
 def rebuild_report(directory: Path) -> dict[str, Any]:
-    """`campaign report`: rewrite results.csv and summary.json from the ledger alone."""
+    """`campaign report`: rewrite results.csv and summary.json from the ledger alone. It
+    takes the campaign like a run does: a run in progress writes the report itself when
+    it ends, and a report written beside it could land after the run's and be stale."""
     from campaign.ledger import LEDGER_FILE
 
     if not (directory / LEDGER_FILE).is_file():
         raise UsageError(f"{directory}: not a campaign directory (no {LEDGER_FILE})")
-    ledger = Ledger(directory / LEDGER_FILE)
-    try:
-        return write_report(ledger, directory, directory.name)
-    finally:
-        ledger.close()
+    with open_campaign(directory.parent, directory.name, "") as owned:
+        return write_report(owned.ledger, directory, directory.name)

@@ -35,6 +35,9 @@ LOCK_FILE = ".lock"
 LIVE_FILE = ".live"
 LOG_FILE = "log.jsonl"
 MAPPING_FILE = "mapping.json"  # a page campaign's mapping, as the page last saved it
+WEB_FILE = "web.json"  # a page campaign's upload: what the page shows of it
+# What an owner's atomic writes leave when it is killed mid-write (`report.atomic_write`).
+_OWNER_TEMP_FILES = (".results.csv.*.tmp", ".summary.json.*.tmp")
 UNFINISHED = ("running", "crashed", "interrupted", "aborted")
 
 
@@ -45,13 +48,21 @@ class OpenCampaign:
     directory: Path
     ledger: Ledger
     fresh: bool  # the ledger did not exist before this process took the lock
+    found: frozenset[str]  # what the directory held when the lock was taken
 
     def discard(self) -> None:
-        """Remove the campaign, lock files included: only for a fresh campaign whose input
-        turned out unusable, so that no empty campaign confuses the next run."""
+        """Remove what this process made of a fresh campaign whose input turned out
+        unusable, so that no empty campaign confuses the next run. Anything that was there
+        before (a page's upload) stays; the directory goes only if it was made here."""
         assert self.fresh and not self.ledger.total_requests()
         self.ledger.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        ours = {LOCK_FILE, LIVE_FILE}  # safe to remove while held: see `_lock_file`
+        if not self.found - ours:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for entry in self.directory.iterdir():
+            if entry.name not in self.found or entry.name in ours:
+                entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -70,7 +81,9 @@ def open_campaign(
         with _lock_file(directory, LIVE_FILE, fcntl.LOCK_EX) as live:
             assert live is not None
             _write_holder(lock)
-            fresh = not (directory / LEDGER_FILE).exists()
+            found = frozenset(entry.name for entry in directory.iterdir())
+            _remove_owner_leftovers(directory)
+            fresh = LEDGER_FILE not in found
             try:
                 ledger = Ledger(directory / LEDGER_FILE)
             except LedgerError as exc:
@@ -79,10 +92,13 @@ def open_campaign(
                 ) from None
             try:
                 if ledger.get_meta("campaign") is None:
+                    # A page's upload made the directory: the campaign is the page's,
+                    # whoever opens its ledger first.
+                    origin = "page" if WEB_FILE in found else origin
                     ledger.set_meta(
                         campaign=campaign, job=job_name, origin=origin, created_at=time.time()
                     )
-                yield OpenCampaign(directory, ledger, fresh)
+                yield OpenCampaign(directory, ledger, fresh, found)
             finally:
                 ledger.close()
                 if directory.exists():
@@ -112,6 +128,14 @@ def _lock_file(directory: Path, name: str, how: int) -> Iterator[IO[str] | None]
                 yield handle
                 return
         # Its holder removed the file while we waited for it: lock the new one.
+
+
+def _remove_owner_leftovers(directory: Path) -> None:
+    """Temporary files of a report whose writer was killed: only an owner writes them, so
+    the new owner may remove them."""
+    for pattern in _OWNER_TEMP_FILES:
+        for leftover in directory.glob(pattern):
+            leftover.unlink(missing_ok=True)
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:

@@ -16,9 +16,7 @@ from typing import Any
 from campaign.job import Limits
 from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger, LedgerError
 from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write, iso_utc
-from campaign.store import MAPPING_FILE, read_info
-
-WEB_FILE = "web.json"  # what the page needs to show an upload again (name, preview)
+from campaign.store import MAPPING_FILE, WEB_FILE, read_info
 
 
 def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict[str, Any]:

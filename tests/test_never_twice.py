@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from campaign.ledger import Ledger
-from campaign.store import is_locked
+from campaign.store import is_locked, open_campaign
 from tests.helpers import (
     Sandbox,
     cli,
@@ -288,3 +288,48 @@ def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) 
         assert len(delivered) >= counts["sent"]
     finally:
         box.stop()
+
+
+def test_a_report_waits_for_no_run_and_never_overwrites_a_newer_one(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    directory = tmp_path / "runs" / "test"
+    with open_campaign(directory.parent, directory.name, "job"):  # a run holds it
+        busy = cli("report", str(directory))
+    assert busy.returncode == 2 and "is in use by" in busy.stderr, busy.stderr
+    # A report killed mid-write left its temporary file: the next owner removes it.
+    leftover = directory / ".results.csv.x1y2.tmp"
+    leftover.write_text("half a report", encoding="utf-8")
+    done = cli("report", str(directory))
+    assert done.returncode == 0, done.stderr
+    assert not leftover.exists()
+    assert statuses(read_results(directory / "results.csv")) == {"sent": 2}
+
+
+def test_a_report_of_a_damaged_ledger_is_one_clear_line(tmp_path: Path) -> None:
+    directory = tmp_path / "runs" / "broken"
+    directory.mkdir(parents=True)
+    (directory / "ledger.sqlite").write_bytes(b"this is not a database at all" * 100)
+    done = cli("report", str(directory))
+    assert done.returncode == 2
+    assert "cannot open the ledger" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_full_disk_while_reading_the_input_names_the_cause(tmp_path: Path) -> None:
+    with _small_disk(tmp_path / "disk", 16) as disk:
+        job = write_job(
+            tmp_path,
+            "http://127.0.0.1:9",
+            input=people(tmp_path / "in.csv", 20_000),
+            output_dir=str(disk / "runs"),
+        )
+        filler = _fill(disk)
+        filler.write_bytes(b"\0" * (filler.stat().st_size - 200_000))  # a little room left
+        done = cli("validate", str(job))
+        assert done.returncode == 2, done.stderr
+        assert "full" in done.stderr and "no transaction" not in done.stderr, done.stderr
+        filler.unlink()
+        again = cli("validate", str(job))
+        assert again.returncode == 0, again.stderr

@@ -151,3 +151,36 @@ async def test_page_and_command_line_on_one_campaign_send_each_person_once(
     assert len(delivered) == people * TRIALS
     assert set(delivered.values()) == {1}
     assert sorted(set(losers)) == ["command line", "page"], losers
+
+
+async def test_the_command_line_never_removes_or_replaces_a_page_upload(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """An upload not validated yet: `campaign run|validate --campaign` of it cannot send the
+    job file's own input under the page's id, and must leave the page's files alone."""
+    own_input = _office_and_mobile(tmp_path / "job-input.csv", 2, 700)
+    job = write_job(tmp_path, sandbox.url, input=own_input)
+    data = _office_and_mobile(tmp_path / "people.csv", 3)
+    server = start_serve(tmp_path, job)
+    try:
+        async with client(server) as http:
+            campaign = (await upload(http, data))["id"]
+            directory = tmp_path / "runs" / campaign
+            before = sorted(p.name for p in directory.iterdir())
+            for command in (
+                ["run", str(job), "--campaign", campaign],
+                ["validate", str(job), "--campaign", campaign],
+                ["validate", str(job), "--campaign", campaign, "--input", "missing.csv"],
+            ):
+                refused = cli(*command, "--no-progress")
+                assert refused.returncode == 2, refused.stderr
+                assert sorted(p.name for p in directory.iterdir()) == before
+            assert sandbox.phones() == []
+            # The page goes on as if nothing happened.
+            made = await call(http, "GET", f"/api/campaigns/{campaign}")
+            await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=made["mapping"])
+            await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+            assert (await final_state(http, campaign))["counts"]["sent"] == 3
+    finally:
+        server.stop()
+    assert len(sandbox.phones()) == 3

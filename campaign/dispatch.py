@@ -293,7 +293,9 @@ class Dispatcher:
         if hold.final and not self.result.deadline:
             self.result.deadline = True
             log.warning("deadline passed: no new requests; those in flight finish")
-            self._halt()
+            # No task is cancelled: each one meets this gate before its next request
+            # anyway, and a worker that has not started yet must not die of a cancel.
+            self.halt.set()
         self.on_progress(self.progress)
         return True
 

@@ -63,7 +63,7 @@ def parse_window(text: str) -> Window:
     if m2 > 59 or h2 > 24 or (h2 == 24 and m2):
         raise ValueError(f"{_hhmm_text(h2, m2)} is not a time of day (00:00 to 24:00)")
     start, end = h1 * 60 + m1, h2 * 60 + m2
-    if start == end % _DAY:
+    if start == end:
         raise ValueError("the window starts when it ends: give two different times")
     return Window(start, end)
 
@@ -190,11 +190,12 @@ def next_open(window: Window, zones: tuple[ZoneInfo, ...], at: dt.datetime) -> d
     return None
 
 
-def describe_opening(window: Window, zones: tuple[ZoneInfo, ...], when: dt.datetime) -> str:
-    """`08:00 America/New_York` (the first zone's local time), for `_error` and progress."""
+def describe_opening(zones: tuple[ZoneInfo, ...], when: dt.datetime, at: dt.datetime) -> str:
+    """`08:00 America/New_York` (the first zone's local time; with the date when it is not
+    the day of `at` there), for `_error` and progress."""
     zone = zones[0]
     local = when.astimezone(zone)
-    today = local.date() == dt.datetime.now(zone).date()
+    today = local.date() == at.astimezone(zone).date()
     day = "" if today else f"{local.date().isoformat()} "
     return f"{day}{local.strftime('%H:%M')} {zone.key}"
 
@@ -243,7 +244,7 @@ class Schedule:
             False,
             until=opens,
             error=f"waiting for the send window {self.window}: opens "
-            f"{describe_opening(self.window, zones, opens)}",
+            f"{describe_opening(zones, opens, at)}",
         )
 
 

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run", action="store_true", help="validate and write the results CSV; send nothing"
     )
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="stay until every pending person's send window has opened, sending each as it "
+        "opens (holds the campaign meanwhile; Ctrl-C stops cleanly)",
+    )
 
     validate = commands.add_parser(
         "validate", help="check the job and input; send nothing (= run --dry-run)"
@@ -199,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="upload size cap (default 50)",
     )
+    from campaign import cli_suppress
+
+    cli_suppress.add_parser(commands)
     return parser
 
 
@@ -240,6 +249,10 @@ def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
         from campaign.web import serve_web
 
         return serve_web(args)
+    if args.command == "suppress":
+        from campaign import cli_suppress
+
+        return cli_suppress.run(args, _load(args))
     return _run(args, state)
 
 
@@ -278,7 +291,12 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
         only_failed=getattr(args, "only_failed", False),
         resend_unknown=getattr(args, "resend_unknown", False),
         dry_run=args.command == "validate" or args.dry_run,
+        wait=getattr(args, "wait", False),
     )
+    if options.wait and options.dry_run:
+        from campaign.errors import OptionError
+
+        raise OptionError("--wait", "sends as windows open; it cannot go with --dry-run")
     control = state["control"] = RunControl()
     state["directory"] = Path(job.output_dir)
     show_bar = not args.no_progress and sys.stderr.isatty()
@@ -351,7 +369,7 @@ class _ProgressView:
                 MofNCompleteColumn(),
                 TextColumn(
                     "sent {task.fields[sent]}  failed {task.fields[failed]}  "
-                    "unknown {task.fields[unknown]}  {task.fields[rate]}/s"
+                    "unknown {task.fields[unknown]}  {task.fields[rate]}/s{task.fields[waiting]}"
                 ),
                 TimeRemainingColumn(),
                 transient=False,
@@ -372,15 +390,35 @@ class _ProgressView:
         self.last_shown = now
         rate = f"{progress.rate:.1f}"
         counts = {k: progress.by_state.get(k, 0) for k in ("sent", "failed", "unknown")}
+        waiting = ""
+        if progress.waiting:
+            from campaign.pipeline import iso_local
+
+            first = f", first at {iso_local(progress.opens_at)}" if progress.opens_at else ""
+            waiting = f"  waiting {progress.waiting}{first}"
         if self.bar is not None:
             if self.task is None:
-                self.task = self.bar.add_task("send", total=progress.total, rate=rate, **counts)
-            self.bar.update(self.task, completed=progress.done, rate=rate, **counts)
+                self.task = self.bar.add_task(
+                    "send", total=progress.total, rate=rate, waiting=waiting, **counts
+                )
+            self.bar.update(
+                self.task, completed=progress.done, rate=rate, waiting=waiting, **counts
+            )
         else:
             import structlog
 
+            held: dict[str, object] = {"waiting": progress.waiting} if progress.waiting else {}
+            if progress.opens_at:
+                from campaign.pipeline import iso_local
+
+                held["first_opens"] = iso_local(progress.opens_at)
             structlog.get_logger("campaign.cli").info(
-                "progress", done=progress.done, total=progress.total, rate=float(rate), **counts
+                "progress",
+                done=progress.done,
+                total=progress.total,
+                rate=float(rate),
+                **counts,
+                **held,
             )
 
 
@@ -389,6 +427,8 @@ def _print_outcome(outcome: RunOutcome) -> None:
     line = "  ".join(f"{k} {v}" for k, v in counts.items())
     print(f"campaign {outcome.campaign}: {outcome.message or outcome.state}")
     print(f"  {line}")
+    for note in outcome.notes:
+        print(f"  {note}")
     if outcome.invalid_examples:
         print("  first invalid rows:")
         for row, error in outcome.invalid_examples:

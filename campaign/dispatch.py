@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import structlog
@@ -29,6 +29,9 @@ from campaign.policy import Answer, Decision, Transport, decide, parse_retry_aft
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import RateLimiter
 from campaign.report import iso_utc
+
+if TYPE_CHECKING:
+    from campaign.gate import Gate
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +65,7 @@ class LedgerWriter:
         self.run_id = run_id
         self._begins: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._outcomes: list[Outcome] = []
+        self._holds: list[tuple[int, str | None, str]] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._error: BaseException | None = None
@@ -80,6 +84,11 @@ class LedgerWriter:
 
     def finish(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
+        self._wake.set()
+
+    def hold(self, recipient_id: int, state: str | None, error: str) -> None:
+        """A recipient whose request does not leave now (see `gate.Hold`)."""
+        self._holds.append((recipient_id, state, error))
         self._wake.set()
 
     async def start(self) -> None:
@@ -102,7 +111,7 @@ class LedgerWriter:
             self._wake.clear()
             # Let every worker that is ready queue its op, so they share this commit.
             await asyncio.sleep(0)
-            if self._begins or self._outcomes:
+            if self._begins or self._outcomes or self._holds:
                 await self._commit_queued()
             elif self._closing:
                 return
@@ -110,8 +119,11 @@ class LedgerWriter:
     async def _commit_queued(self) -> None:
         begins, self._begins = self._begins, []
         outcomes, self._outcomes = self._outcomes, []
+        holds, self._holds = self._holds, []
         try:
-            started = await self._in_thread(self._commit, [(r, n) for r, n, _ in begins], outcomes)
+            started = await self._in_thread(
+                self._commit, [(r, n) for r, n, _ in begins], outcomes, holds
+            )
         except Exception as exc:
             self._error = exc
             log.error("the ledger cannot be written; stopping", error=repr(exc))
@@ -124,10 +136,17 @@ class LedgerWriter:
                 future.set_result(ok)
         self._wake.set()  # ops queued during the commit go into the next one
 
-    def _commit(self, begins: list[tuple[int, int]], outcomes: list[Outcome]) -> list[bool]:
+    def _commit(
+        self,
+        begins: list[tuple[int, int]],
+        outcomes: list[Outcome],
+        holds: list[tuple[int, str | None, str]],
+    ) -> list[bool]:
         assert self._ledger is not None
         if outcomes:
             self._ledger.finish_attempts(outcomes)
+        if holds:
+            self._ledger.hold(holds)
         return self._ledger.begin_attempts(self.run_id, begins) if begins else []
 
     async def _in_thread(self, call: Callable[..., T], *args: object) -> T:
@@ -143,8 +162,11 @@ class Dispatcher:
         progress: Progress,
         on_progress: Callable[[Progress], None] | None = None,
         limiter: RateLimiter | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.url = send_url(api)
+        self.gate = gate
+        self.held_for_window: set[int] = set()  # recipients whose window opens later
         self.api = api
         self.limits = limits
         self.writer = writer
@@ -224,7 +246,12 @@ class Dispatcher:
         cap = target.attempts + self.limits.max_attempts  # each run gets max_attempts
         maybe_delivered = target.maybe_delivered
         while True:
+            if await self._held(target):
+                return
             await self._limiter.acquire()
+            # Looked at again right before it leaves: the slot may have taken a while.
+            if await self._held(target):
+                return
             self._busy[task] = True
             try:
                 attempt += 1
@@ -247,6 +274,30 @@ class Dispatcher:
             if decision.retry_in_s is None or self.halt.is_set():
                 return
             await asyncio.sleep(decision.retry_in_s)
+
+    async def _held(self, target: Target) -> bool:
+        """Whether the gate keeps `target` from leaving now (its hold is recorded)."""
+        if self.gate is None:
+            return False
+        hold = await self.gate.check(target)
+        if hold is None:
+            return False
+        self.writer.hold(target.id, hold.state, hold.error)
+        if hold.state is not None:
+            self.progress.add(hold.state)
+            log.info("not sent", row=target.row, state=hold.state)
+        elif not hold.final:
+            self.progress.wait(hold.until)
+            if hold.until is not None:
+                self.held_for_window.add(target.id)
+        if hold.final and not self.result.deadline:
+            self.result.deadline = True
+            log.warning("deadline passed: no new requests; those in flight finish")
+            # No task is cancelled: each one meets this gate before its next request
+            # anyway, and a worker that has not started yet must not die of a cancel.
+            self.halt.set()
+        self.on_progress(self.progress)
+        return True
 
     def _record(self, target: Target, attempt: int, answer: Answer, decision: Decision) -> None:
         sent_at = iso_utc(time.time()) if decision.state == "sent" else None

@@ -149,6 +149,65 @@ class Limits(_Strict):
     max_attempts: int = Field(default=5, ge=1, le=100)
     abort_after_fatal: int = Field(default=3, ge=1)
     retry_ambiguous: bool = False
+    # Compliance (see `windows`): the recipient's local hours, the zone for numbers without
+    # a single one, and the time after which no new request leaves.
+    send_window: str | None = None
+    timezone: str | None = None
+    deadline: str | None = None
+
+    @field_validator("send_window", "timezone", "deadline", mode="before")
+    @classmethod
+    def _text(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, dt.datetime) and info.field_name == "deadline":
+            return value.isoformat()  # YAML reads an unquoted ISO time as a datetime
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 18:00 as the number 1080 (base 60).
+            raise ValueError('YAML read this as a number: write the time in quotes, like "18:00"')
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"must be text in quotes, not {_yaml_kind(value)}")
+        return value
+
+    @field_validator("send_window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        from campaign.windows import parse_window
+
+        if value is not None:
+            parse_window(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        from campaign.windows import parse_zone
+
+        if value is not None:
+            parse_zone(value)
+        return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str | None) -> str | None:
+        from campaign.windows import check_deadline
+
+        if value is not None:
+            check_deadline(value)
+        return value
+
+    @model_validator(mode="after")
+    def _zone_when_needed(self) -> Limits:
+        from campaign.windows import check_deadline
+
+        if self.timezone is None and self.send_window is not None:
+            raise ValueError(
+                "timezone: required with send_window (for numbers that have no single zone)"
+            )
+        if self.timezone is None and self.deadline is not None and check_deadline(self.deadline):
+            raise ValueError(
+                "timezone: required with a deadline that has no UTC offset (which zone's "
+                f"{self.deadline}?)"
+            )
+        return self
 
 
 class Job(_Strict):

@@ -32,7 +32,7 @@ from typing import Any
 
 LEDGER_FILE = "ledger.sqlite"
 SENDABLE = ("pending", "failed")
-STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate")
+STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
 SCHEMA_VERSION = 2
 # States in which a request may have reached the API: such a person stays in every report.
 MAYBE_REACHED = ("sent", "unknown", "inflight")
@@ -89,8 +89,8 @@ CREATE TABLE IF NOT EXISTS runs (
 # The results: one line per input row in input order (`row_results`), then the people who
 # may have been reached but are in no row of the current input (`gone_results`; invariant
 # 4: once sent, always shown). A row shows its person's state when it is a sendable row,
-# or when its person was reached before the row became unusable. The report and the
-# counts read the same views.
+# or when its person was reached before the row became unusable, or was sent before its
+# number went on the suppression list. The report and the counts read the same views.
 _RESULTS_VIEWS = (
     f"""
 CREATE TEMP VIEW IF NOT EXISTS row_results AS
@@ -103,10 +103,12 @@ SELECT rows.row AS row, rows.cells AS cells,
          WHEN rows.status = 'invalid'
          THEN coalesce(CASE p.state WHEN 'sent' THEN 'sent earlier' ELSE p.error END, '')
               || '; the row now: ' || rows.error
+         WHEN rows.status = 'suppressed' THEN 'sent earlier; now ' || rows.error
          ELSE p.error END AS error,
     p.sent_at AS sent_at
 FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
-    rows.status = 'ok' OR (rows.status = 'invalid' AND p.state IN {MAYBE_REACHED}))
+    rows.status = 'ok' OR (rows.status = 'invalid' AND p.state IN {MAYBE_REACHED})
+    OR (rows.status = 'suppressed' AND p.state = 'sent'))
 """,
     f"""
 CREATE TEMP VIEW IF NOT EXISTS gone_results AS
@@ -149,6 +151,7 @@ class Target:
     payload: bytes
     attempts: int
     maybe_delivered: bool  # an earlier attempt may have arrived (state was unknown)
+    to_phone: str | None = None  # for the checks right before sending (suppression, window)
 
 
 @dataclass(frozen=True)
@@ -378,7 +381,7 @@ class Ledger:
         """Recipients in one of `states`, in input order, a batch at a time."""
         marks = ",".join("?" * len(states))
         query = (
-            f"SELECT r.id, rows.row, r.payload, r.attempts, r.state FROM rows "
+            f"SELECT r.id, rows.row, r.payload, r.attempts, r.state, r.to_phone FROM rows "
             f"JOIN recipients r ON r.key = rows.key "
             f"WHERE rows.status = 'ok' AND rows.row > ? AND r.state IN ({marks}) "
             f"ORDER BY rows.row LIMIT ?"
@@ -390,8 +393,8 @@ class Ledger:
                 return
             after = found[-1][1]
             yield [
-                Target(rid, row, payload.encode(), attempts, state == "unknown")
-                for rid, row, payload, attempts, state in found
+                Target(rid, row, payload.encode(), attempts, state == "unknown", to_phone)
+                for rid, row, payload, attempts, state, to_phone in found
             ]
 
     def begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
@@ -430,6 +433,67 @@ class Ledger:
                 "UPDATE attempts SET finished_at = ?, state = ?, http_status = ?, error = ? "
                 "WHERE recipient_id = ? AND n = ?",
                 [(now, o.state, o.http_status, o.error, o.recipient_id, o.n) for o in outcomes],
+            )
+
+    def hold(self, holds: list[tuple[int, str | None, str]]) -> None:
+        """Recipients whose request did not leave (suppressed, outside their send window,
+        deadline passed): (id, new state or None to keep it, error). A recipient already
+        sent stays sent."""
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE recipients SET state = coalesce(?, state), error = ? "
+                "WHERE id = ? AND state NOT IN ('sent', 'inflight')",
+                [(state, error, recipient_id) for recipient_id, state, error in holds],
+            )
+
+    def note_pending(self, error: str) -> int:
+        """Say why the pending people of the input were not sent (e.g. the deadline)."""
+        with self.transaction():
+            return self.db.execute(
+                "UPDATE recipients SET error = ? WHERE state = 'pending' "
+                "AND key IN (SELECT key FROM rows WHERE status = 'ok')",
+                (error,),
+            ).rowcount
+
+    # --- suppression (the list itself lives in `suppression.py`) -----------------------
+
+    def phone_rows(self, batch: int = 5000) -> Iterator[list[tuple[int, str, str, str | None]]]:
+        """(row, E.164 number, status, error) of the input's rows that are sendable or
+        suppressed."""
+        after = 0
+        while True:
+            found = self.db.execute(
+                "SELECT row, to_phone, status, error FROM rows WHERE row > ? "
+                "AND to_phone IS NOT NULL AND status IN ('ok', 'suppressed') "
+                "ORDER BY row LIMIT ?",
+                (after, batch),
+            ).fetchall()
+            if not found:
+                return
+            after = found[-1][0]
+            yield found
+
+    def set_suppressed(self, marks: list[tuple[int, str]], cleared: list[int]) -> None:
+        """Rows whose number is on the suppression list (row, why), and rows whose number
+        came off it (sendable again, and so is their person, if a run had held them)."""
+        held = self.db.execute(
+            "SELECT 1 FROM recipients WHERE state = 'suppressed' "
+            "AND key IN (SELECT key FROM rows WHERE status = 'ok') LIMIT 1"
+        ).fetchone()
+        if not (marks or cleared or held):
+            return  # nothing changes: the report stays current
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE rows SET status = 'suppressed', error = ? WHERE row = ?",
+                [(error, row) for row, error in marks],
+            )
+            self.db.executemany(
+                "UPDATE rows SET status = 'ok', error = NULL WHERE row = ?",
+                [(row,) for row in cleared],
+            )
+            self.db.execute(
+                "UPDATE recipients SET state = 'pending', error = NULL WHERE state = 'suppressed' "
+                "AND key IN (SELECT key FROM rows WHERE status = 'ok')"
             )
 
     # --- report ------------------------------------------------------------------------

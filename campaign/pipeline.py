@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import time
@@ -26,7 +27,7 @@ from campaign import __version__
 from campaign.errors import UsageError
 from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
 from campaign.job import CAMPAIGN_ID, Job
-from campaign.ledger import SENDABLE, Ledger, MappedRow
+from campaign.ledger import SENDABLE, Ledger, MappedRow, Target
 from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
@@ -44,9 +45,12 @@ from campaign.store import (
     job_lock,
     open_campaign,
 )
+from campaign.suppression import SuppressionList, Watch, apply_to_ledger
+from campaign.windows import Schedule, make_schedule
 
 if TYPE_CHECKING:
     from campaign.dispatch import Dispatcher
+    from campaign.gate import Gate
     from campaign.rate import RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -69,6 +73,8 @@ class RunOptions:
     # Send what the ledger holds, with the campaign's stored mapping, reading no input:
     # the page continuing a campaign of the command line.
     reuse_rows: bool = False
+    # Stay until every pending person's send window has opened, sending each as it opens.
+    wait: bool = False
 
 
 @dataclass
@@ -80,6 +86,7 @@ class RunOutcome:
     state: str  # validated | finished | interrupted | aborted
     message: str = ""
     invalid_examples: list[tuple[int, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # send windows, deadline, suppression
 
     @property
     def results(self) -> Path:
@@ -94,11 +101,22 @@ class RunControl:
         self.dispatcher: Dispatcher | None = None
         self.progress: Progress | None = None
         self.limiter = limiter  # shared by every run to the channel in one process; None: own
+        self._wake: asyncio.Event | None = None
 
     def stop(self) -> None:
         self.stopping = True
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def sleep_until(self, when: float) -> None:
+        """Wait until Unix time `when`, or until `stop()`."""
+        self._wake = asyncio.Event()
+        if self.stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(when - time.time(), 0))
 
 
 class Interrupted(Exception):
@@ -175,10 +193,20 @@ async def _run_owned(
             "interrupted",
             "interrupted while reading the input; nothing was sent",
         )
+    suppressed = await asyncio.to_thread(_suppress, ledger, job)
     counts = await asyncio.to_thread(_counts, ledger)
     log.info("input mapped", seconds=round(time.monotonic() - started, 2), **counts)
+    schedule = make_schedule(
+        job.limits.send_window,
+        job.limits.timezone,
+        job.limits.deadline,
+        dt.datetime.now(dt.UTC),
+    )
+    notes = [f"{suppressed} on the suppression list: not sent"] if suppressed else []
 
     if options.dry_run:
+        if schedule is not None:
+            notes.append(await asyncio.to_thread(window_note, ledger, schedule, SENDABLE))
         summary = await asyncio.to_thread(write_report, ledger, directory, campaign)
         code = EXIT_INCOMPLETE if summary["counts"]["invalid"] else EXIT_OK
         return RunOutcome(
@@ -188,6 +216,7 @@ async def _run_owned(
             code,
             "validated",
             invalid_examples=invalid_examples(ledger),
+            notes=notes,
         )
 
     states: tuple[str, ...] = ("failed",) if options.only_failed else SENDABLE
@@ -204,8 +233,20 @@ async def _run_owned(
     )
     state = "crashed"
     try:
-        result = await _send(job, ledger, run_id, states, control, on_progress)
+        gate = _gate(job, schedule)
+        try:
+            result = await _send(job, ledger, run_id, states, control, on_progress, gate, options)
+        finally:
+            if gate is not None:
+                gate.close()
         state = "aborted" if result.aborted else "interrupted" if result.interrupted else "finished"
+        if result.deadline:
+            assert schedule is not None and schedule.deadline is not None
+            passed = f"deadline passed ({schedule.deadline.isoformat()})"
+            await asyncio.to_thread(ledger.note_pending, passed)
+            notes.append(f"{passed}: no new requests were sent after it")
+        elif progress.waiting:
+            notes.append(_waiting_note(progress))
     finally:
         await asyncio.to_thread(ledger.end_run, run_id, state)
         summary = await asyncio.to_thread(_report, ledger, directory)
@@ -225,7 +266,7 @@ async def _run_owned(
     else:
         code, message = EXIT_OK, "finished: every sendable row is sent"
     log.info("run ended", state=state, requests=progress.requests, **counts)
-    return RunOutcome(campaign, directory, summary, code, state, message)
+    return RunOutcome(campaign, directory, summary, code, state, message, notes=notes)
 
 
 async def _send(
@@ -235,24 +276,113 @@ async def _send(
     states: tuple[str, ...],
     control: RunControl,
     on_progress: Callable[[Progress], None] | None,
+    gate: Gate | None = None,
+    options: RunOptions | None = None,
 ) -> DispatchResult:
-    assert control.progress is not None
-    if not control.progress.total:
+    """Send to the targets; with `--wait`, then wait for the first closed window to open
+    and send the people held for it, again and again, until none is held."""
+    progress = control.progress
+    assert progress is not None
+    if not progress.total:
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
     writer = LedgerWriter(ledger.path, run_id)
-    dispatcher = Dispatcher(
-        job.api, job.limits, writer, control.progress, on_progress, limiter=control.limiter
-    )
-    control.dispatcher = dispatcher
-    if control.stopping:
-        dispatcher.stop()
     await writer.start()
+    held: set[int] | None = None  # after the first round: only the people held for windows
     try:
-        return await dispatcher.run(ledger.targets(states))
+        while True:
+            dispatcher = Dispatcher(
+                job.api,
+                job.limits,
+                writer,
+                progress,
+                on_progress,
+                limiter=control.limiter,
+                gate=gate,
+            )
+            control.dispatcher = dispatcher
+            if control.stopping:
+                dispatcher.stop()
+            progress.waiting, progress.opens_at = 0, None
+            result = await dispatcher.run(_only(ledger.targets(states), held))
+            waiting = progress.opens_at is not None
+            if not (options and options.wait and waiting) or result.aborted:
+                return result
+            if result.interrupted or result.deadline:
+                return result
+            held = dispatcher.held_for_window
+            assert progress.opens_at is not None
+            if on_progress is not None:
+                on_progress(progress)
+            log.info(
+                "waiting for send windows",
+                waiting=progress.waiting,
+                opens=iso_local(progress.opens_at),
+            )
+            await control.sleep_until(progress.opens_at)
+            if control.stopping:
+                return DispatchResult(interrupted=True)
     finally:
         await writer.close()
+
+
+def _only(batches: Iterator[list[Target]], ids: set[int] | None) -> Iterator[list[Target]]:
+    if ids is None:
+        yield from batches
+        return
+    for batch in batches:
+        yield [t for t in batch if t.id in ids]
+
+
+def _gate(job: Job, schedule: Schedule | None) -> Gate | None:
+    from campaign.gate import Gate
+
+    phones = job.mapping.to_phone is not None
+    watch = Watch(job.output_dir) if phones else None
+    if schedule is None and watch is None:
+        return None
+    return Gate(schedule, watch)
+
+
+def _suppress(ledger: Ledger, job: Job) -> int:
+    """Rows whose number is on the store's suppression list become `suppressed`."""
+    if job.mapping.to_phone is None:
+        return 0  # custom-auth channels: no number, not covered
+    with SuppressionList(job.output_dir) as listed:
+        return apply_to_ledger(ledger, listed)
+
+
+def iso_local(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="minutes")
+
+
+def _waiting_note(progress: Progress) -> str:
+    first = f"; the first opens {iso_local(progress.opens_at)}" if progress.opens_at else ""
+    return f"{progress.waiting} waiting for their send window{first}; run again then, or use --wait"
+
+
+def window_note(ledger: Ledger, schedule: Schedule, states: tuple[str, ...]) -> str:
+    """How many of the people to send are inside their send window now, and when the
+    others open (`validate`)."""
+    now = dt.datetime.now(dt.UTC)
+    inside = outside = 0
+    first: dt.datetime | None = None
+    for batch in ledger.targets(states):
+        for target in batch:
+            verdict = schedule.verdict(target.to_phone, now)
+            if verdict.deadline:
+                return f"deadline passed ({schedule.deadline}): nothing would be sent"
+            if verdict.send:
+                inside += 1
+                continue
+            outside += 1
+            if verdict.until is not None and (first is None or verdict.until < first):
+                first = verdict.until
+    text = f"{inside} inside their send window now, {outside} outside"
+    if first is not None:
+        text += f" (the first opens {first.astimezone().isoformat(timespec='minutes')})"
+    return text
 
 
 def _report(ledger: Ledger, directory: Path) -> dict[str, Any]:

@@ -16,6 +16,13 @@ class Progress:
     requests: int = 0
     by_state: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    waiting: int = 0  # people held for their send window (this round)
+    opens_at: float | None = None  # Unix time the first of their windows opens
+
+    def wait(self, until: float | None) -> None:
+        self.waiting += 1
+        if until is not None and (self.opens_at is None or until < self.opens_at):
+            self.opens_at = until
 
     @property
     def rate(self) -> float:
@@ -31,3 +38,4 @@ class Progress:
 class DispatchResult:
     aborted: str | None = None  # why the run stopped early on fatal answers
     interrupted: bool = False
+    deadline: bool = False  # stopped because `limits.deadline` passed

@@ -38,6 +38,7 @@ from campaign.web_access import (
 )
 from campaign.web_api import CLOSING, MAX_UPLOAD, SERVICE, add_routes
 from campaign.web_service import Campaigns, ServiceError
+from campaign.web_suppression import add_routes as add_suppression_routes
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,7 @@ def create_app(
     app.router.add_post("/api/session", login)
     app.router.add_delete("/api/session", logout)
     add_routes(app)
+    add_suppression_routes(app)
     app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_drain_sends)
     return app

@@ -281,8 +281,8 @@ class Campaigns:
         return item
 
     async def rows(self, campaign: str, status: str, offset: int, limit: int) -> dict[str, Any]:
-        if status not in ("invalid", "duplicate"):
-            raise ServiceError(400, "status: invalid or duplicate")
+        if status not in ("invalid", "duplicate", "suppressed"):
+            raise ServiceError(400, "status: invalid, duplicate or suppressed")
         directory = await self.directory(campaign)
         return await asyncio.to_thread(rows_page, directory, status, offset, limit)
 

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STATUSES = ["sent", "failed", "unknown", "pending", "invalid", "duplicate"];
+const STATUSES = ["sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed"];
 const PAGE = 50;
 let current = null; // the open campaign, as GET /api/campaigns/{id} describes it
 let invalidOffset = 0;
@@ -64,6 +64,7 @@ async function signIn(token) {
 
 async function showApp() {
   await refreshList();
+  await loadSuppression().catch(() => {});
   $("app").hidden = false;
   $("login").hidden = true;
   $("logout").hidden = false;
@@ -104,7 +105,7 @@ async function openCampaign(id) {
   if (editable) renderMapping(current);
   invalidOffset = 0;
   renderCampaign(current);
-  if (current.state !== "uploaded") await loadInvalid();
+  if (current.state !== "uploaded") { await loadInvalid(); await loadSuppressedRows(); }
   $("mapping-card").scrollIntoView({ block: "start" });
 }
 
@@ -244,6 +245,7 @@ async function validate() {
     invalidOffset = 0;
     renderCampaign(current);
     renderInvalid(summary.invalid);
+    await loadSuppressedRows();
     $("validate-status").textContent = "Validated.";
     $("validation-card").scrollIntoView({ block: "start" });
     refreshList();
@@ -420,6 +422,63 @@ async function refreshList() {
   table.append(body);
 }
 
+// --- suppression ---------------------------------------------------------------------------
+
+async function loadSuppressedRows() {
+  const page = await api("GET", `/api/campaigns/${encodeURIComponent(current.id)}/rows?status=suppressed&offset=0&limit=${PAGE}`);
+  $("suppressed-block").hidden = page.total === 0;
+  const table = $("suppressed-rows");
+  table.replaceChildren();
+  if (page.total === 0) return;
+  const head = el("tr");
+  head.append(el("th", "Row"), el("th", "Why it is not sent"), ...page.columns.map((c) => el("th", c)));
+  table.append(el("thead"));
+  table.tHead.append(head);
+  const body = el("tbody");
+  for (const row of page.rows) {
+    const tr = el("tr");
+    tr.append(el("td", row.row, "num"), el("td", row.error, "reason"), ...row.cells.map((c) => el("td", c)));
+    body.append(tr);
+  }
+  table.append(body);
+  $("suppressed-page").textContent = page.total > page.rows.length
+    ? `the first ${page.rows.length} of ${page.total} (all are in the results CSV)` : "";
+}
+
+async function loadSuppression() {
+  const list = await api("GET", "/api/suppression");
+  $("suppression-count").textContent = `${plural(list.count, "number")} on the list.`;
+  const table = $("suppression");
+  table.replaceChildren();
+  const head = el("tr");
+  head.append(el("th", "Phone"), el("th", "Reason"), el("th", "Source"), el("th", "Added (UTC)"));
+  table.append(el("thead"));
+  table.tHead.append(head);
+  const body = el("tbody");
+  for (const entry of list.entries.slice(0, 200)) {
+    const tr = el("tr");
+    tr.append(el("td", entry.phone), el("td", entry.reason, "reason"), el("td", entry.source), el("td", entry.added_at));
+    body.append(tr);
+  }
+  table.append(body);
+}
+
+async function changeSuppression(method) {
+  $("suppression-error").textContent = "";
+  const phones = $("suppress-phones").value.split(/[\n,;]+/).map((p) => p.trim()).filter(Boolean);
+  if (!phones.length) { $("suppression-error").textContent = "Type one or more phone numbers."; return; }
+  try {
+    const done = await api(method, "/api/suppression", { phones, reason: $("suppress-reason").value });
+    $("suppression-status").textContent = method === "POST"
+      ? `Added ${done.added}; ${done.already} already on the list.`
+      : `Removed ${done.removed}; ${done.not_listed} were not on the list.`;
+    $("suppress-phones").value = "";
+    await loadSuppression();
+  } catch (error) {
+    $("suppression-error").textContent = error.message;
+  }
+}
+
 // --- wiring --------------------------------------------------------------------------------
 
 function wire() {
@@ -444,6 +503,8 @@ function wire() {
   $("stop").addEventListener("click", async () => {
     try { await api("POST", `/api/campaigns/${encodeURIComponent(current.id)}/stop`); } catch (error) { $("send-error").textContent = error.message; }
   });
+  $("suppress-add").addEventListener("click", () => changeSuppression("POST"));
+  $("suppress-remove").addEventListener("click", () => changeSuppression("DELETE"));
   $("invalid-prev").addEventListener("click", () => { invalidOffset = Math.max(0, invalidOffset - PAGE); loadInvalid(); });
   $("invalid-next").addEventListener("click", () => { invalidOffset += PAGE; loadInvalid(); });
 }

@@ -1,0 +1,114 @@
+"""`campaign suppress add|remove|list|import`: the store's suppression list by hand.
+
+Parsing and printing only; the list is `suppression.SuppressionList`, the import
+`suppress_import.import_numbers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from typing import Any
+
+from campaign.errors import UsageError
+
+DEFAULT_REASON = {"add": "added by hand", "import": "imported"}
+
+
+def add_parser(commands: Any) -> None:
+    suppress = commands.add_parser(
+        "suppress",
+        help="the suppression list: numbers that never get an SMS",
+        description="Manage the suppression list shared by every campaign under the job's "
+        "output_dir. A number on it is never sent to (its rows are `suppressed`).",
+    )
+    actions = suppress.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("add", "put numbers on the list"), ("remove", "take numbers off")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("job", metavar="JOB.yaml", help="the job file (output_dir, region)")
+        action.add_argument("phones", metavar="PHONE", nargs="+", help="phone numbers")
+        if name == "add":
+            action.add_argument("--reason", metavar="TEXT", help="why (shown in _error)")
+    listing = actions.add_parser("list", help="print the list as CSV: phone,reason,source,added_at")
+    listing.add_argument("job", metavar="JOB.yaml", help="the job file (output_dir)")
+    imports = actions.add_parser(
+        "import",
+        help="add the phone numbers of a CSV or Excel file",
+        description="Add the numbers of a spreadsheet's phone column (--column, or guessed "
+        "as the upload page guesses it); rows that cannot be added are named by line.",
+    )
+    imports.add_argument("job", metavar="JOB.yaml", help="the job file (output_dir, region)")
+    imports.add_argument("file", metavar="FILE", help="a CSV or Excel file")
+    imports.add_argument("--column", metavar="NAME", help="the phone column's header")
+    imports.add_argument("--reason", metavar="TEXT", help="why (shown in _error)")
+
+
+def run(args: argparse.Namespace, job: Any) -> int:
+    from campaign.suppression import SuppressionList
+
+    with SuppressionList(job.output_dir) as listed:
+        if args.action == "list":
+            return _list(listed)
+        if args.action == "import":
+            return _import(listed, args, job)
+        phones = _normalized(args.phones, job.mapping.default_region)
+        if args.action == "add":
+            reason = _reason(args.reason, "add")
+            added = listed.add(phones, reason, "manual")
+            print(f"added {added}; {len(set(phones)) - added} already on the list")
+        else:
+            removed = listed.remove(phones)
+            print(f"removed {removed}; {len(set(phones)) - removed} were not on the list")
+    return 0
+
+
+def _normalized(given: list[str], region: str) -> list[str]:
+    """Every PHONE as E.164, or one error naming the arguments that are not numbers (and
+    nothing changes)."""
+    from campaign.mapping import normalize_phone
+
+    phones, problems = [], []
+    for i, text in enumerate(given, start=1):
+        phone, why = normalize_phone(text.strip(), region)
+        if phone is None:
+            problems.append(f"PHONE #{i}: {why}")
+        else:
+            phones.append(phone)
+    if problems:
+        raise UsageError("; ".join(problems) + " (nothing was changed)")
+    return phones
+
+
+def _reason(text: str | None, action: str) -> str:
+    reason = (text or "").strip()
+    return reason or DEFAULT_REASON[action]
+
+
+def _list(listed: Any) -> int:
+    from campaign.escape import escape
+
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(["phone", "reason", "source", "added_at"])
+    for entry in listed.entries():
+        added = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.added_at))
+        out.writerow([escape(v) for v in (entry.phone, entry.reason, entry.source, added)])
+    return 0
+
+
+def _import(listed: Any, args: argparse.Namespace, job: Any) -> int:
+    from campaign.suppress_import import SHOWN_PROBLEMS, import_numbers
+
+    result = import_numbers(
+        listed, args.file, args.column, job.mapping.default_region, _reason(args.reason, "import")
+    )
+    print(
+        f"{args.file}: column {result.column!r}: {result.rows} rows, added {result.added}, "
+        f"{result.already} already on the list, {result.not_added} not added"
+    )
+    for line, why in result.problems:
+        print(f"  line {line}: {why}")
+    if result.not_added > SHOWN_PROBLEMS:
+        print(f"  ... and {result.not_added - SHOWN_PROBLEMS} more rows not added")
+    return 1 if result.not_added else 0

@@ -1,0 +1,58 @@
+"""The last look before a request leaves: the suppression list and the send window.
+
+The dispatcher asks `Gate.check` for every attempt, retries included, right before the
+attempt is recorded in flight, so a person who must not be sent now is never even recorded
+as in flight. Both checks are cheap at full speed: the window is a pure function of the
+number and the clock (`windows.Schedule`), and the list is read again only when it grew,
+looked at most every second (`suppression.Watch`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from campaign.ledger import Target
+from campaign.suppression import Watch
+from campaign.windows import Schedule
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why a target does not leave now."""
+
+    state: str | None  # the recipient's new state (`suppressed`), None: keep it (pending...)
+    error: str
+    until: float | None = None  # Unix time its send window opens, when it will
+    final: bool = False  # the deadline passed: no request may leave any more
+
+
+class Gate:
+    def __init__(
+        self,
+        schedule: Schedule | None,
+        watch: Watch | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.schedule = schedule
+        self.watch = watch
+        self.clock = clock
+
+    async def check(self, target: Target) -> Hold | None:
+        if self.watch is not None:
+            entry = await self.watch.check(target.to_phone)
+            if entry is not None:
+                return Hold("suppressed", entry.why())
+        if self.schedule is not None:
+            now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+            verdict = self.schedule.verdict(target.to_phone, now)
+            if not verdict.send:
+                until = verdict.until.timestamp() if verdict.until is not None else None
+                return Hold(None, verdict.error or "not now", until, verdict.deadline)
+        return None
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()

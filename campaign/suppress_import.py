@@ -1,0 +1,88 @@
+"""`campaign suppress import`: a spreadsheet's phone column onto the suppression list.
+
+The file is read with the project's loader (any CSV or Excel file the run reads), the phone
+column is `--column` or guessed as the upload page guesses it, each number is normalized
+with the job's `default_region`, and the rows that cannot be added are named by their line
+in the file. Rows stream from the loader into the list in batches: a file of a million
+numbers takes no more memory than a small one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from campaign.errors import InputError
+from campaign.load import open_sheet
+from campaign.mapping import normalize_phone
+from campaign.suppression import SuppressionList
+from campaign.web_guess import SAMPLE_ROWS, guess_phone_column
+
+SHOWN_PROBLEMS = 1000  # rows named one by one; beyond, only counted
+
+
+@dataclass
+class Imported:
+    column: str
+    rows: int = 0
+    added: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line, why)
+    not_added: int = 0
+
+    @property
+    def already(self) -> int:
+        """Valid numbers that were on the list already (their first entry is kept)."""
+        return self.rows - self.not_added - self.added
+
+
+def import_numbers(
+    listed: SuppressionList,
+    path: Path | str,
+    column: str | None,
+    region: str,
+    reason: str,
+) -> Imported:
+    """Add the numbers of `path`'s phone column; raises `InputError` for an unusable file
+    or when no column holds phone numbers."""
+    sheet = open_sheet(path)
+    rows = itertools.chain.from_iterable(sheet.chunks)
+    if column is not None:
+        found = [i for i, name in enumerate(sheet.columns) if name.strip() == column.strip()]
+        if not found:
+            raise InputError(
+                path,
+                f"no such column (--column); the columns are {', '.join(sheet.columns)}",
+                column=column,
+            )
+        if len(found) > 1:
+            raise InputError(path, f"appears {len(found)} times in the header", column=column)
+        index = found[0]
+    else:
+        sample = list(itertools.islice(rows, SAMPLE_ROWS))
+        guessed = guess_phone_column(sheet.columns, sample, region)
+        if guessed is None:
+            raise InputError(
+                path,
+                "no column looks like phone numbers (by its name or its cells); "
+                "name it with --column",
+            )
+        index = guessed
+        rows = itertools.chain(sample, rows)
+    result = Imported(column=sheet.columns[index].strip())
+
+    def numbers() -> Iterator[str]:
+        for row in rows:
+            result.rows += 1
+            text = row.cells[index].strip()
+            phone, why = normalize_phone(text, region) if text else (None, "phone is empty")
+            if phone is None:
+                result.not_added += 1
+                if len(result.problems) < SHOWN_PROBLEMS:
+                    result.problems.append((row.number + 1, why or "not a phone number"))
+                continue
+            yield phone
+
+    result.added = listed.add(numbers(), reason, "import")
+    return result

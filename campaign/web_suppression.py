@@ -1,0 +1,116 @@
+"""The upload service's suppression routes: the store's list, read and changed by hand.
+
+    GET    /api/suppression            {"count", "entries": [{phone, reason, source, added_at}]}
+                                        (`?format=csv`: the CSV of `campaign suppress list`)
+    POST   /api/suppression            {"phones": [...], "reason"} -> {"added", "already"}
+    DELETE /api/suppression            {"phones": [...]}           -> {"removed", "not_listed"}
+
+Access (token, origin, JSON bodies) is `web_access.guard`'s, as for every `/api/` route.
+Numbers are normalized with the job's `default_region`; a body with a number that is not
+one changes nothing (400 naming its position). The list is read in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from campaign.escape import escape
+from campaign.mapping import normalize_phone
+from campaign.suppression import SuppressionList
+from campaign.web_api import SERVICE
+from campaign.web_service import ServiceError
+
+MAX_PHONES = 10_000  # numbers per request; more: `campaign suppress import`
+PAGE_REASON = "added on the page"
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/suppression", listing)
+    app.router.add_post("/api/suppression", add)
+    app.router.add_delete("/api/suppression", remove)
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+async def listing(request: web.Request) -> web.Response:
+    root = request.app[SERVICE].root
+
+    def read() -> list[tuple[str, str, str, str]]:
+        with SuppressionList(root) as listed:
+            return [(e.phone, e.reason, e.source, _iso(e.added_at)) for e in listed.entries()]
+
+    entries = await asyncio.to_thread(read)
+    if request.query.get("format") == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["phone", "reason", "source", "added_at"])
+        writer.writerows([escape(v) for v in entry] for entry in entries)
+        return web.Response(
+            text=out.getvalue(),
+            content_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="suppression.csv"'},
+        )
+    keys = ("phone", "reason", "source", "added_at")
+    return web.json_response(
+        {"count": len(entries), "entries": [dict(zip(keys, e, strict=True)) for e in entries]}
+    )
+
+
+async def _phones(request: web.Request) -> tuple[list[str], dict[str, Any]]:
+    try:
+        body = json.loads(await request.text())
+    except ValueError:
+        raise ServiceError(400, "the request body must be JSON") from None
+    given = body.get("phones") if isinstance(body, dict) else None
+    if not isinstance(given, list) or not given or not all(isinstance(p, str) for p in given):
+        raise ServiceError(400, 'phones: a list of phone numbers, like {"phones": ["+1..."]}')
+    if len(given) > MAX_PHONES:
+        raise ServiceError(400, f"phones: at most {MAX_PHONES} at once (or suppress import)")
+    region = request.app[SERVICE].job.mapping.default_region
+    phones, problems = [], []
+    for i, text in enumerate(given):
+        phone, why = normalize_phone(text.strip(), region)
+        if phone is None:
+            problems.append(f"phones[{i}]: {why}")
+        else:
+            phones.append(phone)
+    if problems:
+        raise ServiceError(400, "; ".join(problems[:20]) + " (nothing was changed)")
+    return list(dict.fromkeys(phones)), body
+
+
+async def add(request: web.Request) -> web.Response:
+    phones, body = await _phones(request)
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ServiceError(400, "reason: must be text")
+    reason = (reason or "").strip() or PAGE_REASON
+    root = request.app[SERVICE].root
+
+    def write() -> int:
+        with SuppressionList(root) as listed:
+            return listed.add(phones, reason, "manual")
+
+    added = await asyncio.to_thread(write)
+    return web.json_response({"added": added, "already": len(phones) - added})
+
+
+async def remove(request: web.Request) -> web.Response:
+    phones, _ = await _phones(request)
+    root = request.app[SERVICE].root
+
+    def write() -> int:
+        with SuppressionList(root) as listed:
+            return listed.remove(phones)
+
+    removed = await asyncio.to_thread(write)
+    return web.json_response({"removed": removed, "not_listed": len(phones) - removed})

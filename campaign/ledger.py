@@ -95,14 +95,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     status TEXT NOT NULL,
     error TEXT,
     checked_at TEXT NOT NULL,
-    entry TEXT
+    entry INTEGER
 );
 CREATE TABLE IF NOT EXISTS report_entries (
-    key TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
     phone INTEGER NOT NULL,
     created_at REAL NOT NULL,
     status TEXT NOT NULL,
-    error TEXT
+    error TEXT,
+    read_by INTEGER
 );
 CREATE INDEX IF NOT EXISTS report_entries_time ON report_entries (created_at);
 CREATE TABLE IF NOT EXISTS report_windows (
@@ -522,17 +524,27 @@ class Ledger:
                 (start, end),
             )
 
-    def store_entries(self, entries: list[tuple[str, int, float, str, str | None]]) -> None:
-        """Entries of a page as read: (key, phone digits, created_at, status, error); a
-        later reading of the same entry replaces the earlier one (statuses move on)."""
+    def store_entries(
+        self, entries: list[tuple[str, int, float, str, str | None]], run_id: int
+    ) -> int:
+        """Entries of a page as read by reconcile `run_id`: (key, phone digits, created_at,
+        status, error); a later reading of an entry replaces the earlier one (statuses
+        move on). Returns how many of them this run had read already."""
         with self.transaction(changes=False):
+            keys = [entry[0] for entry in entries]
+            marks = ",".join("?" * len(keys))
+            repeated = self.db.execute(
+                f"SELECT count(*) FROM report_entries WHERE read_by = ? AND key IN ({marks})",
+                (run_id, *keys),
+            ).fetchone()[0]
             self.db.executemany(
-                "INSERT INTO report_entries (key, phone, created_at, status, error) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET phone = excluded.phone, "
-                "created_at = excluded.created_at, status = excluded.status, "
-                "error = excluded.error",
-                entries,
+                "INSERT INTO report_entries (key, phone, created_at, status, error, read_by) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "phone = excluded.phone, created_at = excluded.created_at, "
+                "status = excluded.status, error = excluded.error, read_by = excluded.read_by",
+                [(*entry, run_id) for entry in entries],
             )
+        return int(repeated)
 
     def finish_window(self, start: float, end: float, read_at: float) -> None:
         """Every page of the window [start, end] was read at `read_at`."""
@@ -546,10 +558,10 @@ class Ledger:
     def report_entries(
         self, start: float, end: float, batch: int = 100_000
     ) -> Iterator[list[tuple[Any, ...]]]:
-        """(key, phone digits, created_at, status, error) of the entries created in
+        """(entry id, phone digits, created_at, status, error) of the entries created in
         [start, end], a batch at a time."""
         cursor = self.db.execute(
-            "SELECT key, phone, created_at, status, error FROM report_entries "
+            "SELECT id, phone, created_at, status, error FROM report_entries "
             "WHERE created_at BETWEEN ? AND ?",
             (start, end),
         )
@@ -558,12 +570,12 @@ class Ledger:
 
     def record_deliveries(
         self,
-        matched: list[tuple[int, str, str | None, str, str]],
+        matched: list[tuple[int, str, str | None, int, str]],
         not_found: list[int],
         checked_at: str,
     ) -> int:
         """What the report says, in one transaction: `matched` (recipient id, status,
-        error, entry key, entry time as ISO) and `not_found` recipient ids. An `unknown`
+        error, entry id, entry time as ISO) and `not_found` recipient ids. An `unknown`
         recipient with an entry did reach the API: it becomes `sent`. A `not_found` never
         replaces an entry seen before. Returns how many unknown recipients were confirmed."""
         with self.transaction():

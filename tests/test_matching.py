@@ -41,20 +41,40 @@ CASES = [
     # (name, people, entries, expected person -> entry)
     ("seconds after the request", [(1, A, T)], [(10, A, T + 3, "sent")], {1: 10}),
     ("another number is not theirs", [(1, A, T)], [(10, B, T + 3, "sent")], {}),
-    ("nearest after, not the later one", [(1, A, T)], [(10, A, T + 5, "x"), (11, A, T + 60, "x")],
-     {1: 10}),
-    ("an older entry (another campaign) is not theirs",
-     [(1, A, T)], [(10, A, T - 600, "x"), (11, A, T + 4, "x")], {1: 11}),
+    (
+        "nearest after, not the later one",
+        [(1, A, T)],
+        [(10, A, T + 5, "x"), (11, A, T + 60, "x")],
+        {1: 10},
+    ),
+    (
+        "an older entry (another campaign) is not theirs",
+        [(1, A, T)],
+        [(10, A, T - 600, "x"), (11, A, T + 4, "x")],
+        {1: 11},
+    ),
     ("within the skew before, when none after", [(1, A, T)], [(10, A, T - 60, "x")], {1: 10}),
-    ("one after beats one within the skew",
-     [(1, A, T)], [(10, A, T - 30, "x"), (11, A, T + 100, "x")], {1: 11}),
+    (
+        "one after beats one within the skew",
+        [(1, A, T)],
+        [(10, A, T - 30, "x"), (11, A, T + 100, "x")],
+        {1: 11},
+    ),
     ("beyond the skew", [(1, A, T)], [(10, A, T - SKEW_S - 1, "x")], {}),
     ("beyond 15 minutes", [(1, A, T)], [(10, A, T + MATCH_S + 1, "x")], {}),
     ("exactly 15 minutes", [(1, A, T)], [(10, A, T + MATCH_S, "x")], {1: 10}),
-    ("two people, one number, two entries: one each",
-     [(1, A, T), (2, A, T + 1)], [(10, A, T + 2, "x"), (11, A, T + 3, "x")], {2: 10, 1: 11}),
-    ("two people, one number, one entry: the nearest claim wins",
-     [(1, A, T), (2, A, T + 1)], [(10, A, T + 2, "x")], {2: 10}),
+    (
+        "two people, one number, two entries: one each",
+        [(1, A, T), (2, A, T + 1)],
+        [(10, A, T + 2, "x"), (11, A, T + 3, "x")],
+        {2: 10, 1: 11},
+    ),
+    (
+        "two people, one number, one entry: the nearest claim wins",
+        [(1, A, T), (2, A, T + 1)],
+        [(10, A, T + 2, "x")],
+        {2: 10},
+    ),
     ("no entries", [(1, A, T)], [], {}),
 ]
 
@@ -143,16 +163,34 @@ def test_phone_digits(text: object, digits: int | None) -> None:
 @pytest.mark.parametrize(
     ("raw", "usable"),
     [
-        ({"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": T, "sms_status": "sent"},
-         True),
-        ({"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": str(T),
-          "sms_status": "sent"}, True),
+        (
+            {"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": T, "sms_status": "sent"},
+            True,
+        ),
+        (
+            {
+                "uuid": "u",
+                "to_phone": "+1(415) 555-0101",
+                "created_at": str(T),
+                "sms_status": "sent",
+            },
+            True,
+        ),
         ({"uuid": "u", "created_at": T, "sms_status": "sent"}, False),
         ({"uuid": "u", "to_phone": "+1(415) 555-0101", "sms_status": "sent"}, False),
-        ({"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": "yesterday",
-          "sms_status": "sent"}, False),
-        ({"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": True,
-          "sms_status": "sent"}, False),
+        (
+            {
+                "uuid": "u",
+                "to_phone": "+1(415) 555-0101",
+                "created_at": "yesterday",
+                "sms_status": "sent",
+            },
+            False,
+        ),
+        (
+            {"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": True, "sms_status": "sent"},
+            False,
+        ),
         ({"uuid": "u", "to_phone": "+1(415) 555-0101", "created_at": T}, False),
         ("not an object", False),
     ],

@@ -152,9 +152,10 @@ WHERE p.state IN {MAYBE_REACHED} AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.k
 """
 
 # An `unknown` recipient is sent again (with --resend-unknown) blind when the campaign's
-# delivery reports were never read; once they were, only when the report does not know
-# them (`not_found`): one the report shows did arrive, or has not settled yet, is held.
-_RESENDABLE = """(r.state != 'unknown' OR NOT EXISTS (SELECT 1 FROM report_windows)
+# delivery reports were never read whole; once they were, only when the report does not
+# know them (`not_found`): one the report shows did arrive, or has not settled yet, is held.
+_RESENDABLE = """(r.state != 'unknown'
+    OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
                AND d.status = 'not_found'))"""
 

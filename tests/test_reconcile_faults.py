@@ -268,3 +268,24 @@ def test_no_campaign_yet_is_exit_2(tmp_path: Path, sandbox: Sandbox) -> None:
     result = cli("reconcile", str(job))
     assert result.returncode == 2
     assert "no campaign of this job" in one_line_error(result)
+
+
+def test_a_refused_reconcile_leaves_resend_unknown_as_it_was(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
+    with FaultServer(lambda n, q: "reset" if "to_phone" in q else 401) as api:
+        lost = write_job(
+            tmp_path,
+            api.url,
+            name="lost",
+            input=data,
+            reporting={"agent_id": "7", "access_token": TOKEN_VAR},
+        )
+        assert cli("run", str(lost), "--no-progress").returncode == 1  # all unknown
+        assert cli("reconcile", str(lost)).returncode == 3
+    # No report was read whole: --resend-unknown is the blind resend it always was.
+    job = write_job(tmp_path, sandbox.url, input=data)
+    result = cli("run", str(job), "--no-progress", "--resend-unknown")
+    assert result.returncode == 0, result.stderr
+    assert sorted(sandbox.phones()) == sorted("+" + "".join(filter(str.isdigit, p)) for p in PEOPLE)

@@ -16,15 +16,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# Sends the sample spreadsheet to a local sandbox (some answers are lost on the way back:
+# --drop-after-accept), then reads the sandbox's delivery reports: the lost answers are
+# confirmed as sent, and the delivery counts are printed.
 demo: install
 	@mkdir -p runs
-	@scripts/with-sandbox.sh --latency-ms 20 --fail-rate 0.05 --record $(RECORD) -- \
-		$(BIN)/campaign run jobs/demo.yaml --no-progress
+	@scripts/with-sandbox.sh --latency-ms 20 --fail-rate 0.05 --drop-after-accept 0.05 \
+		--undelivered-rate 0.1 --delivery-delay-s 1 --record $(RECORD) -- \
+		sh -c '$(BIN)/campaign run jobs/demo.yaml --no-progress; sleep 3; \
+			echo; echo "delivery reports:"; $(BIN)/campaign reconcile jobs/demo.yaml'
 	@echo "summary: $$(ls -td runs/demo-*/ | head -1)summary.json"
 	@echo "requests the sandbox accepted so far: $$(wc -l < $(RECORD)) (in $(RECORD))"
 
+# Today's campaign, then the delivery reports of the previous one (scripts/nightly.sh).
 nightly: install
-	$(BIN)/campaign run jobs/nightly.yaml
+	BIN=$(BIN) scripts/nightly.sh jobs/nightly.yaml
 
 sandbox: install
 	$(BIN)/campaign sandbox --port 8765

@@ -5,7 +5,8 @@
 Every measure starts its own sandbox (`campaign sandbox --port 0`, 127.0.0.1) and runs the
 real command line in a subprocess. Request times are taken at the server, by arrival
 (the sandbox's `--record` lines). Prints a table and writes bench/results.json.
-`--quick` (or BENCH_QUICK=1) skips the million-row measure, which takes minutes.
+`--quick` (or BENCH_QUICK=1) skips the million-row measures (send and reconcile), which
+take minutes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.tools import (
     ROOT,
+    Finished,
     body,
     campaign_command,
     count_lines,
@@ -46,6 +49,8 @@ OVERHEAD_ROWS = 20_000
 OVERHEAD_CONCURRENCY = 100
 NO_LIMIT = 1_000_000  # rate_per_second that never binds
 RESUME_ROWS = 100_000
+RECONCILE_ROWS = 20_000
+REPORT_RATE = 40  # the sandbox's Reporting API answers 429 above this
 TMPFS = "/dev/shm"  # memory-backed: an fsync there costs nothing
 
 
@@ -204,6 +209,84 @@ def million(work: Path, rows: int) -> Result:
     )
 
 
+def _reconciled(
+    work: Path, name: str, rows: int, rate: float, *options: str
+) -> tuple[Finished, dict[str, Any]]:
+    """Send `rows` people through a sandbox, then reconcile them against it at `rate`
+    pages per second: the reconcile's run and its summary.json."""
+    directory = fresh(work / name)
+    box = start_sandbox(directory, "--delivery-delay-s", "0", *options, record=False)
+    try:
+        data = write_people(directory / "people.csv", rows)
+        job = write_job(directory, box.url, data, NO_LIMIT, OVERHEAD_CONCURRENCY)
+        settings = json.loads(job.read_text(encoding="utf-8"))
+        settings["reporting"] = {
+            "agent_id": "1",
+            "access_token": "sandbox-token",
+            "rate_per_second": rate,
+            "settle_minutes": 0,
+        }
+        job.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        sent = run_campaign(job)
+        if sent.code != 0 or box.accepted() != rows:
+            raise RuntimeError(f"the send did not send every row: {sent.output[-2000:]}")
+        time.sleep(2.5)  # the sandbox's entries are created up to 2 s after their request
+        done = run_measured([*campaign_command(), "reconcile", str(job)], directory)
+    finally:
+        box.stop()
+    summary_path = directory / "runs" / "bench" / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    return done, summary
+
+
+def reconcile_rate(work: Path, rows: int = RECONCILE_ROWS, rate: int = REPORT_RATE) -> Result:
+    """A campaign's reconcile is bound by the Reporting API's rate: every page, matching
+    and recording included, in at most 1.2 x pages / rate."""
+    done, summary = _reconciled(work, "reconcile", rows, rate, "--report-rate", str(rate))
+    tally = summary.get("last_reconcile", {})
+    pages = int(tally.get("pages", 0))
+    bound = 1.2 * pages / rate
+    delivered = summary.get("delivery", {}).get("delivered", 0)
+    ok = done.code == 0 and delivered == rows and pages > 0 and done.seconds <= bound
+    return Result(
+        f"reconcile {rows:,} people at --report-rate {rate}",
+        "wall <= 1.2 x pages / rate, every person delivered",
+        f"{done.seconds:.1f} s for {pages} pages (bound {bound:.1f} s; "
+        f"{pages / done.seconds:.1f} pages/s); {delivered:,} delivered",
+        ok,
+        {
+            "rows": rows,
+            "exit": done.code,
+            "pages": pages,
+            "entries": tally.get("entries"),
+            "seconds": round(done.seconds, 2),
+            "bound_s": round(bound, 2),
+            "peak_rss_mb": round(done.peak_rss_mb, 1),
+            "delivered": delivered,
+        },
+    )
+
+
+def reconcile_memory(work: Path, rows: int) -> Result:
+    """Peak RSS of the reconcile of a campaign of `rows` people (no rate that binds)."""
+    done, summary = _reconciled(work, "reconcile-million", rows, 2000)
+    delivered = summary.get("delivery", {}).get("delivered", 0)
+    ok = done.code == 0 and delivered == rows and done.peak_rss_mb <= 300
+    return Result(
+        f"bounded memory, reconcile of {rows:,} people",
+        "peak RSS <= 300 MB",
+        f"{done.peak_rss_mb:.0f} MB; {done.seconds:.0f} s; {delivered:,} delivered",
+        ok,
+        {
+            "rows": rows,
+            "exit": done.code,
+            "peak_rss_mb": round(done.peak_rss_mb, 1),
+            "seconds": round(done.seconds, 1),
+            "pages": summary.get("last_reconcile", {}).get("pages"),
+        },
+    )
+
+
 def resume(work: Path, rows: int = RESUME_ROWS) -> Result:
     """Rerun a campaign whose every row is sent: time, and requests the server saw."""
     directory = fresh(work / "resume")
@@ -284,7 +367,10 @@ def main() -> int:
         help="skip the million-row measure",
     )
     parser.add_argument(
-        "--only", nargs="+", metavar="NAME", help="rate, overhead, million, resume, startup"
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="rate, overhead, million, resume, startup, reconcile, reconcile-million",
     )
     parser.add_argument("--million-rows", type=int, default=1_000_000, metavar="N")
     args = parser.parse_args()
@@ -295,8 +381,11 @@ def main() -> int:
         "overhead": lambda w: [overhead(w)],
         "resume": lambda w: [resume(w)],
         "million": lambda w: [million(w, args.million_rows)],
+        "reconcile": lambda w: [reconcile_rate(w)],
+        "reconcile-million": lambda w: [reconcile_memory(w, args.million_rows)],
     }
-    chosen = args.only or [m for m in measures if not (args.quick and m == "million")]
+    slow = ("million", "reconcile-million")
+    chosen = args.only or [m for m in measures if not (args.quick and m in slow)]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="campaign-bench-") as tmp:
         for name in chosen:

@@ -44,6 +44,10 @@ def _positive_float(text: str) -> float:
     return float(_number(text, float, lambda v: 0 < v < float("inf"), "a number greater than 0"))
 
 
+def _non_negative_float(text: str) -> float:
+    return float(_number(text, float, lambda v: 0 <= v < float("inf"), "a number of 0 or more"))
+
+
 def _share(text: str) -> float:
     return float(_number(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1"))
 
@@ -158,6 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", metavar="DIR", help="with a job file: where campaign state lives"
     )
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="read delivery reports into the campaign (did the SMS arrive?)",
+        description="Read the SMS Reporting API's delivery reports for a campaign into its "
+        "ledger and results: delivered, undelivered, failed, or not_found; an unknown "
+        "person the report shows did reach the API becomes sent.",
+    )
+    reconcile.add_argument("job", metavar="JOB.yaml", help="the job file (with reporting:)")
+    reconcile.add_argument(
+        "--campaign", metavar="ID", help="campaign id (default: the job's latest campaign)"
+    )
+    reconcile.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="where campaign state lives (default: the job's output_dir)",
+    )
+    reconcile.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default="console",
+        help="log lines on stderr: console (default) or json",
+    )
+
     sandbox = commands.add_parser(
         "sandbox", help="a local stand-in for the Avaamo SMS API (never forwards anything)"
     )
@@ -188,6 +215,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument(
         "--record", metavar="FILE", help="append every accepted request to FILE as a JSON line"
+    )
+    sandbox.add_argument(
+        "--drop-after-accept",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of requests accepted and recorded, then cut without an answer (0..1)",
+    )
+    sandbox.add_argument(
+        "--agent-id", default="1", metavar="ID", help="the Reporting API's agent id (default 1)"
+    )
+    sandbox.add_argument(
+        "--access-token",
+        default="sandbox-token",
+        metavar="TOKEN",
+        help="the Reporting API's access token (default sandbox-token); another one gets 401",
+    )
+    sandbox.add_argument(
+        "--delivery-delay-s",
+        type=_non_negative_float,
+        default=2.0,
+        metavar="S",
+        help="a report entry says sent for this long, then delivered (default 2)",
+    )
+    sandbox.add_argument(
+        "--undelivered-rate",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of accepted requests reported undelivered or failed (0..1)",
+    )
+    sandbox.add_argument(
+        "--report-rate",
+        type=_positive_float,
+        metavar="N",
+        help="answer 429 + Retry-After above N Reporting API queries per second",
     )
 
     serve = commands.add_parser("serve", help="the upload web page and its API")
@@ -245,6 +308,8 @@ def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
         return serve_sandbox(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "reconcile":
+        return _reconcile(args, state)
     if args.command == "serve":
         from campaign.web import serve_web
 
@@ -460,6 +525,41 @@ def _report(args: argparse.Namespace) -> int:
     print(f"  {line}")
     print(f"  results: {directory / 'results.csv'}")
     return 0
+
+
+def _reconcile(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    from campaign import logs
+    from campaign.reconcile import reconcile_campaign, reporting_of
+
+    logs.configure(args.log_format)
+    job = _load(args)
+    logs.masker.hide(job.api.channel_uuid)
+    logs.masker.hide(reporting_of(job).access_token, keep=0)
+    state["directory"] = Path(job.output_dir)
+    outcome = _run_loop(reconcile_campaign(job, args.campaign))
+    tally = outcome.tally
+    print(f"campaign {outcome.campaign}: {outcome.message}")
+    delivery = outcome.summary.get("delivery") or {}
+    print("  " + ("  ".join(f"{k} {v}" for k, v in delivery.items()) or "no delivery facts yet"))
+    if tally.windows:
+        print(
+            f"  read {tally.windows_read} of {tally.windows} windows ({tally.windows_kept} "
+            f"final from before), {tally.pages} pages: {tally.entries} entries, "
+            f"{tally.matched} matched, {tally.unmatched_entries} of other campaigns or senders"
+        )
+    if tally.bad_entries or tally.repeated_entries:
+        print(
+            f"  skipped {tally.bad_entries} unusable entries (no number, time or status); "
+            f"{tally.repeated_entries} entries came again on later pages"
+        )
+    if tally.confirmed_unknown:
+        print(f"  {tally.confirmed_unknown} unknown confirmed by the delivery report: now sent")
+    if tally.suppress_candidates:
+        print(f"  {tally.suppress_candidates} numbers for the suppression list")
+    for problem in tally.problems[:5]:
+        print(f"  not read: {problem}")
+    print(f"  results: {outcome.directory / 'results.csv'}")
+    return outcome.exit_code
 
 
 def _error(message: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
 from typing import Any
 
 from campaign.errors import UsageError
@@ -92,8 +91,8 @@ def _list(listed: Any) -> int:
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["phone", "reason", "source", "added_at"])
     for entry in listed.entries():
-        added = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.added_at))
-        out.writerow([escape(v) for v in (entry.phone, entry.reason, entry.source, added)])
+        values = (entry.phone, entry.reason, entry.source, entry.added)
+        out.writerow([escape(v) for v in values])
     return 0
 
 

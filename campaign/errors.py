@@ -7,6 +7,7 @@
           ├── InputError          the spreadsheet (names the file, row, column)
           ├── CampaignBusy        another process holds the campaign's lock
           └── UnfinishedCampaign  the midnight guard: yesterday's campaign did not finish
+     └── ReportingRefused         exit 3: the Reporting API refused the job's agent or token
 
 A bad *row* is not an exception: it becomes an `invalid` row in the results.
 """
@@ -68,3 +69,9 @@ class CampaignBusy(UsageError):
 
 class UnfinishedCampaign(UsageError):
     """A new default campaign id would start over a campaign that did not finish."""
+
+
+class ReportingRefused(CampaignError):
+    """The Reporting API answered 401/403/404: the job's `reporting:` is wrong."""
+
+    exit_code = 3

@@ -210,6 +210,50 @@ class Limits(_Strict):
         return self
 
 
+# Phrases of a delivery error that put the number on the suppression list (any case).
+SUPPRESS_ON = ("unsubscribed", "not a valid mobile number", "landline")
+
+
+class Reporting(_Strict):
+    """`reporting:`, for `campaign reconcile`: the SMS Reporting API of the agent."""
+
+    agent_id: str
+    access_token: str = Field(repr=False)  # never in a repr, a log or a crash file
+    base_url: str | None = None  # None: api.base_url
+    rate_per_second: float = Field(default=5, gt=0, le=1000, allow_inf_nan=False)
+    settle_minutes: float = Field(default=30, ge=0, le=7 * 24 * 60, allow_inf_nan=False)
+    suppress_on: list[str] = Field(default_factory=lambda: list(SUPPRESS_ON))
+
+    @field_validator("agent_id")
+    @classmethod
+    def _a_number(cls, value: str) -> str:
+        # Never echoed: an operator may have pasted the token here by mistake.
+        if not value.strip().isdigit():
+            raise ValueError("must be the agent's number (digits only)")
+        return value.strip()
+
+    @field_validator("access_token")
+    @classmethod
+    def _a_token(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty: give the Reporting API's access token")
+        if any(ch.isspace() or not ch.isprintable() for ch in value.strip()):
+            raise ValueError("must be one word (no spaces or control characters)")
+        return value.strip()
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else Api._http_url(value)
+
+    @field_validator("suppress_on")
+    @classmethod
+    def _phrases(cls, value: list[str]) -> list[str]:
+        if any(not phrase.strip() for phrase in value):
+            raise ValueError("a phrase is empty (it would match every delivery error)")
+        return [phrase.strip() for phrase in value]
+
+
 class Job(_Strict):
     campaign: str = "{job}-{date}"
     input: str | None = None
@@ -218,6 +262,7 @@ class Job(_Strict):
     api: Api
     mapping: Mapping
     limits: Limits = Field(default_factory=Limits)
+    reporting: Reporting | None = None
 
     @field_validator("input", "output_dir")
     @classmethod
@@ -408,7 +453,12 @@ def _yaml_kind(value: object) -> str:
     return type(value).__name__
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {"api": Api, "mapping": Mapping, "limits": Limits}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "api": Api,
+    "mapping": Mapping,
+    "limits": Limits,
+    "reporting": Reporting,
+}
 
 
 def first_problem(

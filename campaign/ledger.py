@@ -6,6 +6,10 @@ Tables:
     attempts    one per HTTP request: when, outcome
     rows        the latest input, row by row: cells, and ok / invalid / duplicate
     runs        one per command that ran: when, how it ended
+    deliveries  per recipient: what the delivery report says (`campaign reconcile`)
+    report_entries, report_windows   the Reporting API's entries as read, and which
+                spans of time were read whole (so a killed reconcile continues)
+    suppress_candidates  numbers whose delivery error asks for the suppression list
 
 Recipient states: pending -> inflight -> sent | failed | unknown | pending (retry later).
 A recipient is `inflight` only while its request is open; the state is committed before
@@ -33,9 +37,11 @@ from typing import Any
 LEDGER_FILE = "ledger.sqlite"
 SENDABLE = ("pending", "failed")
 STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # States in which a request may have reached the API: such a person stays in every report.
 MAYBE_REACHED = ("sent", "unknown", "inflight")
+# People whose last request a delivery report may show (`campaign reconcile`).
+REQUESTED = ("sent", "unknown")
 
 LedgerError = sqlite3.Error
 
@@ -84,6 +90,34 @@ CREATE TABLE IF NOT EXISTS runs (
     state TEXT NOT NULL,
     requests INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    recipient_id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    error TEXT,
+    checked_at TEXT NOT NULL,
+    entry INTEGER
+);
+CREATE TABLE IF NOT EXISTS report_entries (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    phone INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    read_by INTEGER
+);
+CREATE INDEX IF NOT EXISTS report_entries_time ON report_entries (created_at);
+CREATE TABLE IF NOT EXISTS report_windows (
+    start_at REAL PRIMARY KEY,
+    end_at REAL NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    read_at REAL
+);
+CREATE TABLE IF NOT EXISTS suppress_candidates (
+    phone TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    seen_at TEXT NOT NULL
+);
 """.replace("{ROWS_COLUMNS}", _ROWS_COLUMNS)
 
 # The results: one line per input row in input order (`row_results`), then the people who
@@ -105,10 +139,12 @@ SELECT rows.row AS row, rows.cells AS cells,
               || '; the row now: ' || rows.error
          WHEN rows.status = 'suppressed' THEN 'sent earlier; now ' || rows.error
          ELSE p.error END AS error,
-    p.sent_at AS sent_at
+    p.sent_at AS sent_at,
+    d.status AS delivery, d.error AS delivery_error, d.checked_at AS delivery_checked_at
 FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
     rows.status = 'ok' OR (rows.status = 'invalid' AND p.state IN {MAYBE_REACHED})
     OR (rows.status = 'suppressed' AND p.state = 'sent'))
+LEFT JOIN deliveries d ON d.recipient_id = p.id
 """,
     f"""
 CREATE TEMP VIEW IF NOT EXISTS gone_results AS
@@ -116,18 +152,27 @@ SELECT p.row AS was_row, CASE p.state WHEN 'inflight' THEN 'unknown' ELSE p.stat
     p.to_phone AS to_phone, p.attempts AS attempts, p.http_status AS http_status,
     'not in the current input' || coalesce(' (was row ' || p.row || ')', '')
         || coalesce('; ' || p.error, '') AS error,
-    p.sent_at AS sent_at
-FROM recipients p
+    p.sent_at AS sent_at,
+    d.status AS delivery, d.error AS delivery_error, d.checked_at AS delivery_checked_at
+FROM recipients p LEFT JOIN deliveries d ON d.recipient_id = p.id
 WHERE p.state IN {MAYBE_REACHED} AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.key = p.key)
 """,
     """
 CREATE TEMP VIEW IF NOT EXISTS results AS
-SELECT status FROM row_results UNION ALL SELECT status FROM gone_results
+SELECT status, delivery FROM row_results UNION ALL SELECT status, delivery FROM gone_results
 """,
 )
 _DROP_RESULTS_VIEWS = tuple(
     f"DROP VIEW IF EXISTS temp.{name}" for name in ("results", "row_results", "gone_results")
 )
+
+# An `unknown` recipient is sent again (with --resend-unknown) blind when the campaign's
+# delivery reports were never read whole; once they were, only when the report does not
+# know them (`not_found`): one the report shows did arrive, or has not settled yet, is held.
+_RESENDABLE = """(r.state != 'unknown'
+    OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
+    OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
+               AND d.status = 'not_found'))"""
 
 
 @dataclass(frozen=True)
@@ -373,7 +418,7 @@ class Ledger:
         marks = ",".join("?" * len(states))
         return self.db.execute(
             f"SELECT count(*) FROM rows JOIN recipients r ON r.key = rows.key "
-            f"WHERE rows.status = 'ok' AND r.state IN ({marks})",
+            f"WHERE rows.status = 'ok' AND r.state IN ({marks}) AND {_RESENDABLE}",
             states,
         ).fetchone()[0]
 
@@ -384,7 +429,7 @@ class Ledger:
             f"SELECT r.id, rows.row, r.payload, r.attempts, r.state, r.to_phone FROM rows "
             f"JOIN recipients r ON r.key = rows.key "
             f"WHERE rows.status = 'ok' AND rows.row > ? AND r.state IN ({marks}) "
-            f"ORDER BY rows.row LIMIT ?"
+            f"AND {_RESENDABLE} ORDER BY rows.row LIMIT ?"
         )
         after = 0
         while True:
@@ -500,12 +545,14 @@ class Ledger:
 
     def report_rows(self) -> Iterator[tuple[Any, ...]]:
         """(cells JSON or None, _row, _status, _to_phone, _attempts, _http_status, _error,
-        _sent_at), every result as text: the input's rows in order, then the people who
-        may have been reached but are in no row of it (cells None, _row empty)."""
+        _sent_at, _delivery, _delivery_error, _delivery_checked_at), every result as text:
+        the input's rows in order, then the people who may have been reached but are in no
+        row of it (cells None, _row empty)."""
         results = (
             "coalesce(to_phone, ''), coalesce(CAST(attempts AS TEXT), ''), "
             "coalesce(CAST(http_status AS TEXT), ''), coalesce(error, ''), "
-            "coalesce(sent_at, '')"
+            "coalesce(sent_at, ''), coalesce(delivery, ''), coalesce(delivery_error, ''), "
+            "coalesce(delivery_checked_at, '')"
         )
         yield from self.db.execute(
             f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results ORDER BY row"
@@ -523,6 +570,147 @@ class Ledger:
     def total_requests(self) -> int:
         """Requests ever made for this campaign, whoever is in the input now."""
         return self.db.execute("SELECT count(*) FROM attempts").fetchone()[0]
+
+    # --- delivery reports (`campaign reconcile`) -------------------------------------------
+
+    def request_span(self) -> tuple[float, float] | None:
+        """(first, last) start time of the requests of people who may have been reached."""
+        found = self.db.execute(
+            f"SELECT min(a.started_at), max(a.started_at) FROM attempts a "
+            f"JOIN recipients r ON r.id = a.recipient_id WHERE r.state IN {REQUESTED}"
+        ).fetchone()
+        return None if found[0] is None else (found[0], found[1])
+
+    def requested_people(self, batch: int = 100_000) -> Iterator[list[tuple[Any, ...]]]:
+        """(recipient id, to_phone or None, state, last request's start), a batch at a time,
+        for every person who had a request that may have arrived (`sent` or `unknown`)."""
+        cursor = self.db.execute(
+            f"SELECT r.id, r.to_phone, r.state, max(a.started_at) FROM recipients r "
+            f"JOIN attempts a ON a.recipient_id = r.id WHERE r.state IN {REQUESTED} "
+            f"GROUP BY r.id"
+        )
+        while found := cursor.fetchmany(batch):
+            yield found
+
+    def report_windows(self) -> list[tuple[float, float, bool, float | None]]:
+        """(start, end, read whole, when) of every span of the Reporting API looked at."""
+        return [
+            (start, end, bool(complete), read_at)
+            for start, end, complete, read_at in self.db.execute(
+                "SELECT start_at, end_at, complete, read_at FROM report_windows ORDER BY start_at"
+            )
+        ]
+
+    def begin_window(self, start: float, end: float) -> None:
+        """A window about to be read: known from now on (a read one keeps what it was)."""
+        with self.transaction(changes=False):
+            self.db.execute(
+                "INSERT INTO report_windows (start_at, end_at) VALUES (?, ?) "
+                "ON CONFLICT (start_at) DO NOTHING",
+                (start, end),
+            )
+
+    def store_entries(
+        self, entries: list[tuple[str, int, float, str, str | None]], run_id: int
+    ) -> int:
+        """Entries of a page as read by reconcile `run_id`: (key, phone digits, created_at,
+        status, error); a later reading of an entry replaces the earlier one (statuses
+        move on). Returns how many of them this run had read already."""
+        with self.transaction(changes=False):
+            keys = [entry[0] for entry in entries]
+            marks = ",".join("?" * len(keys))
+            repeated = self.db.execute(
+                f"SELECT count(*) FROM report_entries WHERE read_by = ? AND key IN ({marks})",
+                (run_id, *keys),
+            ).fetchone()[0]
+            self.db.executemany(
+                "INSERT INTO report_entries (key, phone, created_at, status, error, read_by) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "phone = excluded.phone, created_at = excluded.created_at, "
+                "status = excluded.status, error = excluded.error, read_by = excluded.read_by",
+                [(*entry, run_id) for entry in entries],
+            )
+        return int(repeated)
+
+    def finish_window(self, start: float, end: float, read_at: float) -> None:
+        """Every page of the window [start, end] was read at `read_at`."""
+        with self.transaction(changes=False):
+            self.db.execute(
+                "UPDATE report_windows SET end_at = ?, complete = 1, read_at = ? "
+                "WHERE start_at = ?",
+                (end, read_at, start),
+            )
+
+    def report_entries(
+        self, start: float, end: float, batch: int = 100_000
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """(entry id, phone digits, created_at, status, error) of the entries created in
+        [start, end], a batch at a time."""
+        cursor = self.db.execute(
+            "SELECT id, phone, created_at, status, error FROM report_entries "
+            "WHERE created_at BETWEEN ? AND ?",
+            (start, end),
+        )
+        while found := cursor.fetchmany(batch):
+            yield found
+
+    def record_deliveries(
+        self,
+        matched: list[tuple[int, str, str | None, int, str]],
+        not_found: list[int],
+        checked_at: str,
+    ) -> int:
+        """What the report says, in one transaction: `matched` (recipient id, status,
+        error, entry id, entry time as ISO) and `not_found` recipient ids. An `unknown`
+        recipient with an entry did reach the API: it becomes `sent`. A `not_found` never
+        replaces an entry seen before. Returns how many unknown recipients were confirmed."""
+        with self.transaction():
+            self.db.executemany(
+                "INSERT INTO deliveries (recipient_id, status, error, checked_at, entry) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_id) DO UPDATE SET "
+                "status = excluded.status, error = excluded.error, "
+                "checked_at = excluded.checked_at, entry = excluded.entry",
+                [(rid, status, error, checked_at, key) for rid, status, error, key, _ in matched],
+            )
+            self.db.executemany(
+                "INSERT INTO deliveries (recipient_id, status, checked_at) "
+                "VALUES (?, 'not_found', ?) ON CONFLICT (recipient_id) DO UPDATE SET "
+                "checked_at = excluded.checked_at WHERE deliveries.entry IS NULL",
+                [(rid, checked_at) for rid in not_found],
+            )
+            before = self.db.total_changes
+            self.db.executemany(
+                "UPDATE recipients SET state = 'sent', "
+                "error = 'confirmed by the delivery report', sent_at = coalesce(sent_at, ?) "
+                "WHERE id = ? AND state = 'unknown'",
+                [(at, rid) for rid, _, _, _, at in matched],
+            )
+            return self.db.total_changes - before
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Lines of the report per delivery state (those with one)."""
+        return dict(
+            self.db.execute(
+                "SELECT delivery, count(*) FROM results WHERE delivery IS NOT NULL "
+                "GROUP BY delivery ORDER BY delivery"
+            ).fetchall()
+        )
+
+    def add_suppress_candidates(self, numbers: list[tuple[str, str, str]]) -> None:
+        """(E.164 number, reason, seen at): numbers the delivery report says must not get
+        another SMS, kept for the store's suppression list to take."""
+        with self.transaction(changes=False):
+            self.db.executemany(
+                "INSERT INTO suppress_candidates (phone, reason, seen_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (phone) DO UPDATE SET reason = excluded.reason, "
+                "seen_at = excluded.seen_at",
+                numbers,
+            )
+
+    def suppress_candidates(self) -> list[tuple[str, str, str]]:
+        return self.db.execute(
+            "SELECT phone, reason, seen_at FROM suppress_candidates ORDER BY phone"
+        ).fetchall()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,18 @@ from typing import IO, Any
 from campaign.escape import escape
 from campaign.ledger import Ledger
 
-RESULT_COLUMNS = ["_row", "_status", "_to_phone", "_attempts", "_http_status", "_error", "_sent_at"]
+RESULT_COLUMNS = [
+    "_row",
+    "_status",
+    "_to_phone",
+    "_attempts",
+    "_http_status",
+    "_error",
+    "_sent_at",
+    "_delivery",
+    "_delivery_error",
+    "_delivery_checked_at",
+]
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
 _MAYBE_FORMULA = frozenset("=@\t\r+-'")
@@ -84,6 +95,13 @@ def summarize(
         "counts": counts,
         "attempts": ledger.total_requests(),
     }
+    # Delivery reports: counts per `_delivery`, and what the last reconcile read.
+    delivery = ledger.delivery_counts()
+    if delivery:
+        summary["delivery"] = delivery
+    reconciled = ledger.get_meta("reconcile")
+    if reconciled is not None:
+        summary["last_reconcile"] = reconciled
     run = ledger.last_run(("run",))
     if run is not None:
         ended = run.finished_at or time.time()

@@ -1,10 +1,14 @@
 """A local stand-in for the Avaamo SMS Send API, for the demo and the tests.
 
     POST /sms/{channel_uuid}/send.json  {"to_phone": "+1...", ...}  ->  200 {"success": true}
+    GET  /api/v1/agents/{agent_id}/sms/report.json   delivery reports (sandbox_reporting)
 
-Faults on demand: a rate cap answered 429 + Retry-After, a share of 503s, latency.
-`--record FILE` appends every accepted request as a JSON line (flushed at once), so a
-test can count exactly what was "delivered". It never forwards anything anywhere.
+Faults on demand: a rate cap answered 429 + Retry-After, a share of 503s, latency, and
+a share of requests accepted and recorded whose connection is then closed without an
+answer (`--drop-after-accept`: the request arrived, the client sees `unknown`).
+`--record FILE` appends every accepted request as a JSON line (flushed at once), with
+the delivery report's outcome for it, so a test can count exactly what was "delivered".
+It never forwards anything anywhere.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 from aiohttp import web
 
 from campaign.errors import UsageError
+from campaign.sandbox_reporting import ReportConfig, Reports
 
 
 @dataclass
@@ -33,6 +38,8 @@ class SandboxConfig:
     latency_ms: float = 0.0
     custom_auth: bool = False
     record: str | None = None
+    drop_after_accept: float = 0.0
+    reports: ReportConfig = field(default_factory=ReportConfig)
 
 
 def create_app(config: SandboxConfig) -> web.Application:
@@ -40,6 +47,7 @@ def create_app(config: SandboxConfig) -> web.Application:
     recent: deque[float] = deque()
     record: IO[str] | None = None
     accepted = 0
+    reports = Reports(config.reports)
 
     async def send(request: web.Request) -> web.Response:
         nonlocal accepted
@@ -71,11 +79,18 @@ def create_app(config: SandboxConfig) -> web.Application:
             await asyncio.sleep(config.latency_ms / 1000)
         if config.fail_rate and random.random() < config.fail_rate:
             return _error(503, "service busy, try again", headers={"Retry-After": "0"})
+        dropped = bool(config.drop_after_accept) and random.random() < config.drop_after_accept
+        line = {"t": arrived, "channel": request.match_info["channel"], "body": body}
+        if isinstance(phone, str) and phone.startswith("+"):
+            line["report"] = reports.accept(phone, arrived)
+        if dropped:
+            line["dropped"] = True
         if record is not None:
-            line = {"t": arrived, "channel": request.match_info["channel"], "body": body}
             record.write(json.dumps(line, ensure_ascii=False) + "\n")
             record.flush()
         accepted += 1
+        if dropped and request.transport is not None:
+            request.transport.abort()  # accepted, but the client never hears of it
         return web.json_response({"success": True})
 
     async def stats(_request: web.Request) -> web.Response:
@@ -92,6 +107,7 @@ def create_app(config: SandboxConfig) -> web.Application:
 
     app.router.add_post("/sms/{channel}/send.json", send)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/api/v1/agents/{agent}/sms/report.json", reports.handle)
     app.on_startup.append(open_record)
     app.on_cleanup.append(close_record)
     return app
@@ -108,6 +124,14 @@ def serve_sandbox(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         custom_auth=args.custom_auth,
         record=args.record,
+        drop_after_accept=args.drop_after_accept,
+        reports=ReportConfig(
+            agent_id=args.agent_id,
+            access_token=args.access_token,
+            delivery_delay_s=args.delivery_delay_s,
+            undelivered_rate=args.undelivered_rate,
+            report_rate=args.report_rate,
+        ),
     )
 
     async def main() -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from campaign.ledger import Ledger
+from campaign.report import iso_utc
 
 SUPPRESSION_FILE = "suppression.sqlite"
 SCHEMA_VERSION = 1
@@ -56,10 +57,13 @@ class Entry:
     source: str
     added_at: float
 
+    @property
+    def added(self) -> str:
+        return iso_utc(self.added_at) or ""
+
     def why(self) -> str:
         """The `_error` of a suppressed row: why, and since when."""
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.added_at))
-        return f"on the suppression list since {since} ({self.source}): {self.reason}"
+        return f"on the suppression list since {self.added} ({self.source}): {self.reason}"
 
 
 class SuppressionList:

@@ -120,6 +120,8 @@ def serve_web(args: argparse.Namespace) -> int:
         )
     job = load_job(args.job)
     logs.masker.hide(job.api.channel_uuid)
+    if job.reporting is not None:
+        logs.masker.hide(job.reporting.access_token, keep=0)
     generated = not token
     token = token or secrets.token_urlsafe(18)
     app = create_app(

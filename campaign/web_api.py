@@ -43,6 +43,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/campaigns/{id}/results.csv", results)
     app.router.add_get("/api/campaigns/{id}/rows", rows)
     app.router.add_get("/api/campaigns/{id}/events", events)
+    app.router.add_post("/api/campaigns/{id}/reconcile", reconcile)
 
 
 class _TooLarge(Exception):
@@ -132,6 +133,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
             "job": service.job.name,
             "rate": service.job.limits.rate_per_second,
             "concurrency": service.job.limits.concurrency,
+            "reporting": service.job.reporting is not None,
             "campaigns": await service.list(),
         }
     )
@@ -165,6 +167,12 @@ async def stop(request: web.Request) -> web.Response:
     await service.directory(campaign)
     service.stop(campaign)
     return web.json_response(await service.describe(campaign), status=202)
+
+
+async def reconcile(request: web.Request) -> web.Response:
+    """Read the campaign's delivery reports now -> counts per delivery state."""
+    service = request.app[SERVICE]
+    return web.json_response(await service.reconcile(request.match_info["id"]))
 
 
 async def results(request: web.Request) -> web.FileResponse:

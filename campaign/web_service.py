@@ -29,7 +29,13 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from campaign.errors import CampaignBusy, CampaignError, InputError, UsageError
+from campaign.errors import (
+    CampaignBusy,
+    CampaignError,
+    InputError,
+    ReportingRefused,
+    UsageError,
+)
 from campaign.job import CAMPAIGN_ID, Job, Mapping, first_problem
 from campaign.ledger import LEDGER_FILE
 from campaign.load import Sheet
@@ -200,6 +206,32 @@ class Campaigns:
                 )
             self.sends.start(campaign, job, options, directory)
         return await self.describe(campaign)
+
+    async def reconcile(self, campaign: str) -> dict[str, Any]:
+        """`campaign reconcile` for one campaign: its delivery reports into its ledger."""
+        from campaign.reconcile import reconcile_campaign
+
+        await self.directory(campaign)
+        if self.job.reporting is None:
+            raise ServiceError(
+                409, "the job file has no reporting: section (agent_id, access_token)"
+            )
+        async with self._exclusive(campaign, "checking delivery"):
+            try:
+                outcome = await reconcile_campaign(self.job, campaign)
+            except ReportingRefused as exc:
+                raise ServiceError(502, str(exc)) from None
+            except CampaignError as exc:
+                raise ServiceError(
+                    409 if isinstance(exc, CampaignBusy) else 400, str(exc)
+                ) from None
+        view = await self.describe(campaign)
+        view.update(
+            complete=outcome.exit_code == 0,
+            message=outcome.message,
+            problems=outcome.tally.problems[:5],
+        )
+        return view
 
     def stop(self, campaign: str) -> None:
         if not self.sends.stop(campaign):

@@ -25,10 +25,12 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     info = read_json(directory / WEB_FILE)
     ledger_info = read_info(directory) if (directory / LEDGER_FILE).is_file() else None
     counts: dict[str, int] = {}
+    delivery: dict[str, int] = {}
     stored_mapping = None
     if ledger_info is not None:
         with contextlib.suppress(LedgerError), _reader(directory) as ledger:
             counts = ledger.counts()
+            delivery = ledger.delivery_counts()
             stored_mapping = ledger.get_meta("mapping")
     last = ledger_info.last_state if ledger_info else None
     validated = info.get("validated", True) if info else ledger_info is not None
@@ -53,6 +55,7 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
         "uploaded_here": bool(info),
         "origin": ledger_info.origin if ledger_info else "page",
         "counts": counts,
+        "delivery": delivery,
         "rows": sum(counts.values()),
         "to_send": sum(counts.get(s, 0) for s in SENDABLE),
         "rate": limits.rate_per_second,

@@ -16,7 +16,6 @@ import asyncio
 import csv
 import io
 import json
-import time
 from typing import Any
 
 from aiohttp import web
@@ -37,16 +36,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/suppression", remove)
 
 
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
 async def listing(request: web.Request) -> web.Response:
     root = request.app[SERVICE].root
 
     def read() -> list[tuple[str, str, str, str]]:
         with SuppressionList(root) as listed:
-            return [(e.phone, e.reason, e.source, _iso(e.added_at)) for e in listed.entries()]
+            return [(e.phone, e.reason, e.source, e.added) for e in listed.entries()]
 
     entries = await asyncio.to_thread(read)
     if request.query.get("format") == "csv":

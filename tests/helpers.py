@@ -165,7 +165,8 @@ class Arrival:
 
 @dataclass
 class FaultServer:
-    """An aiohttp app whose answer to the n-th request is `reply(n, body)`:
+    """An aiohttp app whose answer to the n-th request is `reply(n, body)` (for the
+    Reporting API's GET, `body` is the query):
     an int status, a (status, headers) or (status, headers, json) tuple, a web.Response,
     "reset" (close the connection without an answer), or "hang" (never answer)."""
 
@@ -212,6 +213,7 @@ class FaultServer:
         self._release = asyncio.Event()
         app = web.Application()
         app.router.add_post("/sms/{channel}/send.json", self._handle)
+        app.router.add_get("/api/v1/agents/{agent}/sms/report.json", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -222,7 +224,7 @@ class FaultServer:
         await runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        body = dict(request.query) if request.method == "GET" else await request.json()
         with self._lock:
             n = len(self.arrivals)
             self.arrivals.append(Arrival(n, time.monotonic(), body))

@@ -4,6 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const STATUSES = ["sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed"];
+const DELIVERY = ["delivered", "sent", "undelivered", "failed", "not_found"];
+let canReconcile = false; // the job file has a reporting: section
 const PAGE = 50;
 let current = null; // the open campaign, as GET /api/campaigns/{id} describes it
 let invalidOffset = 0;
@@ -324,9 +326,43 @@ function renderSend(c) {
   $("send-state").textContent = stateLine(c) + (c.uploaded_here ? ""
     : " Started with `campaign run`: it continues here with the rows and mapping in its ledger.");
   $("send-state").dataset.state = c.state;
+  $("reconcile").hidden = !canReconcile || c.state !== "done";
+  renderDelivery(c.delivery);
   $("progress-block").hidden = !here;
   if (c.error) $("send-error").textContent = c.error;
   if (here) renderProgress(c.progress);
+}
+
+function deliveryLine(delivery) {
+  const known = DELIVERY.filter((k) => delivery && delivery[k]);
+  const other = Object.keys(delivery || {}).filter((k) => !DELIVERY.includes(k) && delivery[k]);
+  return [...known, ...other].map((k) => `${delivery[k]} ${k.replace("_", " ")}`).join(" · ");
+}
+
+function renderDelivery(delivery) {
+  const line = deliveryLine(delivery);
+  $("delivery").hidden = !line;
+  $("delivery").textContent = line ? `Delivery reports: ${line}.` : "";
+}
+
+async function checkDelivery() {
+  $("send-error").textContent = "";
+  const button = $("reconcile");
+  button.disabled = true;
+  button.textContent = "Checking delivery…";
+  try {
+    const state = await api("POST", `/api/campaigns/${encodeURIComponent(current.id)}/reconcile`);
+    current = { ...current, ...state };
+    renderCounts(current.counts);
+    renderSend(current);
+    if (!state.complete) $("send-error").textContent = state.message;
+    refreshList();
+  } catch (error) {
+    $("send-error").textContent = error.message;
+  } finally {
+    button.disabled = false;
+    button.textContent = "Check delivery";
+  }
 }
 
 function stateLine(c) {
@@ -397,6 +433,7 @@ function closeEvents() {
 async function refreshList() {
   const data = await api("GET", "/api/campaigns");
   $("job-line").textContent = `Job ${data.job} · ${data.rate} messages per second · ${data.concurrency} at once`;
+  canReconcile = Boolean(data.reporting);
   const table = $("campaigns");
   table.replaceChildren();
   $("no-campaigns").hidden = data.campaigns.length > 0;
@@ -410,7 +447,9 @@ async function refreshList() {
     const tr = el("tr");
     tr.dataset.id = c.id;
     const when = c.created_at ? new Date(c.created_at * 1000).toLocaleString() : "";
-    const counts = STATUSES.filter((s) => c.counts[s]).map((s) => `${c.counts[s]} ${s}`).join(" · ");
+    const sends = STATUSES.filter((s) => c.counts[s]).map((s) => `${c.counts[s]} ${s}`).join(" · ");
+    const delivery = deliveryLine(c.delivery);
+    const counts = delivery ? `${sends} — delivery: ${delivery}` : sends;
     const open = el("button", "Open");
     open.addEventListener("click", () => openCampaign(c.id).catch((error) => { $("upload-error").textContent = error.message; }));
     const action = el("td");
@@ -500,6 +539,7 @@ function wire() {
   $("validate").addEventListener("click", validate);
   $("start").addEventListener("click", () => start(false));
   $("rerun").addEventListener("click", () => start(true));
+  $("reconcile").addEventListener("click", checkDelivery);
   $("stop").addEventListener("click", async () => {
     try { await api("POST", `/api/campaigns/${encodeURIComponent(current.id)}/stop`); } catch (error) { $("send-error").textContent = error.message; }
   });

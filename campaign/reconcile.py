@@ -1,0 +1,420 @@
+"""Reconcile: delivery reports from the Reporting API into the ledger, then the report.
+
+`reconcile_campaign` is the one entry point, for the CLI and the web app alike. It owns
+the campaign the way a run does (`open_campaign`: never at the same time as a run of
+it), settles what a dead run left in flight, then:
+
+1. plans the windows to read (`matching`): the span of the campaign's requests in
+   windows of at most 7 days, without those read whole once their entries had settled;
+2. reads every page of every window, concurrently within `reporting.rate_per_second`
+   (`reporting.ReportingClient`), and stores each page's entries in the ledger as it
+   arrives, so a killed reconcile loses nothing and the next one goes on from there;
+   a window is marked read whole when every entry it promised was read;
+3. matches the stored entries of the span to the people who had a request (pandas,
+   `matching.match`), and records per person what the report says: the entry's status,
+   or `not_found`; an `unknown` person with an entry is `sent`;
+4. keeps the numbers whose delivery error names a `suppress_on` phrase for the
+   suppression list, and rewrites results.csv and summary.json.
+
+A page that cannot be read after its retries leaves its window unread (exit 1, what was
+read is kept and matched); a refusal (401/403/404) ends the reconcile (exit 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from campaign.errors import ReportingRefused, UsageError
+from campaign.job import Job, Reporting
+from campaign.ledger import LEDGER_FILE, Ledger
+from campaign.logs import log_to_file
+from campaign.report import iso_utc, write_report
+from campaign.store import LOG_FILE, list_campaigns, open_campaign
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_INCOMPLETE = 0, 1
+RECORD_BATCH = 50_000  # people recorded per transaction
+MAX_FETCHERS = 64
+T = TypeVar("T")
+
+
+@dataclass
+class Tally:
+    """What a reconcile read; kept in the ledger (`meta.reconcile`) and in summary.json."""
+
+    checked_at: str = ""
+    windows: int = 0  # windows of the span
+    windows_read: int = 0  # fetched whole by this reconcile
+    windows_kept: int = 0  # read whole before, final: not fetched again
+    windows_unread: int = 0  # a page could not be read, or fewer entries than promised
+    pages: int = 0
+    entries: int = 0  # usable entries of the span, stored
+    bad_entries: int = 0  # skipped: no usable to_phone, created_at or sms_status
+    repeated_entries: int = 0  # the same entry on another page of the same reading
+    matched: int = 0
+    unmatched_entries: int = 0  # other campaigns, other senders
+    not_found: int = 0
+    confirmed_unknown: int = 0  # unknown people the report shows did reach the API
+    suppress_candidates: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReconcileOutcome:
+    campaign: str
+    directory: Path
+    summary: dict[str, Any]
+    tally: Tally
+    exit_code: int
+    message: str
+    suppress_candidates: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def campaign_to_reconcile(job: Job, campaign: str | None) -> str:
+    """`--campaign`, else the job's latest campaign that has a ledger."""
+    from campaign.pipeline import RunOptions, campaign_id_for
+
+    output_dir = Path(job.output_dir)
+    chosen = campaign_id_for(job, RunOptions(campaign=campaign))
+    if campaign is None and not (output_dir / chosen / LEDGER_FILE).is_file():
+        mine = [c for c in list_campaigns(output_dir) if c.job == job.name]
+        if not mine:
+            raise UsageError(f"{job.path}: no campaign of this job under {output_dir}")
+        chosen = mine[0].id
+    if not (output_dir / chosen / LEDGER_FILE).is_file():
+        raise UsageError(f"no campaign {chosen} under {output_dir}")
+    return chosen
+
+
+def reporting_of(job: Job) -> Reporting:
+    if job.reporting is None:
+        raise UsageError(
+            f"{job.path}: reporting: the job has no reporting: section (agent_id, "
+            "access_token), which campaign reconcile needs"
+        )
+    return job.reporting
+
+
+async def reconcile_campaign(job: Job, campaign: str | None = None) -> ReconcileOutcome:
+    reporting = reporting_of(job)
+    campaign = await asyncio.to_thread(campaign_to_reconcile, job, campaign)
+    output_dir = Path(job.output_dir)
+    with contextlib.ExitStack() as hold:
+        owned = await asyncio.to_thread(
+            hold.enter_context, open_campaign(output_dir, campaign, job.name)
+        )
+        log_to_file(campaign, owned.directory / LOG_FILE)
+        structlog.contextvars.bind_contextvars(campaign=campaign)
+        worker = ThreadPoolExecutor(1, thread_name_prefix="reconcile-ledger")
+        try:
+            reader = _Reconcile(job, reporting, owned.ledger, owned.directory, worker)
+            return await reader.run()
+        finally:
+            worker.shutdown(wait=True)
+            structlog.contextvars.unbind_contextvars("campaign")
+            log_to_file(campaign, None)
+    raise AssertionError("unreachable")
+
+
+class _Reconcile:
+    """One reconcile of one owned campaign; every ledger call runs in `worker`, one at a
+    time, on the campaign's own connection."""
+
+    def __init__(
+        self,
+        job: Job,
+        reporting: Reporting,
+        ledger: Ledger,
+        directory: Path,
+        worker: ThreadPoolExecutor,
+    ) -> None:
+        self.job = job
+        self.reporting = reporting
+        self.ledger = ledger
+        self.directory = directory
+        self.worker = worker
+        self.tally = Tally()
+        self.run_id = 0
+
+    async def _call(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, call, *args)
+
+    async def run(self) -> ReconcileOutcome:
+        from campaign import matching
+
+        ledger, campaign = self.ledger, self.directory.name
+        recovered = await self._call(ledger.recover)
+        if recovered:
+            log.warning("in-flight recipients of an earlier run marked unknown", count=recovered)
+        region = await self._call(self._phone_region)
+        span = await self._call(ledger.request_span)
+        now = time.time()
+        settle_s = self.reporting.settle_minutes * 60
+        whole = matching.request_span(*span, settle_s, now) if span else None
+        planned = matching.windows(whole) if whole else []
+        if not planned:
+            summary = await self._call(write_report, ledger, self.directory, campaign)
+            message = "no request to check yet" if span is None else "too early to check"
+            return ReconcileOutcome(campaign, self.directory, summary, self.tally, 0, message)
+
+        self.run_id = await self._call(ledger.start_run, "reconcile")
+        state = "crashed"
+        try:
+            read_before = await self._call(ledger.report_windows)
+            fetch = matching.to_read(planned, read_before)
+            self.tally.windows = len(planned)
+            self.tally.windows_kept = len(planned) - len(fetch)
+            log.info("reading delivery reports", windows=len(fetch), kept=self.tally.windows_kept)
+            await self._read(fetch, region)
+            candidates = await self._call(self._match_and_record, planned, settle_s, now)
+            state = "finished"
+        except ReportingRefused:
+            state = "aborted"
+            raise
+        finally:
+            await self._call(ledger.end_run, self.run_id, state)
+        await self._call(lambda: ledger.set_meta(reconcile=_public(self.tally)))
+        summary = await self._call(write_report, ledger, self.directory, campaign)
+        tally = self.tally
+        code = EXIT_INCOMPLETE if tally.windows_unread else EXIT_OK
+        message = (
+            f"{tally.windows_unread} of {tally.windows} windows could not be read whole; "
+            "what was read is recorded: run reconcile again"
+            if tally.windows_unread
+            else "delivery reports read"
+        )
+        log.info("reconcile ended", **{k: v for k, v in asdict(tally).items() if k != "problems"})
+        return ReconcileOutcome(
+            campaign, self.directory, summary, tally, code, message, suppress_candidates=candidates
+        )
+
+    def _phone_region(self) -> str:
+        """The campaign's default region (for report numbers written without "+"); a
+        campaign whose payloads carry no phone cannot be matched (custom auth)."""
+        mapping = self.ledger.get_meta("mapping") or {}
+        if mapping and not mapping.get("to_phone"):
+            raise UsageError(
+                f"campaign {self.directory.name} sends no phone numbers (custom user "
+                "authentication): its delivery reports cannot be matched to people"
+            )
+        return str(mapping.get("default_region") or "US")
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def _read(self, fetch: list[tuple[float, float]], region: str) -> None:
+        from campaign.reporting import ReportingClient
+
+        reporting, limits = self.reporting, self.job.limits
+        fetchers = min(MAX_FETCHERS, max(4, math.ceil(reporting.rate_per_second * 2)))
+        client = ReportingClient(
+            reporting.base_url or self.job.api.base_url,
+            reporting.agent_id,
+            reporting.access_token,
+            rate_per_second=reporting.rate_per_second,
+            timeout_s=self.job.api.timeout_s,
+            max_attempts=limits.max_attempts,
+            region=region,
+            concurrency=fetchers,
+        )
+        states = [_Window(start, end) for start, end in fetch]
+        queue: asyncio.Queue[tuple[_Window, int]] = asyncio.Queue()
+        for window in states:
+            await self._call(self.ledger.begin_window, window.start, window.end)
+            queue.put_nowait((window, 1))
+        async with client:
+            workers = [asyncio.create_task(self._fetcher(client, queue)) for _ in range(fetchers)]
+            try:
+                joined = asyncio.create_task(queue.join())
+                done, _ = await asyncio.wait(
+                    [joined, *workers], return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    if task is not joined:
+                        task.result()  # a worker ended: only by an error (e.g. refused)
+            finally:
+                for task in [*workers, joined]:
+                    task.cancel()
+                await asyncio.gather(*workers, joined, return_exceptions=True)
+        for window in states:
+            await self._finish(window)
+
+    async def _fetcher(self, client: Any, queue: asyncio.Queue[tuple[_Window, int]]) -> None:
+        from campaign.reporting import PageUnreadable
+
+        while True:
+            window, number = await queue.get()
+            try:
+                if window.failed or number > window.last_page:
+                    continue
+                try:
+                    page = await client.page(window.start, window.end, number)
+                except PageUnreadable as exc:
+                    window.failed = window.failed or f"{_when(window)}: {exc}"
+                    continue
+                self.tally.pages += 1
+                repeated = 0
+                if page.entries:
+                    store = self.ledger.store_entries
+                    repeated = await self._call(store, page.entries, self.run_id)
+                self.tally.bad_entries += page.bad
+                self.tally.repeated_entries += repeated
+                window.read += page.received - repeated
+                if number == 1:
+                    window.promised = page.total_entries
+                    window.last_page = page.total_pages
+                    for later in range(2, page.total_pages + 1):
+                        queue.put_nowait((window, later))
+                elif page.received == 0 or repeated == page.received:
+                    # Past the end of what the API really has (its total_pages said more,
+                    # or it gives the same entries again): no later page is asked for.
+                    window.last_page = min(window.last_page, number)
+            finally:
+                queue.task_done()
+
+    async def _finish(self, window: _Window) -> None:
+        if not window.failed and window.read < window.promised:
+            window.failed = (
+                f"{_when(window)}: the Reporting API promised {window.promised} entries and "
+                f"gave {window.read}"
+            )
+        if window.failed:
+            self.tally.windows_unread += 1
+            self.tally.problems.append(window.failed)
+            log.warning("window not read whole", problem=window.failed)
+            return
+        await self._call(self.ledger.finish_window, window.start, window.end, time.time())
+        self.tally.windows_read += 1
+
+    # --- matching and recording ------------------------------------------------------------
+
+    def _match_and_record(
+        self, planned: list[tuple[float, float]], settle_s: float, now: float
+    ) -> list[tuple[str, str, str]]:
+        """In the ledger's thread: the stored entries of the span matched to the people,
+        and what that says recorded. Returns the suppression candidates."""
+        import pandas as pd
+
+        from campaign import matching
+
+        ledger = self.ledger
+        people = _frame(ledger.requested_people(), ["id", "to_phone", "state", "at"])
+        people = people[people["to_phone"].notna()]
+        people = pd.DataFrame(
+            {
+                "id": people["id"].astype("int64"),
+                "phone": people["to_phone"].str[1:].astype("int64"),
+                "at": people["at"].astype("float64"),
+            }
+        )
+        start, end = planned[0][0], planned[-1][1]
+        entries = _frame(ledger.report_entries(start, end), matching.ENTRY_COLUMNS)
+        entries = entries.astype({"entry": "int64", "phone": "int64", "created_at": "float64"})
+        entries["status"] = entries["status"].astype("category")
+        entries["error"] = entries["error"].astype("category")
+        found = matching.match(people, entries)
+        missing = matching.not_found(people, found["id"], ledger.report_windows(), settle_s, now)
+        checked_at = iso_utc(now) or ""
+        tally = self.tally
+        tally.checked_at = checked_at
+        tally.entries = len(entries)
+        tally.matched = len(found)
+        tally.unmatched_entries = len(entries) - len(found)
+        tally.not_found = len(missing)
+        missing_ids = missing.tolist()
+        for offset in range(0, max(len(found), len(missing_ids), 1), RECORD_BATCH):
+            chunk = found.iloc[offset : offset + RECORD_BATCH]
+            matched = [
+                (int(rid), str(status), None if pd.isna(error) else str(error), int(entry), at)
+                for rid, status, error, entry, at in zip(
+                    chunk["id"],
+                    chunk["status"],
+                    chunk["error"],
+                    chunk["entry"],
+                    [iso_utc(t) or "" for t in chunk["created_at"]],
+                    strict=True,
+                )
+            ]
+            nobody = missing_ids[offset : offset + RECORD_BATCH]
+            tally.confirmed_unknown += ledger.record_deliveries(matched, nobody, checked_at)
+        candidates = suppress_candidates(found, people, self.reporting.suppress_on, checked_at)
+        queue_for_suppression(ledger, self.directory.parent, candidates)
+        tally.suppress_candidates = len(candidates)
+        return candidates
+
+
+def suppress_candidates(
+    found: Any, people: Any, phrases: list[str], seen_at: str
+) -> list[tuple[str, str, str]]:
+    """(E.164 number, reason, seen at) for every matched person whose delivery error
+    contains a `suppress_on` phrase (any case)."""
+    wanted = [phrase.casefold() for phrase in phrases]
+    errors = found["error"].dropna()
+    hits = errors[errors.map(lambda e: any(p in str(e).casefold() for p in wanted)).astype(bool)]
+    if hits.empty:
+        return []
+    phone = people.set_index("id")["phone"]
+    return sorted(
+        {
+            (f"+{phone[found.at[i, 'id']]}", f"delivery report: {error}", seen_at)
+            for i, error in hits.items()
+        }
+    )
+
+
+def queue_for_suppression(
+    ledger: Ledger, output_dir: Path, candidates: list[tuple[str, str, str]]
+) -> None:
+    """Put the numbers on the store's suppression list (source `report`), so no campaign
+    sends to them again; the campaign's ledger keeps them too, as the record of why."""
+    if not candidates:
+        return
+    from campaign.suppression import suppress_numbers
+
+    ledger.add_suppress_candidates(candidates)
+    by_reason: dict[str, list[str]] = {}
+    for phone, reason, _ in candidates:
+        by_reason.setdefault(reason, []).append(phone)
+    for reason, phones in by_reason.items():
+        suppress_numbers(output_dir, phones, reason)
+
+
+@dataclass
+class _Window:
+    start: float
+    end: float
+    promised: int = 0
+    read: int = 0
+    last_page: int = 1
+    failed: str = ""
+
+
+def _when(window: _Window) -> str:
+    return f"window {iso_utc(window.start)} to {iso_utc(window.end)}"
+
+
+def _frame(batches: Iterator[list[tuple[Any, ...]]], columns: list[str]) -> Any:
+    """Batches of rows as one DataFrame, built batch by batch (memory: the frame, not a
+    list of every row as Python tuples)."""
+    import pandas as pd
+
+    frames = [pd.DataFrame.from_records(batch, columns=columns) for batch in batches]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+    return pd.concat(frames, ignore_index=True)
+
+
+def _public(tally: Tally) -> dict[str, Any]:
+    shown = asdict(tally)
+    shown["problems"] = shown["problems"][:20]
+    return shown

@@ -1,0 +1,255 @@
+"""The Avaamo SMS Reporting API: the one place that knows its address, its header, its
+page parameter and the shape of its entries.
+
+    GET {base_url}/api/v1/agents/{agent_id}/sms/report.json
+        ?from_timetoken=EPOCH&to_timetoken=EPOCH&page=N
+    access-token: TOKEN
+    -> {"current_page", "per_page": 25, "total_entries", "total_pages", "entries": [...]}
+
+Both timetokens are always sent (with `to_timetoken` alone the API returns only the
+latest 3 entries). The page parameter's name is not documented: `page` is assumed, here
+only. A page is fetched within the reconcile's rate limiter and retried with the send
+retry policy, but as what it is, a GET: timeouts and 5xx are retried too (retrying a
+read sends nobody an SMS); 401/403/404 end the reconcile (`ReportingRefused`, exit 3).
+
+Entries come back with formatted numbers (`+1(415) 555-0101`): `phone_digits` turns
+them into E.164 digits. An entry without a usable number, time or status is counted
+(`Page.bad`) and skipped, never a reason to drop its page.
+
+The access token is sent in a header and nowhere else: no message or log line of this
+module holds it (`_scrub`), and the CLI hides it from every log line as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import aiohttp
+import phonenumbers
+
+from campaign.dispatch import _read_capped
+from campaign.errors import ReportingRefused
+from campaign.policy import Answer, Transport, backoff_s, decide, parse_retry_after
+from campaign.rate import RateLimiter
+
+PER_PAGE = 25
+PAGE_PARAM = "page"  # not documented by the provider: assumed, and only here
+TOKEN_HEADER = "access-token"
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+_DETAIL_CHARS = 200
+_FAST_E164 = re.compile(r"\+\d[\d\s().-]*")
+Entry = tuple[str, int, float, str, str | None]  # key, phone digits, created_at, status, error
+
+
+@dataclass
+class Page:
+    number: int
+    total_pages: int
+    total_entries: int
+    entries: list[Entry] = field(default_factory=list)
+    received: int = 0  # entries in the answer, usable or not
+    bad: int = 0  # entries skipped: no usable to_phone, created_at or sms_status
+
+
+class PageUnreadable(Exception):
+    """A page that could not be read after the retries the policy allows; one line."""
+
+
+def report_url(base_url: str, agent_id: str) -> str:
+    return f"{base_url.rstrip('/')}/api/v1/agents/{agent_id}/sms/report.json"
+
+
+def phone_digits(text: object, region: str) -> int | None:
+    """The E.164 number of an entry's `to_phone` as digits (no `+`), or None."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    # "+1(415) 555-0101": the digits are the number. A "(0)" trunk prefix is not part of
+    # it, and a number without "+" needs the region: phonenumbers decides those.
+    if _FAST_E164.fullmatch(text) and "(0" not in text:
+        digits = re.sub(r"\D", "", text)
+    else:
+        try:
+            number = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            return None
+        digits = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
+    return int(digits) if 8 <= len(digits) <= 15 else None
+
+
+def parse_entry(raw: object, region: str) -> Entry | None:
+    """One entry of a page as (key, phone digits, created_at, status, error); None when it
+    lacks a usable number, time or status."""
+    if not isinstance(raw, dict):
+        return None
+    phone = phone_digits(raw.get("to_phone"), region)
+    created = _epoch(raw.get("created_at"))
+    status = raw.get("sms_status")
+    if phone is None or created is None or not isinstance(status, str) or not status.strip():
+        return None
+    error = raw.get("sms_status_response")
+    error = error.strip()[:_DETAIL_CHARS] or None if isinstance(error, str) else None
+    uuid = raw.get("uuid")
+    key = uuid.strip() if isinstance(uuid, str) and uuid.strip() else f"{phone}@{created!r}"
+    return key, phone, created, status.strip(), error
+
+
+def _epoch(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
+def parse_page(raw: bytes, number: int, region: str) -> Page:
+    """A page's answer; `PageUnreadable` when it is not a report page."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise PageUnreadable(f"page {number}: the answer is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("entries"), list):
+        raise PageUnreadable(f"page {number}: the answer has no list of entries")
+    total_pages, total_entries = body.get("total_pages"), body.get("total_entries")
+    if not isinstance(total_pages, int) or not isinstance(total_entries, int):
+        raise PageUnreadable(f"page {number}: total_pages or total_entries is not a count")
+    if isinstance(total_pages, bool) or total_pages < 0 or total_entries < 0:
+        raise PageUnreadable(f"page {number}: total_pages or total_entries is not a count")
+    page = Page(number, total_pages, total_entries, received=len(body["entries"]))
+    for item in body["entries"]:
+        entry = parse_entry(item, region)
+        if entry is None:
+            page.bad += 1
+        else:
+            page.entries.append(entry)
+    return page
+
+
+class ReportingClient:
+    """Pages of the Reporting API, one session and one rate limiter per reconcile. Create
+    it inside the running loop (`async with`)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        agent_id: str,
+        access_token: str,
+        *,
+        rate_per_second: float,
+        timeout_s: float,
+        max_attempts: int,
+        region: str,
+        concurrency: int,
+    ) -> None:
+        self.url = report_url(base_url, agent_id)
+        self._token = access_token
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.region = region
+        self.concurrency = concurrency
+        self._limiter = RateLimiter(rate_per_second)
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+
+    async def __aenter__(self) -> ReportingClient:
+        timeout = aiohttp.ClientTimeout(
+            total=self.timeout_s * 2, sock_connect=self.timeout_s, sock_read=self.timeout_s
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.concurrency),
+            timeout=timeout,
+            headers={TOKEN_HEADER: self._token, "Accept": "application/json"},
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def page(self, start: float, end: float, number: int) -> Page:
+        """Page `number` of the entries created in [start, end] (epoch seconds)."""
+        params = {
+            "from_timetoken": f"{start:.3f}",
+            "to_timetoken": f"{end:.3f}",
+            PAGE_PARAM: str(number),
+        }
+        attempt = 0
+        while True:
+            await self._limiter.acquire()
+            await self._limiter.confirm()
+            attempt += 1
+            self.requests += 1
+            answer, raw = await self._get(params)
+            if answer is None:
+                try:
+                    return parse_page(raw, number, self.region)
+                except PageUnreadable as exc:
+                    # A proxy's error page in a 200 is usually passing: try again.
+                    if attempt >= self.max_attempts:
+                        raise PageUnreadable(f"{exc} (after {attempt} attempts)") from None
+                    await asyncio.sleep(backoff_s(attempt, None))
+                    continue
+            decision = decide(answer, attempt, max_attempts=self.max_attempts, retry_ambiguous=True)
+            if decision.fatal:
+                raise ReportingRefused(_refused(answer))
+            if decision.retry_in_s is None:
+                raise PageUnreadable(f"page {number}: {self._scrub(decision.error or '')}")
+            await asyncio.sleep(decision.retry_in_s)
+
+    async def _get(self, params: dict[str, str]) -> tuple[Answer | None, bytes]:
+        """(None, body) for a 200; else what went wrong as the send policy's `Answer`."""
+        assert self._session is not None
+        try:
+            async with self._session.get(self.url, params=params, allow_redirects=False) as resp:
+                raw = await _read_capped(resp.content, MAX_PAGE_BYTES)
+                if resp.status == 200:
+                    return None, raw
+                return Answer(
+                    http_status=resp.status,
+                    retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
+                    detail=self._scrub(_detail(resp.reason, raw)),
+                ), b""
+        except aiohttp.ClientConnectorError as exc:
+            return Answer(transport=Transport.CONNECT, detail=self._exc_text(exc)), b""
+        except aiohttp.ConnectionTimeoutError:
+            return Answer(transport=Transport.CONNECT, detail="connect timed out"), b""
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return Answer(transport=Transport.TIMEOUT, detail=f"{self.timeout_s:g} s"), b""
+        except (aiohttp.ClientError, OSError) as exc:
+            return Answer(transport=Transport.DROPPED, detail=self._exc_text(exc)), b""
+
+    def _exc_text(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return self._scrub(text)[:_DETAIL_CHARS]
+
+    def _scrub(self, text: str) -> str:
+        """The text without the access token, should a server or a library echo it."""
+        return text.replace(self._token, "[access token]") if self._token else text
+
+
+def _detail(reason: str | None, raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    text = text[:_DETAIL_CHARS] if text and not text.startswith("<") else ""
+    return " ".join(part for part in (reason or "", text) if part)
+
+
+def _refused(answer: Answer) -> str:
+    fix = {
+        401: "check reporting.access_token",
+        403: "check reporting.access_token (it has no access to this agent)",
+        404: "check reporting.agent_id and reporting.base_url",
+    }.get(answer.http_status or 0, "check the reporting: section")
+    return f"the Reporting API refused the request (HTTP {answer.http_status}): {fix}"

@@ -1,0 +1,186 @@
+"""The sandbox's SMS Reporting API: delivery reports for what the sandbox accepted.
+
+    GET /api/v1/agents/{agent_id}/sms/report.json?from_timetoken=&to_timetoken=&page=N
+    access-token: TOKEN
+
+Like the real one (DESIGN.md, "Delivery reports"): 25 entries a page, newest first;
+`to_phone` formatted (`+1(415) 555-0101`), `created_at` up to 2 s after the request;
+`sms_status` is `sent` until `delivery_delay_s` has passed, then `delivered`, or for a
+share (`undelivered_rate`) `undelivered`/`failed` with an error text. `to_timetoken`
+without `from_timetoken` gives only the latest 3 entries. A wrong token is 401, another
+agent 404, more than `report_rate` queries in a second 429 + Retry-After.
+
+Entries of other senders are mixed in, so that matching is exercised: every second
+request brings an entry to another number at the same moment, every fifth an earlier
+entry to the same number (another campaign, minutes before). The outcome of each
+accepted request is written in the sandbox's record, so a test knows the truth.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+PER_PAGE = 25
+LATEST_WITHOUT_FROM = 3
+CREATED_WITHIN_S = 2.0
+SENDER = "+14155550100"  # the agent's own number
+OTHER_SENDER = "+12125550199"
+# (status, sms_status_response) for the share that does not arrive.
+UNDELIVERED = (
+    ("undelivered", "Unsubscribed recipient"),
+    ("failed", "Not a valid mobile number"),
+    ("failed", "Landline or unreachable carrier"),
+    ("undelivered", "Unreachable handset"),
+    ("undelivered", "Carrier congestion"),
+)
+
+
+@dataclass
+class ReportConfig:
+    agent_id: str = "1"
+    access_token: str = "sandbox-token"
+    delivery_delay_s: float = 2.0
+    undelivered_rate: float = 0.0
+    report_rate: float | None = None
+
+
+@dataclass
+class _Entry:
+    created_at: float
+    uuid: str
+    to_phone: str  # E.164
+    from_phone: str
+    status: str  # the final one, after the delivery delay
+    error: str | None
+
+
+@dataclass
+class Reports:
+    config: ReportConfig
+    rng: random.Random = field(default_factory=random.Random)
+    _entries: list[_Entry] = field(default_factory=list)
+    _times: list[float] = field(default_factory=list)
+    _sorted: bool = True
+    _accepted: int = 0
+    _recent: deque[float] = field(default_factory=deque)
+
+    def accept(self, phone: str, arrived: float) -> dict[str, Any]:
+        """A request the Send API accepted: its entry (and maybe others' entries); returns
+        what the record says of it."""
+        self._accepted += 1
+        final, error = "delivered", None
+        if self.rng.random() < self.config.undelivered_rate:
+            final, error = self.rng.choice(UNDELIVERED)
+        entry = _Entry(
+            arrived + self.rng.uniform(0, CREATED_WITHIN_S),
+            str(uuid.uuid4()),
+            phone,
+            SENDER,
+            final,
+            error,
+        )
+        self._add(entry)
+        if self._accepted % 2 == 0:
+            other = f"+1212555{self._accepted % 10000:04d}"
+            self._add(
+                _Entry(entry.created_at, str(uuid.uuid4()), other, OTHER_SENDER, "delivered", None)
+            )
+        if self._accepted % 5 == 0:
+            earlier = arrived - self.rng.uniform(300, 600)
+            self._add(_Entry(earlier, str(uuid.uuid4()), phone, SENDER, "delivered", None))
+        return {"uuid": entry.uuid, "created_at": entry.created_at, "status": final, "error": error}
+
+    def _add(self, entry: _Entry) -> None:
+        self._entries.append(entry)
+        self._sorted = False
+
+    def _ordered(self) -> list[_Entry]:
+        if not self._sorted:
+            self._entries.sort(key=lambda e: (e.created_at, e.uuid))
+            self._times = [e.created_at for e in self._entries]
+            self._sorted = True
+        return self._entries
+
+    def _limited(self) -> int | None:
+        """Seconds to wait when this query is over the rate, else None."""
+        if self.config.report_rate is None:
+            return None
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] >= 1.0:
+            self._recent.popleft()
+        if len(self._recent) >= self.config.report_rate:
+            return max(1, math.ceil(self._recent[0] + 1.0 - now))
+        self._recent.append(now)
+        return None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.headers.get("access-token") != self.config.access_token:
+            return _error(401, "invalid access token")
+        if request.match_info["agent"] != self.config.agent_id:
+            return _error(404, "agent not found")
+        wait = self._limited()
+        if wait is not None:
+            return _error(429, "too many requests", {"Retry-After": str(wait)})
+        query = request.query
+        try:
+            until = float(query["to_timetoken"])
+            since = float(query["from_timetoken"]) if "from_timetoken" in query else None
+            number = int(query.get("page", "1"))
+        except (KeyError, ValueError):
+            return _error(400, "to_timetoken (and from_timetoken, page) must be numbers")
+        now = time.time()
+        entries = self._ordered()
+        last = bisect.bisect_right(self._times, min(until, now))
+        if since is None:
+            chosen = entries[max(0, last - LATEST_WITHOUT_FROM) : last]
+        else:
+            chosen = entries[bisect.bisect_left(self._times, since) : last]
+        chosen = chosen[::-1]  # newest first
+        total_pages = math.ceil(len(chosen) / PER_PAGE)
+        shown = chosen[(number - 1) * PER_PAGE : number * PER_PAGE] if number >= 1 else []
+        return web.json_response(
+            {
+                "current_page": number,
+                "per_page": PER_PAGE,
+                "total_entries": len(chosen),
+                "total_pages": total_pages,
+                "time_token": round(now, 2),
+                "entries": [self._shown(e, now) for e in shown],
+            }
+        )
+
+    def _shown(self, entry: _Entry, now: float) -> dict[str, Any]:
+        settled = now >= entry.created_at + self.config.delivery_delay_s
+        status = entry.status if settled else "sent"
+        shown = {
+            "uuid": entry.uuid,
+            "from_phone": entry.from_phone,
+            "to_phone": formatted(entry.to_phone),
+            "message": "Hello! Reply to this message to start a conversation.",
+            "created_at": round(entry.created_at, 3),
+            "sms_status": status,
+        }
+        if status in ("failed", "undelivered"):
+            shown["sms_status_response"] = entry.error
+        return shown
+
+
+def formatted(phone: str) -> str:
+    """A number as the Reporting API writes it: `+1(415) 555-0101` for North America."""
+    digits = phone.lstrip("+")
+    if phone.startswith("+1") and len(digits) == 11:
+        return f"+1({digits[1:4]}) {digits[4:7]}-{digits[7:]}"
+    return phone
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)

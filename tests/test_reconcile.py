@@ -1,0 +1,243 @@
+"""`campaign reconcile` against the real sandbox process: the delivery reports it serves
+for what it accepted are matched to exactly the truth its record holds."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from campaign.ledger import SCHEMA_VERSION, Ledger
+from campaign.suppression import SuppressionList
+from tests.helpers import (
+    FaultServer,
+    Sandbox,
+    cli,
+    phones,
+    read_results,
+    spawn_cli,
+    start_sandbox,
+    write_csv,
+    write_job,
+)
+
+DEADLINE_S = 60
+FINAL = {"delivered", "undelivered", "failed", "not_found"}
+
+
+def reporting(**changes: Any) -> dict[str, Any]:
+    return {"agent_id": "1", "access_token": "sandbox-token", "settle_minutes": 0.02, **changes}
+
+
+def people(path: Path, numbers: list[str]) -> Path:
+    return write_csv(path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(numbers)])
+
+
+def e164(number: str) -> str:
+    return "+" + "".join(ch for ch in number if ch.isdigit())
+
+
+def reconcile_until(job: Path, done: Any) -> list[dict[str, str]]:
+    """Reconcile again until `done(rows)`: entries appear and settle on the sandbox's
+    clock (a bounded wait on the condition, not a sleep)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        result = cli("reconcile", str(job))
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        rows = read_results(job.parent / "runs" / "test" / "results.csv")
+        if done(rows) or time.monotonic() > deadline:
+            return rows
+
+
+def truth(box: Sandbox) -> dict[str, dict[str, Any]]:
+    """What the sandbox accepted per number: its delivery outcome and whether it answered."""
+    return {
+        r["body"]["to_phone"]: {**r["report"], "dropped": r.get("dropped", False)}
+        for r in box.records()
+    }
+
+
+def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only_the_lost(
+    tmp_path: Path,
+) -> None:
+    box = start_sandbox(
+        tmp_path,
+        "--drop-after-accept",
+        "0.3",
+        "--undelivered-rate",
+        "0.3",
+        "--delivery-delay-s",
+        "0.2",
+    )
+    never = phones(6, start=9000)  # requests that never reached the sandbox
+    reached = phones(40)
+    try:
+        # The never-arrived: their connections were cut by a server that is not the API.
+        with FaultServer(lambda n, body: "reset") as cut:
+            lost = write_job(
+                tmp_path,
+                cut.url,
+                name="lost",
+                input=people(tmp_path / "a.csv", never),
+                reporting=reporting(base_url=box.url),
+            )
+            first = cli("run", str(lost), "--no-progress")
+        assert first.returncode == 1, first.stderr
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "b.csv", never + reached),
+            reporting=reporting(),
+        )
+        second = cli("run", str(job), "--no-progress")
+        assert second.returncode == 1, second.stderr  # the dropped answers are unknown
+        before = read_results(tmp_path / "runs" / "test" / "results.csv")
+        assert sum(r["_status"] == "unknown" for r in before) > len(never)
+
+        rows = reconcile_until(job, lambda rows: all(r["_delivery"] in FINAL for r in rows))
+        known = truth(box)
+        kinds = collections.Counter()
+        for row in rows:
+            phone = e164(row["Phone"])
+            if phone in known:
+                fact = known[phone]
+                assert row["_status"] == "sent", row
+                assert row["_delivery"] == fact["status"], row
+                assert row["_delivery_error"] == (fact["error"] or ""), row
+                if fact["dropped"]:
+                    assert row["_error"] == "confirmed by the delivery report", row
+                    kinds["lost answer"] += 1
+                else:
+                    kinds[fact["status"]] += 1
+            else:
+                assert phone in {e164(p) for p in never}
+                assert row["_status"] == "unknown" and row["_delivery"] == "not_found", row
+                kinds["never arrived"] += 1
+            assert row["_delivery_checked_at"].endswith("Z")
+        assert kinds["never arrived"] == len(never)
+        assert kinds["lost answer"] > 0 and kinds["delivered"] > 0
+        assert kinds["undelivered"] + kinds["failed"] > 0
+
+        summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+        assert summary["delivery"]["not_found"] == len(never)
+        assert sum(summary["delivery"].values()) == len(rows)
+        assert summary["last_reconcile"]["unmatched_entries"] > 0  # other senders' entries
+
+        # The suppression candidates: exactly the numbers whose error names a phrase.
+        with contextlib.closing(Ledger(tmp_path / "runs" / "test" / "ledger.sqlite")) as ledger:
+            listed = {phone for phone, _, _ in ledger.suppress_candidates()}
+        phrases = ("unsubscribed", "not a valid mobile number", "landline")
+        wanted = {
+            p
+            for p, f in known.items()
+            if f["error"] and any(w in f["error"].lower() for w in phrases)
+        }
+        assert listed == wanted
+        # ... and they are on the store's suppression list, for every later campaign.
+        with SuppressionList(tmp_path / "runs") as store:
+            on_list = {entry.phone for entry in store.entries() if entry.source == "report"}
+        assert on_list == wanted
+
+        # --resend-unknown now sends exactly the never-arrived people, nobody else.
+        accepted = len(box.records())
+        again = cli("run", str(job), "--no-progress", "--resend-unknown")
+        assert again.returncode in (0, 1), again.stderr
+        resent = [r["body"]["to_phone"] for r in box.records()[accepted:]]
+        assert sorted(resent) == sorted(e164(p) for p in never)
+        assert [p for p, n in collections.Counter(box.phones()).items() if n > 1] == []
+    finally:
+        box.stop()
+
+
+def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
+    tmp_path: Path,
+) -> None:
+    box = start_sandbox(tmp_path, "--delivery-delay-s", "8")
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", phones(10)),
+            reporting=reporting(settle_minutes=30),
+        )
+        assert cli("run", str(job), "--no-progress").returncode == 0
+        early = reconcile_until(job, lambda rows: any(r["_delivery"] == "sent" for r in rows))
+        assert {r["_delivery"] for r in early} <= {"sent", ""}
+        assert "sent" in {r["_delivery"] for r in early}
+        # Settle is 30 min: a person with no entry yet is not "not_found".
+        late = reconcile_until(job, lambda rows: all(r["_delivery"] == "delivered" for r in rows))
+        assert [r["_delivery"] for r in late] == ["delivered"] * 10
+        assert all(r["_status"] == "sent" for r in late)
+        # Once more: the same facts (only the time they were checked moves on).
+        again = reconcile_until(job, lambda rows: True)
+        strip = [{k: v for k, v in r.items() if k != "_delivery_checked_at"} for r in again]
+        assert strip == [{k: v for k, v in r.items() if k != "_delivery_checked_at"} for r in late]
+    finally:
+        box.stop()
+
+
+def test_a_killed_reconcile_loses_nothing_and_the_next_one_finishes(tmp_path: Path) -> None:
+    box = start_sandbox(tmp_path, "--delivery-delay-s", "0", "--report-rate", "2")
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", phones(120)),
+            reporting=reporting(rate_per_second=2),
+        )
+        assert cli("run", str(job), "--no-progress").returncode == 0
+        ledger_path = tmp_path / "runs" / "test" / "ledger.sqlite"
+        process = spawn_cli("reconcile", str(job))
+        deadline = time.monotonic() + DEADLINE_S
+        stored = 0
+        while stored == 0 and time.monotonic() < deadline and process.poll() is None:
+            with contextlib.closing(sqlite3.connect(ledger_path)) as db:
+                stored = db.execute("SELECT count(*) FROM report_entries").fetchone()[0]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        assert process.returncode == -signal.SIGKILL, "the reconcile ended before it was killed"
+        with contextlib.closing(sqlite3.connect(ledger_path)) as db:
+            kept = db.execute("SELECT count(*) FROM report_entries").fetchone()[0]
+            windows = db.execute("SELECT complete FROM report_windows").fetchall()
+        assert kept >= stored > 0
+        assert windows == [(0,)]  # begun, not read whole
+
+        rows = reconcile_until(job, lambda rows: all(r["_delivery"] == "delivered" for r in rows))
+        assert [r["_delivery"] for r in rows] == ["delivered"] * 120
+        with contextlib.closing(sqlite3.connect(ledger_path)) as db:
+            assert db.execute("SELECT complete FROM report_windows").fetchall() == [(1,)]
+            states = db.execute(
+                "SELECT state FROM runs WHERE command = 'reconcile' ORDER BY id"
+            ).fetchall()
+            # The killed one is told apart from the one that finished.
+            assert [s for (s,) in states][:1] == ["crashed"]
+            assert [s for (s,) in states][-1] == "finished"
+    finally:
+        box.stop()
+
+
+def test_a_ledger_of_schema_2_is_upgraded_and_shows_empty_delivery_columns(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", phones(3)))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    path = tmp_path / "runs" / "test" / "ledger.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for table in ("deliveries", "report_entries", "report_windows", "suppress_candidates"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute("PRAGMA user_version = 2")
+        db.commit()
+    result = cli("report", str(job))
+    assert result.returncode == 0, result.stderr
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert [(r["_status"], r["_delivery"], r["_delivery_checked_at"]) for r in rows] == [
+        ("sent", "", "")
+    ] * 3

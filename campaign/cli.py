@@ -73,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
 
-    def input_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("job", metavar="JOB.yaml", help="the job file")
-        p.add_argument(
-            "--input", metavar="PATH", help="spreadsheet to use instead of the job's input"
-        )
+    def state_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--output-dir",
             metavar="DIR",
@@ -89,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
             default="console",
             help="log lines on stderr: console (default) or json",
         )
+
+    def input_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("job", metavar="JOB.yaml", help="the job file")
+        p.add_argument(
+            "--input", metavar="PATH", help="spreadsheet to use instead of the job's input"
+        )
+        state_options(p)
         p.add_argument(
             "--no-progress", action="store_true", help="no progress bar, even on a terminal"
         )
@@ -173,17 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--campaign", metavar="ID", help="campaign id (default: the job's latest campaign)"
     )
-    reconcile.add_argument(
-        "--output-dir",
-        metavar="DIR",
-        help="where campaign state lives (default: the job's output_dir)",
-    )
-    reconcile.add_argument(
-        "--log-format",
-        choices=("console", "json"),
-        default="console",
-        help="log lines on stderr: console (default) or json",
-    )
+    state_options(reconcile)
 
     sandbox = commands.add_parser(
         "sandbox", help="a local stand-in for the Avaamo SMS API (never forwards anything)"

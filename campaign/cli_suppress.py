@@ -66,15 +66,9 @@ def run(args: argparse.Namespace, job: Any) -> int:
 def _normalized(given: list[str], region: str) -> list[str]:
     """Every PHONE as E.164, or one error naming the arguments that are not numbers (and
     nothing changes)."""
-    from campaign.mapping import normalize_phone
+    from campaign.suppression import normalize_phones
 
-    phones, problems = [], []
-    for i, text in enumerate(given, start=1):
-        phone, why = normalize_phone(text.strip(), region)
-        if phone is None:
-            problems.append(f"PHONE #{i}: {why}")
-        else:
-            phones.append(phone)
+    phones, problems = normalize_phones(given, region, "PHONE #{}", first=1)
     if problems:
         raise UsageError("; ".join(problems) + " (nothing was changed)")
     return phones

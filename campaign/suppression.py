@@ -254,3 +254,20 @@ def apply_to_ledger(ledger: Ledger, listed: SuppressionList) -> int:
                 cleared.append(row)
     ledger.set_suppressed(marks, cleared)
     return suppressed
+
+
+def normalize_phones(
+    given: list[str], region: str, where: str, first: int = 0
+) -> tuple[list[str], list[str]]:
+    """(every number as E.164, one problem per entry that is not a number, placed by
+    `where.format(position)`), for the command and the page that add numbers by hand."""
+    from campaign.mapping import normalize_phone
+
+    phones, problems = [], []
+    for i, text in enumerate(given, start=first):
+        phone, why = normalize_phone(text.strip(), region)
+        if phone is None:
+            problems.append(f"{where.format(i)}: {why}")
+        else:
+            phones.append(phone)
+    return phones, problems

@@ -21,8 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from campaign.escape import escape
-from campaign.mapping import normalize_phone
-from campaign.suppression import SuppressionList
+from campaign.suppression import SuppressionList, normalize_phones
 from campaign.web_api import SERVICE
 from campaign.web_service import ServiceError
 
@@ -71,13 +70,7 @@ async def _phones(request: web.Request) -> tuple[list[str], dict[str, Any]]:
     if len(given) > MAX_PHONES:
         raise ServiceError(400, f"phones: at most {MAX_PHONES} at once (or suppress import)")
     region = request.app[SERVICE].job.mapping.default_region
-    phones, problems = [], []
-    for i, text in enumerate(given):
-        phone, why = normalize_phone(text.strip(), region)
-        if phone is None:
-            problems.append(f"phones[{i}]: {why}")
-        else:
-            phones.append(phone)
+    phones, problems = normalize_phones(given, region, "phones[{}]")
     if problems:
         raise ServiceError(400, "; ".join(problems[:20]) + " (nothing was changed)")
     return list(dict.fromkeys(phones)), body

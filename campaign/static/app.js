@@ -280,13 +280,11 @@ async function loadInvalid() {
   renderInvalid(page);
 }
 
-function renderInvalid(page) {
-  $("invalid-block").hidden = !page || page.total === 0;
-  if (!page || page.total === 0) return;
-  const table = $("invalid");
+// A page of rows from GET /rows: row number, the reason, then the row's cells.
+function fillRowsTable(table, page, why) {
   table.replaceChildren();
   const head = el("tr");
-  head.append(el("th", "Row"), el("th", "Why it cannot be sent"), ...page.columns.map((c) => el("th", c)));
+  head.append(el("th", "Row"), el("th", why), ...page.columns.map((c) => el("th", c)));
   table.append(el("thead"));
   table.tHead.append(head);
   const body = el("tbody");
@@ -296,6 +294,12 @@ function renderInvalid(page) {
     body.append(tr);
   }
   table.append(body);
+}
+
+function renderInvalid(page) {
+  $("invalid-block").hidden = !page || page.total === 0;
+  if (!page || page.total === 0) return;
+  fillRowsTable($("invalid"), page, "Why it cannot be sent");
   const last = Math.min(page.offset + page.rows.length, page.total);
   $("invalid-page").textContent = `rows ${page.offset + 1}–${last} of ${page.total}`;
   $("invalid-prev").disabled = page.offset === 0;
@@ -469,17 +473,7 @@ async function loadSuppressedRows() {
   const table = $("suppressed-rows");
   table.replaceChildren();
   if (page.total === 0) return;
-  const head = el("tr");
-  head.append(el("th", "Row"), el("th", "Why it is not sent"), ...page.columns.map((c) => el("th", c)));
-  table.append(el("thead"));
-  table.tHead.append(head);
-  const body = el("tbody");
-  for (const row of page.rows) {
-    const tr = el("tr");
-    tr.append(el("td", row.row, "num"), el("td", row.error, "reason"), ...row.cells.map((c) => el("td", c)));
-    body.append(tr);
-  }
-  table.append(body);
+  fillRowsTable(table, page, "Why it is not sent");
   $("suppressed-page").textContent = page.total > page.rows.length
     ? `the first ${page.rows.length} of ${page.total} (all are in the results CSV)` : "";
 }

@@ -148,7 +148,7 @@ class Campaigns:
             mapping = self._check_mapping(raw, upload, info["columns"])
             options = RunOptions(input=str(upload), campaign=campaign, dry_run=True, origin="page")
             try:
-                await run_campaign(self._job_for(mapping, upload), options, RunControl())
+                outcome = await run_campaign(self._job_for(mapping, upload), options, RunControl())
             except CampaignError as exc:
                 # Nothing saved: a mapping the campaign cannot take (e.g. another one after
                 # requests went out) must not become the one the next start uses.
@@ -158,6 +158,9 @@ class Campaigns:
             await self._update_info(directory, validated=True, mapping_source="page")
         summary = await self.describe(campaign)
         summary["invalid"] = await asyncio.to_thread(rows_page, directory, "invalid", 0, PAGE_ROWS)
+        # What validate prints too: people on the suppression list, inside their send
+        # window now and when the others' windows open.
+        summary["notes"] = outcome.notes
         return summary
 
     def _check_mapping(self, raw: Any, upload: Path, columns: list[str]) -> Mapping:

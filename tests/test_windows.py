@@ -379,3 +379,20 @@ async def test_a_retry_that_would_leave_outside_the_window_does_not_leave(
     assert state == "pending"
     assert error.endswith("opens 2026-01-16 08:00 America/New_York")
     ledger.close()
+
+
+async def test_the_pages_validation_says_who_is_inside_their_window(tmp_path: Path) -> None:
+    from tests.test_web_api import call, client, start_serve, upload
+
+    rows = [[p, f"P{i}"] for i, p in enumerate(NY_PHONES + HNL_PHONES)]
+    data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
+    limits = {"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"}
+    server = start_serve(tmp_path, write_job(tmp_path, "http://127.0.0.1:9", limits=limits))
+    try:
+        async with client(server) as http:
+            made = await upload(http, data)
+            path = f"/api/campaigns/{made['id']}/mapping"
+            summary = await call(http, "PUT", path, json=made["mapping"])
+    finally:
+        server.stop()
+    assert any("3 inside their send window now, 2 outside" in n for n in summary["notes"])

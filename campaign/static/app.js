@@ -247,6 +247,7 @@ async function validate() {
     invalidOffset = 0;
     renderCampaign(current);
     renderInvalid(summary.invalid);
+    renderNotes(summary.notes || []);
     await loadSuppressedRows();
     $("validate-status").textContent = "Validated.";
     $("validation-card").scrollIntoView({ block: "start" });
@@ -257,6 +258,13 @@ async function validate() {
   } finally {
     $("validate").disabled = false;
   }
+}
+
+// Send windows and the suppression list, as `campaign validate` says them.
+function renderNotes(notes) {
+  const list = $("validation-notes");
+  list.replaceChildren(...notes.map((note) => el("li", note)));
+  list.hidden = notes.length === 0;
 }
 
 function renderCounts(counts) {

@@ -134,16 +134,14 @@ SELECT rows.row AS row, rows.cells AS cells,
     coalesce(p.to_phone, rows.to_phone) AS to_phone,
     p.attempts AS attempts, p.http_status AS http_status,
     CASE WHEN p.id IS NULL THEN rows.error
-         WHEN rows.status = 'invalid'
+         WHEN rows.status IN ('invalid', 'suppressed')
          THEN coalesce(CASE p.state WHEN 'sent' THEN 'sent earlier' ELSE p.error END, '')
               || '; the row now: ' || rows.error
-         WHEN rows.status = 'suppressed' THEN 'sent earlier; now ' || rows.error
          ELSE p.error END AS error,
     p.sent_at AS sent_at,
     d.status AS delivery, d.error AS delivery_error, d.checked_at AS delivery_checked_at
 FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
-    rows.status = 'ok' OR (rows.status = 'invalid' AND p.state IN {MAYBE_REACHED})
-    OR (rows.status = 'suppressed' AND p.state = 'sent'))
+    rows.status = 'ok' OR (rows.status IN ('invalid', 'suppressed') AND p.state IN {MAYBE_REACHED}))
 LEFT JOIN deliveries d ON d.recipient_id = p.id
 """,
     f"""
@@ -483,11 +481,12 @@ class Ledger:
     def hold(self, holds: list[tuple[int, str | None, str]]) -> None:
         """Recipients whose request did not leave (suppressed, outside their send window,
         deadline passed): (id, new state or None to keep it, error). A recipient already
-        sent stays sent."""
+        sent stays sent, and one whose earlier request may have arrived stays unknown."""
         with self.transaction():
             self.db.executemany(
-                "UPDATE recipients SET state = coalesce(?, state), error = ? "
-                "WHERE id = ? AND state NOT IN ('sent', 'inflight')",
+                "UPDATE recipients SET error = ?2, state = CASE WHEN state = 'unknown' "
+                "THEN state ELSE coalesce(?1, state) END "
+                "WHERE id = ?3 AND state NOT IN ('sent', 'inflight')",
                 [(state, error, recipient_id) for recipient_id, state, error in holds],
             )
 

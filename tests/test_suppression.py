@@ -14,6 +14,7 @@ from campaign.ledger import Ledger
 from campaign.suppress_import import import_numbers
 from campaign.suppression import SuppressionList, apply_to_ledger, suppress_numbers
 from tests.helpers import (
+    FaultServer,
     cli,
     phones,
     read_results,
@@ -237,3 +238,21 @@ def test_applying_the_list_twice_changes_nothing_the_second_time(tmp_path: Path)
         assert apply_to_ledger(ledger, target) == 1
         assert ledger.counts()["pending"] == 3
     ledger.close()
+
+
+def test_a_person_who_may_have_been_sent_stays_unknown_when_suppressed(tmp_path: Path) -> None:
+    """Suppressing someone whose request may have arrived must not hide that it may have:
+    the row stays `unknown` (with the reason it is not sent again), whatever the list says."""
+    data = people(tmp_path / "in.csv", 3)
+    maybe = e164(phones(1)[0])
+    with FaultServer(lambda _n, body: 502 if body["to_phone"] == maybe else 200) as api:
+        job = write_job(tmp_path, api.url, input=data)
+        assert cli("run", str(job), "--no-progress").returncode == 1
+        added = cli("suppress", "add", str(job), maybe, "--reason", "replied STOP")
+        assert added.returncode == 0, added.stderr
+        for extra in ([], ["--resend-unknown"]):
+            cli("run", str(job), "--no-progress", *extra)
+            rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+            assert [r["_status"] for r in rows] == ["unknown", "sent", "sent"], rows[0]
+            assert "suppression list" in rows[0]["_error"]
+        assert [b["to_phone"] for b in api.bodies()].count(maybe) == 1

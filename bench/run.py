@@ -269,7 +269,8 @@ def reconcile_rate(work: Path, rows: int = RECONCILE_ROWS, rate: int = REPORT_RA
 
 def reconcile_memory(work: Path, rows: int) -> Result:
     """Peak RSS of the reconcile of a campaign of `rows` people (no rate that binds)."""
-    done, summary = _reconciled(work, "reconcile-million", rows, 2000)
+    # 1000 pages a second: the highest reporting.rate_per_second a job may set.
+    done, summary = _reconciled(work, "reconcile-million", rows, 1000)
     delivered = summary.get("delivery", {}).get("delivered", 0)
     ok = done.code == 0 and delivered == rows and done.peak_rss_mb <= 300
     return Result(

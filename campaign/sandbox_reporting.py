@@ -141,18 +141,19 @@ class Reports:
         entries = self._ordered()
         last = bisect.bisect_right(self._times, min(until, now))
         if since is None:
-            chosen = entries[max(0, last - LATEST_WITHOUT_FROM) : last]
+            first = max(0, last - LATEST_WITHOUT_FROM)
         else:
-            chosen = entries[bisect.bisect_left(self._times, since) : last]
-        chosen = chosen[::-1]  # newest first
-        total_pages = math.ceil(len(chosen) / PER_PAGE)
-        shown = chosen[(number - 1) * PER_PAGE : number * PER_PAGE] if number >= 1 else []
+            first = min(bisect.bisect_left(self._times, since), last)
+        # Newest first, a page at a time: only the page's own entries are copied, so a
+        # report of a million entries costs the same per page as one of a hundred.
+        end = last - (number - 1) * PER_PAGE
+        shown = entries[max(first, end - PER_PAGE) : end][::-1] if first < end else []
         return web.json_response(
             {
                 "current_page": number,
                 "per_page": PER_PAGE,
-                "total_entries": len(chosen),
-                "total_pages": total_pages,
+                "total_entries": last - first,
+                "total_pages": math.ceil((last - first) / PER_PAGE),
                 "time_token": round(now, 2),
                 "entries": [self._shown(e, now) for e in shown],
             }

@@ -147,7 +147,9 @@ class Reports:
         # Newest first, a page at a time: only the page's own entries are copied, so a
         # report of a million entries costs the same per page as one of a hundred.
         end = last - (number - 1) * PER_PAGE
-        shown = entries[max(first, end - PER_PAGE) : end][::-1] if first < end else []
+        shown: list[_Entry] = []
+        if number >= 1 and first < end:
+            shown = entries[max(first, end - PER_PAGE) : end][::-1]
         return web.json_response(
             {
                 "current_page": number,

@@ -580,13 +580,18 @@ class Ledger:
         ).fetchone()
         return None if found[0] is None else (found[0], found[1])
 
-    def requested_people(self, batch: int = 100_000) -> Iterator[list[tuple[Any, ...]]]:
-        """(recipient id, to_phone or None, state, last request's start), a batch at a time,
-        for every person who had a request that may have arrived (`sent` or `unknown`)."""
+    def requested_people(
+        self, share: int = 0, shares: int = 1, batch: int = 100_000
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """(recipient id, phone as E.164 digits, last request's start), a batch at a time,
+        for every person with a phone who had a request that may have arrived (`sent` or
+        `unknown`) and whose number is in `share` of `shares` (number modulo shares)."""
         cursor = self.db.execute(
-            f"SELECT r.id, r.to_phone, r.state, max(a.started_at) FROM recipients r "
+            f"SELECT r.id, CAST(substr(r.to_phone, 2) AS INTEGER) AS phone, "
+            f"max(a.started_at) FROM recipients r "
             f"JOIN attempts a ON a.recipient_id = r.id WHERE r.state IN {REQUESTED} "
-            f"GROUP BY r.id"
+            f"AND r.to_phone IS NOT NULL AND phone % ? = ? GROUP BY r.id",
+            (shares, share),
         )
         while found := cursor.fetchmany(batch):
             yield found
@@ -641,14 +646,14 @@ class Ledger:
             )
 
     def report_entries(
-        self, start: float, end: float, batch: int = 100_000
+        self, start: float, end: float, share: int = 0, shares: int = 1, batch: int = 100_000
     ) -> Iterator[list[tuple[Any, ...]]]:
         """(entry id, phone digits, created_at, status, error) of the entries created in
-        [start, end], a batch at a time."""
+        [start, end] whose number is in `share` of `shares`, a batch at a time."""
         cursor = self.db.execute(
             "SELECT id, phone, created_at, status, error FROM report_entries "
-            "WHERE created_at BETWEEN ? AND ?",
-            (start, end),
+            "WHERE created_at BETWEEN ? AND ? AND phone % ? = ?",
+            (start, end, shares, share),
         )
         while found := cursor.fetchmany(batch):
             yield found

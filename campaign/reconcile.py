@@ -44,6 +44,7 @@ from campaign.store import LOG_FILE, list_campaigns, open_campaign
 log = structlog.get_logger(__name__)
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 1
+MATCH_SHARES = 8  # numbers matched a share at a time (memory)
 RECORD_BATCH = 50_000  # people recorded per transaction
 MAX_FETCHERS = 64
 T = TypeVar("T")
@@ -303,35 +304,44 @@ class _Reconcile:
     ) -> list[tuple[str, str, str]]:
         """In the ledger's thread: the stored entries of the span matched to the people,
         and what that says recorded. Returns the suppression candidates."""
-        import pandas as pd
-
         from campaign import matching
 
         ledger = self.ledger
-        people = _frame(ledger.requested_people(), ["id", "to_phone", "state", "at"])
-        people = people[people["to_phone"].notna()]
-        people = pd.DataFrame(
-            {
-                "id": people["id"].astype("int64"),
-                "phone": people["to_phone"].str[1:].astype("int64"),
-                "at": people["at"].astype("float64"),
-            }
-        )
         start, end = planned[0][0], planned[-1][1]
-        entries = _frame(ledger.report_entries(start, end), matching.ENTRY_COLUMNS)
-        entries = entries.astype({"entry": "int64", "phone": "int64", "created_at": "float64"})
-        entries["status"] = entries["status"].astype("category")
-        entries["error"] = entries["error"].astype("category")
-        found = matching.match(people, entries)
-        missing = matching.not_found(people, found["id"], ledger.report_windows(), settle_s, now)
+        windows = ledger.report_windows()
         checked_at = iso_utc(now) or ""
         tally = self.tally
         tally.checked_at = checked_at
-        tally.entries = len(entries)
-        tally.matched = len(found)
-        tally.unmatched_entries = len(entries) - len(found)
-        tally.not_found = len(missing)
-        missing_ids = missing.tolist()
+        tally.entries = tally.matched = tally.unmatched_entries = tally.not_found = 0
+        candidates: list[tuple[str, str, str]] = []
+        # People and entries only ever match by number: one share of the numbers at a
+        # time keeps memory to a share of the campaign's.
+        for share in range(MATCH_SHARES):
+            people = _frame(
+                ledger.requested_people(share, MATCH_SHARES), matching.PEOPLE_COLUMNS
+            ).astype({"id": "int64", "phone": "int64", "at": "float64"})
+            entries = _frame(
+                ledger.report_entries(start, end, share, MATCH_SHARES), matching.ENTRY_COLUMNS
+            )
+            entries = entries.astype({"entry": "int64", "phone": "int64", "created_at": "float64"})
+            entries["status"] = entries["status"].astype("category")
+            entries["error"] = entries["error"].astype("category")
+            found = matching.match(people, entries)
+            missing = matching.not_found(people, found["id"], windows, settle_s, now)
+            tally.entries += len(entries)
+            tally.matched += len(found)
+            tally.unmatched_entries += len(entries) - len(found)
+            tally.not_found += len(missing)
+            self._record_matches(found, missing.tolist(), checked_at)
+            candidates += suppress_candidates(found, people, self.reporting.suppress_on, checked_at)
+        candidates.sort()
+        queue_for_suppression(ledger, self.directory.parent, candidates)
+        tally.suppress_candidates = len(candidates)
+        return candidates
+
+    def _record_matches(self, found: Any, missing_ids: list[int], checked_at: str) -> None:
+        import pandas as pd
+
         for offset in range(0, max(len(found), len(missing_ids), 1), RECORD_BATCH):
             chunk = found.iloc[offset : offset + RECORD_BATCH]
             matched = [
@@ -346,11 +356,9 @@ class _Reconcile:
                 )
             ]
             nobody = missing_ids[offset : offset + RECORD_BATCH]
-            tally.confirmed_unknown += ledger.record_deliveries(matched, nobody, checked_at)
-        candidates = suppress_candidates(found, people, self.reporting.suppress_on, checked_at)
-        queue_for_suppression(ledger, self.directory.parent, candidates)
-        tally.suppress_candidates = len(candidates)
-        return candidates
+            self.tally.confirmed_unknown += self.ledger.record_deliveries(
+                matched, nobody, checked_at
+            )
 
 
 def suppress_candidates(

@@ -548,7 +548,7 @@ def _reconcile(args: argparse.Namespace, state: dict[str, Any]) -> int:
     if tally.confirmed_unknown:
         print(f"  {tally.confirmed_unknown} unknown confirmed by the delivery report: now sent")
     if tally.suppress_candidates:
-        print(f"  {tally.suppress_candidates} numbers for the suppression list")
+        print(f"  {tally.suppress_candidates} numbers put on the suppression list")
     for problem in tally.problems[:5]:
         print(f"  not read: {problem}")
     print(f"  results: {outcome.directory / 'results.csv'}")

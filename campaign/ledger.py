@@ -207,19 +207,31 @@ class RunInfo:
     requests: int
 
 
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are `Transaction`s). Read-write: WAL
+    with synchronous=FULL, every commit fsynced (see the module's docstring)."""
+    if readonly:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        if not readonly:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
 class Ledger:
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        if readonly:
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        else:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db = connect(self.path, readonly=readonly)
         try:
-            self.db.execute("PRAGMA busy_timeout=5000")
             if not readonly:
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=FULL")
                 self._migrate()
             for create in _RESULTS_VIEWS:
                 self.db.execute(create)
@@ -258,9 +270,9 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self, changes: bool = True) -> _Transaction:
+    def transaction(self, changes: bool = True) -> Transaction:
         """BEGIN IMMEDIATE ... COMMIT; `changes`: the report may change (bump generation)."""
-        return _Transaction(self.db, changes)
+        return Transaction(self.db, changes)
 
     # --- meta --------------------------------------------------------------------------
 
@@ -727,11 +739,12 @@ class Outcome:
     sent_at: str | None
 
 
-class _Transaction:
+class Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit).
-    A transaction that may change the report also bumps `meta.generation`."""
+    In a ledger, a transaction that may change the report also bumps `meta.generation`
+    (`changes`); other databases (the suppression list) have no such counter."""
 
-    def __init__(self, db: sqlite3.Connection, changes: bool) -> None:
+    def __init__(self, db: sqlite3.Connection, changes: bool = False) -> None:
         self.db = db
         self.changes = changes
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from campaign.ledger import Ledger
+from campaign.ledger import Ledger, Transaction, connect
 from campaign.report import iso_utc
 
 SUPPRESSION_FILE = "suppression.sqlite"
@@ -73,20 +73,12 @@ class SuppressionList:
         directory = Path(output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / SUPPRESSION_FILE
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db = connect(self.path)
         try:
-            self.db.execute("PRAGMA busy_timeout=5000")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
             if self._version() < SCHEMA_VERSION:
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
+                with Transaction(self.db):
                     self.db.execute(_SCHEMA)
                     self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
         except sqlite3.Error:
             self.db.close()
             raise
@@ -123,34 +115,22 @@ class SuppressionList:
 
     def _add_batch(self, phones: list[str], reason: str, source: str) -> int:
         now = time.time()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with Transaction(self.db):
             before = self.db.total_changes
             self.db.executemany(
                 "INSERT INTO numbers (phone, reason, source, added_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (phone) DO NOTHING",
                 ((p, reason, source, now) for p in phones),
             )
-            added = self.db.total_changes - before
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        return added
+            return self.db.total_changes - before
 
     def remove(self, phones: Iterable[str]) -> int:
         """Take `phones` off the list; returns how many were on it."""
         listed = list(phones)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with Transaction(self.db):
             before = self.db.total_changes
             self.db.executemany("DELETE FROM numbers WHERE phone = ?", ((p,) for p in listed))
-            removed = self.db.total_changes - before
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        return removed
+            return self.db.total_changes - before
 
     # --- questions ---------------------------------------------------------------------
 

@@ -143,11 +143,7 @@ class LedgerWriter:
         holds: list[tuple[int, str | None, str]],
     ) -> list[bool]:
         assert self._ledger is not None
-        if outcomes:
-            self._ledger.finish_attempts(outcomes)
-        if holds:
-            self._ledger.hold(holds)
-        return self._ledger.begin_attempts(self.run_id, begins) if begins else []
+        return self._ledger.write_batch(self.run_id, outcomes, holds, begins)
 
     async def _in_thread(self, call: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)

@@ -13,7 +13,7 @@ Tables:
 
 Recipient states: pending -> inflight -> sent | failed | unknown | pending (retry later).
 A recipient is `inflight` only while its request is open; the state is committed before
-the request leaves (`Ledger.begin_attempts`), so a crash leaves it `inflight`, and the
+the request leaves (`Ledger.write_batch`), so a crash leaves it `inflight`, and the
 next start turns it into `unknown` (`Ledger.recover`).
 
 Durability: WAL with synchronous=FULL, so every commit is fsynced before it returns and
@@ -452,55 +452,68 @@ class Ledger:
                 for rid, row, payload, attempts, state, to_phone in found
             ]
 
-    def begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
-        """Mark recipients in flight, one transaction. False: it is already sent (skip)."""
+    def write_batch(
+        self,
+        run_id: int,
+        outcomes: list[Outcome],
+        holds: list[tuple[int, str | None, str]],
+        begins: list[tuple[int, int]],
+    ) -> list[bool]:
+        """The dispatcher's group commit, one transaction and so one fsync: the answers
+        recorded, the recipients held back, and the attempts about to leave marked in
+        flight. Returns, per begin, whether it may leave (False: already sent, skip it)."""
+        with self.transaction():
+            if outcomes:
+                self._finish_attempts(outcomes)
+            if holds:
+                self._hold(holds)
+            return self._begin_attempts(run_id, begins)
+
+    def _begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
         now = time.time()
         started = []
-        with self.transaction():
-            for recipient_id, n in attempts:
-                cursor = self.db.execute(
-                    "UPDATE recipients SET state = 'inflight', attempts = ? "
-                    "WHERE id = ? AND state != 'sent'",
-                    (n, recipient_id),
+        for recipient_id, n in attempts:
+            cursor = self.db.execute(
+                "UPDATE recipients SET state = 'inflight', attempts = ? "
+                "WHERE id = ? AND state != 'sent'",
+                (n, recipient_id),
+            )
+            ok = cursor.rowcount == 1
+            if ok:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO attempts (recipient_id, n, run_id, started_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (recipient_id, n, run_id, now),
                 )
-                ok = cursor.rowcount == 1
-                if ok:
-                    self.db.execute(
-                        "INSERT OR REPLACE INTO attempts (recipient_id, n, run_id, started_at) "
-                        "VALUES (?, ?, ?, ?)",
-                        (recipient_id, n, run_id, now),
-                    )
-                started.append(ok)
+            started.append(ok)
         return started
 
-    def finish_attempts(self, outcomes: list[Outcome]) -> None:
+    def _finish_attempts(self, outcomes: list[Outcome]) -> None:
         now = time.time()
-        with self.transaction():
-            self.db.executemany(
-                "UPDATE recipients SET state = ?, http_status = ?, error = ?, "
-                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
-                [
-                    (o.state, o.http_status, o.error, o.state, o.sent_at, o.recipient_id)
-                    for o in outcomes
-                ],
-            )
-            self.db.executemany(
-                "UPDATE attempts SET finished_at = ?, state = ?, http_status = ?, error = ? "
-                "WHERE recipient_id = ? AND n = ?",
-                [(now, o.state, o.http_status, o.error, o.recipient_id, o.n) for o in outcomes],
-            )
+        self.db.executemany(
+            "UPDATE recipients SET state = ?, http_status = ?, error = ?, "
+            "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
+            [
+                (o.state, o.http_status, o.error, o.state, o.sent_at, o.recipient_id)
+                for o in outcomes
+            ],
+        )
+        self.db.executemany(
+            "UPDATE attempts SET finished_at = ?, state = ?, http_status = ?, error = ? "
+            "WHERE recipient_id = ? AND n = ?",
+            [(now, o.state, o.http_status, o.error, o.recipient_id, o.n) for o in outcomes],
+        )
 
-    def hold(self, holds: list[tuple[int, str | None, str]]) -> None:
+    def _hold(self, holds: list[tuple[int, str | None, str]]) -> None:
         """Recipients whose request did not leave (suppressed, outside their send window,
         deadline passed): (id, new state or None to keep it, error). A recipient already
         sent stays sent, and one whose earlier request may have arrived stays unknown."""
-        with self.transaction():
-            self.db.executemany(
-                "UPDATE recipients SET error = ?2, state = CASE WHEN state = 'unknown' "
-                "THEN state ELSE coalesce(?1, state) END "
-                "WHERE id = ?3 AND state NOT IN ('sent', 'inflight')",
-                [(state, error, recipient_id) for recipient_id, state, error in holds],
-            )
+        self.db.executemany(
+            "UPDATE recipients SET error = ?2, state = CASE WHEN state = 'unknown' "
+            "THEN state ELSE coalesce(?1, state) END "
+            "WHERE id = ?3 AND state NOT IN ('sent', 'inflight')",
+            [(state, error, recipient_id) for recipient_id, state, error in holds],
+        )
 
     def note_pending(self, error: str) -> int:
         """Say why the pending people of the input were not sent (e.g. the deadline)."""

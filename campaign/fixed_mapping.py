@@ -19,12 +19,11 @@ from campaign.job import Mapping
 from campaign.ledger import Ledger
 from campaign.load import Sheet
 from campaign.mapping import Mapper
-from campaign.store import MAPPING_FILE
+from campaign.store import MAPPING_FILE, origin_of
 
 
 def made_on_page(ledger: Ledger) -> bool:
-    origin = ledger.get_meta("origin")
-    return origin == "page" or (origin is None and str(ledger.get_meta("job")).endswith(".web"))
+    return origin_of(ledger.all_meta()) == "page"
 
 
 def own_mapping(ledger: Ledger, directory: Path) -> Mapping | None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
 from campaign.ledger import LEDGER_FILE, Ledger, LedgerError, RunInfo
@@ -201,16 +201,27 @@ def list_campaigns(output_dir: Path) -> list[CampaignInfo]:
 def read_info(directory: Path) -> CampaignInfo | None:
     try:
         with contextlib.closing(Ledger.reader(directory / LEDGER_FILE)) as ledger:
-            meta = ledger.all_meta()
-            run: RunInfo | None = ledger.last_run()
+            return info_of(directory, ledger)
     except LedgerError:
         return None
+
+
+def info_of(directory: Path, ledger: Ledger) -> CampaignInfo:
+    """The campaign's facts from its open ledger."""
+    meta = ledger.all_meta()
+    run: RunInfo | None = ledger.last_run()
     state, started = (run.state, run.started_at) if run else (None, None)
     if state == "running" and not is_locked(directory):
         state = "crashed"
-    job = meta.get("job")
-    origin = meta.get("origin") or ("page" if str(job).endswith(".web") else "cli")
-    return CampaignInfo(directory.name, job, origin, meta.get("created_at"), state, started)
+    return CampaignInfo(
+        directory.name, meta.get("job"), origin_of(meta), meta.get("created_at"), state, started
+    )
+
+
+def origin_of(meta: dict[str, Any]) -> str:
+    """Where a campaign was made: "page" or "cli". Ledgers from before the origin was
+    recorded name page campaigns' job `{job}.web`."""
+    return meta.get("origin") or ("page" if str(meta.get("job")).endswith(".web") else "cli")
 
 
 def check_unfinished(output_dir: Path, job_name: str, campaign: str) -> None:

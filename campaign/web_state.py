@@ -16,19 +16,20 @@ from typing import Any
 from campaign.job import Limits
 from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger, LedgerError
 from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write, iso_utc
-from campaign.store import MAPPING_FILE, WEB_FILE, read_info
+from campaign.store import MAPPING_FILE, WEB_FILE, CampaignInfo, info_of
 
 
 def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict[str, Any]:
     """What the page shows of a campaign; reads the ledger read-only (another process may
     be sending it)."""
     info = read_json(directory / WEB_FILE)
-    ledger_info = read_info(directory) if (directory / LEDGER_FILE).is_file() else None
+    ledger_info: CampaignInfo | None = None
     counts: dict[str, int] = {}
     delivery: dict[str, int] = {}
     stored_mapping = None
-    if ledger_info is not None:
+    if (directory / LEDGER_FILE).is_file():
         with contextlib.suppress(LedgerError), _reader(directory) as ledger:
+            ledger_info = info_of(directory, ledger)
             counts = ledger.counts()
             delivery = ledger.delivery_counts()
             stored_mapping = ledger.get_meta("mapping")

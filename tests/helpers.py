@@ -4,6 +4,7 @@ subprocess, job files and results CSVs in tmp dirs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import csv
 import json
 import os
@@ -137,6 +138,14 @@ class Sandbox:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+def assert_no_duplicates(sandbox: Sandbox) -> list[str]:
+    """Every number the sandbox accepted, each once; a failure names those sent twice."""
+    phones = sandbox.phones()
+    twice = sorted(p for p, n in collections.Counter(phones).items() if n > 1)
+    assert twice == [], f"a recipient was sent twice: {twice}"
+    return phones
 
 
 def start_sandbox(directory: Path, *options: str) -> Sandbox:

@@ -11,6 +11,7 @@ from typing import Any
 from tests.helpers import (
     FaultServer,
     Sandbox,
+    assert_no_duplicates,
     cli,
     phones,
     read_results,
@@ -147,9 +148,7 @@ async def test_page_and_command_line_on_one_campaign_send_each_person_once(
     finally:
         server.stop()
         box.stop()
-    delivered = collections.Counter(box.phones())
-    assert len(delivered) == people * TRIALS
-    assert set(delivered.values()) == {1}
+    assert len(assert_no_duplicates(box)) == people * TRIALS
     assert sorted(set(losers)) == ["command line", "page"], losers
 
 

@@ -17,6 +17,7 @@ from campaign.suppression import SuppressionList
 from tests.helpers import (
     FaultServer,
     Sandbox,
+    assert_no_duplicates,
     cli,
     phones,
     read_results,
@@ -150,7 +151,7 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
         assert again.returncode in (0, 1), again.stderr
         resent = [r["body"]["to_phone"] for r in box.records()[accepted:]]
         assert sorted(resent) == sorted(e164(p) for p in never)
-        assert [p for p, n in collections.Counter(box.phones()).items() if n > 1] == []
+        assert_no_duplicates(box)
     finally:
         box.stop()
 

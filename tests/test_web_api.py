@@ -27,7 +27,15 @@ from aiohttp import web
 
 from campaign.job import load_job
 from campaign.web import create_app
-from tests.helpers import ROOT, Sandbox, cli, spawn_cli, start_sandbox, write_job
+from tests.helpers import (
+    ROOT,
+    Sandbox,
+    assert_no_duplicates,
+    cli,
+    spawn_cli,
+    start_sandbox,
+    write_job,
+)
 
 TOKEN = "test-token-7f3a-5b0e"  # at least 16 characters, or serve refuses it
 XLSX = ROOT / "sample_data" / "recipients.xlsx"
@@ -139,12 +147,6 @@ def wait_for_records(sandbox: Sandbox, count: int) -> None:
     while len(sandbox.records()) < count:
         assert time.monotonic() < deadline, f"the sandbox did not get {count} requests"
         time.sleep(0.02)
-
-
-def assert_no_duplicates(sandbox: Sandbox) -> list[str]:
-    phones = sandbox.phones()
-    assert len(phones) == len(set(phones)), "a recipient was sent twice"
-    return phones
 
 
 def results_rows(text: str) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ skip rewriting it only when that stamp still matches (`report_is_current`).
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.escape import escape
-from campaign.ledger import Ledger
+from campaign.ledger import STATUSES, Ledger
 
 RESULT_COLUMNS = [
     "_row",
@@ -39,6 +40,9 @@ RESULT_COLUMNS = [
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
 _MAYBE_FORMULA = frozenset("=@\t\r+-'")
+# Where a line's `_status` and `_delivery` are among the ledger's result values.
+_STATUS = RESULT_COLUMNS.index("_status")
+_DELIVERY = RESULT_COLUMNS.index("_delivery")
 
 
 def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
@@ -46,17 +50,25 @@ def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, An
     generation = ledger.generation()
     columns: list[str] = ledger.get_meta("columns") or []
     blank = [""] * len(columns)
+    # The summary's counts are taken from the lines as they are written: the same view,
+    # without reading a large campaign's ledger a second and a third time.
+    statuses: collections.Counter[str] = collections.Counter()
+    deliveries: collections.Counter[str] = collections.Counter()
     with atomic_write(directory / RESULTS_FILE) as out:
         writer = csv.writer(out)
         writer.writerow([escape(c) for c in columns + RESULT_COLUMNS])
         for cells, *results in ledger.report_rows():
+            statuses[results[_STATUS]] += 1
+            if results[_DELIVERY]:
+                deliveries[results[_DELIVERY]] += 1
             # No cells: a person reached earlier whose row is gone from the input.
             values = json.loads(cells) if cells is not None else list(blank)
             values.extend(results)
             # escape() changes only cells starting with one of these: test that first.
             writer.writerow([escape(v) if v[:1] in _MAYBE_FORMULA else v for v in values])
     ledger.set_report_stamp(_stamp(directory, generation))
-    return write_summary(ledger, directory, campaign)
+    counts = {**dict.fromkeys(STATUSES, 0), **statuses}
+    return write_summary(ledger, directory, campaign, counts, dict(sorted(deliveries.items())))
 
 
 def report_is_current(ledger: Ledger, directory: Path) -> bool:
@@ -75,9 +87,13 @@ def _stamp(directory: Path, generation: int) -> list[int] | None:
 
 
 def write_summary(
-    ledger: Ledger, directory: Path, campaign: str, counts: dict[str, int] | None = None
+    ledger: Ledger,
+    directory: Path,
+    campaign: str,
+    counts: dict[str, int] | None = None,
+    delivery: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    summary = summarize(ledger, campaign, counts)
+    summary = summarize(ledger, campaign, counts, delivery)
     with atomic_write(directory / SUMMARY_FILE) as out:
         json.dump(summary, out, indent=2)
         out.write("\n")
@@ -85,9 +101,12 @@ def write_summary(
 
 
 def summarize(
-    ledger: Ledger, campaign: str, counts: dict[str, int] | None = None
+    ledger: Ledger,
+    campaign: str,
+    counts: dict[str, int] | None = None,
+    delivery: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """`counts`: the ledger's counts, when the caller has just read them."""
+    """`counts`, `delivery`: the ledger's counts, when the caller has just read them."""
     counts = counts if counts is not None else ledger.counts()
     summary: dict[str, Any] = {
         "campaign": campaign,
@@ -96,7 +115,7 @@ def summarize(
         "attempts": ledger.total_requests(),
     }
     # Delivery reports: counts per `_delivery`, and what the last reconcile read.
-    delivery = ledger.delivery_counts()
+    delivery = delivery if delivery is not None else ledger.delivery_counts()
     if delivery:
         summary["delivery"] = delivery
     reconciled = ledger.get_meta("reconcile")

@@ -304,7 +304,7 @@ def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
     if args.command == "reconcile":
         return _reconcile(args, state)
     if args.command == "serve":
-        from campaign.web import serve_web
+        from campaign.web.app import serve_web
 
         return serve_web(args)
     if args.command == "suppress":
@@ -497,7 +497,7 @@ def _print_outcome(outcome: RunOutcome) -> None:
 def _report(args: argparse.Namespace) -> int:
     from campaign.errors import UsageError
     from campaign.pipeline import RunOptions, campaign_id_for, rebuild_report
-    from campaign.store import list_campaigns
+    from campaign.store.campaigns import list_campaigns
 
     target = Path(args.target)
     if target.is_dir():

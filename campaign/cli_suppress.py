@@ -45,7 +45,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace, job: Any) -> int:
-    from campaign.suppression import SuppressionList
+    from campaign.store.suppression import SuppressionList
 
     with SuppressionList(job.output_dir) as listed:
         if args.action == "list":
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, job: Any) -> int:
 def _normalized(given: list[str], region: str) -> list[str]:
     """Every PHONE as E.164, or one error naming the arguments that are not numbers (and
     nothing changes)."""
-    from campaign.suppression import normalize_phones
+    from campaign.store.suppression import normalize_phones
 
     phones, problems = normalize_phones(given, region, "PHONE #{}", first=1)
     if problems:

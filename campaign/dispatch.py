@@ -24,11 +24,11 @@ import aiohttp
 import structlog
 
 from campaign.job import Api, Limits
-from campaign.ledger import Ledger, Outcome, Target
 from campaign.policy import Answer, Decision, Transport, decide, parse_retry_after
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import RateLimiter
 from campaign.report import iso_utc
+from campaign.store.ledger import Ledger, Outcome, Target
 
 if TYPE_CHECKING:
     from campaign.gate import Gate

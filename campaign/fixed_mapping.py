@@ -16,10 +16,10 @@ from typing import Any
 
 from campaign.errors import InputError, UsageError
 from campaign.job import Mapping
-from campaign.ledger import Ledger
 from campaign.load import Sheet
 from campaign.mapping import Mapper
-from campaign.store import MAPPING_FILE, origin_of
+from campaign.store.campaigns import MAPPING_FILE, origin_of
+from campaign.store.ledger import Ledger
 
 
 def made_on_page(ledger: Ledger) -> bool:

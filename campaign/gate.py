@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from campaign.ledger import Target
-from campaign.suppression import Watch
+from campaign.store.ledger import Target
+from campaign.store.suppression import Watch
 from campaign.windows import Schedule
 
 

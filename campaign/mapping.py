@@ -19,8 +19,8 @@ from phonenumbers import NumberParseException
 from campaign.errors import InputError
 from campaign.header import about_data, about_missing, looks_like_names
 from campaign.job import Mapping
-from campaign.ledger import MappedRow
 from campaign.load import Row, Sheet
+from campaign.store.ledger import MappedRow
 
 # Excel shows a long number in a General cell as 4.15555E+09 and saves it that way to CSV.
 _SCIENTIFIC = re.compile(r"[0-9](?:[.,][0-9]+)?E\+?[0-9]+", re.IGNORECASE)

@@ -27,7 +27,6 @@ from campaign import __version__
 from campaign.errors import UsageError
 from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
 from campaign.job import CAMPAIGN_ID, Job
-from campaign.ledger import SENDABLE, Ledger, MappedRow, Target
 from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
@@ -38,14 +37,15 @@ from campaign.report import (
     write_report,
     write_summary,
 )
-from campaign.store import (
+from campaign.store.campaigns import (
     LOG_FILE,
     OpenCampaign,
     check_unfinished,
     job_lock,
     open_campaign,
 )
-from campaign.suppression import SuppressionList, Watch, apply_to_ledger
+from campaign.store.ledger import SENDABLE, Ledger, MappedRow, Target
+from campaign.store.suppression import SuppressionList, Watch, apply_to_ledger
 from campaign.windows import Schedule, make_schedule
 
 if TYPE_CHECKING:
@@ -455,7 +455,7 @@ def rebuild_report(directory: Path) -> dict[str, Any]:
     """`campaign report`: rewrite results.csv and summary.json from the ledger alone. It
     takes the campaign like a run does: a run in progress writes the report itself when
     it ends, and a report written beside it could land after the run's and be stale."""
-    from campaign.ledger import LEDGER_FILE
+    from campaign.store.ledger import LEDGER_FILE
 
     if not (directory / LEDGER_FILE).is_file():
         raise UsageError(f"{directory}: not a campaign directory (no {LEDGER_FILE})")

@@ -36,10 +36,10 @@ import structlog
 
 from campaign.errors import ReportingRefused, UsageError
 from campaign.job import Job, Reporting
-from campaign.ledger import LEDGER_FILE, Ledger
 from campaign.logs import log_to_file
 from campaign.report import iso_utc, write_report
-from campaign.store import LOG_FILE, list_campaigns, open_campaign
+from campaign.store.campaigns import LOG_FILE, list_campaigns, open_campaign
+from campaign.store.ledger import LEDGER_FILE, Ledger
 
 log = structlog.get_logger(__name__)
 
@@ -387,7 +387,7 @@ def queue_for_suppression(
     sends to them again; the campaign's ledger keeps them too, as the record of why."""
     if not candidates:
         return
-    from campaign.suppression import suppress_numbers
+    from campaign.store.suppression import suppress_numbers
 
     ledger.add_suppress_candidates(candidates)
     by_reason: dict[str, list[str]] = {}

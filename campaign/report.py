@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.escape import escape
-from campaign.ledger import STATUSES, Ledger
+from campaign.store.ledger import STATUSES, Ledger
 
 RESULT_COLUMNS = [
     "_row",

@@ -17,8 +17,8 @@ from pathlib import Path
 from campaign.errors import InputError
 from campaign.load import open_sheet
 from campaign.mapping import normalize_phone
-from campaign.suppression import SuppressionList
-from campaign.web_guess import SAMPLE_ROWS, guess_phone_column
+from campaign.store.suppression import SuppressionList
+from campaign.web.guess import SAMPLE_ROWS, guess_phone_column
 
 SHOWN_PROBLEMS = 1000  # rows named one by one; beyond, only counted
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from campaign.errors import CampaignError
 from campaign.job import load_job
-from campaign.store import list_campaigns
+from campaign.store.campaigns import list_campaigns
 
 try:
     job = load_job(sys.argv[1])

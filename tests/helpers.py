@@ -130,7 +130,8 @@ class Sandbox:
         if not self.record.exists():
             return []
         with self.record.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            # A line without its newline is still being written by the running sandbox.
+            return [json.loads(line) for line in handle if line.endswith("\n") and line.strip()]
 
     def phones(self) -> list[str]:
         return [r["body"].get("to_phone") for r in self.records()]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from campaign.ledger import Ledger
-from campaign.store import is_locked, open_campaign
+from campaign.store.campaigns import is_locked, open_campaign
+from campaign.store.ledger import Ledger
 from tests.helpers import (
     Sandbox,
     assert_no_duplicates,

@@ -13,9 +13,9 @@ import pytest
 
 from campaign.job import Mapping, param_name_problem
 from campaign.load import Row
-from campaign.web_guess import expand_all, guess_mapping, param_name
+from campaign.web.guess import expand_all, guess_mapping, param_name
 
-APP_JS = Path(__file__).resolve().parent.parent / "campaign" / "static" / "app.js"
+APP_JS = Path(__file__).resolve().parent.parent / "campaign" / "web" / "static" / "app.js"
 
 COLUMNS = [  # (header, the param name guessed for it)
     ("First Name", "first_name"),

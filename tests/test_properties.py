@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from campaign.errors import InputError
 from campaign.escape import escape, unescape
 from campaign.job import Mapping
-from campaign.ledger import Ledger, MappedRow
 from campaign.load import Row, Sheet, open_sheet
 from campaign.mapping import Mapper
 from campaign.report import write_report
+from campaign.store.ledger import Ledger, MappedRow
 
 # A spreadsheet cell holds any text but NUL (the loader refuses NUL bytes as binary data).
 cell_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))

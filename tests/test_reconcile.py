@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from campaign.ledger import SCHEMA_VERSION, Ledger
-from campaign.suppression import SuppressionList
+from campaign.store.ledger import SCHEMA_VERSION, Ledger
+from campaign.store.suppression import SuppressionList
 from tests.helpers import (
     FaultServer,
     Sandbox,

@@ -322,7 +322,7 @@ def test_ledger_keeps_every_attempt(tmp_path: Path) -> None:
 
 
 def test_a_run_still_reading_its_input_blocks_the_next_days_campaign(tmp_path: Path) -> None:
-    from campaign.store import open_campaign
+    from campaign.store.campaigns import open_campaign
 
     with FaultServer(lambda _n, _b: 200) as server:
         job = write_job(

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from campaign.ledger import Ledger
+from campaign.store.ledger import Ledger
+from campaign.store.suppression import SuppressionList, apply_to_ledger, suppress_numbers
 from campaign.suppress_import import import_numbers
-from campaign.suppression import SuppressionList, apply_to_ledger, suppress_numbers
 from tests.helpers import (
     FaultServer,
     cli,
@@ -219,7 +219,7 @@ def test_import_streams_memory_does_not_grow_with_the_file(tmp_path: Path) -> No
 
 def test_applying_the_list_twice_changes_nothing_the_second_time(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    from campaign.ledger import MappedRow
+    from campaign.store.ledger import MappedRow
 
     numbers = [e164(p) for p in phones(4)]
     mapped = [

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from campaign.web import _is_loopback
-from campaign.web_access import SESSION_TTL_S, Sessions
+from campaign.web.access import SESSION_TTL_S, Sessions
+from campaign.web.app import _is_loopback
 from tests.helpers import Sandbox, cli, write_job
 from tests.test_web_api import (
     TOKEN,

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from campaign.job import load_job
-from campaign.web import create_app
+from campaign.web.app import create_app
 from tests.helpers import (
     ROOT,
     Sandbox,

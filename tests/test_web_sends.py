@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from campaign.store import open_campaign
-from campaign.web_api import SERVICE
-from campaign.web_watch import Watch
+from campaign.store.campaigns import open_campaign
+from campaign.web.api import SERVICE
+from campaign.web.watch import Watch
 from tests.helpers import FaultServer, Sandbox, cli, spawn_cli, write_csv, write_job
 from tests.test_rate import max_in_window
 from tests.test_web_api import (

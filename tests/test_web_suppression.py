@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from campaign.suppression import SuppressionList
+from campaign.store.suppression import SuppressionList
 from tests.helpers import start_sandbox, write_job
 from tests.test_web_access import sign_in
 from tests.test_web_api import EXPECTED, XLSX, call, client, final_state, start_serve, upload

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from campaign.dispatch import Dispatcher, LedgerWriter
 from campaign.gate import Gate
 from campaign.job import Api, Limits
-from campaign.ledger import Ledger, MappedRow
 from campaign.progress import Progress
+from campaign.store.ledger import Ledger, MappedRow
 from campaign.windows import (
     LEAVE_MARGIN_S,
     Schedule,

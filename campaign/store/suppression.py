@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from campaign.ledger import Ledger, Transaction, connect
 from campaign.report import iso_utc
+from campaign.store.ledger import Ledger, Transaction, connect
 
 SUPPRESSION_FILE = "suppression.sqlite"
 SCHEMA_VERSION = 1

@@ -37,15 +37,15 @@ from campaign.errors import (
     UsageError,
 )
 from campaign.job import CAMPAIGN_ID, Job, Mapping, first_problem
-from campaign.ledger import LEDGER_FILE
 from campaign.load import Sheet
 from campaign.mapping import Mapper
 from campaign.pipeline import RunControl, RunOptions, run_campaign
 from campaign.report import RESULTS_FILE
-from campaign.store import is_locked
-from campaign.web_guess import look_at
-from campaign.web_sends import Sends
-from campaign.web_state import (
+from campaign.store.campaigns import is_locked
+from campaign.store.ledger import LEDGER_FILE
+from campaign.web.guess import look_at
+from campaign.web.sends import Sends
+from campaign.web.state import (
     MAPPING_FILE,
     WEB_FILE,
     campaign_view,
@@ -53,7 +53,7 @@ from campaign.web_state import (
     rows_page,
     write_json,
 )
-from campaign.web_watch import Watches
+from campaign.web.watch import Watches
 
 log = structlog.get_logger(__name__)
 

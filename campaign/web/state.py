@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from campaign.job import Limits
-from campaign.ledger import LEDGER_FILE, SENDABLE, Ledger, LedgerError
 from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write, iso_utc
-from campaign.store import MAPPING_FILE, WEB_FILE, CampaignInfo, info_of
+from campaign.store.campaigns import MAPPING_FILE, WEB_FILE, CampaignInfo, info_of
+from campaign.store.ledger import LEDGER_FILE, SENDABLE, Ledger, LedgerError
 
 
 def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict[str, Any]:

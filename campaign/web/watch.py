@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from campaign.ledger import LEDGER_FILE
 from campaign.report import SUMMARY_FILE
-from campaign.store import is_locked
-from campaign.web_state import MAPPING_FILE, WEB_FILE
+from campaign.store.campaigns import is_locked
+from campaign.store.ledger import LEDGER_FILE
+from campaign.web.state import MAPPING_FILE, WEB_FILE
 
 LOOK_EVERY_S = 1.0
 # What the page shows of a campaign comes from these files (and the lock).

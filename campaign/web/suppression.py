@@ -21,9 +21,9 @@ from typing import Any
 from aiohttp import web
 
 from campaign.escape import escape
-from campaign.suppression import SuppressionList, normalize_phones
-from campaign.web_api import SERVICE
-from campaign.web_service import ServiceError
+from campaign.store.suppression import SuppressionList, normalize_phones
+from campaign.web.api import SERVICE
+from campaign.web.service import ServiceError
 
 MAX_PHONES = 10_000  # numbers per request; more: `campaign suppress import`
 PAGE_REASON = "added on the page"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
-from campaign.ledger import LEDGER_FILE, Ledger, LedgerError, RunInfo
+from campaign.store.ledger import LEDGER_FILE, Ledger, LedgerError, RunInfo
 
 LOCK_FILE = ".lock"
 LIVE_FILE = ".live"

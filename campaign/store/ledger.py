@@ -524,7 +524,7 @@ class Ledger:
                 (error,),
             ).rowcount
 
-    # --- suppression (the list itself lives in `suppression.py`) -----------------------
+    # --- suppression (the list itself lives in `store/suppression.py`) -----------------------
 
     def phone_rows(self, batch: int = 5000) -> Iterator[list[tuple[int, str, str, str | None]]]:
         """(row, E.164 number, status, error) of the input's rows that are sendable or

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from campaign.errors import UsageError
 from campaign.job import Job
-from campaign.web_access import (
+from campaign.web.access import (
     MIN_TOKEN_CHARS,
     SECURE_COOKIE,
     SESSIONS,
@@ -36,13 +36,13 @@ from campaign.web_access import (
     login,
     logout,
 )
-from campaign.web_api import CLOSING, MAX_UPLOAD, SERVICE, add_routes
-from campaign.web_service import Campaigns, ServiceError
-from campaign.web_suppression import add_routes as add_suppression_routes
+from campaign.web.api import CLOSING, MAX_UPLOAD, SERVICE, add_routes
+from campaign.web.service import Campaigns, ServiceError
+from campaign.web.suppression import add_routes as add_suppression_routes
 
 log = structlog.get_logger(__name__)
 
-STATIC = Path(str(resources.files("campaign") / "static"))
+STATIC = Path(str(resources.files("campaign.web") / "static"))
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from yarl import URL
 
-from campaign.web_service import ServiceError
+from campaign.web.service import ServiceError
 
 SESSION_COOKIE = "campaign_session"
 SESSION_TTL_S = 12 * 3600

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from aiohttp import BodyPartReader, web
 
-from campaign.web_service import Campaigns, ServiceError
+from campaign.web.service import Campaigns, ServiceError
 
 SERVICE = web.AppKey("service", Campaigns)
 CLOSING = web.AppKey("closing", asyncio.Event)

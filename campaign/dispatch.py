@@ -17,7 +17,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
@@ -60,8 +59,8 @@ class LedgerWriter:
     not be written leave their recipients in flight, which the next start makes `unknown`.
     """
 
-    def __init__(self, ledger_path: Path, run_id: int) -> None:
-        self.ledger_path = ledger_path
+    def __init__(self, ledger: Ledger, run_id: int) -> None:
+        self._of = ledger  # the writer's own connection is another one to this ledger
         self.run_id = run_id
         self._begins: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._outcomes: list[Outcome] = []
@@ -92,7 +91,7 @@ class LedgerWriter:
         self._wake.set()
 
     async def start(self) -> None:
-        self._ledger = await self._in_thread(Ledger, self.ledger_path)
+        self._ledger = await self._in_thread(self._of.reopen)
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def close(self) -> None:

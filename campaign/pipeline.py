@@ -44,7 +44,7 @@ from campaign.store.campaigns import (
     job_lock,
     open_campaign,
 )
-from campaign.store.ledger import SENDABLE, Ledger, MappedRow, Target
+from campaign.store.ledger import SENDABLE, Ledger, MappedRow
 from campaign.store.suppression import SuppressionList, Watch, apply_to_ledger
 from campaign.windows import Schedule, make_schedule
 
@@ -287,7 +287,7 @@ async def _send(
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
-    writer = LedgerWriter(ledger.path, run_id)
+    writer = LedgerWriter(ledger, run_id)
     await writer.start()
     held: set[int] | None = None  # after the first round: only the people held for windows
     try:
@@ -305,7 +305,12 @@ async def _send(
             if control.stopping:
                 dispatcher.stop()
             progress.waiting, progress.opens_at = 0, None
-            result = await dispatcher.run(_only(ledger.targets(states), held))
+            if held is None:
+                batch = min(max(2 * job.limits.concurrency, 100), 1000)
+                targets = ledger.claims(run_id, states, batch)
+            else:
+                targets = iter([ledger.claimed(run_id, states, held)])
+            result = await dispatcher.run(targets)
             waiting = progress.opens_at is not None
             if not (options and options.wait and waiting) or result.aborted:
                 return result
@@ -325,14 +330,6 @@ async def _send(
                 return DispatchResult(interrupted=True)
     finally:
         await writer.close()
-
-
-def _only(batches: Iterator[list[Target]], ids: set[int] | None) -> Iterator[list[Target]]:
-    if ids is None:
-        yield from batches
-        return
-    for batch in batches:
-        yield [t for t in batch if t.id in ids]
 
 
 def _gate(job: Job, schedule: Schedule | None) -> Gate | None:

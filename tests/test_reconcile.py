@@ -237,7 +237,7 @@ def test_a_ledger_of_schema_2_is_upgraded_and_shows_empty_delivery_columns(
     result = cli("report", str(job))
     assert result.returncode == 0, result.stderr
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")
     assert [(r["_status"], r["_delivery"], r["_delivery_checked_at"]) for r in rows] == [
         ("sent", "", "")

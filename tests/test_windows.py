@@ -365,13 +365,13 @@ async def test_a_retry_that_would_leave_outside_the_window_does_not_leave(
     gate = Gate(schedule, None, clock=lambda: next(ticks, open_at + 600))
     with FaultServer(lambda n, _body: (503, {"Retry-After": "0"})) as server:
         run_id = ledger.start_run("run")
-        writer = LedgerWriter(ledger.path, run_id)
+        writer = LedgerWriter(ledger, run_id)
         await writer.start()
         progress = Progress(total=1)
         api = Api(base_url=server.url, channel_uuid=CHANNEL, timeout_s=2)
         dispatcher = Dispatcher(api, Limits(), writer, progress, gate=gate)
         try:
-            await asyncio.wait_for(dispatcher.run(ledger.targets(("pending",))), 30)
+            await asyncio.wait_for(dispatcher.run(ledger.claims(run_id, ("pending",))), 30)
         finally:
             await writer.close()
         assert len(server.arrivals) == 1

@@ -1,11 +1,13 @@
-"""The ledger: one SQLite database per campaign, the single source of truth.
+"""The ledger: one database per campaign (a SQLite file, or a schema of a PostgreSQL
+database), the single source of truth.
 
 Tables:
     meta        campaign facts (id, job, origin, mapping, input columns, report stamp)
     recipients  one per recipient key: payload, state, attempts, last answer, last row
     attempts    one per HTTP request: when, outcome
     rows        the latest input, row by row: cells, and ok / invalid / duplicate
-    runs        one per command that ran: when, how it ended
+    runs        one per command that ran: when, how it ended; a `run` is a worker, and
+                its heartbeat is its lease on the people it claimed
     deliveries  per recipient: what the delivery report says (`campaign reconcile`)
     report_entries, report_windows   the Reporting API's entries as read, and which
                 spans of time were read whole (so a killed reconcile continues)
@@ -16,9 +18,17 @@ A recipient is `inflight` only while its request is open; the state is committed
 the request leaves (`Ledger.write_batch`), so a crash leaves it `inflight`, and the
 next start turns it into `unknown` (`Ledger.recover`).
 
-Durability: WAL with synchronous=FULL, so every commit is fsynced before it returns and
-an in-flight record survives a power cut, not only a killed process. The dispatcher
-batches the attempts that start together into one commit (one fsync).
+Claims: a worker (a run) sends only to people it claimed (`Ledger.claim`: a batch at a
+time, `FOR UPDATE SKIP LOCKED` on PostgreSQL, so workers sharing a campaign never take
+the same person), and a request may leave only while its person is still claimed by it.
+A worker whose lease expired (no heartbeat for `lease_s`) loses its claims: its in-flight
+people become `unknown`, the others go back to the pool (`Ledger.recover`). On SQLite
+there is one worker at a time (the campaign's lock), so every earlier run is over.
+
+Durability: SQLite in WAL with synchronous=FULL, PostgreSQL with its own commit, so every
+commit is on disk before it returns and an in-flight record survives a power cut, not
+only a killed process. The dispatcher batches the attempts that start together into one
+commit (one fsync).
 
 Every committed change bumps `meta.generation`; a report stamped with the generation it
 was written at is known to be current (`report.report_is_current`).
@@ -27,23 +37,28 @@ was written at is known to be current (`report.report_is_current`).
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from campaign.store.db import Database, LedgerError, schema_name
+
 LEDGER_FILE = "ledger.sqlite"
 SENDABLE = ("pending", "failed")
 STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
 # States in which a request may have reached the API: such a person stays in every report.
 MAYBE_REACHED = ("sent", "unknown", "inflight")
 # People whose last request a delivery report may show (`campaign reconcile`).
 REQUESTED = ("sent", "unknown")
 
-LedgerError = sqlite3.Error
+__all__ = ["LedgerError"]
 
 _ROWS_COLUMNS = """
     row INTEGER PRIMARY KEY,
@@ -56,7 +71,7 @@ _ROWS_COLUMNS = """
 """
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0');
+INSERT INTO meta (key, value) VALUES ('generation', '0') ON CONFLICT (key) DO NOTHING;
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
@@ -67,7 +82,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     http_status INTEGER,
     error TEXT,
     sent_at TEXT,
-    row INTEGER
+    row INTEGER,
+    claim INTEGER
 );
 CREATE TABLE IF NOT EXISTS attempts (
     recipient_id INTEGER NOT NULL,
@@ -88,7 +104,10 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at REAL NOT NULL,
     finished_at REAL,
     state TEXT NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0
+    requests INTEGER NOT NULL DEFAULT 0,
+    heartbeat_at REAL,
+    host TEXT,
+    pid INTEGER
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     recipient_id INTEGER PRIMARY KEY,
@@ -127,7 +146,7 @@ CREATE TABLE IF NOT EXISTS suppress_candidates (
 # number went on the suppression list. The report and the counts read the same views.
 _RESULTS_VIEWS = (
     f"""
-CREATE TEMP VIEW IF NOT EXISTS row_results AS
+CREATE TEMP VIEW row_results AS
 SELECT rows.row AS row, rows.cells AS cells,
     CASE WHEN p.id IS NULL THEN rows.status
          WHEN p.state = 'inflight' THEN 'unknown' ELSE p.state END AS status,
@@ -145,7 +164,7 @@ FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
 LEFT JOIN deliveries d ON d.recipient_id = p.id
 """,
     f"""
-CREATE TEMP VIEW IF NOT EXISTS gone_results AS
+CREATE TEMP VIEW gone_results AS
 SELECT p.row AS was_row, CASE p.state WHEN 'inflight' THEN 'unknown' ELSE p.state END AS status,
     p.to_phone AS to_phone, p.attempts AS attempts, p.http_status AS http_status,
     'not in the current input' || coalesce(' (was row ' || p.row || ')', '')
@@ -156,17 +175,19 @@ FROM recipients p LEFT JOIN deliveries d ON d.recipient_id = p.id
 WHERE p.state IN {MAYBE_REACHED} AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.key = p.key)
 """,
     """
-CREATE TEMP VIEW IF NOT EXISTS results AS
+CREATE TEMP VIEW results AS
 SELECT status, delivery FROM row_results UNION ALL SELECT status, delivery FROM gone_results
 """,
 )
 _DROP_RESULTS_VIEWS = tuple(
-    f"DROP VIEW IF EXISTS temp.{name}" for name in ("results", "row_results", "gone_results")
+    f"DROP VIEW IF EXISTS {name}" for name in ("results", "row_results", "gone_results")
 )
 
 # An `unknown` recipient is sent again (with --resend-unknown) blind when the campaign's
 # delivery reports were never read whole; once they were, only when the report does not
 # know them (`not_found`): one the report shows did arrive, or has not settled yet, is held.
+_DIED_IN_FLIGHT = "in flight when an earlier run stopped; it may have arrived"
+
 _RESENDABLE = """(r.state != 'unknown'
     OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
@@ -197,6 +218,12 @@ class Target:
     to_phone: str | None = None  # for the checks right before sending (suppression, window)
 
 
+def _target(
+    rid: int, row: int, payload: str, attempts: int, state: str, to_phone: str | None
+) -> Target:
+    return Target(rid, row, payload.encode(), attempts, state == "unknown", to_phone)
+
+
 @dataclass(frozen=True)
 class RunInfo:
     id: int
@@ -207,37 +234,53 @@ class RunInfo:
     requests: int
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are `Transaction`s). Read-write: WAL
-    with synchronous=FULL, every commit fsynced (see the module's docstring)."""
-    if readonly:
-        uri = f"{path.resolve().as_uri()}?mode=ro"
-        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-    else:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA busy_timeout=5000")
-        if not readonly:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-    except sqlite3.Error:
-        db.close()
-        raise
-    return db
+def connect(path: Path, *, readonly: bool = False) -> Database:
+    """A SQLite connection in autocommit mode (transactions are `Transaction`s).
+    Read-write: WAL with synchronous=FULL, every commit fsynced."""
+    return Database.sqlite(path, readonly=readonly)
 
 
 class Ledger:
-    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+    """A campaign's ledger. `Ledger(path)` is a SQLite file; `Ledger.on_postgres(url,
+    campaign)` a schema of a PostgreSQL database, with the same tables."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        readonly: bool = False,
+        db: Database | None = None,
+        reopen: Callable[[bool], Ledger] | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.db = connect(self.path, readonly=readonly)
+        self.db = db if db is not None else connect(self.path, readonly=readonly)
+        self._reopen = reopen or (lambda ro: Ledger(self.path, readonly=ro))
         try:
             if not readonly:
                 self._migrate()
-            for create in _RESULTS_VIEWS:
-                self.db.execute(create)
-        except sqlite3.Error:
+            self._create_views()
+        except LedgerError:
             self.db.close()
             raise
+
+    @classmethod
+    def on_postgres(cls, url: str, campaign: str, *, readonly: bool = False) -> Ledger:
+        schema = schema_name(campaign)
+        db = Database.postgresql(url, schema, readonly=readonly)
+        return cls(
+            f"{db.where}#{schema}",
+            readonly=readonly,
+            db=db,
+            reopen=lambda ro: cls.on_postgres(url, campaign, readonly=ro),
+        )
+
+    @property
+    def postgres(self) -> bool:
+        return self.db.postgres
+
+    def reopen(self, readonly: bool = False) -> Ledger:
+        """Another connection to the same ledger (for a thread of its own)."""
+        return self._reopen(readonly)
 
     @classmethod
     def reader(cls, path: Path | str) -> Ledger:
@@ -246,32 +289,47 @@ class Ledger:
         if not Path(path).is_file():
             raise sqlite3.OperationalError(f"{path}: no ledger")
         ledger = cls(path, readonly=True)
-        if ledger._version() >= SCHEMA_VERSION:
+        if ledger.db.version() >= SCHEMA_VERSION:
             return ledger
         ledger.close()
         return cls(path)
 
-    def _version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+    def _create_views(self) -> None:
+        # A temporary view lives as long as this connection, whatever version wrote the file.
+        make = "CREATE OR REPLACE TEMP VIEW" if self.postgres else "CREATE TEMP VIEW IF NOT EXISTS"
+        for create in _RESULTS_VIEWS:
+            self.db.execute(create.replace("CREATE TEMP VIEW", make, 1))
 
     def _migrate(self) -> None:
         """Create the schema, or upgrade a ledger written by an older version in place."""
-        if self._version() >= SCHEMA_VERSION:
+        db = self.db
+        if db.version() >= SCHEMA_VERSION:
             return
-        self.db.executescript(_SCHEMA)
         with self.transaction(changes=False):
-            if self._version() >= SCHEMA_VERSION:
+            if db.postgres:
+                # Workers starting together: one creates the tables, the others wait for it.
+                db.execute("SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), 1))")
+            if db.version() >= SCHEMA_VERSION:
                 return  # another process upgraded it meanwhile
-            columns = {c[1] for c in self.db.execute("PRAGMA table_info(recipients)")}
-            if "row" not in columns:  # version 1
-                self.db.execute("ALTER TABLE recipients ADD COLUMN row INTEGER")
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for statement in db.ddl(_SCHEMA).split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            recipients, runs = db.columns("recipients"), db.columns("runs")
+            if "row" not in recipients:  # version 1
+                db.execute("ALTER TABLE recipients ADD COLUMN row INTEGER")
+            if "claim" not in recipients:  # versions 1-3
+                db.execute("ALTER TABLE recipients ADD COLUMN claim INTEGER")
+                for column in ("heartbeat_at REAL", "host TEXT", "pid INTEGER"):
+                    if column.split()[0] not in runs:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {db.ddl(column)}")
+            db.execute("CREATE INDEX IF NOT EXISTS recipients_claim ON recipients (claim)")
+            db.set_version(SCHEMA_VERSION)
 
     def close(self) -> None:
         self.db.close()
 
     def transaction(self, changes: bool = True) -> Transaction:
-        """BEGIN IMMEDIATE ... COMMIT; `changes`: the report may change (bump generation)."""
+        """BEGIN ... COMMIT; `changes`: the report may change (bump generation)."""
         return Transaction(self.db, changes)
 
     # --- meta --------------------------------------------------------------------------
@@ -301,38 +359,101 @@ class Ledger:
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)
 
-    # --- runs --------------------------------------------------------------------------
+    # --- runs: workers and their leases ------------------------------------------------
 
-    def recover(self) -> int:
-        """Settle what a dead run left: in-flight recipients become `unknown`."""
+    def recover(self, lease_s: float | None = None) -> int:
+        """Settle what dead workers left: their in-flight people become `unknown`, their
+        other claims go back to the pool. `lease_s` None: every run still marked running
+        is dead (SQLite, where this process holds the campaign's lock); else those without
+        a heartbeat for `lease_s` seconds of the store's clock. When no live worker is
+        left, every claim is released: a new run starts from the whole campaign."""
+        db = self.db
         with self.transaction():
-            cursor = self.db.execute(
-                "UPDATE recipients SET state = 'unknown', "
-                "error = 'in flight when an earlier run stopped; it may have arrived' "
-                "WHERE state = 'inflight'"
+            if lease_s is None:
+                dead = [r for (r,) in db.execute("SELECT id FROM runs WHERE state = 'running'")]
+            else:
+                horizon = db.now() - lease_s
+                dead = [
+                    r
+                    for (r,) in db.execute(
+                        "SELECT id FROM runs WHERE state = 'running' "
+                        "AND coalesce(heartbeat_at, started_at) < ?",
+                        (horizon,),
+                    )
+                ]
+            if lease_s is None:
+                recovered = db.execute(
+                    "UPDATE recipients SET state = 'unknown', error = ? WHERE state = 'inflight'",
+                    (_DIED_IN_FLIGHT,),
+                ).rowcount
+                db.execute(
+                    "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
+                    "WHERE state IS NULL"
+                )
+            else:
+                recovered = (
+                    db.executemany(
+                        "UPDATE recipients SET state = 'unknown', error = ? "
+                        "WHERE state = 'inflight' AND claim = ?",
+                        [(_DIED_IN_FLIGHT, run) for run in dead],
+                    ).rowcount
+                    if dead
+                    else 0
+                )
+                db.executemany(
+                    "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
+                    "WHERE state IS NULL AND run_id = ?",
+                    [(run,) for run in dead],
+                )
+            db.executemany(
+                "UPDATE recipients SET claim = NULL WHERE claim = ?", [(run,) for run in dead]
             )
-            self.db.execute(
-                "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
-                "WHERE state IS NULL"
+            db.executemany(
+                "UPDATE runs SET state = 'crashed' WHERE id = ?", [(run,) for run in dead]
             )
-            self.db.execute("UPDATE runs SET state = 'crashed' WHERE state = 'running'")
-        return cursor.rowcount
+            if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
+                db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
+        return max(recovered, 0)
+
+    def live_workers(self) -> int:
+        return int(
+            self.db.execute("SELECT count(*) FROM runs WHERE state = 'running'").fetchone()[0]
+        )
 
     def start_run(self, command: str) -> int:
         with self.transaction():
-            cursor = self.db.execute(
-                "INSERT INTO runs (command, started_at, state) VALUES (?, ?, 'running')",
-                (command, time.time()),
+            now = self.db.now()
+            found = self.db.execute(
+                "INSERT INTO runs (command, started_at, state, heartbeat_at, host, pid) "
+                "VALUES (?, ?, 'running', ?, ?, ?) RETURNING id",
+                (command, now, now, socket.gethostname(), os.getpid()),
+            ).fetchone()
+        return int(found[0])
+
+    def heartbeat(self, run_id: int) -> bool:
+        """Renew the run's lease. False: it had expired and another worker took its people
+        (the run must stop sending)."""
+        with self.transaction(changes=False):
+            return (
+                self.db.execute(
+                    "UPDATE runs SET heartbeat_at = ? WHERE id = ? AND state = 'running'",
+                    (self.db.now(), run_id),
+                ).rowcount
+                == 1
             )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
 
     def end_run(self, run_id: int, state: str) -> None:
+        """The run is over; the people it claimed but never tried go back to the pool (a
+        person that failed stays with it: another worker does not retry it right away)."""
         with self.transaction():
             self.db.execute(
                 "UPDATE runs SET state = ?, finished_at = ?, "
                 "requests = (SELECT count(*) FROM attempts WHERE run_id = ?) WHERE id = ?",
                 (state, time.time(), run_id, run_id),
+            )
+            self.db.execute(
+                "UPDATE recipients SET claim = NULL WHERE claim = ? AND state = 'pending'",
+                (run_id,),
             )
 
     def last_run(self, commands: tuple[str, ...] = ("run",)) -> RunInfo | None:
@@ -356,14 +477,18 @@ class Ledger:
         A recipient already `sent` keeps its payload: it is never sent again.
         """
         db = self.db
+        # PostgreSQL: a staging table of this connection's own, whatever other workers or
+        # pages look at meanwhile; its rows are copied in at the end, as other
+        # connections' views depend on the table `rows`. SQLite: renamed into place.
         db.execute("DROP TABLE IF EXISTS rows_new")
-        db.execute(f"CREATE TABLE rows_new ({_ROWS_COLUMNS})")
+        temporary = "TEMP " if db.postgres else ""
+        db.execute(f"CREATE {temporary}TABLE rows_new ({db.ddl(_ROWS_COLUMNS)})")
         for chunk in chunks:
             with self.transaction(changes=False):
                 db.executemany(
                     "INSERT INTO rows_new (row, cells, status, key, payload, to_phone, error) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
+                    [
                         (
                             r.row,
                             json.dumps(r.cells, ensure_ascii=False),
@@ -374,13 +499,16 @@ class Ledger:
                             r.error,
                         )
                         for r in chunk
-                    ),
+                    ],
                 )
         with self.transaction():
-            for drop in _DROP_RESULTS_VIEWS:
-                db.execute(drop)
-            db.execute("DROP TABLE rows")
-            db.execute("CREATE INDEX rows_key ON rows_new (key, row)")
+            if db.postgres:
+                db.execute("CREATE INDEX ON rows_new (key, row)")
+            else:
+                for drop in _DROP_RESULTS_VIEWS:
+                    db.execute(drop)
+                db.execute("DROP TABLE rows")
+                db.execute("CREATE INDEX rows_key ON rows_new (key, row)")
             db.execute(
                 "UPDATE rows_new SET status = 'duplicate', "
                 "error = 'duplicate of row ' || (SELECT min(f.row) FROM rows_new f "
@@ -392,12 +520,18 @@ class Ledger:
                 "INSERT INTO recipients (key, payload, to_phone, row) "
                 "SELECT key, payload, to_phone, row FROM rows_new WHERE status = 'ok' "
                 "ON CONFLICT (key) DO UPDATE SET row = excluded.row, "
-                "payload = CASE WHEN state = 'sent' THEN payload ELSE excluded.payload END, "
-                "to_phone = CASE WHEN state = 'sent' THEN to_phone ELSE excluded.to_phone END"
+                "payload = CASE WHEN recipients.state = 'sent' THEN recipients.payload "
+                "ELSE excluded.payload END, "
+                "to_phone = CASE WHEN recipients.state = 'sent' THEN recipients.to_phone "
+                "ELSE excluded.to_phone END"
             )
-            db.execute("ALTER TABLE rows_new RENAME TO rows")
-            for create in _RESULTS_VIEWS:
-                db.execute(create)
+            if db.postgres:
+                db.execute("DELETE FROM rows")
+                db.execute("INSERT INTO rows SELECT * FROM rows_new")
+                db.execute("DROP TABLE rows_new")
+            else:
+                db.execute("ALTER TABLE rows_new RENAME TO rows")
+                self._create_views()
             db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -425,12 +559,63 @@ class Ledger:
     # --- sending -----------------------------------------------------------------------
 
     def count_targets(self, states: tuple[str, ...]) -> int:
+        """People in one of `states` that no live worker has claimed."""
         marks = ",".join("?" * len(states))
-        return self.db.execute(
-            f"SELECT count(*) FROM rows JOIN recipients r ON r.key = rows.key "
-            f"WHERE rows.status = 'ok' AND r.state IN ({marks}) AND {_RESENDABLE}",
-            states,
-        ).fetchone()[0]
+        return int(
+            self.db.execute(
+                f"SELECT count(*) FROM rows JOIN recipients r ON r.key = rows.key "
+                f"WHERE rows.status = 'ok' AND r.state IN ({marks}) AND r.claim IS NULL "
+                f"AND {_RESENDABLE}",
+                states,
+            ).fetchone()[0]
+        )
+
+    def claim(
+        self, run_id: int, states: tuple[str, ...], after: int = 0, batch: int = 500
+    ) -> list[Target]:
+        """Claim for `run_id` the next people in one of `states` that nobody holds, in
+        input order after row `after` (one commit). On PostgreSQL, rows another worker is
+        claiming at this moment are skipped, not waited for."""
+        marks = ",".join("?" * len(states))
+        lock = " FOR UPDATE OF r SKIP LOCKED" if self.postgres else ""
+        with self.transaction(changes=False):
+            found = self.db.execute(
+                f"UPDATE recipients SET claim = ? WHERE claim IS NULL AND id IN ("
+                f"SELECT r.id FROM rows JOIN recipients r ON r.key = rows.key "
+                f"WHERE rows.status = 'ok' AND rows.row > ? AND r.state IN ({marks}) "
+                f"AND r.claim IS NULL AND {_RESENDABLE} ORDER BY rows.row LIMIT ?{lock}) "
+                f"RETURNING id, row, payload, attempts, state, to_phone",
+                (run_id, after, *states, batch),
+            ).fetchall()
+        return sorted((_target(*found_row) for found_row in found), key=lambda t: t.row)
+
+    def claims(
+        self, run_id: int, states: tuple[str, ...], batch: int = 500
+    ) -> Iterator[list[Target]]:
+        """Claim and yield the people to send, a batch at a time in input order, until
+        none is left. Past the last row it looks once more from the top, for people a
+        dead worker let go meanwhile."""
+        after = 0
+        while True:
+            found = self.claim(run_id, states, after, batch)
+            if found:
+                after = found[-1].row
+                yield found
+            elif after:
+                after = 0
+            else:
+                return
+
+    def claimed(self, run_id: int, states: tuple[str, ...], ids: set[int]) -> list[Target]:
+        """Of the people `run_id` holds, those in `ids` still in one of `states` (the
+        people held back for their send window, when it opens)."""
+        marks = ",".join("?" * len(states))
+        found = self.db.execute(
+            f"SELECT id, row, payload, attempts, state, to_phone FROM recipients "
+            f"WHERE claim = ? AND state IN ({marks}) ORDER BY row",
+            (run_id, *states),
+        )
+        return [_target(*row) for row in found if row[0] in ids]
 
     def targets(self, states: tuple[str, ...], batch: int = 1000) -> Iterator[list[Target]]:
         """Recipients in one of `states`, in input order, a batch at a time."""
@@ -447,10 +632,7 @@ class Ledger:
             if not found:
                 return
             after = found[-1][1]
-            yield [
-                Target(rid, row, payload.encode(), attempts, state == "unknown", to_phone)
-                for rid, row, payload, attempts, state, to_phone in found
-            ]
+            yield [_target(*found_row) for found_row in found]
 
     def write_batch(
         self,
@@ -461,7 +643,8 @@ class Ledger:
     ) -> list[bool]:
         """The dispatcher's group commit, one transaction and so one fsync: the answers
         recorded, the recipients held back, and the attempts about to leave marked in
-        flight. Returns, per begin, whether it may leave (False: already sent, skip it)."""
+        flight. Returns, per begin, whether it may leave (False: already sent, or no longer
+        claimed by this run because its lease expired: skip it)."""
         with self.transaction():
             if outcomes:
                 self._finish_attempts(outcomes)
@@ -475,14 +658,16 @@ class Ledger:
         for recipient_id, n in attempts:
             cursor = self.db.execute(
                 "UPDATE recipients SET state = 'inflight', attempts = ? "
-                "WHERE id = ? AND state != 'sent'",
-                (n, recipient_id),
+                "WHERE id = ? AND claim = ? AND state != 'sent'",
+                (n, recipient_id, run_id),
             )
             ok = cursor.rowcount == 1
             if ok:
                 self.db.execute(
-                    "INSERT OR REPLACE INTO attempts (recipient_id, n, run_id, started_at) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
+                    "run_id = excluded.run_id, started_at = excluded.started_at, "
+                    "finished_at = NULL, state = NULL, http_status = NULL, error = NULL",
                     (recipient_id, n, run_id, now),
                 )
             started.append(ok)
@@ -509,10 +694,10 @@ class Ledger:
         deadline passed): (id, new state or None to keep it, error). A recipient already
         sent stays sent, and one whose earlier request may have arrived stays unknown."""
         self.db.executemany(
-            "UPDATE recipients SET error = ?2, state = CASE WHEN state = 'unknown' "
-            "THEN state ELSE coalesce(?1, state) END "
-            "WHERE id = ?3 AND state NOT IN ('sent', 'inflight')",
-            [(state, error, recipient_id) for recipient_id, state, error in holds],
+            "UPDATE recipients SET error = ?, state = CASE WHEN state = 'unknown' "
+            "THEN state ELSE coalesce(?, state) END "
+            "WHERE id = ? AND state NOT IN ('sent', 'inflight')",
+            [(error, state, recipient_id) for recipient_id, state, error in holds],
         )
 
     def note_pending(self, error: str) -> int:
@@ -578,10 +763,10 @@ class Ledger:
             "coalesce(sent_at, ''), coalesce(delivery, ''), coalesce(delivery_error, ''), "
             "coalesce(delivery_checked_at, '')"
         )
-        yield from self.db.execute(
+        yield from self.db.stream(
             f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results ORDER BY row"
         )
-        yield from self.db.execute(
+        yield from self.db.stream(
             f"SELECT NULL, '', status, {results} FROM gone_results ORDER BY was_row"
         )
 
@@ -611,15 +796,17 @@ class Ledger:
         """(recipient id, phone as E.164 digits, last request's start), a batch at a time,
         for every person with a phone who had a request that may have arrived (`sent` or
         `unknown`) and whose number is in `share` of `shares` (number modulo shares)."""
-        cursor = self.db.execute(
-            f"SELECT r.id, CAST(substr(r.to_phone, 2) AS INTEGER) AS phone, "
-            f"max(a.started_at) FROM recipients r "
-            f"JOIN attempts a ON a.recipient_id = r.id WHERE r.state IN {REQUESTED} "
-            f"AND r.to_phone IS NOT NULL AND phone % ? = ? GROUP BY r.id",
-            (shares, share),
+        phone = "CAST(substr(r.to_phone, 2) AS BIGINT)"
+        yield from _batched(
+            self.db.stream(
+                f"SELECT r.id, {phone}, max(a.started_at) FROM recipients r "
+                f"JOIN attempts a ON a.recipient_id = r.id WHERE r.state IN {REQUESTED} "
+                f"AND r.to_phone IS NOT NULL AND {phone} % ? = ? GROUP BY r.id",
+                (shares, share),
+                batch,
+            ),
+            batch,
         )
-        while found := cursor.fetchmany(batch):
-            yield found
 
     def report_windows(self) -> list[tuple[float, float, bool, float | None]]:
         """(start, end, read whole, when) of every span of the Reporting API looked at."""
@@ -675,13 +862,15 @@ class Ledger:
     ) -> Iterator[list[tuple[Any, ...]]]:
         """(entry id, phone digits, created_at, status, error) of the entries created in
         [start, end] whose number is in `share` of `shares`, a batch at a time."""
-        cursor = self.db.execute(
-            "SELECT id, phone, created_at, status, error FROM report_entries "
-            "WHERE created_at BETWEEN ? AND ? AND phone % ? = ?",
-            (start, end, shares, share),
+        yield from _batched(
+            self.db.stream(
+                "SELECT id, phone, created_at, status, error FROM report_entries "
+                "WHERE created_at BETWEEN ? AND ? AND phone % ? = ?",
+                (start, end, shares, share),
+                batch,
+            ),
+            batch,
         )
-        while found := cursor.fetchmany(batch):
-            yield found
 
     def record_deliveries(
         self,
@@ -707,14 +896,15 @@ class Ledger:
                 "checked_at = excluded.checked_at WHERE deliveries.entry IS NULL",
                 [(rid, checked_at) for rid in not_found],
             )
-            before = self.db.total_changes
-            self.db.executemany(
-                "UPDATE recipients SET state = 'sent', "
-                "error = 'confirmed by the delivery report', sent_at = coalesce(sent_at, ?) "
-                "WHERE id = ? AND state = 'unknown'",
-                [(at, rid) for rid, _, _, _, at in matched],
+            return max(
+                self.db.executemany(
+                    "UPDATE recipients SET state = 'sent', "
+                    "error = 'confirmed by the delivery report', sent_at = coalesce(sent_at, ?) "
+                    "WHERE id = ? AND state = 'unknown'",
+                    [(at, rid) for rid, _, _, _, at in matched],
+                ).rowcount,
+                0,
             )
-            return self.db.total_changes - before
 
     def delivery_counts(self) -> dict[str, int]:
         """Lines of the report per delivery state (those with one)."""
@@ -753,28 +943,36 @@ class Outcome:
 
 
 class Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit).
-    In a ledger, a transaction that may change the report also bumps `meta.generation`
+    """BEGIN ... COMMIT, or ROLLBACK on error (the connection is in autocommit). In a
+    ledger, a transaction that may change the report also bumps `meta.generation`
     (`changes`); other databases (the suppression list) have no such counter."""
 
-    def __init__(self, db: sqlite3.Connection, changes: bool = False) -> None:
+    def __init__(self, db: Database, changes: bool = False) -> None:
         self.db = db
         self.changes = changes
 
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+    def __enter__(self) -> Database:
+        self.db.begin()
         return self.db
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
         if kind is not None:
-            # SQLite has already rolled back after some errors (a full disk): a second
-            # ROLLBACK would fail and hide the first error.
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            self.db.rollback()
             return
         if self.changes:
             self.db.execute(
                 "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
                 "WHERE key = 'generation'"
             )
-        self.db.execute("COMMIT")
+        self.db.commit()
+
+
+def _batched(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

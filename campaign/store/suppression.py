@@ -116,21 +116,25 @@ class SuppressionList:
     def _add_batch(self, phones: list[str], reason: str, source: str) -> int:
         now = time.time()
         with Transaction(self.db):
-            before = self.db.total_changes
-            self.db.executemany(
-                "INSERT INTO numbers (phone, reason, source, added_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (phone) DO NOTHING",
-                ((p, reason, source, now) for p in phones),
+            return max(
+                self.db.executemany(
+                    "INSERT INTO numbers (phone, reason, source, added_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (phone) DO NOTHING",
+                    [(p, reason, source, now) for p in phones],
+                ).rowcount,
+                0,
             )
-            return self.db.total_changes - before
 
     def remove(self, phones: Iterable[str]) -> int:
         """Take `phones` off the list; returns how many were on it."""
         listed = list(phones)
         with Transaction(self.db):
-            before = self.db.total_changes
-            self.db.executemany("DELETE FROM numbers WHERE phone = ?", ((p,) for p in listed))
-            return self.db.total_changes - before
+            return max(
+                self.db.executemany(
+                    "DELETE FROM numbers WHERE phone = ?", [(p,) for p in listed]
+                ).rowcount,
+                0,
+            )
 
     # --- questions ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     delivery: dict[str, int] = {}
     stored_mapping = None
     if (directory / LEDGER_FILE).is_file():
-        with contextlib.suppress(LedgerError), _reader(directory) as ledger:
+        with contextlib.suppress(*LedgerError), _reader(directory) as ledger:
             ledger_info = info_of(directory, ledger)
             counts = ledger.counts()
             delivery = ledger.delivery_counts()

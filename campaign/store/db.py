@@ -1,0 +1,313 @@
+"""One connection to either store: a SQLite file, or a schema of a PostgreSQL database.
+
+The store's SQL is written once, in the subset both databases share, with `?` marks;
+`Database` passes it to sqlite3 as it is and to psycopg 3 with `%s` marks. The few
+places where the two differ in substance (the schema's column types, how a table is
+replaced, the clock, row locks) ask `Database.postgres` and say why.
+
+psycopg is imported only when a PostgreSQL store is used: a SQLite run does not pay for
+it. Its errors become `StoreError`, so callers catch one thing whichever store they use
+(`LedgerError`); no message repeats a URL's password (`safe_url`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_CONNECT_TIMEOUT_S = 10
+
+
+class StoreError(Exception):
+    """A PostgreSQL error, with a message that names no secret."""
+
+
+class StoreUnreachable(StoreError):
+    """The PostgreSQL server cannot be reached or refused us: a problem of the job's
+    `ledger:` URL or of the server, not of a campaign."""
+
+
+LedgerError: tuple[type[Exception], ...] = (sqlite3.Error, StoreError)
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchmany(self, size: int = ...) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+def is_postgres(location: str | Path) -> bool:
+    return isinstance(location, str) and location.split(":", 1)[0] in POSTGRES_SCHEMES
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        return urlunsplit(parts._replace(netloc=user + host))
+    except ValueError:
+        return re.sub(r":[^:@/]*@", ":***@", url)
+
+
+def schema_name(campaign: str) -> str:
+    """A campaign's PostgreSQL schema. Identifiers are at most 63 bytes; a longer campaign
+    id is shortened and made unique by its hash."""
+    name = f"c_{campaign}"
+    if len(name) <= 63:
+        return name
+    import hashlib
+
+    return f"c_{campaign[:44]}_{hashlib.sha256(campaign.encode()).hexdigest()[:16]}"
+
+
+@lru_cache(maxsize=512)
+def _for_postgres(sql: str) -> str:
+    # Our SQL has no `?` or `%` inside string literals, so this is a plain replacement.
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Database:
+    """A connection in autocommit mode; transactions are explicit (`begin`)."""
+
+    def __init__(self, raw: Any, postgres: bool, where: str) -> None:
+        self.raw = raw
+        self.postgres = postgres
+        self.where = where  # for messages: a file, or a URL without its password
+
+    # --- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def sqlite(cls, path: Path, *, readonly: bool = False) -> Database:
+        """WAL with synchronous=FULL: every commit is fsynced before it returns."""
+        if readonly:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            raw = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            raw.execute("PRAGMA busy_timeout=5000")
+            if not readonly:
+                raw.execute("PRAGMA journal_mode=WAL")
+                raw.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            raw.close()
+            raise
+        return cls(raw, False, str(path))
+
+    @classmethod
+    def postgresql(cls, url: str, schema: str | None, *, readonly: bool = False) -> Database:
+        """A connection whose unqualified names are `schema`'s (created if missing)."""
+        import psycopg
+        from psycopg import sql
+
+        where = safe_url(url)
+        try:
+            raw = psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
+        except psycopg.Error as exc:
+            raise StoreUnreachable(f"{where}: cannot connect ({_first_line(exc)})") from None
+        except ValueError as exc:  # a malformed URL
+            raise StoreUnreachable(f"{where}: not a usable PostgreSQL URL ({exc})") from None
+        db = cls(raw, True, where)
+        try:
+            if schema is not None:
+                raw.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+                )
+                raw.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            if readonly:
+                raw.execute("SET default_transaction_read_only = on")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raw.close()
+            raise StoreUnreachable(
+                f"{where}: no right to create the campaign's tables ({_first_line(exc)})"
+            ) from None
+        except psycopg.Error as exc:
+            raw.close()
+            raise StoreUnreachable(f"{where}: {_first_line(exc)}") from None
+        return db
+
+    # --- statements ----------------------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        if not self.postgres:
+            return self.raw.execute(sql, params)
+        with self._errors():
+            if params:
+                return self.raw.execute(_for_postgres(sql), params)
+            return self.raw.execute(sql)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+        if not self.postgres:
+            return self.raw.executemany(sql, rows)
+        rows = list(rows)
+        if not rows:
+            return _NO_ROWS
+        with self._errors():
+            cursor = self.raw.cursor()
+            cursor.executemany(_for_postgres(sql), rows)
+            return cursor
+
+    def script(self, sql: str) -> None:
+        """Several statements without parameters (a schema)."""
+        if not self.postgres:
+            self.raw.executescript(sql)
+            return
+        with self._errors():
+            self.raw.execute(sql)
+
+    def stream(self, sql: str, params: Sequence[Any] = (), batch: int = 10_000) -> Iterator[Any]:
+        """The rows of a big query without holding them all in memory: PostgreSQL sends a
+        plain query's whole result at once, so there it is read through a server-side
+        cursor, in a read-only transaction of its own connection's (one snapshot)."""
+        if not self.postgres:
+            cursor = self.raw.execute(sql, params)
+            while found := cursor.fetchmany(batch):
+                yield from found
+            return
+        with self._errors(), self.raw.transaction(), self.raw.cursor(name="stream") as cursor:
+            cursor.itersize = batch
+            cursor.execute(_for_postgres(sql) if params else sql, params or None)
+            yield from cursor
+
+    # --- transactions --------------------------------------------------------------------
+
+    def begin(self) -> None:
+        # SQLite: take the write lock now, so that a transaction never fails half-way for
+        # another writer. PostgreSQL locks the rows it writes.
+        self.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        # SQLite has already rolled back after some errors (a full disk): a second
+        # ROLLBACK would fail and hide the first error.
+        if self.in_transaction:
+            self.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        if not self.postgres:
+            return bool(self.raw.in_transaction)
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    # --- what differs --------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The store's clock, as Unix time: on PostgreSQL the server's, the one clock every
+        host agrees on (leases)."""
+        if self.postgres:
+            return float(self.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+        import time
+
+        return time.time()
+
+    def version(self) -> int:
+        if not self.postgres:
+            return int(self.raw.execute("PRAGMA user_version").fetchone()[0])
+        found = self.execute(
+            "SELECT 1 FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_name = 'schema_version'"
+        ).fetchone()
+        if found is None:
+            return 0
+        row = self.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+    def set_version(self, version: int) -> None:
+        if not self.postgres:
+            self.raw.execute(f"PRAGMA user_version = {int(version)}")
+            return
+        self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        self.execute("DELETE FROM schema_version")
+        self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    def columns(self, table: str) -> set[str]:
+        if not self.postgres:
+            return {c[1] for c in self.raw.execute(f"PRAGMA table_info({table})")}
+        found = self.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        )
+        return {c[0] for c in found}
+
+    def ddl(self, sql: str) -> str:
+        """A schema written for SQLite, in this database's terms: PostgreSQL's INTEGER and
+        REAL are 4 bytes (phone numbers and Unix times need 8), and a generated key is an
+        identity column."""
+        if not self.postgres:
+            return sql
+        identity = "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+        sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", identity)
+        sql = sql.replace("INTEGER PRIMARY KEY", identity)
+        sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
+        sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+        return sql.replace(") WITHOUT ROWID;", ");")
+
+    def advisory_lock(self, name: str, *, wait: bool = True) -> bool:
+        """PostgreSQL: a session lock on `name` (held until `advisory_unlock` or the
+        connection ends, so a killed process never leaves it behind)."""
+        function = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+        found = self.execute(f"SELECT {function}(hashtextextended(?, 0))", (name,)).fetchone()
+        return wait or bool(found[0])
+
+    def advisory_unlock(self, name: str) -> None:
+        self.execute("SELECT pg_advisory_unlock(hashtextextended(?, 0))", (name,))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        import psycopg
+
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            raise StoreUnreachable(f"{self.where}: {_first_line(exc)}") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.where}: {_first_line(exc)}") from exc
+
+
+class _NoRows:
+    rowcount = 0
+
+    def fetchone(self) -> Any:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def fetchmany(self, size: int = 0) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
+_NO_ROWS = _NoRows()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

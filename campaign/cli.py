@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from campaign.errors import CampaignError
+    from campaign.store.db import StoreError
 
     state: dict[str, Any] = {"control": None, "directory": None}
     try:
@@ -277,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     except CampaignError as exc:
         _error(str(exc))
         return exc.exit_code
+    except StoreError as exc:
+        # PostgreSQL went away or refused us: one line naming it (never its password).
+        _error(f"the ledger failed: {exc}")
+        control = state["control"]
+        return 1 if control is not None and control.dispatcher is not None else 2
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -497,22 +503,25 @@ def _print_outcome(outcome: RunOutcome) -> None:
 def _report(args: argparse.Namespace) -> int:
     from campaign.errors import UsageError
     from campaign.pipeline import RunOptions, campaign_id_for, rebuild_report
-    from campaign.store.campaigns import list_campaigns
+    from campaign.store.campaigns import store_of
 
     target = Path(args.target)
     if target.is_dir():
-        directory = target
+        store, campaign = store_of(target.parent, None), target.name
+        if not store.exists(campaign):
+            raise UsageError(f"{target}: not a campaign directory (no ledger)")
     else:
         job = _load(args, args.target)
-        output_dir = Path(job.output_dir)
-        directory = output_dir / campaign_id_for(job, RunOptions(campaign=args.campaign))
-        if args.campaign is None and not directory.is_dir():
+        store = store_of(job.output_dir, job.ledger)
+        campaign = campaign_id_for(job, RunOptions(campaign=args.campaign))
+        if args.campaign is None and not store.exists(campaign):
             # Today's id has no campaign yet: the job's latest one is meant.
-            mine = [c for c in list_campaigns(output_dir) if c.job == job.name]
+            mine = [c for c in store.list_campaigns() if c.job == job.name]
             if not mine:
-                raise UsageError(f"{args.target}: no campaign of this job under {output_dir}")
-            directory = output_dir / mine[0].id
-    summary = rebuild_report(directory)
+                raise UsageError(f"{args.target}: no campaign of this job in the store")
+            campaign = mine[0].id
+    directory = store.output_dir / campaign
+    summary = rebuild_report(store, campaign)
     line = "  ".join(f"{k} {v}" for k, v in summary["counts"].items())
     print(f"campaign {summary['campaign']}: report rewritten from the ledger")
     print(f"  {line}")

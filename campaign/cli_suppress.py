@@ -47,7 +47,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace, job: Any) -> int:
     from campaign.store.suppression import SuppressionList
 
-    with SuppressionList(job.output_dir) as listed:
+    with SuppressionList(job.output_dir, job.ledger) as listed:
         if args.action == "list":
             return _list(listed)
         if args.action == "import":

@@ -182,6 +182,11 @@ class Dispatcher:
         self.result.interrupted = True
         self._halt()
 
+    def abort(self, reason: str) -> None:
+        """Stop taking new requests, for `reason` (the run ends aborted, exit 3)."""
+        self.result.aborted = self.result.aborted or reason
+        self._halt()
+
     def _halt(self) -> None:
         if self.halt.is_set():
             return

@@ -149,6 +149,9 @@ class Limits(_Strict):
     max_attempts: int = Field(default=5, ge=1, le=100)
     abort_after_fatal: int = Field(default=3, ge=1)
     retry_ambiguous: bool = False
+    # With a PostgreSQL ledger: a worker without a heartbeat this long is taken for dead,
+    # and its people in flight become `unknown` (see store/ledger.py).
+    lease_s: float = Field(default=30, ge=1, le=3600, allow_inf_nan=False)
     # Compliance (see `windows`): the recipient's local hours, the zone for numbers without
     # a single one, and the time after which no new request leaves.
     send_window: str | None = None
@@ -263,6 +266,18 @@ class Job(_Strict):
     mapping: Mapping
     limits: Limits = Field(default_factory=Limits)
     reporting: Reporting | None = None
+    # Where the ledgers, the suppression list and the locks are: None for SQLite files
+    # under output_dir, or a postgresql:// URL (many hosts).
+    ledger: str | None = None
+
+    @field_validator("ledger")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        from campaign.store.db import is_postgres
+
+        if value is not None and not is_postgres(value.strip()):
+            raise ValueError("must be a postgresql:// URL (leave it out for SQLite files)")
+        return None if value is None else value.strip()
 
     @field_validator("input", "output_dir")
     @classmethod

@@ -37,14 +37,8 @@ from campaign.report import (
     write_report,
     write_summary,
 )
-from campaign.store.campaigns import (
-    LOG_FILE,
-    OpenCampaign,
-    check_unfinished,
-    job_lock,
-    open_campaign,
-)
-from campaign.store.ledger import SENDABLE, Ledger, MappedRow
+from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
+from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow
 from campaign.store.suppression import SuppressionList, Watch, apply_to_ledger
 from campaign.windows import Schedule, make_schedule
 
@@ -160,11 +154,36 @@ async def run_campaign(
 def _take(hold: contextlib.ExitStack, job: Job, options: RunOptions, campaign: str) -> OpenCampaign:
     """Own the campaign: under the job's lock, the midnight guard and the campaign's lock
     are one step. Nothing is created or removed before the campaign's lock is held."""
-    output_dir = Path(job.output_dir)
-    with job_lock(output_dir, job.name):
+    store = store_of(job.output_dir, job.ledger)
+    with store.job_lock(job.name):
         if not options.dry_run and not options.campaign and not options.new:
-            check_unfinished(output_dir, job.name, campaign)
-        return hold.enter_context(open_campaign(output_dir, campaign, job.name, options.origin))
+            store.check_unfinished(job.name, campaign)
+        return hold.enter_context(store.open_campaign(campaign, job.name, options.origin))
+
+
+@dataclass
+class _Prepared:
+    job: Job  # as this campaign is run (its mapping may be the campaign's own)
+    recovered: int
+    suppressed: int
+    run_id: int | None  # None: a dry run
+
+
+def _prepare(owned: OpenCampaign, job: Job, options: RunOptions, control: RunControl) -> _Prepared:
+    """Settle what dead runs left, read the input into the ledger and register the run,
+    as one step: on PostgreSQL, workers that start meanwhile wait for it, then join the
+    run that loaded (they read no input of their own, and check that their mapping is
+    the campaign's)."""
+    ledger = owned.ledger
+    with owned.loading():
+        recovered = ledger.recover(job.limits.lease_s if owned.shared else None)
+        joining = (
+            owned.shared and not options.dry_run and ledger.live_workers(job.limits.lease_s) > 0
+        )
+        job = _load_input(ledger, job, options, control, owned.directory, joining)
+        suppressed = _suppress(ledger, job)
+        run_id = None if options.dry_run else ledger.start_run("run")
+    return _Prepared(job, recovered, suppressed, run_id)
 
 
 async def _run_owned(
@@ -176,13 +195,9 @@ async def _run_owned(
 ) -> RunOutcome:
     ledger, directory = owned.ledger, owned.directory
     campaign = directory.name
-    recovered = await asyncio.to_thread(ledger.recover)
-    if recovered:
-        log.warning("in-flight recipients of an earlier run marked unknown", count=recovered)
-
     started = time.monotonic()
     try:
-        job = await asyncio.to_thread(_load_input, ledger, job, options, control, directory)
+        prepared = await asyncio.to_thread(_prepare, owned, job, options, control)
     except Interrupted:
         summary = await asyncio.to_thread(_report, ledger, directory)
         return RunOutcome(
@@ -193,7 +208,11 @@ async def _run_owned(
             "interrupted",
             "interrupted while reading the input; nothing was sent",
         )
-    suppressed = await asyncio.to_thread(_suppress, ledger, job)
+    job, suppressed = prepared.job, prepared.suppressed
+    if prepared.recovered:
+        log.warning(
+            "in-flight recipients of an earlier run marked unknown", count=prepared.recovered
+        )
     counts = await asyncio.to_thread(_counts, ledger)
     log.info("input mapped", seconds=round(time.monotonic() - started, 2), **counts)
     schedule = make_schedule(
@@ -222,7 +241,8 @@ async def _run_owned(
     states: tuple[str, ...] = ("failed",) if options.only_failed else SENDABLE
     if options.resend_unknown:
         states += ("unknown",)
-    run_id = await asyncio.to_thread(ledger.start_run, "run")
+    run_id = prepared.run_id
+    assert run_id is not None
     total = await asyncio.to_thread(ledger.count_targets, states)
     progress = control.progress = Progress(total=total)
     log.info(
@@ -290,6 +310,7 @@ async def _send(
     writer = LedgerWriter(ledger, run_id)
     await writer.start()
     held: set[int] | None = None  # after the first round: only the people held for windows
+    lease = _keep_lease(ledger, run_id, job.limits.lease_s, control) if ledger.postgres else None
     try:
         while True:
             dispatcher = Dispatcher(
@@ -329,14 +350,55 @@ async def _send(
             if control.stopping:
                 return DispatchResult(interrupted=True)
     finally:
+        if lease is not None:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
         await writer.close()
+
+
+def _keep_lease(
+    ledger: Ledger, run_id: int, lease_s: float, control: RunControl
+) -> asyncio.Task[None]:
+    """Renew this worker's lease while it sends (a third of the lease apart), and settle
+    the workers whose lease expired: whoever notices first. A worker that finds its own
+    lease gone (it was cut off longer than the lease) stops: its people are others' now."""
+
+    async def keep() -> None:
+        keeper = await asyncio.to_thread(ledger.reopen)
+        try:
+            while True:
+                await asyncio.sleep(lease_s / 3)
+                try:
+                    alive = await asyncio.to_thread(keeper.heartbeat, run_id)
+                    settled = await asyncio.to_thread(keeper.recover, lease_s) if alive else 0
+                except LedgerError as exc:
+                    _abort(control, f"the ledger cannot be reached ({exc})")
+                    return
+                if not alive:
+                    _abort(control, f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
+                    return
+                if settled:
+                    log.warning(
+                        "a worker's lease expired: its people in flight are unknown", count=settled
+                    )
+        finally:
+            await asyncio.to_thread(keeper.close)
+
+    return asyncio.create_task(keep(), name="lease")
+
+
+def _abort(control: RunControl, reason: str) -> None:
+    log.error("stopping", reason=reason)
+    if control.dispatcher is not None:
+        control.dispatcher.abort(reason)
 
 
 def _gate(job: Job, schedule: Schedule | None) -> Gate | None:
     from campaign.gate import Gate
 
     phones = job.mapping.to_phone is not None
-    watch = Watch(job.output_dir) if phones else None
+    watch = Watch(job.output_dir, url=job.ledger) if phones else None
     if schedule is None and watch is None:
         return None
     return Gate(schedule, watch)
@@ -346,7 +408,7 @@ def _suppress(ledger: Ledger, job: Job) -> int:
     """Rows whose number is on the store's suppression list become `suppressed`."""
     if job.mapping.to_phone is None:
         return 0  # custom-auth channels: no number, not covered
-    with SuppressionList(job.output_dir) as listed:
+    with SuppressionList(job.output_dir, job.ledger) as listed:
         return apply_to_ledger(ledger, listed)
 
 
@@ -391,10 +453,16 @@ def _report(ledger: Ledger, directory: Path) -> dict[str, Any]:
 
 
 def _load_input(
-    ledger: Ledger, job: Job, options: RunOptions, control: RunControl, directory: Path
+    ledger: Ledger,
+    job: Job,
+    options: RunOptions,
+    control: RunControl,
+    directory: Path,
+    joining: bool = False,
 ) -> Job:
     """Map the input into the ledger; returns the job as this campaign is run (its mapping
-    may be the campaign's own, see `fixed_mapping.own_mapping`)."""
+    may be the campaign's own, see `fixed_mapping.own_mapping`). `joining`: another
+    worker loaded the campaign's input and is sending it; this one shares its rows."""
     own = own_mapping(ledger, directory)
     page_campaign_from_cli = made_on_page(ledger) and options.origin == "cli"
     if own is not None and (options.reuse_rows or page_campaign_from_cli):
@@ -409,12 +477,18 @@ def _load_input(
         return job
     if page_campaign_from_cli and own is not None:
         log.info("a campaign of the page: its own mapping is used, not the job file's")
+    if joining and not (options.input or job.input):
+        log.info("joining the workers already sending this campaign")
+        return job
     if not (options.input or job.input):
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
     path = Path(options.input or job.input or "")
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
     keep_mapping(ledger, job.mapping, sheet)
+    if joining:
+        log.info("joining the workers already sending this campaign, with their input")
+        return job
     fingerprint = _fingerprint(path, job)
     if ledger.get_meta("input_fingerprint") == fingerprint:
         return job  # the same file under the same mapping: the ledger's rows are this input
@@ -448,13 +522,9 @@ def _counts(ledger: Ledger) -> dict[str, int]:
     return {k: v for k, v in ledger.counts().items() if v}
 
 
-def rebuild_report(directory: Path) -> dict[str, Any]:
+def rebuild_report(store: Store, campaign: str) -> dict[str, Any]:
     """`campaign report`: rewrite results.csv and summary.json from the ledger alone. It
     takes the campaign like a run does: a run in progress writes the report itself when
     it ends, and a report written beside it could land after the run's and be stale."""
-    from campaign.store.ledger import LEDGER_FILE
-
-    if not (directory / LEDGER_FILE).is_file():
-        raise UsageError(f"{directory}: not a campaign directory (no {LEDGER_FILE})")
-    with open_campaign(directory.parent, directory.name, "") as owned:
-        return write_report(owned.ledger, directory, directory.name)
+    with store.open_campaign(campaign, "") as owned:
+        return write_report(owned.ledger, owned.directory, campaign)

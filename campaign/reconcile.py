@@ -38,8 +38,9 @@ from campaign.errors import ReportingRefused, UsageError
 from campaign.job import Job, Reporting
 from campaign.logs import log_to_file
 from campaign.report import iso_utc, write_report
-from campaign.store.campaigns import LOG_FILE, list_campaigns, open_campaign
-from campaign.store.ledger import LEDGER_FILE, Ledger
+from campaign.store.campaigns import LOG_FILE, store_of
+from campaign.store.db import safe_url
+from campaign.store.ledger import Ledger
 
 log = structlog.get_logger(__name__)
 
@@ -86,15 +87,16 @@ def campaign_to_reconcile(job: Job, campaign: str | None) -> str:
     """`--campaign`, else the job's latest campaign that has a ledger."""
     from campaign.pipeline import RunOptions, campaign_id_for
 
-    output_dir = Path(job.output_dir)
+    store = store_of(job.output_dir, job.ledger)
+    where = safe_url(job.ledger) if job.ledger else job.output_dir
     chosen = campaign_id_for(job, RunOptions(campaign=campaign))
-    if campaign is None and not (output_dir / chosen / LEDGER_FILE).is_file():
-        mine = [c for c in list_campaigns(output_dir) if c.job == job.name]
+    if campaign is None and not store.exists(chosen):
+        mine = [c for c in store.list_campaigns() if c.job == job.name]
         if not mine:
-            raise UsageError(f"{job.path}: no campaign of this job under {output_dir}")
+            raise UsageError(f"{job.path}: no campaign of this job in {where}")
         chosen = mine[0].id
-    if not (output_dir / chosen / LEDGER_FILE).is_file():
-        raise UsageError(f"no campaign {chosen} under {output_dir}")
+    if not store.exists(chosen):
+        raise UsageError(f"no campaign {chosen} in {where}")
     return chosen
 
 
@@ -110,11 +112,10 @@ def reporting_of(job: Job) -> Reporting:
 async def reconcile_campaign(job: Job, campaign: str | None = None) -> ReconcileOutcome:
     reporting = reporting_of(job)
     campaign = await asyncio.to_thread(campaign_to_reconcile, job, campaign)
-    output_dir = Path(job.output_dir)
+    store = store_of(job.output_dir, job.ledger)
     with contextlib.ExitStack() as hold:
-        owned = await asyncio.to_thread(
-            hold.enter_context, open_campaign(output_dir, campaign, job.name)
-        )
+        owned = await asyncio.to_thread(hold.enter_context, store.open_campaign(campaign, job.name))
+        await asyncio.to_thread(hold.enter_context, owned.alone("reconcile"))
         log_to_file(campaign, owned.directory / LOG_FILE)
         structlog.contextvars.bind_contextvars(campaign=campaign)
         worker = ThreadPoolExecutor(1, thread_name_prefix="reconcile-ledger")
@@ -335,7 +336,7 @@ class _Reconcile:
             self._record_matches(found, missing.tolist(), checked_at)
             candidates += suppress_candidates(found, people, self.reporting.suppress_on, checked_at)
         candidates.sort()
-        queue_for_suppression(ledger, self.directory.parent, candidates)
+        queue_for_suppression(ledger, self.directory.parent, candidates, self.job.ledger)
         tally.suppress_candidates = len(candidates)
         return candidates
 
@@ -381,7 +382,10 @@ def suppress_candidates(
 
 
 def queue_for_suppression(
-    ledger: Ledger, output_dir: Path, candidates: list[tuple[str, str, str]]
+    ledger: Ledger,
+    output_dir: Path,
+    candidates: list[tuple[str, str, str]],
+    url: str | None = None,
 ) -> None:
     """Put the numbers on the store's suppression list (source `report`), so no campaign
     sends to them again; the campaign's ledger keeps them too, as the record of why."""
@@ -394,7 +398,7 @@ def queue_for_suppression(
     for phone, reason, _ in candidates:
         by_reason.setdefault(reason, []).append(phone)
     for reason, phones in by_reason.items():
-        suppress_numbers(output_dir, phones, reason)
+        suppress_numbers(output_dir, phones, reason, url)
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Campaign directories: `{output_dir}/{campaign}/` with its ledger, locks and log.
+"""Campaigns: `{output_dir}/{campaign}/` with its ledger, locks and log; or, with a
+PostgreSQL store, the ledger in a schema of the database and only the report and log in
+the directory (`Store`).
 
-One process at a time per campaign. Two advisory `flock`s, which the kernel drops when
+SQLite: one process at a time per campaign. Two advisory `flock`s, which the kernel drops when
 the holder dies (even by SIGKILL), so a stale lock never blocks a rerun:
 
     .lock   the owner's: taken exclusively, without waiting; a second run gets
@@ -13,12 +15,17 @@ Everything about a campaign directory is decided while holding `.lock`: whether 
 campaign is new, and removing what an unusable input left behind. A lock file can be
 removed (with its directory) only by its holder, so whoever takes a lock checks that
 the file it locked is still the one at that path (`_lock_file`), and starts again if not.
+
+PostgreSQL: many processes on many hosts share a campaign (see store/ledger.py: claims
+and leases); the locks are PostgreSQL's advisory locks, which end with the session that
+holds them, and a run is live while its lease is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -29,7 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
-from campaign.store.ledger import LEDGER_FILE, Ledger, LedgerError, RunInfo
+from campaign.store.db import Database, StoreUnreachable
+from campaign.store.ledger import LEASE_S, LEDGER_FILE, Ledger, LedgerError, RunInfo
 
 LOCK_FILE = ".lock"
 LIVE_FILE = ".live"
@@ -49,12 +57,45 @@ class OpenCampaign:
     ledger: Ledger
     fresh: bool  # the ledger did not exist before this process took the lock
     found: frozenset[str]  # what the directory held when the lock was taken
+    shared: bool = False  # PostgreSQL: other workers may work this campaign too
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """Held while a run settles what dead runs left, loads its input and registers:
+        on PostgreSQL the first worker loads, the others wait here and then join it. On
+        SQLite the campaign's lock is held already."""
+        if not self.shared:
+            yield
+            return
+        name = f"load:{self.directory.name}"
+        self.ledger.db.advisory_lock(name)
+        try:
+            yield
+        finally:
+            self.ledger.db.advisory_unlock(name)
+
+    @contextlib.contextmanager
+    def alone(self, what: str) -> Iterator[None]:
+        """PostgreSQL: no other process does `what` (e.g. a reconcile) to this campaign
+        meanwhile; SQLite: the campaign's lock is held already."""
+        if not self.shared:
+            yield
+            return
+        name = f"{what}:{self.directory.name}"
+        if not self.ledger.db.advisory_lock(name, wait=False):
+            raise CampaignBusy(f"campaign {self.directory.name}: another {what} is running")
+        try:
+            yield
+        finally:
+            self.ledger.db.advisory_unlock(name)
 
     def discard(self) -> None:
         """Remove what this process made of a fresh campaign whose input turned out
         unusable, so that no empty campaign confuses the next run. Anything that was there
         before (a page's upload) stays; the directory goes only if it was made here."""
         assert self.fresh and not self.ledger.total_requests()
+        if self.shared:
+            return  # the schema may be another worker's by now; an empty one is harmless
         self.ledger.close()
         ours = {LOCK_FILE, LIVE_FILE}  # safe to remove while held: see `_lock_file`
         if not self.found - ours:
@@ -268,3 +309,153 @@ def _said(state: str) -> str:
         "interrupted": "was interrupted",
         "aborted": "was aborted",
     }.get(state, state)
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where a job's campaigns live: SQLite files under `output_dir`, or PostgreSQL at
+    `url` (the job's `ledger:`), with the report and log under `output_dir` either way."""
+
+    output_dir: Path
+    url: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.url is not None
+
+    @contextlib.contextmanager
+    def open_campaign(
+        self, campaign: str, job_name: str, origin: str = "cli"
+    ) -> Iterator[OpenCampaign]:
+        if self.url is None:
+            with open_campaign(self.output_dir, campaign, job_name, origin) as owned:
+                yield owned
+            return
+        directory = self.output_dir / campaign
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"{directory}: cannot create the campaign directory ({exc.strerror})"
+            ) from None
+        found = frozenset(entry.name for entry in directory.iterdir())
+        ledger = _open_shared(self.url, campaign)
+        try:
+            fresh = ledger.get_meta("campaign") is None
+            if fresh:
+                ledger.set_meta(
+                    campaign=campaign, job=job_name, origin=origin, created_at=time.time()
+                )
+            yield OpenCampaign(directory, ledger, fresh, found, shared=True)
+        finally:
+            ledger.close()
+
+    def list_campaigns(self) -> list[CampaignInfo]:
+        if self.url is None:
+            return list_campaigns(self.output_dir)
+        found = []
+        for campaign in _shared_campaigns(self.url):
+            info = self.read_info(campaign)
+            if info is not None:
+                found.append(info)
+        found.sort(key=lambda c: c.last_started_at or c.created_at or 0, reverse=True)
+        return found
+
+    def read_info(self, campaign: str) -> CampaignInfo | None:
+        if self.url is None:
+            return read_info(self.output_dir / campaign)
+        try:
+            with contextlib.closing(
+                Ledger.on_postgres(self.url, campaign, readonly=True)
+            ) as ledger:
+                meta = ledger.all_meta()
+                if meta.get("campaign") is None:
+                    return None
+                run = ledger.last_run()
+                state, started = (run.state, run.started_at) if run else (None, None)
+                if state == "running" and not ledger.live_workers(LEASE_S):
+                    state = "crashed"
+                return CampaignInfo(
+                    campaign,
+                    meta.get("job"),
+                    origin_of(meta),
+                    meta.get("created_at"),
+                    state,
+                    started,
+                )
+        except LedgerError:
+            return None
+
+    def exists(self, campaign: str) -> bool:
+        if self.url is None:
+            return (self.output_dir / campaign / LEDGER_FILE).is_file()
+        return campaign in _shared_campaigns(self.url)
+
+    def check_unfinished(self, job_name: str, campaign: str) -> None:
+        if self.url is None:
+            check_unfinished(self.output_dir, job_name, campaign)
+            return
+        for info in self.list_campaigns():
+            if info.job != job_name or info.last_state is None:
+                continue
+            if info.id != campaign and info.last_state in UNFINISHED:
+                raise UnfinishedCampaign(
+                    f"campaign {info.id} of job {job_name} did not finish (its last run "
+                    f"{_said(info.last_state)}). Continue it with `--campaign {info.id}`, "
+                    f"or start {campaign} anyway with `--new`"
+                )
+            return
+
+    @contextlib.contextmanager
+    def job_lock(self, job_name: str) -> Iterator[None]:
+        if self.url is None:
+            with job_lock(self.output_dir, job_name):
+                yield
+            return
+        db = Database.postgresql(self.url, None)
+        try:
+            db.advisory_lock(f"job:{job_name}")
+            yield
+        finally:
+            db.close()
+
+
+def store_of(output_dir: str | Path, url: str | None) -> Store:
+    return Store(Path(output_dir), url)
+
+
+def _open_shared(url: str, campaign: str) -> Ledger:
+    try:
+        return Ledger.on_postgres(url, campaign)
+    except StoreUnreachable as exc:
+        raise UsageError(f"ledger: {exc}") from None
+
+
+def _shared_campaigns(url: str) -> list[str]:
+    """The campaigns of a PostgreSQL store: the schemas holding a ledger."""
+    try:
+        db = Database.postgresql(url, None)
+    except StoreUnreachable as exc:
+        raise UsageError(f"ledger: {exc}") from None
+    try:
+        schemas = [
+            name
+            for (name,) in db.execute(
+                "SELECT table_schema FROM information_schema.tables "
+                "WHERE table_name = 'meta' AND table_schema LIKE 'c\\_%'"
+            )
+        ]
+        campaigns = []
+        for schema in schemas:
+            found = db.execute(
+                f"SELECT value FROM {quote(schema)}.meta WHERE key = 'campaign'"
+            ).fetchone()
+            if found is not None:
+                campaigns.append(json.loads(found[0]))
+        return campaigns
+    finally:
+        db.close()
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'

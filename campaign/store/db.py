@@ -111,8 +111,9 @@ class Database:
         return cls(raw, False, str(path))
 
     @classmethod
-    def postgresql(cls, url: str, schema: str | None, *, readonly: bool = False) -> Database:
-        """A connection whose unqualified names are `schema`'s (created if missing)."""
+    def postgresql(cls, url: str, schema: str | None, *, create: bool = True) -> Database:
+        """A connection whose unqualified names are `schema`'s (created if missing and
+        `create`)."""
         import psycopg
         from psycopg import sql
 
@@ -126,12 +127,10 @@ class Database:
         db = cls(raw, True, where)
         try:
             if schema is not None:
-                raw.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
-                )
-                raw.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-            if readonly:
-                raw.execute("SET default_transaction_read_only = on")
+                name = sql.Identifier(schema)
+                if create:
+                    raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(name))
+                raw.execute(sql.SQL("SET search_path TO {}").format(name))
         except psycopg.errors.InsufficientPrivilege as exc:
             raw.close()
             raise StoreUnreachable(
@@ -184,6 +183,11 @@ class Database:
             cursor.itersize = batch
             cursor.execute(_for_postgres(sql) if params else sql, params or None)
             yield from cursor
+
+    def read_only(self) -> None:
+        """From now on this connection only reads (its temporary views are made)."""
+        if self.postgres:
+            self.execute("SET default_transaction_read_only = on")
 
     # --- transactions --------------------------------------------------------------------
 

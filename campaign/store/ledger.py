@@ -259,6 +259,8 @@ class Ledger:
             if not readonly:
                 self._migrate()
             self._create_views()
+            if readonly:
+                self.db.read_only()
         except LedgerError:
             self.db.close()
             raise
@@ -266,7 +268,7 @@ class Ledger:
     @classmethod
     def on_postgres(cls, url: str, campaign: str, *, readonly: bool = False) -> Ledger:
         schema = schema_name(campaign)
-        db = Database.postgresql(url, schema, readonly=readonly)
+        db = Database.postgresql(url, schema, create=not readonly)
         return cls(
             f"{db.where}#{schema}",
             readonly=readonly,
@@ -415,10 +417,17 @@ class Ledger:
                 db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
         return max(recovered, 0)
 
-    def live_workers(self) -> int:
-        return int(
-            self.db.execute("SELECT count(*) FROM runs WHERE state = 'running'").fetchone()[0]
-        )
+    def live_workers(self, lease_s: float | None = None) -> int:
+        """Runs marked running; with `lease_s`, only those whose lease has not expired."""
+        if lease_s is None:
+            found = self.db.execute("SELECT count(*) FROM runs WHERE state = 'running'")
+        else:
+            found = self.db.execute(
+                "SELECT count(*) FROM runs WHERE state = 'running' "
+                "AND coalesce(heartbeat_at, started_at) >= ?",
+                (self.db.now() - lease_s,),
+            )
+        return int(found.fetchone()[0])
 
     def start_run(self, command: str) -> int:
         with self.transaction():
@@ -764,7 +773,7 @@ class Ledger:
             "coalesce(delivery_checked_at, '')"
         )
         yield from self.db.stream(
-            f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results ORDER BY row"
+            f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results ORDER BY row_results.row"
         )
         yield from self.db.stream(
             f"SELECT NULL, '', status, {results} FROM gone_results ORDER BY was_row"

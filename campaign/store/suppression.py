@@ -23,17 +23,18 @@ sendable from the next run on (the safe side).
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from campaign.report import iso_utc
-from campaign.store.ledger import Ledger, Transaction, connect
+from campaign.store.db import Database
+from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
 
 SUPPRESSION_FILE = "suppression.sqlite"
 SCHEMA_VERSION = 1
+SHARED_SCHEMA = "campaign_shared"  # PostgreSQL: what every campaign of the store shares
 SOURCES = ("report", "manual", "import")
 POLL_S = 1.0
 _LOOKUP_BATCH = 500  # numbers per `IN (...)` query, below SQLite's variable limit
@@ -67,24 +68,29 @@ class Entry:
 
 
 class SuppressionList:
-    """The list in its SQLite file. Blocking: call it from a thread in async code."""
+    """The list: a SQLite file in `output_dir`, or with a PostgreSQL store (`url`) a table
+    of its shared schema, one list for every host. Blocking: call it from a thread in
+    async code."""
 
-    def __init__(self, output_dir: Path | str) -> None:
-        directory = Path(output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / SUPPRESSION_FILE
-        self.db = connect(self.path)
+    def __init__(self, output_dir: Path | str, url: str | None = None) -> None:
+        if url is None:
+            directory = Path(output_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.db = connect(directory / SUPPRESSION_FILE)
+        else:
+            self.db = Database.postgresql(url, SHARED_SCHEMA)
         try:
-            if self._version() < SCHEMA_VERSION:
+            if self.db.version() < SCHEMA_VERSION:
                 with Transaction(self.db):
-                    self.db.execute(_SCHEMA)
-                    self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.Error:
+                    if self.db.postgres:  # hosts starting together: one creates it
+                        self.db.execute(
+                            "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("suppression",)
+                        )
+                    self.db.execute(self.db.ddl(_SCHEMA))
+                    self.db.set_version(SCHEMA_VERSION)
+        except LedgerError:
             self.db.close()
             raise
-
-    def _version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
@@ -164,9 +170,7 @@ class SuppressionList:
 
     def last_id(self) -> int:
         """The id of the latest addition ever (ids are never reused)."""
-        found = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'numbers'")
-        row = found.fetchone()
-        return int(row[0]) if row else 0
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM numbers").fetchone()[0])
 
     def added_since(self, last_id: int) -> tuple[int, dict[str, Entry]]:
         """(the new last id, the entries added after `last_id`)."""
@@ -181,10 +185,12 @@ class SuppressionList:
         return newest, found
 
 
-def suppress_numbers(output_dir: Path | str, phones: Iterable[str], reason: str) -> int:
+def suppress_numbers(
+    output_dir: Path | str, phones: Iterable[str], reason: str, url: str | None = None
+) -> int:
     """The hook for `campaign reconcile`: put numbers whose delivery report says they must
     not be texted again on the store's list (source `report`); returns how many were new."""
-    with SuppressionList(output_dir) as listed:
+    with SuppressionList(output_dir, url) as listed:
         return listed.add(phones, reason, "report")
 
 
@@ -193,8 +199,13 @@ class Watch:
     (those rows are already `suppressed` in the ledger), plus what was added since, looked
     for at most every `POLL_S` seconds."""
 
-    def __init__(self, output_dir: Path | str, clock: Callable[[], float] = time.monotonic) -> None:
-        self._list = SuppressionList(output_dir)
+    def __init__(
+        self,
+        output_dir: Path | str,
+        clock: Callable[[], float] = time.monotonic,
+        url: str | None = None,
+    ) -> None:
+        self._list = SuppressionList(output_dir, url)
         self._last_id = self._list.last_id()
         self._added: dict[str, Entry] = {}
         self._clock = clock

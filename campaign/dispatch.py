@@ -12,10 +12,10 @@ request leaves before its record is on disk.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import collections
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
@@ -199,7 +199,7 @@ class Dispatcher:
             if not busy and task is not halting:
                 task.cancel()
 
-    async def run(self, batches: Iterator[list[Target]]) -> DispatchResult:
+    async def run(self, batches: AsyncIterator[list[Target]]) -> DispatchResult:
         if self.halt.is_set():
             return self.result
         # sock_read restarts with every byte: the overall deadline stops a trickle. It is
@@ -212,9 +212,9 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(
             limit=self.limits.concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
         )
-        # Workers take the next target straight from the ledger's stream: in input order,
-        # never more than `concurrency` held in memory beyond the current batch.
-        targets = itertools.chain.from_iterable(batches)
+        # Workers take the next target from the ledger's claims: in input order, never more
+        # than a batch held in memory beyond the ones being sent.
+        targets = _Feed(batches)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
         ) as self._session:
@@ -230,10 +230,10 @@ class Dispatcher:
             raise self._crash
         return self.result
 
-    async def _worker(self, targets: Iterator[Target]) -> None:
+    async def _worker(self, targets: _Feed) -> None:
         with _quiet_when(self.halt):
             try:
-                while not self.halt.is_set() and (target := next(targets, None)) is not None:
+                while not self.halt.is_set() and (target := await targets.next()) is not None:
                     await self._deliver(target)
             except Exception as exc:  # the ledger failed: nothing more may leave
                 self._crash = self._crash or exc
@@ -388,6 +388,25 @@ async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+class _Feed:
+    """One target at a time to whichever worker asks, from batches that come in as needed
+    (a batch may take a while: it is claimed in the ledger, or waits for other workers)."""
+
+    def __init__(self, batches: AsyncIterator[list[Target]]) -> None:
+        self._batches = batches
+        self._ready: collections.deque[Target] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def next(self) -> Target | None:
+        async with self._lock:
+            while not self._ready:
+                batch = await anext(self._batches, None)
+                if batch is None:
+                    return None
+                self._ready.extend(batch)
+            return self._ready.popleft()
 
 
 class _quiet_when:

@@ -16,7 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +26,7 @@ import structlog
 from campaign import __version__
 from campaign.errors import UsageError
 from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
-from campaign.job import CAMPAIGN_ID, Job
+from campaign.job import CAMPAIGN_ID, Job, Limits
 from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
@@ -38,7 +38,7 @@ from campaign.report import (
     write_summary,
 )
 from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
-from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow
+from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow, Target
 from campaign.store.suppression import SuppressionList, Watch, apply_to_ledger
 from campaign.windows import Schedule, make_schedule
 
@@ -272,7 +272,15 @@ async def _run_owned(
         summary = await asyncio.to_thread(_report, ledger, directory)
 
     counts = summary["counts"]
-    if result.aborted:
+    others = await asyncio.to_thread(ledger.live_workers, job.limits.lease_s) if owned.shared else 0
+    if others and not (result.aborted or result.interrupted or counts["failed"]):
+        # Their people in flight show `unknown` in this report until they are answered.
+        code, message = (
+            EXIT_OK,
+            f"finished this worker's share; {others} other worker(s) still sending: "
+            "the last one to finish writes the final report",
+        )
+    elif result.aborted:
         code, message = EXIT_ABORTED, f"aborted: {result.aborted}"
     elif result.interrupted:
         code, message = (
@@ -327,10 +335,9 @@ async def _send(
                 dispatcher.stop()
             progress.waiting, progress.opens_at = 0, None
             if held is None:
-                batch = min(max(2 * job.limits.concurrency, 100), 1000)
-                targets = ledger.claims(run_id, states, batch)
+                targets = _claims(ledger, run_id, states, job.limits, control)
             else:
-                targets = iter([ledger.claimed(run_id, states, held)])
+                targets = _one(await asyncio.to_thread(ledger.claimed, run_id, states, held))
             result = await dispatcher.run(targets)
             waiting = progress.opens_at is not None
             if not (options and options.wait and waiting) or result.aborted:
@@ -355,6 +362,33 @@ async def _send(
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
         await writer.close()
+
+
+async def _claims(
+    ledger: Ledger, run_id: int, states: tuple[str, ...], limits: Limits, control: RunControl
+) -> AsyncIterator[list[Target]]:
+    """The people this run sends to, claimed a batch at a time in input order. On
+    PostgreSQL, when none is left to claim but other workers still hold people not yet
+    sent, it waits for them: a worker that dies leaves its people to the others once its
+    lease expires, and only then does the campaign end."""
+    batch = min(max(2 * limits.concurrency, 100), 1000)
+    after = 0
+    while not control.stopping:
+        found = await asyncio.to_thread(ledger.claim, run_id, states, after, batch)
+        if found:
+            after = found[-1].row
+            yield found
+        elif after:
+            after = 0  # once more from the top: people a dead worker let go meanwhile
+        elif ledger.postgres and await asyncio.to_thread(ledger.held_elsewhere, run_id, states):
+            await asyncio.sleep(limits.lease_s / 3)
+            await asyncio.to_thread(ledger.recover, limits.lease_s)
+        else:
+            return
+
+
+async def _one(batch: list[Target]) -> AsyncIterator[list[Target]]:
+    yield batch
 
 
 def _keep_lease(

@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -19,7 +20,7 @@ from campaign.dispatch import Dispatcher, LedgerWriter
 from campaign.gate import Gate
 from campaign.job import Api, Limits
 from campaign.progress import Progress
-from campaign.store.ledger import Ledger, MappedRow
+from campaign.store.ledger import Ledger, MappedRow, Target
 from campaign.windows import (
     LEAVE_MARGIN_S,
     Schedule,
@@ -371,7 +372,7 @@ async def test_a_retry_that_would_leave_outside_the_window_does_not_leave(
         api = Api(base_url=server.url, channel_uuid=CHANNEL, timeout_s=2)
         dispatcher = Dispatcher(api, Limits(), writer, progress, gate=gate)
         try:
-            await asyncio.wait_for(dispatcher.run(ledger.claims(run_id, ("pending",))), 30)
+            await asyncio.wait_for(dispatcher.run(_claims(ledger, run_id)), 30)
         finally:
             await writer.close()
         assert len(server.arrivals) == 1
@@ -396,3 +397,8 @@ async def test_the_pages_validation_says_who_is_inside_their_window(tmp_path: Pa
     finally:
         server.stop()
     assert any("3 inside their send window now, 2 outside" in n for n in summary["notes"])
+
+
+async def _claims(ledger: Ledger, run_id: int) -> AsyncIterator[list[Target]]:
+    while batch := ledger.claim(run_id, ("pending",)):
+        yield batch

@@ -598,22 +598,16 @@ class Ledger:
             ).fetchall()
         return sorted((_target(*found_row) for found_row in found), key=lambda t: t.row)
 
-    def claims(
-        self, run_id: int, states: tuple[str, ...], batch: int = 500
-    ) -> Iterator[list[Target]]:
-        """Claim and yield the people to send, a batch at a time in input order, until
-        none is left. Past the last row it looks once more from the top, for people a
-        dead worker let go meanwhile."""
-        after = 0
-        while True:
-            found = self.claim(run_id, states, after, batch)
-            if found:
-                after = found[-1].row
-                yield found
-            elif after:
-                after = 0
-            else:
-                return
+    def held_elsewhere(self, run_id: int, states: tuple[str, ...]) -> bool:
+        """Whether another run still marked running holds people not settled yet: in
+        flight, or in one of `states` (claimed, not sent yet)."""
+        marks = ",".join("?" * len(states))
+        found = self.db.execute(
+            f"SELECT 1 FROM recipients WHERE claim != ? AND state IN ('inflight', {marks}) "
+            f"AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
+            (run_id, *states),
+        ).fetchone()
+        return found is not None
 
     def claimed(self, run_id: int, states: tuple[str, ...], ids: set[int]) -> list[Target]:
         """Of the people `run_id` holds, those in `ids` still in one of `states` (the
@@ -773,7 +767,8 @@ class Ledger:
             "coalesce(delivery_checked_at, '')"
         )
         yield from self.db.stream(
-            f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results ORDER BY row_results.row"
+            f"SELECT cells, CAST(row AS TEXT), status, {results} FROM row_results "
+            "ORDER BY row_results.row"
         )
         yield from self.db.stream(
             f"SELECT NULL, '', status, {results} FROM gone_results ORDER BY was_row"

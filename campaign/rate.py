@@ -106,6 +106,7 @@ class RateLimiter:
 
 TOLERANCE_S = 0.010  # a slot leaves at most this late (half the window's 20 ms margin)
 BATCH_S = 0.1  # one grant asks for about this long of slots
+CLOCK_RETRIES = 3  # clock readings after a slow grant, for a conversion tight enough
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class Granted:
     now: float
 
 
-# grant(n, interval): n slots spaced `interval` apart, after every slot granted before.
+# grant(n, interval): n slots spaced `interval` apart, after every slot granted before;
+# grant(0, interval) only reads the clock.
 Grant = Callable[[int, float], Awaitable[Granted]]
 
 
@@ -137,14 +139,15 @@ class SharedRateLimiter:
     of every earlier one (GCRA), so any interval of length L holds at most floor(L/I) + 1
     slots. A worker converts a slot to its loop clock with the offset measured by its grant
     (the budget's reading against loop.time() when the answer came): the reading was taken
-    between sending and answering, so the converted time is late by u at most, u the grant's
-    round trip, never early. It then leaves no later than TOLERANCE - u after the converted
-    time, or drops the slot. So every request leaves between its slot and its slot +
-    TOLERANCE on the budget's clock; requests leaving within one second hold slots within
-    1 + TOLERANCE = 1.01 s, at most floor(1.01/1.02 · N) + 1 <= N of them. The other 10 ms
-    of the margin are for the network's jitter between here and the API. `confirm()` keeps
-    the bound when the ledger's commit between the two calls takes long: a slot that would
-    now leave late is given up for a fresh one.
+    between sending and answering, so the converted time is late by u at most, u the round
+    trip, never early (after a slow grant the clock is read again and the tightest reading
+    kept). The request then leaves no later than TOLERANCE - u after the converted time, or
+    the slot is dropped. So every request leaves between its slot and its slot + TOLERANCE
+    on the budget's clock: requests leaving within one second hold slots within
+    1 + TOLERANCE = 1.01 s of each other, at most floor(1.01/1.02 · N) + 1 <= N of them.
+    The other 10 ms of the margin are for the network's jitter between here and the API.
+    `confirm()` keeps the bound when the ledger's commit between the two calls took long:
+    a slot that would now leave late is given up for a fresh one.
 
     Grants are batches of about BATCH_S of slots, and the next batch is asked for in the
     background once half of the current one is used, so a worker rarely waits on a round
@@ -237,12 +240,26 @@ class SharedRateLimiter:
         self._slots.extend(slots)
 
     async def _ask(self, n: int) -> list[_Slot]:
+        granted, offset, late = await self._measured(n)
+        # A slow answer (the process or the server was busy) makes a loose conversion,
+        # which would leave no time to use the slots: read the clock again (a grant of
+        # none), the slots stay as granted.
+        for _ in range(CLOCK_RETRIES):
+            if late <= TOLERANCE_S / 2:
+                break
+            _, again, late_again = await self._measured(0)
+            if late_again < late:
+                offset, late = again, late_again
+        self.granted += n
+        slack = max(0.0, TOLERANCE_S - late)
+        first = granted.tat - n * self.interval + offset
+        return [_Slot(at, at + slack) for at in (first + i * self.interval for i in range(n))]
+
+    async def _measured(self, n: int) -> tuple[Granted, float, float]:
+        """A grant, the offset from its clock to the loop's, and how late that may make a
+        converted time (the round trip: the clock was read between sending and answering)."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         granted = await self._grant(n, self.interval)
         answered = loop.time()
-        self.granted += n
-        offset = answered - granted.now  # loop time = budget time + offset, late by <= u
-        slack = max(0.0, TOLERANCE_S - (answered - sent))
-        first = granted.tat - n * self.interval + offset
-        return [_Slot(at, at + slack) for at in (first + i * self.interval for i in range(n))]
+        return granted, answered - granted.now, answered - sent

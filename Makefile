@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RECORD := runs/demo-sandbox-record.jsonl
 
-.PHONY: install demo nightly test lint bench serve sandbox clean chromium
+.PHONY: install demo nightly test lint bench serve sandbox clean chromium postgresql
 
 install: $(STAMP)
 
@@ -51,7 +51,21 @@ chromium:
 			|| echo "could not install chromium: the browser tests will skip"; \
 	fi
 
-test: install chromium
+# The PostgreSQL tests start their own server (initdb and pg_ctl from Debian's postgresql,
+# into a temporary directory). Installed when missing and we can (root with apt-get);
+# otherwise those tests skip and say why.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing postgresql for the PostgreSQL tests (apt-get)"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+				|| echo "could not install postgresql: the PostgreSQL tests will skip"; \
+		else \
+			echo "initdb not found and not root with apt-get: the PostgreSQL tests will skip"; \
+		fi; \
+	fi
+
+test: install chromium postgresql
 	$(BIN)/pytest -q
 
 # Speed and exactness against local sandboxes: prints a table, writes bench/results.json.

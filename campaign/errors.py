@@ -1,12 +1,14 @@
 """The errors an operator can be shown, each carrying what it is about.
 
     CampaignError                 anything that stops a command with one clear line
-     └── UsageError               exit 2: nothing was sent
-          ├── JobError            a job file key or ${VAR} (names the file and key)
-          ├── OptionError         a command-line option's value (names the option)
-          ├── InputError          the spreadsheet (names the file, row, column)
-          ├── CampaignBusy        another process holds the campaign's lock
-          └── UnfinishedCampaign  the midnight guard: yesterday's campaign did not finish
+     ├── UsageError               exit 2: nothing was sent
+     │    ├── JobError            a job file key or ${VAR} (names the file and key)
+     │    ├── OptionError         a command-line option's value (names the option)
+     │    ├── InputError          the spreadsheet (names the file, row, column)
+     │    ├── CampaignBusy        another process holds the campaign's lock
+     │    ├── UnfinishedCampaign  the midnight guard: yesterday's campaign did not finish
+     │    └── StoreUnavailable    PostgreSQL cannot be used (names the URL, not its password)
+     ├── StoreFailed              exit 1: PostgreSQL failed mid-run (names the URL)
      └── ReportingRefused         exit 3: the Reporting API refused the job's agent or token
 
 A bad *row* is not an exception: it becomes an `invalid` row in the results.
@@ -75,3 +77,19 @@ class ReportingRefused(CampaignError):
     """The Reporting API answered 401/403/404: the job's `reporting:` is wrong."""
 
     exit_code = 3
+
+
+class StoreUnavailable(UsageError):
+    """At start: a bad URL, a refused connection, wrong credentials, missing rights."""
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url  # without its password (store.postgres.safe_url)
+        super().__init__(f"PostgreSQL at {url}: {message}")
+
+
+class StoreFailed(CampaignError):
+    """Mid-run: the server went away or refused a statement; nothing more may leave."""
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url
+        super().__init__(f"PostgreSQL at {url}: {message}")

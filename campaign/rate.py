@@ -15,13 +15,21 @@ such a stall; when nothing stalled it returns at once.
 
 The logs only keep the last window, so a very high limit (used to mean "no limit") costs
 no memory.
+
+`SharedRateLimiter` is the same promise for many workers on many hosts: its slots come
+from one budget per channel (in PostgreSQL, store/budget.py), so only one clock counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
@@ -92,3 +100,166 @@ class RateLimiter:
 
     async def confirm(self) -> None:
         await self._departures.enter()
+
+
+# --- one budget for every worker: slots granted by a shared clock ----------------------------
+
+TOLERANCE_S = 0.010  # a slot leaves at most this late (half the window's 20 ms margin)
+BATCH_S = 0.1  # one grant asks for about this long of slots
+CLOCK_RETRIES = 3  # clock readings after a slow grant, for a conversion tight enough
+
+
+@dataclass(frozen=True)
+class Granted:
+    """A grant's answer, on the budget's clock (seconds): the end of the slots just granted
+    (the budget's new theoretical arrival time) and the clock's reading as it answered."""
+
+    tat: float
+    now: float
+
+
+# grant(n, interval): n slots spaced `interval` apart, after every slot granted before;
+# grant(0, interval) only reads the clock.
+Grant = Callable[[int, float], Awaitable[Granted]]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    at: float  # loop time: not before
+    deadline: float  # loop time: not after (then it is dropped, never used late)
+
+
+class SharedRateLimiter:
+    """`acquire()` / `confirm()` like `RateLimiter`, with slots from a budget every worker of
+    the channel shares: `grant` asks it for the next n slots (store/budget.py's
+    `RateBudget.grant`). Create one per process and channel, inside the loop; `aclose()`.
+
+    Why N at most in any one-second window, at departure, whatever the number of workers:
+    the budget hands out slots I = 1.02/N apart on its own clock, each grant after the end
+    of every earlier one (GCRA), so any interval of length L holds at most floor(L/I) + 1
+    slots. A worker converts a slot to its loop clock with the offset measured by its grant
+    (the budget's reading against loop.time() when the answer came): the reading was taken
+    between sending and answering, so the converted time is late by u at most, u the round
+    trip, never early (after a slow grant the clock is read again and the tightest reading
+    kept). The request then leaves no later than TOLERANCE - u after the converted time, or
+    the slot is dropped. So every request leaves between its slot and its slot + TOLERANCE
+    on the budget's clock: requests leaving within one second hold slots within
+    1 + TOLERANCE = 1.01 s of each other, at most floor(1.01/1.02 · N) + 1 <= N of them.
+    The other 10 ms of the margin are for the network's jitter between here and the API.
+    `confirm()` keeps the bound when the ledger's commit between the two calls took long:
+    a slot that would now leave late is given up for a fresh one.
+
+    Grants are batches of about BATCH_S of slots, and the next batch is asked for in the
+    background once half of the current one is used, so a worker rarely waits on a round
+    trip. Slots that pass unused (no request ready, or the loop was busy) are lost: the
+    budget is spent, the rate only lower.
+    """
+
+    def __init__(self, rate_per_second: float, grant: Grant) -> None:
+        if not rate_per_second > 0:
+            raise ValueError("rate_per_second must be positive")
+        self.rate = rate_per_second
+        limit = max(1, math.floor(rate_per_second))
+        self.interval = max(WINDOW_S / limit, WINDOW_S / rate_per_second)
+        self.batch = max(1, round(rate_per_second * BATCH_S))
+        self.granted = 0
+        self.dropped = 0  # slots that passed unused
+        self._grant = grant
+        self._slots: deque[_Slot] = deque()
+        self._lock = asyncio.Lock()
+        self._next: asyncio.Task[list[_Slot]] | None = None
+        self._held: weakref.WeakKeyDictionary[asyncio.Task[Any], _Slot] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def acquire(self) -> None:
+        slot = await self._take()
+        task = asyncio.current_task()
+        if task is not None:
+            self._held[task] = slot
+
+    async def confirm(self) -> None:
+        task = asyncio.current_task()
+        slot = self._held.pop(task, None) if task is not None else None
+        if slot is not None and asyncio.get_running_loop().time() <= slot.deadline:
+            return
+        await self._take()  # the slot would leave late (or there was none): a fresh one
+
+    async def aclose(self) -> None:
+        """Stop asking for slots: the batch being asked for is abandoned."""
+        task, self._next = self._next, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _take(self) -> _Slot:
+        loop = asyncio.get_running_loop()
+        # One taker at a time, in slot order; the lock is held while waiting for the slot.
+        async with self._lock:
+            while True:
+                if not self._slots:
+                    await self._refill()
+                slot = self._slots.popleft()
+                if len(self._slots) <= self.batch // 2:
+                    self._prefetch()
+                try:
+                    # A timer may fire a clock tick early: never leave before the slot.
+                    while (now := loop.time()) < slot.at:
+                        await asyncio.sleep(slot.at - now)
+                except asyncio.CancelledError:
+                    self._slots.appendleft(slot)  # still good for the next taker
+                    raise
+                if now <= slot.deadline:
+                    return slot
+                self.dropped += 1
+
+    def _prefetch(self) -> None:
+        if self._next is None:
+            self._next = asyncio.create_task(self._ask(self.batch))
+            # Its failure is raised to the taker that awaits it, not logged as lost.
+            self._next.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _refill(self) -> None:
+        self._prefetch()
+        task = self._next
+        assert task is not None
+        try:
+            # Shielded: a taker cancelled while waiting leaves the grant to the next one.
+            slots = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self._next is task:
+                self._next = None
+            raise
+        except BaseException:
+            if self._next is task:
+                self._next = None  # the next taker asks again
+            raise
+        if self._next is task:
+            self._next = None
+        self._slots.extend(slots)
+
+    async def _ask(self, n: int) -> list[_Slot]:
+        granted, offset, late = await self._measured(n)
+        # A slow answer (the process or the server was busy) makes a loose conversion,
+        # which would leave no time to use the slots: read the clock again (a grant of
+        # none), the slots stay as granted.
+        for _ in range(CLOCK_RETRIES):
+            if late <= TOLERANCE_S / 2:
+                break
+            _, again, late_again = await self._measured(0)
+            if late_again < late:
+                offset, late = again, late_again
+        self.granted += n
+        slack = max(0.0, TOLERANCE_S - late)
+        first = granted.tat - n * self.interval + offset
+        return [_Slot(at, at + slack) for at in (first + i * self.interval for i in range(n))]
+
+    async def _measured(self, n: int) -> tuple[Granted, float, float]:
+        """A grant, the offset from its clock to the loop's, and how late that may make a
+        converted time (the round trip: the clock was read between sending and answering)."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        granted = await self._grant(n, self.interval)
+        answered = loop.time()
+        return granted, answered - granted.now, answered - sent

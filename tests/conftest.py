@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import Sandbox, start_sandbox
+from tests.postgres import PgServer, Unavailable, remove_server, start_server
+
+# Why the PostgreSQL tests skipped this session, for the summary (empty: they did not).
+_pg_skipped: list[str] = []
 
 
 @pytest.fixture
@@ -13,3 +18,37 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     box = start_sandbox(tmp_path)
     yield box
     box.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session (tests/postgres.py); skips when there is none."""
+    try:
+        server = start_server()
+    except Unavailable as error:
+        _pg_skipped.append(str(error))
+        pytest.skip(f"PostgreSQL tests skipped: {error}")
+    try:
+        yield server
+    finally:
+        remove_server(server)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """A fresh database for this test, owned by the superuser `campaign`: its URL."""
+    import psycopg
+
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield pg_server.url(name)
+    if not pg_server.running:  # a test that stopped the server and failed before starting it
+        pg_server.start()
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _pg_skipped:
+        terminalreporter.write_line(f"PostgreSQL tests skipped: {_pg_skipped[0]}")

@@ -270,7 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from campaign.errors import CampaignError
-    from campaign.store.db import StoreError
 
     state: dict[str, Any] = {"control": None, "directory": None}
     try:
@@ -278,11 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     except CampaignError as exc:
         _error(str(exc))
         return exc.exit_code
-    except StoreError as exc:
-        # PostgreSQL went away or refused us: one line naming it (never its password).
-        _error(f"the ledger failed: {exc}")
-        control = state["control"]
-        return 1 if control is not None and control.dispatcher is not None else 2
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

@@ -39,7 +39,6 @@ from campaign.job import Job, Reporting
 from campaign.logs import log_to_file
 from campaign.report import iso_utc, write_report
 from campaign.store.campaigns import LOG_FILE, store_of
-from campaign.store.db import safe_url
 from campaign.store.ledger import Ledger
 
 log = structlog.get_logger(__name__)
@@ -88,7 +87,7 @@ def campaign_to_reconcile(job: Job, campaign: str | None) -> str:
     from campaign.pipeline import RunOptions, campaign_id_for
 
     store = store_of(job.output_dir, job.ledger)
-    where = safe_url(job.ledger) if job.ledger else job.output_dir
+    where = store.where
     chosen = campaign_id_for(job, RunOptions(campaign=campaign))
     if campaign is None and not store.exists(chosen):
         mine = [c for c in store.list_campaigns() if c.job == job.name]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
-from campaign.store.db import Database, StoreUnreachable
+from campaign.store.db import Database
 from campaign.store.ledger import LEASE_S, LEDGER_FILE, Ledger, LedgerError, RunInfo
 
 LOCK_FILE = ".lock"
@@ -323,6 +323,15 @@ class Store:
     def shared(self) -> bool:
         return self.url is not None
 
+    @property
+    def where(self) -> str:
+        """For messages: the output directory, or the database without its password."""
+        if self.url is None:
+            return str(self.output_dir)
+        from campaign.store.postgres import safe_url
+
+        return safe_url(self.url)
+
     @contextlib.contextmanager
     def open_campaign(
         self, campaign: str, job_name: str, origin: str = "cli"
@@ -425,18 +434,12 @@ def store_of(output_dir: str | Path, url: str | None) -> Store:
 
 
 def _open_shared(url: str, campaign: str) -> Ledger:
-    try:
-        return Ledger.on_postgres(url, campaign)
-    except StoreUnreachable as exc:
-        raise UsageError(f"ledger: {exc}") from None
+    return Ledger.on_postgres(url, campaign)
 
 
 def _shared_campaigns(url: str) -> list[str]:
     """The campaigns of a PostgreSQL store: the schemas holding a ledger."""
-    try:
-        db = Database.postgresql(url, None)
-    except StoreUnreachable as exc:
-        raise UsageError(f"ledger: {exc}") from None
+    db = Database.postgresql(url, None)
     try:
         schemas = [
             name

@@ -6,8 +6,9 @@ places where the two differ in substance (the schema's column types, how a table
 replaced, the clock, row locks) ask `Database.postgres` and say why.
 
 psycopg is imported only when a PostgreSQL store is used: a SQLite run does not pay for
-it. Its errors become `StoreError`, so callers catch one thing whichever store they use
-(`LedgerError`); no message repeats a URL's password (`safe_url`).
+it. Its errors become `StoreUnavailable` (at the start: exit 2) or `StoreFailed` (later),
+so callers catch one thing whichever store they use (`LedgerError`); no message repeats
+a URL's password (`store.postgres.safe_url`).
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+
+from campaign.errors import StoreFailed, StoreUnavailable
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-_CONNECT_TIMEOUT_S = 10
 
 
-class StoreError(Exception):
-    """A PostgreSQL error, with a message that names no secret."""
-
-
-class StoreUnreachable(StoreError):
-    """The PostgreSQL server cannot be reached or refused us: a problem of the job's
-    `ledger:` URL or of the server, not of a campaign."""
-
-
-LedgerError: tuple[type[Exception], ...] = (sqlite3.Error, StoreError)
+LedgerError: tuple[type[Exception], ...] = (sqlite3.Error, StoreFailed)
 
 
 class Cursor(Protocol):
@@ -48,21 +40,6 @@ class Cursor(Protocol):
 
 def is_postgres(location: str | Path) -> bool:
     return isinstance(location, str) and location.split(":", 1)[0] in POSTGRES_SCHEMES
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        return urlunsplit(parts._replace(netloc=user + host))
-    except ValueError:
-        return re.sub(r":[^:@/]*@", ":***@", url)
 
 
 def schema_name(campaign: str) -> str:
@@ -85,10 +62,11 @@ def _for_postgres(sql: str) -> str:
 class Database:
     """A connection in autocommit mode; transactions are explicit (`begin`)."""
 
-    def __init__(self, raw: Any, postgres: bool, where: str) -> None:
+    def __init__(self, raw: Any, postgres: bool, where: str, url: str = "") -> None:
         self.raw = raw
         self.postgres = postgres
         self.where = where  # for messages: a file, or a URL without its password
+        self._url = url
 
     # --- opening -------------------------------------------------------------------------
 
@@ -117,14 +95,13 @@ class Database:
         import psycopg
         from psycopg import sql
 
-        where = safe_url(url)
+        from campaign.store.postgres import CONNECT_TIMEOUT_S, safe_url, unavailable
+
         try:
-            raw = psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
-        except psycopg.Error as exc:
-            raise StoreUnreachable(f"{where}: cannot connect ({_first_line(exc)})") from None
-        except ValueError as exc:  # a malformed URL
-            raise StoreUnreachable(f"{where}: not a usable PostgreSQL URL ({exc})") from None
-        db = cls(raw, True, where)
+            raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+        except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
+            raise unavailable(url, exc) from None
+        db = cls(raw, True, safe_url(url), url)
         try:
             if schema is not None:
                 name = sql.Identifier(schema)
@@ -133,12 +110,12 @@ class Database:
                 raw.execute(sql.SQL("SET search_path TO {}").format(name))
         except psycopg.errors.InsufficientPrivilege as exc:
             raw.close()
-            raise StoreUnreachable(
-                f"{where}: no right to create the campaign's tables ({_first_line(exc)})"
+            raise StoreUnavailable(
+                safe_url(url), f"no right to create the campaign's tables ({exc.sqlstate})"
             ) from None
         except psycopg.Error as exc:
             raw.close()
-            raise StoreUnreachable(f"{where}: {_first_line(exc)}") from None
+            raise unavailable(url, exc) from None
         return db
 
     # --- statements ----------------------------------------------------------------------
@@ -285,12 +262,12 @@ class Database:
     def _errors(self) -> Iterator[None]:
         import psycopg
 
+        from campaign.store.postgres import failed
+
         try:
             yield
-        except psycopg.OperationalError as exc:
-            raise StoreUnreachable(f"{self.where}: {_first_line(exc)}") from exc
         except psycopg.Error as exc:
-            raise StoreError(f"{self.where}: {_first_line(exc)}") from exc
+            raise failed(self._url, exc) from exc
 
 
 class _NoRows:
@@ -310,8 +287,3 @@ class _NoRows:
 
 
 _NO_ROWS = _NoRows()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

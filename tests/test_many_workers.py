@@ -1,0 +1,172 @@
+"""Many workers on one PostgreSQL campaign: the real CLI in several processes, a real
+PostgreSQL (tests/postgres.py), the sandbox's record as the count of what was sent."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from campaign.store.db import schema_name
+from tests.helpers import assert_no_duplicates, cli, spawn_cli, start_sandbox, statuses, write_job
+from tests.postgres import READ_ONLY, PgServer
+from tests.test_resume import finish, people, results, wait_for
+
+CONCURRENCY = 8
+
+
+def workers(job: Path, n: int, *extra: str) -> list[subprocess.Popen[str]]:
+    return [spawn_cli("run", str(job), "--no-progress", *extra) for _ in range(n)]
+
+
+def requests_per_run(url: str, campaign: str) -> dict[int, int]:
+    with psycopg.connect(url) as db:
+        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+        found = db.execute("SELECT run_id, count(*) FROM attempts GROUP BY run_id").fetchall()
+    return dict(found)
+
+
+def test_three_workers_share_a_campaign_and_reach_each_person_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    rows = 1500
+    box = start_sandbox(tmp_path, "--latency-ms", "20")
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            ledger=pg_url,
+            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000},
+        )
+        codes = [finish(p) for p in workers(job, 3)]
+        assert codes == [0, 0, 0], codes
+        assert len(assert_no_duplicates(box)) == rows
+        # The work was shared: more than one worker sent, and together they sent each once.
+        per_run = requests_per_run(pg_url, "test")
+        assert len(per_run) >= 2, per_run
+        assert sum(per_run.values()) == rows
+
+        report = cli("report", str(job))
+        assert report.returncode == 0, report.stderr
+        assert statuses(results(tmp_path)) == {"sent": rows}
+    finally:
+        box.stop()
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_a_worker_killed_at_a_random_moment_leaves_its_people_to_the_others(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    rows, lease = 1200, 2
+    box = start_sandbox(tmp_path, "--latency-ms", "40")
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            ledger=pg_url,
+            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": lease},
+        )
+        rng = random.Random()
+        mark = rng.randrange(20, rows - 200)
+        running = workers(job, 3)
+        wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
+        victim = running.pop(rng.randrange(3))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        codes = [finish(p) for p in running]
+        assert set(codes) <= {0, 1}, codes
+
+        received = assert_no_duplicates(box)
+        report = cli("report", str(job))
+        assert report.returncode == 0, report.stderr
+        counts = statuses(results(tmp_path))
+        assert set(counts) <= {"sent", "unknown"}, counts
+        assert sum(counts.values()) == rows
+        # Only the people the dead worker had in flight are in doubt.
+        unknown = counts.get("unknown", 0)
+        assert unknown <= CONCURRENCY, counts
+        assert counts["sent"] == rows - unknown
+        # Every sent person's request is at the sandbox; an unknown one may or may not be.
+        assert len(received) >= rows - unknown
+
+        again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert statuses(results(tmp_path)) == {"sent": rows}
+        received = Counter(box.phones())
+        assert len(received) == rows
+        assert sum(received.values()) - rows <= unknown
+    finally:
+        box.stop()
+
+
+def test_postgres_stopped_mid_run_stops_the_workers_cleanly_and_a_rerun_continues(
+    tmp_path: Path, pg_server: PgServer, pg_url: str
+) -> None:
+    rows = 1500
+    box = start_sandbox(tmp_path, "--latency-ms", "30")
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            ledger=pg_url,
+            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": 2},
+        )
+        running = workers(job, 2)
+        wait_for(lambda: len(box.records()) >= 200, what="200 requests")
+        pg_server.stop_immediate()
+        try:
+            for process in running:
+                out, err = process.communicate(timeout=60)
+                assert process.returncode in (1, 3), out + err
+                assert "Traceback" not in err, err
+                assert "PostgreSQL at" in err, err
+                for secret in pg_server.passwords.values():
+                    assert secret not in err
+        finally:
+            pg_server.start()
+        before = len(box.records())
+
+        again = cli("run", str(job), "--no-progress", timeout=120)
+        assert again.returncode in (0, 1), again.stdout + again.stderr
+        received = assert_no_duplicates(box)
+        counts = statuses(results(tmp_path))
+        assert set(counts) <= {"sent", "unknown"}, counts
+        assert counts.get("unknown", 0) <= 2 * CONCURRENCY, counts
+        assert len(received) > before
+    finally:
+        box.stop()
+
+
+@pytest.mark.parametrize(
+    "problem", ["wrong password", "refused", "malformed", "no rights to create tables"]
+)
+def test_an_unusable_database_is_exit_2_with_one_line_naming_the_url_without_password(
+    tmp_path: Path, pg_server: PgServer, pg_url: str, problem: str
+) -> None:
+    database = pg_url.rsplit("/", 1)[1]
+    url = {
+        "wrong password": f"postgresql://campaign:not-it@127.0.0.1:{pg_server.port}/{database}",
+        "refused": f"postgresql://campaign:secret-pw@127.0.0.1:{pg_server.port + 1}/x",
+        "malformed": "postgresql://campaign:secret-pw@127.0.0.1:notaport/x",
+        "no rights to create tables": pg_server.url(database, READ_ONLY),
+    }[problem]
+    assert "@" in url
+    job = write_job(
+        tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", 3), ledger=url
+    )
+    result = cli("run", str(job), "--no-progress")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for secret in ("secret-pw", "not-it", *pg_server.passwords.values()):
+        assert secret not in result.stderr
+    assert "127.0.0.1" in lines[0], lines

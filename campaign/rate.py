@@ -141,9 +141,10 @@ class SharedRateLimiter:
     (the budget's reading against loop.time() when the answer came): the reading was taken
     between sending and answering, so the converted time is late by u at most, u the round
     trip, never early (after a slow grant the clock is read again and the tightest reading
-    kept). The request then leaves no later than TOLERANCE - u after the converted time, or
-    the slot is dropped. So every request leaves between its slot and its slot + TOLERANCE
-    on the budget's clock: requests leaving within one second hold slots within
+    kept; the clocks' drift over the tenths of a second a batch lasts is negligible). The
+    request then leaves no later than TOLERANCE - u after the converted time, or the slot
+    is dropped. So every request leaves between its slot and its slot + TOLERANCE on the
+    budget's clock: requests leaving within one second hold slots within
     1 + TOLERANCE = 1.01 s of each other, at most floor(1.01/1.02 · N) + 1 <= N of them.
     The other 10 ms of the margin are for the network's jitter between here and the API.
     `confirm()` keeps the bound when the ledger's commit between the two calls took long:

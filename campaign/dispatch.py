@@ -25,7 +25,7 @@ import structlog
 from campaign.job import Api, Limits
 from campaign.policy import Answer, Decision, Transport, decide, parse_retry_after
 from campaign.progress import DispatchResult, Progress
-from campaign.rate import RateLimiter
+from campaign.rate import Limiter, RateLimiter
 from campaign.report import iso_utc
 from campaign.store.ledger import Ledger, Outcome, Target
 
@@ -156,7 +156,7 @@ class Dispatcher:
         writer: LedgerWriter,
         progress: Progress,
         on_progress: Callable[[Progress], None] | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         gate: Gate | None = None,
     ) -> None:
         self.url = send_url(api)

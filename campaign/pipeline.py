@@ -45,7 +45,8 @@ from campaign.windows import Schedule, make_schedule
 if TYPE_CHECKING:
     from campaign.dispatch import Dispatcher
     from campaign.gate import Gate
-    from campaign.rate import RateLimiter
+    from campaign.rate import Limiter, SharedRateLimiter
+    from campaign.store.budget import RateBudget
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,7 @@ class RunOutcome:
 class RunControl:
     """Lets a caller (signal handler, web request) stop a run at any stage."""
 
-    def __init__(self, *, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, *, limiter: Limiter | None = None) -> None:
         self.stopping = False
         self.dispatcher: Dispatcher | None = None
         self.progress: Progress | None = None
@@ -319,6 +320,11 @@ async def _send(
     await writer.start()
     held: set[int] | None = None  # after the first round: only the people held for windows
     lease = _keep_lease(ledger, run_id, job.limits.lease_s, control) if ledger.postgres else None
+    limiter = control.limiter
+    shared = None
+    if limiter is None and job.ledger is not None:
+        shared = await _shared_limiter(job)
+        limiter = shared[0]
     try:
         while True:
             dispatcher = Dispatcher(
@@ -327,7 +333,7 @@ async def _send(
                 writer,
                 progress,
                 on_progress,
-                limiter=control.limiter,
+                limiter=limiter,
                 gate=gate,
             )
             control.dispatcher = dispatcher
@@ -361,7 +367,22 @@ async def _send(
             lease.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
+        if shared is not None:
+            await shared[0].aclose()
+            await shared[1].close()
         await writer.close()
+
+
+async def _shared_limiter(job: Job) -> tuple[SharedRateLimiter, RateBudget]:
+    """On PostgreSQL the channel's rate is one budget for every worker on every host: its
+    slots are granted by the database (store/budget.py)."""
+    from campaign.dispatch import send_url
+    from campaign.rate import SharedRateLimiter
+    from campaign.store.budget import RateBudget
+
+    assert job.ledger is not None
+    budget = await RateBudget.connect(job.ledger, send_url(job.api))
+    return SharedRateLimiter(job.limits.rate_per_second, budget.grant), budget
 
 
 async def _claims(

@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiolimiter import AsyncLimiter
 
@@ -37,6 +37,14 @@ WINDOW_S = 1.02  # 20 ms of margin for scheduling and network jitter
 SEND_WINDOW_S = 1.02  # departures: the same margin, for the network and the server
 BURST_SHARE = 0.02  # the pacing bucket: a fiftieth of a second of requests; even spacing
 MIN_BURST = 3.0
+
+
+class Limiter(Protocol):
+    """`acquire()` before every request, retries included; `confirm()` right before it
+    leaves."""
+
+    async def acquire(self) -> None: ...
+    async def confirm(self) -> None: ...
 
 
 class _WindowLog:
@@ -104,6 +112,7 @@ class RateLimiter:
 
 # --- one budget for every worker: slots granted by a shared clock ----------------------------
 
+LEAD_S = 0.05  # a slot is handed out this long before its time, for the ledger's commit
 TOLERANCE_S = 0.010  # a slot leaves at most this late (half the window's 20 ms margin)
 BATCH_S = 0.1  # one grant asks for about this long of slots
 CLOCK_RETRIES = 3  # clock readings after a slow grant, for a conversion tight enough
@@ -147,8 +156,10 @@ class SharedRateLimiter:
     budget's clock: requests leaving within one second hold slots within
     1 + TOLERANCE = 1.01 s of each other, at most floor(1.01/1.02 · N) + 1 <= N of them.
     The other 10 ms of the margin are for the network's jitter between here and the API.
-    `confirm()` keeps the bound when the ledger's commit between the two calls took long:
-    a slot that would now leave late is given up for a fresh one.
+    `acquire()` hands the slot out up to LEAD_S early, so the ledger's commit of the
+    attempt overlaps the wait; `confirm()` then waits for the slot itself, and keeps the
+    bound when the commit took long: a slot that would now leave late is given up for a
+    fresh one.
 
     Grants are batches of about BATCH_S of slots, and the next batch is asked for in the
     background once half of the current one is used, so a worker rarely waits on a round
@@ -174,17 +185,24 @@ class SharedRateLimiter:
         )
 
     async def acquire(self) -> None:
-        slot = await self._take()
+        """A slot, handed out up to LEAD_S before its time: the ledger's commit of the
+        attempt runs meanwhile, and `confirm()` waits for the slot itself."""
+        slot = await self._take(LEAD_S)
         task = asyncio.current_task()
         if task is not None:
             self._held[task] = slot
 
     async def confirm(self) -> None:
+        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         slot = self._held.pop(task, None) if task is not None else None
-        if slot is not None and asyncio.get_running_loop().time() <= slot.deadline:
-            return
-        await self._take()  # the slot would leave late (or there was none): a fresh one
+        if slot is not None:
+            # A timer may fire a clock tick early: never leave before the slot.
+            while (now := loop.time()) < slot.at:
+                await asyncio.sleep(slot.at - now)
+            if now <= slot.deadline:
+                return
+        await self._take(0.0)  # the slot would leave late (or there was none): a fresh one
 
     async def aclose(self) -> None:
         """Stop asking for slots: the batch being asked for is abandoned."""
@@ -194,7 +212,8 @@ class SharedRateLimiter:
             with contextlib.suppress(BaseException):
                 await task
 
-    async def _take(self) -> _Slot:
+    async def _take(self, lead: float) -> _Slot:
+        """The next slot that can still be used, once it is at most `lead` away."""
         loop = asyncio.get_running_loop()
         # One taker at a time, in slot order; the lock is held while waiting for the slot.
         async with self._lock:
@@ -206,8 +225,8 @@ class SharedRateLimiter:
                     self._prefetch()
                 try:
                     # A timer may fire a clock tick early: never leave before the slot.
-                    while (now := loop.time()) < slot.at:
-                        await asyncio.sleep(slot.at - now)
+                    while (now := loop.time()) < slot.at - lead:
+                        await asyncio.sleep(slot.at - lead - now)
                 except asyncio.CancelledError:
                     self._slots.appendleft(slot)  # still good for the next taker
                     raise

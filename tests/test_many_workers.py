@@ -15,6 +15,7 @@ import pytest
 from campaign.store.db import schema_name
 from tests.helpers import assert_no_duplicates, cli, spawn_cli, start_sandbox, statuses, write_job
 from tests.postgres import READ_ONLY, PgServer
+from tests.test_rate import achieved, max_in_window
 from tests.test_resume import finish, people, results, wait_for
 
 CONCURRENCY = 8
@@ -170,3 +171,30 @@ def test_an_unusable_database_is_exit_2_with_one_line_naming_the_url_without_pas
     for secret in ("secret-pw", "not-it", *pg_server.passwords.values()):
         assert secret not in result.stderr
     assert "127.0.0.1" in lines[0], lines
+
+
+@pytest.mark.parametrize("rate", [50, 200])
+def test_three_workers_share_one_rate_at_the_api(tmp_path: Path, pg_url: str, rate: int) -> None:
+    """The rate is one budget for the channel, whatever the number of workers: counted at
+    the sandbox by arrival time, no one-second window above N, and N nearly reached."""
+    rows = rate * 6
+    box = start_sandbox(tmp_path, "--latency-ms", "10")
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            ledger=pg_url,
+            limits={"concurrency": 20, "rate_per_second": rate},
+        )
+        codes = [finish(p) for p in workers(job, 3)]
+        assert codes == [0, 0, 0], codes
+        arrivals = sorted(record["t"] for record in box.records())
+        assert len(arrivals) == rows
+        assert max_in_window(arrivals) <= rate
+        assert len(requests_per_run(pg_url, "test")) >= 2
+        # While all three are sending: the first second is the others joining, and in the
+        # last one workers run out of people with a few slots of the budget still theirs.
+        assert achieved(arrivals[rate:-rate]) >= 0.95 * rate
+    finally:
+        box.stop()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from campaign.sandbox_reporting import CREATED_WITHIN_S
 from campaign.store.ledger import SCHEMA_VERSION, Ledger
 from campaign.store.suppression import SuppressionList
 from tests.helpers import (
@@ -32,7 +33,10 @@ FINAL = {"delivered", "undelivered", "failed", "not_found"}
 
 
 def reporting(**changes: Any) -> dict[str, Any]:
-    return {"agent_id": "1", "access_token": "sandbox-token", "settle_minutes": 0.02, **changes}
+    # Settled a little after the sandbox's latest entry time (CREATED_WITHIN_S after the
+    # request): sooner, a reconcile could call a person not_found whose entry is still due.
+    settle = (CREATED_WITHIN_S + 0.5) / 60
+    return {"agent_id": "1", "access_token": "sandbox-token", "settle_minutes": settle, **changes}
 
 
 def people(path: Path, numbers: list[str]) -> Path:

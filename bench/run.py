@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import many_hosts
 from bench.tools import (
     ROOT,
     Finished,
@@ -371,7 +372,7 @@ def main() -> int:
         "--only",
         nargs="+",
         metavar="NAME",
-        help="rate, overhead, million, resume, startup, reconcile, reconcile-million",
+        help="rate, overhead, million, resume, startup, reconcile, reconcile-million, postgresql",
     )
     parser.add_argument("--million-rows", type=int, default=1_000_000, metavar="N")
     args = parser.parse_args()
@@ -384,6 +385,7 @@ def main() -> int:
         "million": lambda w: [million(w, args.million_rows)],
         "reconcile": lambda w: [reconcile_rate(w)],
         "reconcile-million": lambda w: [reconcile_memory(w, args.million_rows)],
+        "postgresql": many_hosts.measures,
     }
     slow = ("million", "reconcile-million")
     chosen = args.only or [m for m in measures if not (args.quick and m in slow)]

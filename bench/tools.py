@@ -96,8 +96,9 @@ def write_job(
     rate: float,
     concurrency: int,
     output_dir: Path | None = None,
+    ledger: str | None = None,
 ) -> Path:
-    job = {
+    job: dict[str, Any] = {
         "campaign": "bench",
         "input": str(data),
         "output_dir": str(output_dir or directory / "runs"),
@@ -105,6 +106,8 @@ def write_job(
         "mapping": {"to_phone": "Phone", "default_region": "US", "params": PARAMS},
         "limits": {"rate_per_second": rate, "concurrency": concurrency, "max_attempts": 3},
     }
+    if ledger is not None:
+        job["ledger"] = ledger
     path = directory / "job.yaml"
     path.write_text(json.dumps(job, indent=2), encoding="utf-8")  # JSON is YAML
     return path

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from campaign import __version__
-from campaign.errors import UsageError
+from campaign.errors import CampaignBusy, UsageError
 from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
 from campaign.job import CAMPAIGN_ID, Job, Limits
 from campaign.load import open_sheet
@@ -178,10 +178,14 @@ def _prepare(owned: OpenCampaign, job: Job, options: RunOptions, control: RunCon
     ledger = owned.ledger
     with owned.loading():
         recovered = ledger.recover(job.limits.lease_s if owned.shared else None)
-        joining = (
-            owned.shared and not options.dry_run and ledger.live_workers(job.limits.lease_s) > 0
-        )
-        job = _load_input(ledger, job, options, control, owned.directory, joining)
+        live = ledger.live_workers(job.limits.lease_s) if owned.shared else 0
+        if live and options.dry_run:
+            # A validate reads the input into the ledger: never under workers sending it.
+            raise CampaignBusy(
+                f"campaign {owned.directory.name} is being sent by {live} worker(s) now; "
+                "validate it when they have finished"
+            )
+        job = _load_input(ledger, job, options, control, owned.directory, joining=live > 0)
         suppressed = _suppress(ledger, job)
         run_id = None if options.dry_run else ledger.start_run("run")
     return _Prepared(job, recovered, suppressed, run_id)

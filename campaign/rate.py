@@ -138,6 +138,35 @@ class _Slot:
     deadline: float  # loop time: not after (then it is dropped, never used late)
 
 
+@dataclass
+class _Slots:
+    """A grant's slots, `interval` apart from `first` (loop time), as a range: a high rate
+    grants many thousands at once, and the ones that pass unused are skipped by
+    arithmetic, not one by one."""
+
+    first: float
+    count: int
+    interval: float
+    slack: float  # how late a slot may still leave
+    taken: int = 0
+
+    @property
+    def left(self) -> int:
+        return self.count - self.taken
+
+    def skip_passed(self, now: float) -> int:
+        """Drop the slots too late to use at `now`; returns how many."""
+        usable = math.ceil((now - self.slack - self.first) / self.interval)
+        skipped = min(max(usable - self.taken, 0), self.left)
+        self.taken += skipped
+        return skipped
+
+    def take(self) -> _Slot:
+        at = self.first + self.taken * self.interval
+        self.taken += 1
+        return _Slot(at, at + self.slack)
+
+
 class SharedRateLimiter:
     """`acquire()` / `confirm()` like `RateLimiter`, with slots from a budget every worker of
     the channel shares: `grant` asks it for the next n slots (store/budget.py's
@@ -177,9 +206,9 @@ class SharedRateLimiter:
         self.granted = 0
         self.dropped = 0  # slots that passed unused
         self._grant = grant
-        self._slots: deque[_Slot] = deque()
+        self._slots: deque[_Slots] = deque()
         self._lock = asyncio.Lock()
-        self._next: asyncio.Task[list[_Slot]] | None = None
+        self._next: asyncio.Task[_Slots] | None = None
         self._held: weakref.WeakKeyDictionary[asyncio.Task[Any], _Slot] = (
             weakref.WeakKeyDictionary()
         )
@@ -220,15 +249,24 @@ class SharedRateLimiter:
             while True:
                 if not self._slots:
                     await self._refill()
-                slot = self._slots.popleft()
-                if len(self._slots) <= self.batch // 2:
+                slots = self._slots[0]
+                self.dropped += slots.skip_passed(loop.time())
+                if not slots.left:
+                    self._slots.popleft()
+                    continue
+                slot = slots.take()
+                if not slots.left:
+                    self._slots.popleft()
+                if sum(run.left for run in self._slots) <= self.batch // 2:
                     self._prefetch()
                 try:
                     # A timer may fire a clock tick early: never leave before the slot.
                     while (now := loop.time()) < slot.at - lead:
                         await asyncio.sleep(slot.at - lead - now)
                 except asyncio.CancelledError:
-                    self._slots.appendleft(slot)  # still good for the next taker
+                    # Still good for the next taker.
+                    slack = slot.deadline - slot.at
+                    self._slots.appendleft(_Slots(slot.at, 1, self.interval, slack))
                     raise
                 if now <= slot.deadline:
                     return slot
@@ -257,9 +295,9 @@ class SharedRateLimiter:
             raise
         if self._next is task:
             self._next = None
-        self._slots.extend(slots)
+        self._slots.append(slots)
 
-    async def _ask(self, n: int) -> list[_Slot]:
+    async def _ask(self, n: int) -> _Slots:
         granted, offset, late = await self._measured(n)
         # A slow answer (the process or the server was busy) makes a loose conversion,
         # which would leave no time to use the slots: read the clock again (a grant of
@@ -272,8 +310,7 @@ class SharedRateLimiter:
                 offset, late = again, late_again
         self.granted += n
         slack = max(0.0, TOLERANCE_S - late)
-        first = granted.tat - n * self.interval + offset
-        return [_Slot(at, at + slack) for at in (first + i * self.interval for i in range(n))]
+        return _Slots(granted.tat - n * self.interval + offset, n, self.interval, slack)
 
     async def _measured(self, n: int) -> tuple[Granted, float, float]:
         """A grant, the offset from its clock to the loop's, and how late that may make a

@@ -16,7 +16,7 @@ it. An upload stays on the host that took it until it is validated (`store/uploa
 says which); from then on its rows and mapping are in its ledger, and any page server can
 send it as it sends a campaign of the command line.
 
-Whatever touches the disk (files, SQLite, the campaign lock) runs in a thread, never on
+Whatever blocks (files, SQLite, PostgreSQL, the campaign lock) runs in a thread, never on
 the event loop: one operator's big upload or slow disk must not freeze another's page.
 """
 

@@ -374,31 +374,69 @@ class Store:
         if self.url is None:
             return read_info(self.output_dir / campaign)
         try:
-            with contextlib.closing(
-                Ledger.on_postgres(self.url, campaign, readonly=True)
-            ) as ledger:
-                meta = ledger.all_meta()
-                if meta.get("campaign") is None:
-                    return None
-                run = ledger.last_run()
-                state, started = (run.state, run.started_at) if run else (None, None)
-                if state == "running" and not ledger.live_workers(LEASE_S):
-                    state = "crashed"
-                return CampaignInfo(
-                    campaign,
-                    meta.get("job"),
-                    origin_of(meta),
-                    meta.get("created_at"),
-                    state,
-                    started,
-                )
+            with self.reader(campaign) as ledger:
+                return None if ledger is None else self.info_of(campaign, ledger)
         except LedgerError:
             return None
+
+    def info_of(
+        self, campaign: str, ledger: Ledger, lease_s: float = LEASE_S
+    ) -> CampaignInfo | None:
+        """The campaign's facts from its open ledger; None when it is not a campaign's.
+        On PostgreSQL the campaign is running while a worker holds a live lease, whichever
+        worker's run was the last to start (it may have finished its share first)."""
+        if self.url is None:
+            return info_of(self.output_dir / campaign, ledger)
+        meta = ledger.all_meta()
+        if meta.get("campaign") is None:
+            return None
+        run = ledger.last_run()
+        state, started = (run.state, run.started_at) if run else (None, None)
+        if ledger.live_workers(lease_s):
+            state = "running"
+        elif state == "running":
+            state = "crashed"
+        return CampaignInfo(
+            campaign, meta.get("job"), origin_of(meta), meta.get("created_at"), state, started
+        )
+
+    def open_reader(self, campaign: str) -> Ledger | None:
+        """The campaign's ledger, read-only (another process may be sending it); None when
+        it has none (an upload not validated yet). Close it."""
+        if self.url is not None:
+            return Ledger.postgres_reader(self.url, campaign)
+        path = self.output_dir / campaign / LEDGER_FILE
+        return Ledger.reader(path) if path.is_file() else None
+
+    @contextlib.contextmanager
+    def reader(self, campaign: str) -> Iterator[Ledger | None]:
+        ledger = self.open_reader(campaign)
+        try:
+            yield ledger
+        finally:
+            if ledger is not None:
+                ledger.close()
+
+    def in_use(self, campaign: str, lease_s: float = LEASE_S) -> bool:
+        """SQLite: a process holds the campaign's lock; PostgreSQL: a worker holds a live
+        lease on it."""
+        if self.url is None:
+            return is_locked(self.output_dir / campaign)
+        with self.reader(campaign) as ledger:
+            return ledger is not None and ledger.live_workers(lease_s) > 0
+
+    def campaign_ids(self) -> list[str]:
+        """Every campaign with a ledger."""
+        if self.url is None:
+            found = self.output_dir.glob(f"*/{LEDGER_FILE}") if self.output_dir.is_dir() else []
+            return [path.parent.name for path in found]
+        return _shared_campaigns(self.url)
 
     def exists(self, campaign: str) -> bool:
         if self.url is None:
             return (self.output_dir / campaign / LEDGER_FILE).is_file()
-        return campaign in _shared_campaigns(self.url)
+        with self.reader(campaign) as ledger:
+            return ledger is not None and ledger.get_meta("campaign") is not None
 
     def check_unfinished(self, job_name: str, campaign: str) -> None:
         if self.url is None:

@@ -201,6 +201,13 @@ class Database:
 
         return time.time()
 
+    def clock(self) -> str:
+        """`now()` as an SQL expression, for a statement that needs the store's clock
+        without a round trip of its own."""
+        if self.postgres:
+            return "extract(epoch FROM clock_timestamp())::float8"
+        return "((julianday('now') - 2440587.5) * 86400.0)"
+
     def version(self) -> int:
         if not self.postgres:
             return int(self.raw.execute("PRAGMA user_version").fetchone()[0])

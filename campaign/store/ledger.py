@@ -276,6 +276,27 @@ class Ledger:
             reopen=lambda ro: cls.on_postgres(url, campaign, readonly=ro),
         )
 
+    @classmethod
+    def postgres_reader(cls, url: str, campaign: str) -> Ledger | None:
+        """A read-only connection to the campaign's schema; None when it holds no ledger
+        (the campaign was never opened by a run or a validation)."""
+        schema = schema_name(campaign)
+        db = Database.postgresql(url, schema, create=False)
+        try:
+            found = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+        except LedgerError:
+            db.close()
+            raise
+        if not found[0]:
+            db.close()
+            return None
+        return cls(
+            f"{db.where}#{schema}",
+            readonly=True,
+            db=db,
+            reopen=lambda ro: cls.on_postgres(url, campaign, readonly=ro),
+        )
+
     @property
     def postgres(self) -> bool:
         return self.db.postgres
@@ -428,6 +449,18 @@ class Ledger:
                 (self.db.now() - lease_s,),
             )
         return int(found.fetchone()[0])
+
+    def watch_stamp(self, lease_s: float) -> tuple[Any, int]:
+        """Differs whenever what a page shows of the campaign may have changed, in one
+        query: the generation (every committed change bumps it) and how many workers hold
+        a live lease (a worker killed with -9 changes nothing else)."""
+        found = self.db.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'generation'), "
+            "(SELECT count(*) FROM runs WHERE state = 'running' "
+            f"AND coalesce(heartbeat_at, started_at) >= {self.db.clock()} - ?)",
+            (lease_s,),
+        ).fetchone()
+        return found[0], int(found[1])
 
     def start_run(self, command: str) -> int:
         with self.transaction():

@@ -219,25 +219,27 @@ async def events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    with service.watches.open(campaign, directory) as watch, contextlib.suppress(ConnectionError):
-        last: dict[str, Any] | None = None
-        while not closing.is_set() and not _gone(request):
-            send = service.sends.get(campaign)
-            if send is not None and send.running:
-                name, data = "progress", send.progress()
-                watch.forget()  # what another process showed before is old now
-            else:
-                # Sent by another process (`campaign run`), or over: read from its files.
-                name, data = "state", await watch.view(lambda: service.describe(campaign))
-                if data["state"] != "running":
-                    break
-            if data != last:
-                await _event(response, name, data)
-                last = data
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closing.wait(), PROGRESS_POLL_S)
-        if not _gone(request):
-            await _event(response, "state", await service.describe(campaign))
+    with contextlib.suppress(ConnectionError):
+        async with service.watches.open(campaign, directory) as watch:
+            last: dict[str, Any] | None = None
+            while not closing.is_set() and not _gone(request):
+                send = service.sends.get(campaign)
+                if send is not None and send.running:
+                    name, data = "progress", send.progress()
+                    watch.forget()  # what another process showed before is old now
+                else:
+                    # Sent by another process (`campaign run`, another host), or over: read from
+                    # its files or its ledger.
+                    name, data = "state", await watch.view(lambda: service.describe(campaign))
+                    if data["state"] != "running":
+                        break
+                if data != last:
+                    await _event(response, name, data)
+                    last = data
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), PROGRESS_POLL_S)
+            if not _gone(request):
+                await _event(response, "state", await service.describe(campaign))
     return response
 
 

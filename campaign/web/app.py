@@ -24,7 +24,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from campaign.errors import UsageError
+from campaign.errors import StoreFailed, StoreUnavailable, UsageError
 from campaign.job import Job
 from campaign.web.access import (
     MIN_TOKEN_CHARS,
@@ -87,6 +87,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status == 413:
             headers = {"Connection": "close"}
         return web.json_response({"error": str(exc)}, status=exc.status, headers=headers)
+    except (StoreUnavailable, StoreFailed) as exc:
+        # A PostgreSQL store that cannot be reached: the message names it without password.
+        return web.json_response({"error": str(exc)}, status=503)
     except web.HTTPException as exc:
         if not request.path.startswith("/api/") or exc.status < 400:
             raise

@@ -4,10 +4,13 @@ A send is stopped the way Ctrl-C stops the command line (`RunControl.stop`: requ
 flight finish and are recorded, the rest stay pending), and the server drains every send
 the same way before it exits.
 
-Every send to one channel (one Send API address) shares one `RateLimiter`: the rate is
-the channel's budget, not each campaign's, so two campaigns started on the page at 20/s
-reach the API at 20/s together, not 40/s. The limiter is made on the first send, inside
-the server's event loop, and lives as long as the server.
+Every send to one channel (one Send API address) shares one limiter: the rate is the
+channel's budget, not each campaign's, so two campaigns started on the page at 20/s
+reach the API at 20/s together, not 40/s. On SQLite it is a `RateLimiter`; on PostgreSQL
+a `SharedRateLimiter` over the channel's budget in the database, which every worker on
+every host (`campaign run`, other page servers) takes its slots from too. The limiter is
+made on the first send, inside the server's event loop, and lives as long as the server
+(its budget's connection is closed at shutdown, after the sends have drained).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,7 +28,10 @@ from campaign.errors import CampaignError
 from campaign.job import Job
 from campaign.logs import masker, save_traceback
 from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
-from campaign.rate import RateLimiter
+from campaign.rate import Limiter, RateLimiter, SharedRateLimiter
+
+if TYPE_CHECKING:
+    from campaign.store.budget import RateBudget
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +69,9 @@ class Send:
 class Sends:
     def __init__(self) -> None:
         self._sends: dict[str, Send] = {}
-        self._limiters: dict[str, RateLimiter] = {}  # by send URL
+        self._limiters: dict[str, Limiter] = {}  # by send URL
+        self._budgets: list[tuple[SharedRateLimiter, RateBudget]] = []
+        self._making = asyncio.Lock()  # two first sends must not make two limiters
 
     def get(self, campaign: str) -> Send | None:
         return self._sends.get(campaign)
@@ -73,24 +81,35 @@ class Sends:
         return send is not None and send.running
 
     def start(self, campaign: str, job: Job, options: RunOptions, directory: Path) -> Send:
-        control = RunControl(limiter=self._limiter(job))
+        control = RunControl()
         task = asyncio.create_task(self._run(campaign, job, options, control, directory))
         send = self._sends[campaign] = Send(control, task, options.only_failed, time.monotonic())
         log.info("send started from the page", campaign=campaign, only_failed=options.only_failed)
         return send
 
-    def _limiter(self, job: Job) -> RateLimiter:
+    async def _limiter(self, job: Job) -> Limiter:
         url = send_url(job.api)
-        if url not in self._limiters:
-            # Every campaign of one server has the job's limits, so one rate per channel.
-            self._limiters[url] = RateLimiter(job.limits.rate_per_second)
-        return self._limiters[url]
+        async with self._making:
+            if url not in self._limiters:
+                # Every campaign of one server has the job's limits, so one rate per channel.
+                rate = job.limits.rate_per_second
+                if job.ledger is None:
+                    self._limiters[url] = RateLimiter(rate)
+                else:
+                    from campaign.store.budget import RateBudget  # psycopg: PostgreSQL only
+
+                    budget = await RateBudget.connect(job.ledger, url)
+                    shared = SharedRateLimiter(rate, budget.grant)
+                    self._budgets.append((shared, budget))
+                    self._limiters[url] = shared
+            return self._limiters[url]
 
     async def _run(
         self, campaign: str, job: Job, options: RunOptions, control: RunControl, directory: Path
     ) -> None:
         send = self._sends[campaign]
         try:
+            control.limiter = await self._limiter(job)
             send.outcome = await run_campaign(job, options, control)
         except CampaignError as exc:
             send.error = str(exc)
@@ -113,3 +132,8 @@ class Sends:
         for send in running:
             send.control.stop()
         await asyncio.gather(*(s.task for s in running), return_exceptions=True)
+        budgets, self._budgets = self._budgets, []
+        self._limiters.clear()
+        for limiter, budget in budgets:
+            await limiter.aclose()
+            await budget.close()

@@ -9,7 +9,14 @@ background task that `stop`/`shutdown` drain exactly as Ctrl-C drains the comman
 So `campaign run JOB --campaign ID` continues a campaign of the page with the page's
 mapping, and the page continues a campaign of `campaign run` from its ledger.
 
-Whatever touches the disk (files, SQLite, the campaign lock) runs in a thread, never on
+On a PostgreSQL store the ledgers are in the database, shared by every page server and
+worker: a page lists the database's campaigns besides this host's uploads, a campaign is
+running while a worker holds a live lease, and a start joins the workers already sending
+it. An upload stays on the host that took it until it is validated (`store/uploads.py`
+says which); from then on its rows and mapping are in its ledger, and any page server can
+send it as it sends a campaign of the command line.
+
+Whatever blocks (files, SQLite, PostgreSQL, the campaign lock) runs in a thread, never on
 the event loop: one operator's big upload or slow disk must not freeze another's page.
 """
 
@@ -20,6 +27,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -40,9 +48,9 @@ from campaign.job import CAMPAIGN_ID, Job, Mapping, first_problem
 from campaign.load import Sheet
 from campaign.mapping import Mapper
 from campaign.pipeline import RunControl, RunOptions, run_campaign
-from campaign.report import RESULTS_FILE
-from campaign.store.campaigns import is_locked
-from campaign.store.ledger import LEDGER_FILE
+from campaign.report import RESULTS_FILE, report_is_current, write_report
+from campaign.store import uploads
+from campaign.store.campaigns import store_of
 from campaign.web.guess import look_at
 from campaign.web.sends import Sends
 from campaign.web.state import (
@@ -77,9 +85,12 @@ class Campaigns:
         # Web campaigns are one-off ids: they must not trip the midnight guard of the
         # job's own dated campaigns, so the ledger records them under their own job name.
         self.job_name = f"{job.name}.web"
+        self.store = store_of(job.output_dir, job.ledger)
         self.sends = Sends()
         self.busy: dict[str, str] = {}  # campaign -> what this server is doing with it
-        self.watches = Watches()
+        self.watches = Watches(self.store, job.limits.lease_s)
+        # How other page servers on the database name this one, where its uploads are.
+        self.server = f"{socket.gethostname()} (data directory {self.root.resolve()})"
 
     # --- uploads -------------------------------------------------------------------------
 
@@ -95,6 +106,9 @@ class Campaigns:
 
     async def discard(self, campaign: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.root / campaign, ignore_errors=True)
+        if self.job.ledger is not None:
+            with contextlib.suppress(CampaignError):
+                await asyncio.to_thread(uploads.forget_upload, self.job.ledger, campaign)
 
     async def finish_upload(
         self, campaign: str, filename: str, mapping_json: str | None
@@ -115,6 +129,8 @@ class Campaigns:
                     raise ServiceError(400, "mapping: not valid JSON") from None
                 mapping = self._check_mapping(raw, upload, look.columns).model_dump()
                 source = "request"
+            if self.job.ledger is not None:
+                await asyncio.to_thread(uploads.note_upload, self.job.ledger, campaign, self.server)
         except BaseException:
             await self.discard(campaign)  # a refused upload must not stay behind as a campaign
             raise
@@ -143,7 +159,7 @@ class Campaigns:
 
     async def set_mapping(self, campaign: str, raw: Any) -> dict[str, Any]:
         directory, info = await asyncio.to_thread(self._web_campaign, campaign)
-        async with self._exclusive(campaign, "being validated"):
+        async with self._exclusive(campaign, "being validated", joins=False):
             upload = directory / info["upload"]
             mapping = self._check_mapping(raw, upload, info["columns"])
             options = RunOptions(input=str(upload), campaign=campaign, dry_run=True, origin="page")
@@ -157,7 +173,9 @@ class Campaigns:
             await asyncio.to_thread(write_json, directory / MAPPING_FILE, mapping.model_dump())
             await self._update_info(directory, validated=True, mapping_source="page")
         summary = await self.describe(campaign)
-        summary["invalid"] = await asyncio.to_thread(rows_page, directory, "invalid", 0, PAGE_ROWS)
+        summary["invalid"] = await asyncio.to_thread(
+            rows_page, self.store, campaign, "invalid", 0, PAGE_ROWS
+        )
         # What validate prints too: people on the suppression list, inside their send
         # window now and when the others' windows open.
         summary["notes"] = outcome.notes
@@ -190,7 +208,8 @@ class Campaigns:
         info = await asyncio.to_thread(read_json, directory / WEB_FILE)
         async with self._exclusive(campaign, "starting"):
             if not info:
-                # Started with `campaign run`: its rows and its mapping are in its ledger.
+                # Started with `campaign run` (or uploaded to another page server): its
+                # rows and its mapping are in its ledger.
                 job = self._job_for(self.job.mapping, None)
                 options = RunOptions(
                     campaign=campaign, only_failed=only_failed, origin="page", reuse_rows=True
@@ -245,17 +264,24 @@ class Campaigns:
         await self.sends.shutdown()
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self, campaign: str, doing: str) -> AsyncIterator[None]:
+    async def _exclusive(
+        self, campaign: str, doing: str, joins: bool = True
+    ) -> AsyncIterator[None]:
         """One change at a time per campaign. It is claimed before the first await, so two
         requests that interleave at the awaits (a double click on Send) cannot both pass;
-        a send holds it from then on until it ends."""
+        a send holds it from then on until it ends. Another process sending the campaign
+        refuses it on SQLite; on PostgreSQL what `joins` (a send, a reconcile) shares the
+        campaign with the other workers, and only a validation, which replaces the rows
+        they send from, is refused."""
         if self.sends.running(campaign):
             raise ServiceError(409, f"campaign {campaign} is sending; stop it first")
         if campaign in self.busy:
             raise ServiceError(409, f"campaign {campaign} is {self.busy[campaign]}")
         self.busy[campaign] = doing
         try:
-            if await asyncio.to_thread(is_locked, self.root / campaign):
+            if not (joins and self.store.shared) and await asyncio.to_thread(
+                self.store.in_use, campaign, self.job.limits.lease_s
+            ):
                 raise ServiceError(409, f"campaign {campaign} is in use by another process")
             yield
         finally:
@@ -268,17 +294,40 @@ class Campaigns:
         return await asyncio.to_thread(self._directory, campaign)
 
     def _directory(self, campaign: str) -> Path:
-        if not CAMPAIGN_ID.fullmatch(campaign) or not (self.root / campaign).is_dir():
+        if not CAMPAIGN_ID.fullmatch(campaign):
             raise ServiceError(404, f"no campaign {campaign!r}")
         directory = self.root / campaign
-        if not (directory / WEB_FILE).is_file() and not (directory / LEDGER_FILE).is_file():
-            raise ServiceError(404, f"no campaign {campaign!r}")
-        return directory
+        if (directory / WEB_FILE).is_file() or self.store.exists(campaign):
+            return directory
+        elsewhere = self._uploaded_elsewhere(campaign)
+        if elsewhere:
+            raise ServiceError(
+                409,
+                f"campaign {campaign} was uploaded to the page server on {elsewhere} and is "
+                "not validated yet: until it is, its spreadsheet is on that server only. "
+                "Validate it there (then any server can send it), or upload it here",
+            )
+        raise ServiceError(404, f"no campaign {campaign!r}")
+
+    def _uploaded_elsewhere(self, campaign: str) -> str | None:
+        """PostgreSQL: the other page server that holds the campaign's upload."""
+        if self.job.ledger is None:
+            return None
+        server = uploads.upload_server(self.job.ledger, campaign)
+        return server if server != self.server else None
 
     def _web_campaign(self, campaign: str) -> tuple[Path, dict[str, Any]]:
         directory = self._directory(campaign)
         info = read_json(directory / WEB_FILE)
         if not info:
+            elsewhere = self._uploaded_elsewhere(campaign)
+            if elsewhere:
+                raise ServiceError(
+                    409,
+                    f"campaign {campaign} was uploaded to the page server on {elsewhere}: "
+                    "its mapping can be changed there only, where its spreadsheet is (it "
+                    "can still be sent from here, with the mapping it was validated with)",
+                )
             raise ServiceError(
                 409,
                 f"campaign {campaign} was started with `campaign run`: its mapping is the one "
@@ -293,13 +342,14 @@ class Campaigns:
         await asyncio.to_thread(update)
 
     def _views(self) -> list[dict[str, Any]]:
-        found = [
-            d
+        """The store's campaigns and this host's uploads not validated yet."""
+        uploaded = [
+            d.name
             for d in (self.root.iterdir() if self.root.is_dir() else [])
-            if CAMPAIGN_ID.fullmatch(d.name)
-            and ((d / WEB_FILE).is_file() or (d / LEDGER_FILE).is_file())
+            if CAMPAIGN_ID.fullmatch(d.name) and (d / WEB_FILE).is_file()
         ]
-        return [campaign_view(d, self.job.limits) for d in found]
+        found = dict.fromkeys([*uploaded, *self.store.campaign_ids()])
+        return [campaign_view(self.store, c, self.job.limits) for c in found]
 
     async def list(self) -> list[dict[str, Any]]:
         items = await asyncio.to_thread(self._views)
@@ -309,7 +359,8 @@ class Campaigns:
 
     async def describe(self, campaign: str, detail: bool = False) -> dict[str, Any]:
         def view() -> dict[str, Any]:
-            return campaign_view(self._directory(campaign), self.job.limits, detail)
+            self._directory(campaign)
+            return campaign_view(self.store, campaign, self.job.limits, detail)
 
         item = await asyncio.to_thread(view)
         self._merge_live(item)
@@ -318,12 +369,14 @@ class Campaigns:
     async def rows(self, campaign: str, status: str, offset: int, limit: int) -> dict[str, Any]:
         if status not in ("invalid", "duplicate", "suppressed"):
             raise ServiceError(400, "status: invalid, duplicate or suppressed")
-        directory = await self.directory(campaign)
-        return await asyncio.to_thread(rows_page, directory, status, offset, limit)
+        await self.directory(campaign)
+        return await asyncio.to_thread(rows_page, self.store, campaign, status, offset, limit)
 
     async def results(self, campaign: str) -> Path:
         def find() -> Path:
             path = self._directory(campaign) / RESULTS_FILE
+            if self.store.shared and self.store.exists(campaign):
+                self._report_here(campaign)
             if not path.is_file():
                 raise ServiceError(
                     404, f"campaign {campaign} has no results yet: validate it first"
@@ -331,6 +384,14 @@ class Campaigns:
             return path
 
         return await asyncio.to_thread(find)
+
+    def _report_here(self, campaign: str) -> None:
+        """PostgreSQL: whoever ran the campaign last wrote its results.csv on their host;
+        when this host has none, or one older than the ledger, write it from the ledger as
+        `campaign report` does."""
+        with self.store.open_campaign(campaign, self.job_name, "page") as owned:
+            if not report_is_current(owned.ledger, owned.directory):
+                write_report(owned.ledger, owned.directory, campaign)
 
     def _merge_live(self, item: dict[str, Any]) -> None:
         send = self.sends.get(item["id"])

@@ -1,9 +1,11 @@
-"""What the upload page shows of a campaign, read from its directory alone.
+"""What the upload page shows of a campaign: its ledger (read-only) and its directory.
 
-So a restarted server shows every campaign under `output_dir`, the page's and the
-command line's, with its state: uploaded | validated | running | done | aborted.
-`aborted` covers every run that did not finish (a fatal answer, a stop, a process that
-died); the next start continues it, and its in-flight rows become `unknown` then.
+So a restarted server shows every campaign of the store, the page's and the command
+line's, with its state: uploaded | validated | running | done | aborted. `aborted` covers
+every run that did not finish (a fatal answer, a stop, a process that died); the next
+start continues it, and its in-flight rows become `unknown` then. On PostgreSQL the
+ledger is in the database, and the directory (the page's upload, the report) is this
+host's: a campaign another host ran has no report here until one is asked for.
 """
 
 from __future__ import annotations
@@ -15,28 +17,31 @@ from typing import Any
 
 from campaign.job import Limits
 from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write, iso_utc
-from campaign.store.campaigns import MAPPING_FILE, WEB_FILE, CampaignInfo, info_of
-from campaign.store.ledger import LEDGER_FILE, SENDABLE, Ledger, LedgerError
+from campaign.store.campaigns import MAPPING_FILE, WEB_FILE, CampaignInfo, Store
+from campaign.store.ledger import SENDABLE, LedgerError
 
 
-def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict[str, Any]:
+def campaign_view(
+    store: Store, campaign: str, limits: Limits, detail: bool = False
+) -> dict[str, Any]:
     """What the page shows of a campaign; reads the ledger read-only (another process may
     be sending it)."""
+    directory = store.output_dir / campaign
     info = read_json(directory / WEB_FILE)
     ledger_info: CampaignInfo | None = None
     counts: dict[str, int] = {}
     delivery: dict[str, int] = {}
     stored_mapping = None
-    if (directory / LEDGER_FILE).is_file():
-        with contextlib.suppress(*LedgerError), _reader(directory) as ledger:
-            ledger_info = info_of(directory, ledger)
+    with contextlib.suppress(*LedgerError), store.reader(campaign) as ledger:
+        if ledger is not None:
+            ledger_info = store.info_of(campaign, ledger, limits.lease_s)
             counts = ledger.counts()
             delivery = ledger.delivery_counts()
             stored_mapping = ledger.get_meta("mapping")
     last = ledger_info.last_state if ledger_info else None
     validated = info.get("validated", True) if info else ledger_info is not None
     if last == "running":
-        state = "running"  # another process holds the campaign (`campaign run`)
+        state = "running"  # another process sends it (`campaign run`, another host)
     elif last == "finished":
         state = "done"
     elif last is not None:
@@ -46,7 +51,7 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     summary = read_json(directory / SUMMARY_FILE)
     created = info.get("uploaded_at") or (ledger_info.created_at if ledger_info else None)
     view: dict[str, Any] = {
-        "id": directory.name,
+        "id": campaign,
         "filename": info.get("filename"),
         "created": iso_utc(created),
         "created_at": created,
@@ -62,7 +67,10 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
         "rate": limits.rate_per_second,
         "concurrency": limits.concurrency,
         "achieved_rate": (summary.get("last_run") or {}).get("achieved_rate"),
-        "has_results": (directory / RESULTS_FILE).is_file(),
+        # On PostgreSQL a download writes the report from the ledger when this host has
+        # none (or an old one).
+        "has_results": (directory / RESULTS_FILE).is_file()
+        or (store.shared and ledger_info is not None),
         "error": None,
         "progress": None,
     }
@@ -76,19 +84,15 @@ def campaign_view(directory: Path, limits: Limits, detail: bool = False) -> dict
     return view
 
 
-def rows_page(directory: Path, status: str, offset: int, limit: int) -> dict[str, Any]:
+def rows_page(store: Store, campaign: str, status: str, offset: int, limit: int) -> dict[str, Any]:
     """A page of the latest input's rows with one status (invalid, duplicate), with reasons."""
-    if not (directory / LEDGER_FILE).is_file():
-        return {"total": 0, "offset": offset, "columns": [], "rows": []}
-    with _reader(directory) as ledger:
+    with store.reader(campaign) as ledger:
+        if ledger is None:
+            return {"total": 0, "offset": offset, "columns": [], "rows": []}
         total, found = ledger.rows_with_status(status, offset, limit)
         columns = ledger.get_meta("columns") or []
     rows = [{"row": r, "error": e, "cells": c} for r, e, c in found]
     return {"total": total, "offset": offset, "columns": columns, "rows": rows}
-
-
-def _reader(directory: Path) -> contextlib.closing[Ledger]:
-    return contextlib.closing(Ledger.reader(directory / LEDGER_FILE))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The upload service's suppression routes: the store's list, read and changed by hand.
+"""The upload service's suppression routes: the store's list, read and changed by hand
+(the output_dir's SQLite list, or the PostgreSQL store's shared one).
 
     GET    /api/suppression            {"count", "entries": [{phone, reason, source, added_at}]}
                                         (`?format=csv`: the CSV of `campaign suppress list`)
@@ -36,10 +37,10 @@ def add_routes(app: web.Application) -> None:
 
 
 async def listing(request: web.Request) -> web.Response:
-    root = request.app[SERVICE].root
+    job = request.app[SERVICE].job
 
     def read() -> list[tuple[str, str, str, str]]:
-        with SuppressionList(root) as listed:
+        with SuppressionList(job.output_dir, job.ledger) as listed:
             return [(e.phone, e.reason, e.source, e.added) for e in listed.entries()]
 
     entries = await asyncio.to_thread(read)
@@ -82,10 +83,10 @@ async def add(request: web.Request) -> web.Response:
     if reason is not None and not isinstance(reason, str):
         raise ServiceError(400, "reason: must be text")
     reason = (reason or "").strip() or PAGE_REASON
-    root = request.app[SERVICE].root
+    job = request.app[SERVICE].job
 
     def write() -> int:
-        with SuppressionList(root) as listed:
+        with SuppressionList(job.output_dir, job.ledger) as listed:
             return listed.add(phones, reason, "manual")
 
     added = await asyncio.to_thread(write)
@@ -94,10 +95,10 @@ async def add(request: web.Request) -> web.Response:
 
 async def remove(request: web.Request) -> web.Response:
     phones, _ = await _phones(request)
-    root = request.app[SERVICE].root
+    job = request.app[SERVICE].job
 
     def write() -> int:
-        with SuppressionList(root) as listed:
+        with SuppressionList(job.output_dir, job.ledger) as listed:
             return listed.remove(phones)
 
     removed = await asyncio.to_thread(write)

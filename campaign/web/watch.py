@@ -7,6 +7,11 @@ cost a scan per page per second; so the streams of one campaign share one `Watch
 looks at the campaign's files (a few `stat`s and its lock) at most once a second for all
 of them, and reads the ledger again only when those changed. The last stream to close
 drops it.
+
+On PostgreSQL there is no ledger file to look at: the watch keeps one read-only
+connection to the campaign's ledger and asks it one question a second instead (its
+generation, which every committed change bumps, and how many workers hold a live lease),
+and closes it with the last stream.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from campaign.report import SUMMARY_FILE
-from campaign.store.campaigns import is_locked
-from campaign.store.ledger import LEDGER_FILE
+from campaign.store.campaigns import Store, is_locked
+from campaign.store.ledger import LEDGER_FILE, Ledger, LedgerError
 from campaign.web.state import MAPPING_FILE, WEB_FILE
 
 LOOK_EVERY_S = 1.0
@@ -31,9 +36,34 @@ WATCHED = (LEDGER_FILE, f"{LEDGER_FILE}-wal", SUMMARY_FILE, WEB_FILE, MAPPING_FI
 View = dict[str, Any]
 
 
+class LedgerProbe:
+    """PostgreSQL: the campaign's ledger's `watch_stamp` over one read-only connection,
+    opened when first asked (the campaign may have no ledger yet) and again after an error.
+    Blocking: call it from a thread."""
+
+    def __init__(self, store: Store, campaign: str, lease_s: float) -> None:
+        self.store, self.campaign, self.lease_s = store, campaign, lease_s
+        self._ledger: Ledger | None = None
+
+    def stamp(self) -> object:
+        try:
+            if self._ledger is None:
+                self._ledger = self.store.open_reader(self.campaign)
+            return None if self._ledger is None else self._ledger.watch_stamp(self.lease_s)
+        except LedgerError:
+            self.close()
+            return time.monotonic()  # unknown: read the view again (it shows what it can)
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+
 @dataclass
 class Watch:
     directory: Path
+    probe: LedgerProbe | None = None  # PostgreSQL; SQLite: the ledger's files and lock
     every_s: float = LOOK_EVERY_S
     streams: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -48,7 +78,7 @@ class Watch:
             now = time.monotonic()
             if self._view is not None and now - self._looked_at < self.every_s:
                 return self._view
-            stamp = await asyncio.to_thread(_stamp, self.directory)
+            stamp = await asyncio.to_thread(self._look)
             self._looked_at = now
             if self._view is None or stamp != self._stamp:
                 self._view = await read()
@@ -59,15 +89,24 @@ class Watch:
         """Read again next time (this server changed the campaign itself)."""
         self._view = None
 
+    def _look(self) -> tuple[object, ...]:
+        if self.probe is None:
+            return (*_file_stamp(self.directory), is_locked(self.directory))
+        return (*_file_stamp(self.directory), self.probe.stamp())
+
 
 class Watches:
-    def __init__(self) -> None:
+    def __init__(self, store: Store, lease_s: float) -> None:
+        self.store, self.lease_s = store, lease_s
         self._watches: dict[str, Watch] = {}
 
-    @contextlib.contextmanager
-    def open(self, campaign: str, directory: Path) -> Iterator[Watch]:
+    @contextlib.asynccontextmanager
+    async def open(self, campaign: str, directory: Path) -> AsyncIterator[Watch]:
         """Held by each event stream of `campaign` while it is open."""
-        watch = self._watches.setdefault(campaign, Watch(directory))
+        watch = self._watches.get(campaign)
+        if watch is None:
+            probe = LedgerProbe(self.store, campaign, self.lease_s) if self.store.shared else None
+            watch = self._watches[campaign] = Watch(directory, probe)
         watch.streams += 1
         try:
             yield watch
@@ -75,6 +114,8 @@ class Watches:
             watch.streams -= 1
             if not watch.streams:
                 del self._watches[campaign]
+                if watch.probe is not None:
+                    await asyncio.to_thread(watch.probe.close)
 
     def streams(self, campaign: str) -> int:
         """How many event streams of `campaign` are open."""
@@ -82,9 +123,10 @@ class Watches:
         return watch.streams if watch else 0
 
 
-def _stamp(directory: Path) -> tuple[object, ...]:
+def _file_stamp(directory: Path) -> list[tuple[int, int, int] | None]:
     """Differs whenever the page's view of the campaign may have changed: its files, and
-    whether a process holds it (a `campaign run` killed with -9 changes no file)."""
+    (the caller adds it) whether a process holds it (a `campaign run` killed with -9
+    changes no file)."""
     stats: list[tuple[int, int, int] | None] = []
     for name in WATCHED:
         try:
@@ -93,4 +135,4 @@ def _stamp(directory: Path) -> tuple[object, ...]:
             stats.append(None)
         else:
             stats.append((found.st_mtime_ns, found.st_size, found.st_ino))
-    return (*stats, is_locked(directory))
+    return stats

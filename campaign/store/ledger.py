@@ -689,25 +689,29 @@ class Ledger:
             return self._begin_attempts(run_id, begins)
 
     def _begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
+        # One statement for the whole batch: on PostgreSQL every statement is a round trip.
+        if not attempts:
+            return []
         now = time.time()
-        started = []
-        for recipient_id, n in attempts:
-            cursor = self.db.execute(
-                "UPDATE recipients SET state = 'inflight', attempts = ? "
-                "WHERE id = ? AND claim = ? AND state != 'sent'",
-                (n, recipient_id, run_id),
-            )
-            ok = cursor.rowcount == 1
-            if ok:
-                self.db.execute(
-                    "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
-                    "run_id = excluded.run_id, started_at = excluded.started_at, "
-                    "finished_at = NULL, state = NULL, http_status = NULL, error = NULL",
-                    (recipient_id, n, run_id, now),
-                )
-            started.append(ok)
-        return started
+        values = ", ".join(["(?, ?)"] * len(attempts))
+        started = {
+            rid
+            for (rid,) in self.db.execute(
+                f"UPDATE recipients SET state = 'inflight', attempts = v.column2 "
+                f"FROM (VALUES {values}) AS v "
+                f"WHERE recipients.id = v.column1 AND recipients.claim = ? "
+                f"AND recipients.state != 'sent' RETURNING recipients.id",
+                [*(x for pair in attempts for x in pair), run_id],
+            ).fetchall()
+        }
+        self.db.executemany(
+            "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
+            "run_id = excluded.run_id, started_at = excluded.started_at, "
+            "finished_at = NULL, state = NULL, http_status = NULL, error = NULL",
+            [(rid, n, run_id, now) for rid, n in attempts if rid in started],
+        )
+        return [rid in started for rid, _ in attempts]
 
     def _finish_attempts(self, outcomes: list[Outcome]) -> None:
         now = time.time()

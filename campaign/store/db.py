@@ -98,7 +98,18 @@ class Database:
         from campaign.store.postgres import CONNECT_TIMEOUT_S, safe_url, unavailable
 
         try:
-            raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            raw = psycopg.connect(
+                url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                # A host cut off without a word is noticed in about a minute, not hours.
+                keepalives=1,
+                keepalives_idle=20,
+                keepalives_interval=5,
+                keepalives_count=4,
+                # A process stopped inside a transaction must not hold its rows forever.
+                options="-c idle_in_transaction_session_timeout=60000",
+            )
         except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
             raise unavailable(url, exc) from None
         db = cls(raw, True, safe_url(url), url)

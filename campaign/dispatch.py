@@ -176,6 +176,7 @@ class Dispatcher:
         self._limiter = limiter or RateLimiter(limits.rate_per_second)
         self._session: aiohttp.ClientSession | None = None
         self._busy: dict[asyncio.Task[None], bool] = {}
+        self._iso_second, self._iso_text = -1, ""
 
     def stop(self) -> None:
         """Stop taking new requests; the ones in flight finish and are recorded."""
@@ -233,15 +234,15 @@ class Dispatcher:
     async def _worker(self, targets: _Feed) -> None:
         with _quiet_when(self.halt):
             try:
+                task = asyncio.current_task()
+                assert task is not None
                 while not self.halt.is_set() and (target := await targets.next()) is not None:
-                    await self._deliver(target)
+                    await self._deliver(target, task)
             except Exception as exc:  # the ledger failed: nothing more may leave
                 self._crash = self._crash or exc
                 self._halt()
 
-    async def _deliver(self, target: Target) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    async def _deliver(self, target: Target, task: asyncio.Task[None]) -> None:
         attempt = target.attempts
         cap = target.attempts + self.limits.max_attempts  # each run gets max_attempts
         maybe_delivered = target.maybe_delivered
@@ -300,7 +301,7 @@ class Dispatcher:
         return True
 
     def _record(self, target: Target, attempt: int, answer: Answer, decision: Decision) -> None:
-        sent_at = iso_utc(time.time()) if decision.state == "sent" else None
+        sent_at = self._now_iso() if decision.state == "sent" else None
         self.writer.finish(
             Outcome(target.id, attempt, decision.state, answer.http_status, decision.error, sent_at)
         )
@@ -324,6 +325,13 @@ class Dispatcher:
                 log.warning("not sent", row=target.row, state=decision.state, **answered)
         self._watch_streaks(answer, decision)
         self.on_progress(self.progress)
+
+    def _now_iso(self) -> str:
+        """`iso_utc(time.time())`, formatted once a second rather than once an answer."""
+        second = int(time.time())
+        if second != self._iso_second:
+            self._iso_second, self._iso_text = second, iso_utc(second) or ""
+        return self._iso_text
 
     def _watch_streaks(self, answer: Answer, decision: Decision) -> None:
         """Abort when `abort_after_fatal` recipients in a row end the same bad way: a fatal

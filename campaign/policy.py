@@ -70,6 +70,9 @@ class Decision:
     fatal: bool = False
 
 
+SENT = Decision("sent")  # the common case, made once: a Decision is immutable
+
+
 def decide(
     answer: Answer,
     attempt: int,
@@ -86,7 +89,7 @@ def decide(
     """
     status = answer.http_status
     if answer.transport is None and status is not None and 200 <= status < 300 and answer.success:
-        return Decision("sent")
+        return SENT
 
     error = answer.describe()
     fatal = answer.transport is None and status in FATAL_STATUSES

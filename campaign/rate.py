@@ -56,11 +56,14 @@ class _WindowLog:
         self.recent: deque[float] = deque()
         self._lock = asyncio.Lock()
 
+    def try_enter(self) -> bool:
+        """The common case, without a coroutine: nobody is waiting and the window has room."""
+        return not self._lock.locked() and self._take(asyncio.get_running_loop().time())
+
     async def enter(self) -> None:
-        loop = asyncio.get_running_loop()
-        # The common case: nobody is waiting and the window has room.
-        if not self._lock.locked() and self._take(loop.time()):
+        if self.try_enter():
             return
+        loop = asyncio.get_running_loop()
         # One waiter at a time, in order: the lock is held while sleeping for the window.
         async with self._lock:
             now = loop.time()
@@ -104,10 +107,12 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         await self._pace.acquire()
-        await self._slots.enter()
+        if not self._slots.try_enter():
+            await self._slots.enter()
 
     async def confirm(self) -> None:
-        await self._departures.enter()
+        if not self._departures.try_enter():
+            await self._departures.enter()
 
 
 # --- one budget for every worker: slots granted by a shared clock ----------------------------

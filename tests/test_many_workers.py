@@ -13,7 +13,15 @@ import psycopg
 import pytest
 
 from campaign.store.db import schema_name
-from tests.helpers import assert_no_duplicates, cli, spawn_cli, start_sandbox, statuses, write_job
+from tests.helpers import (
+    Sandbox,
+    assert_no_duplicates,
+    cli,
+    spawn_cli,
+    start_sandbox,
+    statuses,
+    write_job,
+)
 from tests.postgres import READ_ONLY, PgServer
 from tests.test_rate import achieved, max_in_window
 from tests.test_resume import finish, people, results, wait_for
@@ -23,6 +31,17 @@ CONCURRENCY = 8
 
 def workers(job: Path, n: int, *extra: str) -> list[subprocess.Popen[str]]:
     return [spawn_cli("run", str(job), "--no-progress", *extra) for _ in range(n)]
+
+
+def pg_job(tmp_path: Path, box: Sandbox, rows: int, url: str, **limits: float) -> Path:
+    """A job sending `rows` people to `box`, its ledger at `url`."""
+    return write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", rows),
+        ledger=url,
+        limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, **limits},
+    )
 
 
 def requests_per_run(url: str, campaign: str) -> dict[int, int]:
@@ -38,13 +57,7 @@ def test_three_workers_share_a_campaign_and_reach_each_person_once(
     rows = 1500
     box = start_sandbox(tmp_path, "--latency-ms", "20")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000},
-        )
+        job = pg_job(tmp_path, box, rows, pg_url)
         codes = [finish(p) for p in workers(job, 3)]
         assert codes == [0, 0, 0], codes
         assert len(assert_no_duplicates(box)) == rows
@@ -67,13 +80,7 @@ def test_a_worker_killed_at_a_random_moment_leaves_its_people_to_the_others(
     rows, lease = 1200, 2
     box = start_sandbox(tmp_path, "--latency-ms", "40")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": lease},
-        )
+        job = pg_job(tmp_path, box, rows, pg_url, lease_s=lease)
         rng = random.Random()
         mark = rng.randrange(20, rows - 200)
         running = workers(job, 3)
@@ -113,13 +120,7 @@ def test_postgres_stopped_mid_run_stops_the_workers_cleanly_and_a_rerun_continue
     rows = 1500
     box = start_sandbox(tmp_path, "--latency-ms", "30")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": 2},
-        )
+        job = pg_job(tmp_path, box, rows, pg_url, lease_s=2)
         running = workers(job, 2)
         wait_for(lambda: len(box.records()) >= 200, what="200 requests")
         pg_server.stop_immediate()
@@ -180,13 +181,7 @@ def test_three_workers_share_one_rate_at_the_api(tmp_path: Path, pg_url: str, ra
     rows = rate * 6
     box = start_sandbox(tmp_path, "--latency-ms", "10")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": 20, "rate_per_second": rate},
-        )
+        job = pg_job(tmp_path, box, rows, pg_url, concurrency=20, rate_per_second=rate)
         codes = [finish(p) for p in workers(job, 3)]
         assert codes == [0, 0, 0], codes
         arrivals = sorted(record["t"] for record in box.records())

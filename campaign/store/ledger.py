@@ -36,6 +36,7 @@ was written at is known to be current (`report.report_is_current`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -267,14 +268,8 @@ class Ledger:
 
     @classmethod
     def on_postgres(cls, url: str, campaign: str, *, readonly: bool = False) -> Ledger:
-        schema = schema_name(campaign)
-        db = Database.postgresql(url, schema, create=not readonly)
-        return cls(
-            f"{db.where}#{schema}",
-            readonly=readonly,
-            db=db,
-            reopen=lambda ro: cls.on_postgres(url, campaign, readonly=ro),
-        )
+        db = Database.postgresql(url, schema_name(campaign), create=not readonly)
+        return cls._on(db, url, campaign, readonly)
 
     @classmethod
     def postgres_reader(cls, url: str, campaign: str) -> Ledger | None:
@@ -290,9 +285,13 @@ class Ledger:
         if not found[0]:
             db.close()
             return None
+        return cls._on(db, url, campaign, readonly=True)
+
+    @classmethod
+    def _on(cls, db: Database, url: str, campaign: str, readonly: bool) -> Ledger:
         return cls(
-            f"{db.where}#{schema}",
-            readonly=True,
+            f"{db.where}#{schema_name(campaign)}",
+            readonly=readonly,
             db=db,
             reopen=lambda ro: cls.on_postgres(url, campaign, readonly=ro),
         )
@@ -1009,11 +1008,4 @@ class Transaction:
 
 
 def _batched(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return iter(lambda: list(itertools.islice(rows, size)), [])

@@ -158,7 +158,7 @@ def _take(hold: contextlib.ExitStack, job: Job, options: RunOptions, campaign: s
     store = store_of(job.output_dir, job.ledger)
     with store.job_lock(job.name):
         if not options.dry_run and not options.campaign and not options.new:
-            store.check_unfinished(job.name, campaign)
+            store.check_unfinished(job.name, campaign, job.limits.lease_s)
         return hold.enter_context(store.open_campaign(campaign, job.name, options.origin))
 
 

@@ -312,7 +312,11 @@ async def _send(
     and send the people held for it, again and again, until none is held."""
     progress = control.progress
     assert progress is not None
-    if not progress.total:
+    if not progress.total and not (
+        ledger.postgres and await asyncio.to_thread(ledger.held_elsewhere, run_id, states)
+    ):
+        # Nobody to send to. On PostgreSQL, while other workers hold people not settled
+        # yet, this one waits for them like any worker that ran out of people (`_claims`).
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 

@@ -99,6 +99,8 @@ def open_ledger(
     """A campaign's ledger on a test's store (`store`: the job's `ledger:`, None for the
     SQLite file under output_dir), read through the class the tool uses."""
     if store is None:
+        if not readonly:
+            (output_dir / campaign).mkdir(parents=True, exist_ok=True)
         return Ledger(output_dir / campaign / LEDGER_FILE, readonly=readonly)
     return Ledger.on_postgres(store, campaign, readonly=readonly)
 

@@ -58,7 +58,7 @@ def finish(process: subprocess.Popen[str], timeout: float = 120) -> int:
 
 
 def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path, store: str | None) -> None:
-    rows, concurrency, kills = 2000, 20, 3
+    rows, concurrency, kills = 1200, 20, 3
     box = start_sandbox(tmp_path, "--latency-ms", "50")
     try:
         job = write_job(

@@ -158,7 +158,7 @@ def _take(hold: contextlib.ExitStack, job: Job, options: RunOptions, campaign: s
     store = store_of(job.output_dir, job.ledger)
     with store.job_lock(job.name):
         if not options.dry_run and not options.campaign and not options.new:
-            store.check_unfinished(job.name, campaign)
+            store.check_unfinished(job.name, campaign, job.limits.lease_s)
         return hold.enter_context(store.open_campaign(campaign, job.name, options.origin))
 
 
@@ -316,7 +316,11 @@ async def _send(
     and send the people held for it, again and again, until none is held."""
     progress = control.progress
     assert progress is not None
-    if not progress.total:
+    if not progress.total and not (
+        ledger.postgres and await asyncio.to_thread(ledger.held_elsewhere, run_id, states)
+    ):
+        # Nobody to send to. On PostgreSQL, while other workers hold people not settled
+        # yet, this one waits for them like any worker that ran out of people (`_claims`).
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 

@@ -117,6 +117,7 @@ class RateLimiter:
 
 # --- one budget for every worker: slots granted by a shared clock ----------------------------
 
+SHARED_WINDOW_S = 1.03  # slots 1.03/N apart: 30 ms of margin, TOLERANCE_S of it for lateness
 LEAD_S = 0.05  # a slot is handed out this long before its time, for the ledger's commit
 TOLERANCE_S = 0.010  # a slot leaves at most this late (half the window's 20 ms margin)
 BATCH_S = 0.1  # one grant asks for about this long of slots
@@ -178,7 +179,7 @@ class SharedRateLimiter:
     `RateBudget.grant`). Create one per process and channel, inside the loop; `aclose()`.
 
     Why N at most in any one-second window, at departure, whatever the number of workers:
-    the budget hands out slots I = 1.02/N apart on its own clock, each grant after the end
+    the budget hands out slots I = 1.03/N apart on its own clock, each grant after the end
     of every earlier one (GCRA), so any interval of length L holds at most floor(L/I) + 1
     slots. A worker converts a slot to its loop clock with the offset measured by its grant
     (the budget's reading against loop.time() when the answer came): the reading was taken
@@ -188,8 +189,11 @@ class SharedRateLimiter:
     request then leaves no later than TOLERANCE - u after the converted time, or the slot
     is dropped. So every request leaves between its slot and its slot + TOLERANCE on the
     budget's clock: requests leaving within one second hold slots within
-    1 + TOLERANCE = 1.01 s of each other, at most floor(1.01/1.02 · N) + 1 <= N of them.
-    The other 10 ms of the margin are for the network's jitter between here and the API.
+    1 + TOLERANCE = 1.01 s of each other, at most floor(1.01/1.03 · N) + 1 <= N of them.
+    The other 20 ms of the margin are for what lies between a departure and the API's
+    clock: the network, and the processes' scheduling on a busy host (several workers, the
+    database and the API may share its cores), which can hold a request back once it has
+    its slot.
     `acquire()` hands the slot out up to LEAD_S early, so the ledger's commit of the
     attempt overlaps the wait; `confirm()` then waits for the slot itself, and keeps the
     bound when the commit took long: a slot that would now leave late is given up for a
@@ -206,7 +210,7 @@ class SharedRateLimiter:
             raise ValueError("rate_per_second must be positive")
         self.rate = rate_per_second
         limit = max(1, math.floor(rate_per_second))
-        self.interval = max(WINDOW_S / limit, WINDOW_S / rate_per_second)
+        self.interval = max(SHARED_WINDOW_S / limit, SHARED_WINDOW_S / rate_per_second)
         self.batch = max(1, round(rate_per_second * BATCH_S))
         self.granted = 0
         self.dropped = 0  # slots that passed unused

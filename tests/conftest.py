@@ -49,6 +49,17 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["on-sqlite", "on-postgresql"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The store a test runs on: the job's `ledger:` value (None: SQLite files under
+    output_dir; a fresh PostgreSQL database's URL). The PostgreSQL case skips, saying why,
+    when this machine has no PostgreSQL."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _pg_skipped:
         terminalreporter.write_line(f"PostgreSQL tests skipped: {_pg_skipped[0]}")

@@ -21,6 +21,7 @@ import yaml
 from aiohttp import web
 
 from campaign.sandbox import spawn
+from campaign.store.ledger import LEDGER_FILE, Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL = "11111111-2222-4333-8444-555555555555"
@@ -90,6 +91,18 @@ def write_job(
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def open_ledger(
+    output_dir: Path, store: str | None, campaign: str = "test", *, readonly: bool = True
+) -> Ledger:
+    """A campaign's ledger on a test's store (`store`: the job's `ledger:`, None for the
+    SQLite file under output_dir), read through the class the tool uses."""
+    if store is None:
+        if not readonly:
+            (output_dir / campaign).mkdir(parents=True, exist_ok=True)
+        return Ledger(output_dir / campaign / LEDGER_FILE, readonly=readonly)
+    return Ledger.on_postgres(store, campaign, readonly=readonly)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]], **kwargs: Any) -> Path:

@@ -91,9 +91,9 @@ def crash_log(line: str) -> Path:
 
 
 def test_unexpected_error_before_sending_is_exit_2_with_a_log(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path), ledger=store)
     (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
     done = cli("validate", str(job), "--no-progress")
     assert done.returncode == 2
@@ -106,9 +106,9 @@ def test_unexpected_error_before_sending_is_exit_2_with_a_log(
 
 
 def test_unexpected_error_after_sending_is_exit_1_with_a_log(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path), ledger=store)
     (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
     done = cli("run", str(job), "--no-progress")
     assert done.returncode == 1

@@ -19,6 +19,7 @@ from tests.helpers import (
     Sandbox,
     assert_no_duplicates,
     cli,
+    open_ledger,
     phones,
     read_results,
     spawn_cli,
@@ -30,6 +31,7 @@ from tests.helpers import (
 from tests.test_resume import people
 
 TRIALS = 20
+AT_A_TIME = 4  # PostgreSQL trials started together (two runs each)
 EARLIER_CAMPAIGNS = 300
 
 
@@ -76,6 +78,40 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
         box.stop()
 
 
+def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, pg_url: str) -> None:
+    """On PostgreSQL two runs of one campaign are two workers (DESIGN invariant 7): both
+    finish, and together they reach each person once. The trials are independent
+    campaigns (and jobs), a few at a time: every pair still starts together."""
+    box = start_sandbox(tmp_path, "--latency-ms", "30")
+    try:
+        for first in range(0, TRIALS, AT_A_TIME):
+            trials = range(first, min(first + AT_A_TIME, TRIALS))
+            runs = {}
+            for trial in trials:
+                job = write_job(
+                    tmp_path,
+                    box.url,
+                    name=f"nightly-{trial}",
+                    input=people(tmp_path / f"in-{trial}.csv", 6, start=100 * trial),
+                    campaign=f"t{trial:02d}",
+                    # A worker with nobody left to claim looks again every third of a lease.
+                    limits={"concurrency": 2, "lease_s": 3},
+                    ledger=pg_url,
+                )
+                runs[trial] = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+            for trial in trials:
+                ended = [(run.wait(timeout=120), *run.communicate()) for run in runs[trial]]
+                assert [code for code, _, _ in ended] == [0, 0], ended
+                with contextlib.closing(
+                    open_ledger(tmp_path / "runs", pg_url, f"t{trial:02d}")
+                ) as ledger:
+                    assert ledger.counts()["sent"] == 6
+                    assert ledger.count_targets(("pending", "failed", "unknown", "inflight")) == 0
+        assert len(assert_no_duplicates(box)) == 6 * TRIALS
+    finally:
+        box.stop()
+
+
 def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
@@ -107,17 +143,19 @@ def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
 
 
 def test_another_mapping_after_requests_is_refused_and_named(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     data = write_csv(
         tmp_path / "in.csv",
         ["First Name", "Phone", "Mobile"],
         [[f"P{i}", p, m] for i, (p, m) in enumerate(zip(phones(3), phones(3, 50), strict=True))],
     )
-    job = write_job(tmp_path, sandbox.url, input=data)
+    job = write_job(tmp_path, sandbox.url, input=data, ledger=store)
     assert cli("run", str(job), "--no-progress").returncode == 0
 
-    other = write_job(tmp_path, sandbox.url, input=data, mapping={"to_phone": "Mobile"})
+    other = write_job(
+        tmp_path, sandbox.url, input=data, mapping={"to_phone": "Mobile"}, ledger=store
+    )
     for command in ("run", "validate"):
         refused = cli(command, str(other), "--no-progress")
         assert refused.returncode == 2, refused.stderr
@@ -126,7 +164,11 @@ def test_another_mapping_after_requests_is_refused_and_named(
 
     # The same mapping written another way is the same mapping.
     same = write_job(
-        tmp_path, sandbox.url, input=data, mapping={"to_phone": " Phone ", "default_region": "us"}
+        tmp_path,
+        sandbox.url,
+        input=data,
+        mapping={"to_phone": " Phone ", "default_region": "us"},
+        ledger=store,
     )
     done = cli("run", str(same), "--no-progress")
     assert done.returncode == 0, done.stderr
@@ -134,11 +176,11 @@ def test_another_mapping_after_requests_is_refused_and_named(
 
 
 def test_validating_another_file_between_runs_leaves_a_true_report(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     a = people(tmp_path / "a.csv", 3)
     b = people(tmp_path / "b.csv", 1, start=40)
-    job = write_job(tmp_path, sandbox.url, input=a)
+    job = write_job(tmp_path, sandbox.url, input=a, ledger=store)
     assert cli("run", str(job), "--no-progress").returncode == 0
     assert cli("validate", str(job), "--input", str(b)).returncode == 0
     results = tmp_path / "runs" / "test" / "results.csv"
@@ -156,9 +198,9 @@ def test_validating_another_file_between_runs_leaves_a_true_report(
 
 
 def test_a_report_edited_by_hand_is_rewritten_by_the_next_run(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2), ledger=store)
     assert cli("run", str(job), "--no-progress").returncode == 0
     results = tmp_path / "runs" / "test" / "results.csv"
     results.write_text("not the report\n", encoding="utf-8")
@@ -167,11 +209,11 @@ def test_a_report_edited_by_hand_is_rewritten_by_the_next_run(
 
 
 def test_a_sent_row_edited_into_an_unusable_one_still_shows_sent(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     path = tmp_path / "in.csv"
     write_csv(path, ["First Name", "Phone"], [["Ann", "+1 415 200 0001"], ["Bob", "415 200"]])
-    job = write_job(tmp_path, sandbox.url, input=path)
+    job = write_job(tmp_path, sandbox.url, input=path, ledger=store)
     assert cli("run", str(job), "--no-progress").returncode == 0
     path.write_text(
         "First Name,Phone\nAnn,+1 415 200 0001,an extra cell\nBob,415 200 0002\n", "utf-8"

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -41,7 +42,7 @@ def secrets() -> list[str]:
     return [s for s in found if len(s) >= 6]
 
 
-def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path) -> None:
+def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path, store: str | None) -> None:
     plan = {re.sub(r"\D", "", p)[-10:]: answer for _, p, _, answer in PEOPLE}
     seen: dict[str, int] = {}
 
@@ -73,6 +74,7 @@ def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path) -> None:
                 "constants": {"code": CONSTANT},
             },
             limits={"concurrency": 1, "abort_after_fatal": 5, "max_attempts": 3},
+            ledger=store,
         )
         json_logs = ["--log-format", "json", "--no-progress"]
         for command in (
@@ -96,8 +98,11 @@ def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path) -> None:
     results = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
     written = [v for name, phone, emp_id, _ in PEOPLE for v in (name, phone, emp_id)]
     assert [v for v in written + [b["to_phone"] for b in sent] if v not in results] == []
+    # With a PostgreSQL ledger, its password is a secret too.
+    password = [urlsplit(store).password or ""] if store is not None else []
+    assert all(password)
     for where, text in [("log.jsonl", log)] + [(f"output {i}", o) for i, o in enumerate(outputs)]:
-        leaked = [s for s in secrets() if s in text]
+        leaked = [s for s in secrets() + password if s in text]
         assert leaked == [], f"{where} holds {leaked}"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,8 @@ from campaign.job import Mapping
 from campaign.load import Row, Sheet, open_sheet
 from campaign.mapping import Mapper
 from campaign.report import write_report
-from campaign.store.ledger import Ledger, MappedRow
+from campaign.store.ledger import MappedRow
+from tests.helpers import open_ledger
 
 # A spreadsheet cell holds any text but NUL (the loader refuses NUL bytes as binary data).
 cell_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
@@ -49,14 +51,21 @@ def test_escaped_cells_never_start_a_formula(text: str) -> None:
         assert written == text  # only numbers and phone numbers keep a leading sign
 
 
-@settings(FAST, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+# Each example has a campaign of its own: the store (a fixture) is shared by the examples.
+@settings(
+    FAST,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(st.tuples(cells, cells), min_size=1, max_size=5), st.sampled_from(["A", "=B"]))
-def test_cells_round_trip_through_results_csv(rows: list[tuple[str, str]], name: str) -> None:
+def test_cells_round_trip_through_results_csv(
+    store: str | None, rows: list[tuple[str, str]], name: str
+) -> None:
     columns = ["Id", name, "Note"]
     table = [[f"id{i}", a, b] for i, (a, b) in enumerate(rows, start=1)]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        ledger = Ledger(directory / "ledger.sqlite")
+        ledger = open_ledger(directory, store, f"props-{uuid.uuid4().hex}", readonly=False)
         try:
             mapped = [
                 MappedRow(row=n, cells=cells, error="not sent in this test")

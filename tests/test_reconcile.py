@@ -20,6 +20,7 @@ from tests.helpers import (
     Sandbox,
     assert_no_duplicates,
     cli,
+    open_ledger,
     phones,
     read_results,
     spawn_cli,
@@ -69,7 +70,7 @@ def truth(box: Sandbox) -> dict[str, dict[str, Any]]:
 
 
 def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only_the_lost(
-    tmp_path: Path,
+    tmp_path: Path, store: str | None
 ) -> None:
     box = start_sandbox(
         tmp_path,
@@ -91,6 +92,7 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
                 name="lost",
                 input=people(tmp_path / "a.csv", never),
                 reporting=reporting(base_url=box.url),
+                ledger=store,
             )
             first = cli("run", str(lost), "--no-progress")
         assert first.returncode == 1, first.stderr
@@ -99,6 +101,7 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
             box.url,
             input=people(tmp_path / "b.csv", never + reached),
             reporting=reporting(),
+            ledger=store,
         )
         second = cli("run", str(job), "--no-progress")
         assert second.returncode == 1, second.stderr  # the dropped answers are unknown
@@ -135,7 +138,7 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
         assert summary["last_reconcile"]["unmatched_entries"] > 0  # other senders' entries
 
         # The suppression candidates: exactly the numbers whose error names a phrase.
-        with contextlib.closing(Ledger(tmp_path / "runs" / "test" / "ledger.sqlite")) as ledger:
+        with contextlib.closing(open_ledger(tmp_path / "runs", store)) as ledger:
             listed = {phone for phone, _, _ in ledger.suppress_candidates()}
         phrases = ("unsubscribed", "not a valid mobile number", "landline")
         wanted = {
@@ -145,8 +148,8 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
         }
         assert listed == wanted
         # ... and they are on the store's suppression list, for every later campaign.
-        with SuppressionList(tmp_path / "runs") as store:
-            on_list = {entry.phone for entry in store.entries() if entry.source == "report"}
+        with SuppressionList(tmp_path / "runs", store) as on_store:
+            on_list = {e.phone for e in on_store.entries() if e.source == "report"}
         assert on_list == wanted
 
         # --resend-unknown now sends exactly the never-arrived people, nobody else.
@@ -187,37 +190,45 @@ def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
         box.stop()
 
 
-def test_a_killed_reconcile_loses_nothing_and_the_next_one_finishes(tmp_path: Path) -> None:
+def test_a_killed_reconcile_loses_nothing_and_the_next_one_finishes(
+    tmp_path: Path, store: str | None
+) -> None:
     box = start_sandbox(tmp_path, "--delivery-delay-s", "0", "--report-rate", "2")
+
+    def ledger() -> contextlib.closing[Ledger]:
+        return contextlib.closing(open_ledger(tmp_path / "runs", store))
+
     try:
         job = write_job(
             tmp_path,
             box.url,
             input=people(tmp_path / "in.csv", phones(120)),
             reporting=reporting(rate_per_second=2),
+            ledger=store,
+            limits={"lease_s": 3},
         )
         assert cli("run", str(job), "--no-progress").returncode == 0
-        ledger_path = tmp_path / "runs" / "test" / "ledger.sqlite"
         process = spawn_cli("reconcile", str(job))
         deadline = time.monotonic() + DEADLINE_S
         stored = 0
         while stored == 0 and time.monotonic() < deadline and process.poll() is None:
-            with contextlib.closing(sqlite3.connect(ledger_path)) as db:
-                stored = db.execute("SELECT count(*) FROM report_entries").fetchone()[0]
+            with ledger() as db:
+                stored = db.db.execute("SELECT count(*) FROM report_entries").fetchone()[0]
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         assert process.returncode == -signal.SIGKILL, "the reconcile ended before it was killed"
-        with contextlib.closing(sqlite3.connect(ledger_path)) as db:
-            kept = db.execute("SELECT count(*) FROM report_entries").fetchone()[0]
-            windows = db.execute("SELECT complete FROM report_windows").fetchall()
+        with ledger() as db:
+            kept = db.db.execute("SELECT count(*) FROM report_entries").fetchone()[0]
+            windows = [tuple(w) for w in db.db.execute("SELECT complete FROM report_windows")]
         assert kept >= stored > 0
         assert windows == [(0,)]  # begun, not read whole
 
         rows = reconcile_until(job, lambda rows: all(r["_delivery"] == "delivered" for r in rows))
         assert [r["_delivery"] for r in rows] == ["delivered"] * 120
-        with contextlib.closing(sqlite3.connect(ledger_path)) as db:
-            assert db.execute("SELECT complete FROM report_windows").fetchall() == [(1,)]
-            states = db.execute(
+        with ledger() as db:
+            complete = [tuple(w) for w in db.db.execute("SELECT complete FROM report_windows")]
+            assert complete == [(1,)]
+            states = db.db.execute(
                 "SELECT state FROM runs WHERE command = 'reconcile' ORDER BY id"
             ).fetchall()
             # The killed one is told apart from the one that finished.

@@ -24,9 +24,11 @@ def cli(*args: str, timeout: float = 120) -> Any:
     return run_cli(*args, env={"REPORT_TOKEN": TOKEN}, timeout=timeout)
 
 
-def campaign(tmp_path: Path, sandbox: Sandbox, report_url: str, **reporting: Any) -> Path:
-    """A campaign of 3 people sent through the sandbox; its delivery reports at
-    `report_url`."""
+def campaign(
+    tmp_path: Path, sandbox: Sandbox, report_url: str, store: str | None = None, **reporting: Any
+) -> Path:
+    """A campaign of 3 people sent through the sandbox, on `store`; its delivery reports
+    at `report_url`."""
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
     settings = {"agent_id": "7", "access_token": TOKEN_VAR, "settle_minutes": 0, **reporting}
     job = write_job(
@@ -35,6 +37,7 @@ def campaign(tmp_path: Path, sandbox: Sandbox, report_url: str, **reporting: Any
         input=data,
         reporting={"base_url": report_url, **settings},
         limits={"max_attempts": 2},
+        ledger=store,
     )
     assert cli("run", str(job), "--no-progress").returncode == 0
     return job
@@ -109,7 +112,7 @@ def test_the_query_carries_both_timetokens_the_page_and_the_token_header(
 
 
 def test_entries_without_a_usable_number_or_time_are_counted_and_skipped(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     now = time.time()
     good = entry(PEOPLE[0], now)
@@ -119,7 +122,7 @@ def test_entries_without_a_usable_number_or_time_are_counted_and_skipped(
         {**entry(PEOPLE[2], now), "to_phone": "call me"},
     ]
     with FaultServer(lambda n, q: page([good, *bad])) as api:
-        job = campaign(tmp_path, sandbox, api.url)
+        job = campaign(tmp_path, sandbox, api.url, store)
         result = cli("reconcile", str(job))
     assert result.returncode == 0, result.stderr
     assert "skipped 3 unusable entries" in result.stdout
@@ -129,11 +132,13 @@ def test_entries_without_a_usable_number_or_time_are_counted_and_skipped(
     assert [r["_delivery"] for r in rows] == ["delivered", "not_found", "not_found"]
 
 
-def test_a_page_that_is_not_json_leaves_its_window_unread(tmp_path: Path, sandbox: Sandbox) -> None:
+def test_a_page_that_is_not_json_leaves_its_window_unread(
+    tmp_path: Path, sandbox: Sandbox, store: str | None
+) -> None:
     from aiohttp import web
 
     with FaultServer(lambda n, q: web.Response(text="<html>oops</html>")) as api:
-        job = campaign(tmp_path, sandbox, api.url)
+        job = campaign(tmp_path, sandbox, api.url, store)
         result = cli("reconcile", str(job))
         assert len(api.arrivals) == 2  # max_attempts
     assert result.returncode == 1
@@ -143,7 +148,9 @@ def test_a_page_that_is_not_json_leaves_its_window_unread(tmp_path: Path, sandbo
     assert [r["_delivery"] for r in rows] == ["", "", ""]
 
 
-def test_total_pages_that_promises_more_than_there_is(tmp_path: Path, sandbox: Sandbox) -> None:
+def test_total_pages_that_promises_more_than_there_is(
+    tmp_path: Path, sandbox: Sandbox, store: str | None
+) -> None:
     now = time.time()
 
     def reply(n: int, query: dict[str, str]) -> Any:
@@ -152,7 +159,7 @@ def test_total_pages_that_promises_more_than_there_is(tmp_path: Path, sandbox: S
         return page([], total_pages=4, total=76)
 
     with FaultServer(reply) as api:
-        job = campaign(tmp_path, sandbox, api.url)
+        job = campaign(tmp_path, sandbox, api.url, store)
         result = cli("reconcile", str(job))
     assert result.returncode == 1
     assert "promised 76 entries and gave 1" in result.stdout
@@ -271,7 +278,7 @@ def test_no_campaign_yet_is_exit_2(tmp_path: Path, sandbox: Sandbox) -> None:
 
 
 def test_a_refused_reconcile_leaves_resend_unknown_as_it_was(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
     with FaultServer(lambda n, q: "reset" if "to_phone" in q else 401) as api:
@@ -281,11 +288,12 @@ def test_a_refused_reconcile_leaves_resend_unknown_as_it_was(
             name="lost",
             input=data,
             reporting={"agent_id": "7", "access_token": TOKEN_VAR},
+            ledger=store,
         )
         assert cli("run", str(lost), "--no-progress").returncode == 1  # all unknown
         assert cli("reconcile", str(lost)).returncode == 3
     # No report was read whole: --resend-unknown is the blind resend it always was.
-    job = write_job(tmp_path, sandbox.url, input=data)
+    job = write_job(tmp_path, sandbox.url, input=data, ledger=store)
     result = cli("run", str(job), "--no-progress", "--resend-unknown")
     assert result.returncode == 0, result.stderr
     assert sorted(sandbox.phones()) == sorted("+" + "".join(filter(str.isdigit, p)) for p in PEOPLE)

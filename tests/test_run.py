@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from tests.helpers import (
     FaultServer,
     Sandbox,
     cli,
+    open_ledger,
     phones,
     read_results,
     start_sandbox,
@@ -39,7 +40,7 @@ def by_phone(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
     return {r["_to_phone"]: r for r in rows}
 
 
-def test_every_status_and_exit_1(tmp_path: Path) -> None:
+def test_every_status_and_exit_1(tmp_path: Path, store: str | None) -> None:
     plan = {
         "+14152000000": 200,
         "+14152000001": 400,
@@ -53,7 +54,7 @@ def test_every_status_and_exit_1(tmp_path: Path) -> None:
 
     data = people(tmp_path, 5, extra=[["Dup", "(415) 200-0000"], ["Bad", "12"]])
     with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=data, api={"timeout_s": 1})
+        job = write_job(tmp_path, server.url, input=data, api={"timeout_s": 1}, ledger=store)
         done = cli("run", str(job), "--no-progress")
         sent_to = [b["to_phone"] for b in server.bodies()]
     assert done.returncode == 1, done.stderr
@@ -78,9 +79,11 @@ def test_every_status_and_exit_1(tmp_path: Path) -> None:
 
 
 def test_all_sent_is_exit_0_and_a_second_run_sends_nothing(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path, 20, [["X", "nope"]]))
+    job = write_job(
+        tmp_path, sandbox.url, input=people(tmp_path, 20, [["X", "nope"]]), ledger=store
+    )
     first = cli("run", str(job), "--no-progress")
     assert first.returncode == 0, first.stderr
     assert len(sandbox.records()) == 20
@@ -125,9 +128,11 @@ def test_503_until_attempts_run_out_is_failed(tmp_path: Path) -> None:
     assert row["_status"] == "failed" and "after 3 attempts" in row["_error"]
 
 
-def test_unknown_rows_are_not_resent_without_resend_unknown(tmp_path: Path) -> None:
+def test_unknown_rows_are_not_resent_without_resend_unknown(
+    tmp_path: Path, store: str | None
+) -> None:
     with FaultServer(lambda n, _b: 502 if n == 0 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
+        job = write_job(tmp_path, server.url, input=people(tmp_path, 1), ledger=store)
         assert cli("run", str(job), "--no-progress").returncode == 1
         assert cli("run", str(job), "--no-progress").returncode == 1
         assert len(server.arrivals) == 1
@@ -147,9 +152,17 @@ def test_dropped_connection_is_unknown(tmp_path: Path) -> None:
     assert row["_status"] == "unknown" and "connection dropped" in row["_error"]
 
 
-def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(tmp_path: Path) -> None:
+def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(
+    tmp_path: Path, store: str | None
+) -> None:
     with FaultServer(lambda _n, _b: 404) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 10), limits={"concurrency": 1})
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path, 10),
+            limits={"concurrency": 1},
+            ledger=store,
+        )
         done = cli("run", str(job), "--no-progress")
         assert len(server.arrivals) == 3
     assert done.returncode == 3, done.stderr
@@ -170,31 +183,37 @@ def test_unreachable_api_aborts_with_exit_3(tmp_path: Path) -> None:
     assert "could not connect" in results(tmp_path)[0]["_error"]
 
 
-def test_request_leaves_only_after_the_ledger_records_it_in_flight(tmp_path: Path) -> None:
-    ledger = tmp_path / "runs" / "test" / "ledger.sqlite"
+def test_request_leaves_only_after_the_ledger_records_it_in_flight(
+    tmp_path: Path, store: str | None
+) -> None:
     seen: list[tuple[str, int, int]] = []
 
     def reply(_n: int, body: dict[str, Any]) -> Any:
-        db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
-        state, attempts = db.execute(
-            "SELECT state, attempts FROM recipients WHERE key = ?", (body["to_phone"],)
-        ).fetchone()
-        open_attempts = db.execute(
-            "SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id "
-            "WHERE r.key = ? AND a.state IS NULL",
-            (body["to_phone"],),
-        ).fetchone()[0]
-        db.close()
+        with contextlib.closing(open_ledger(tmp_path / "runs", store)) as ledger:
+            state, attempts = ledger.db.execute(
+                "SELECT state, attempts FROM recipients WHERE key = ?", (body["to_phone"],)
+            ).fetchone()
+            open_attempts = ledger.db.execute(
+                "SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id "
+                "WHERE r.key = ? AND a.state IS NULL",
+                (body["to_phone"],),
+            ).fetchone()[0]
         seen.append((state, attempts, open_attempts))
         return 200
 
     with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 30), limits={"concurrency": 8})
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path, 30),
+            limits={"concurrency": 8},
+            ledger=store,
+        )
         assert cli("run", str(job), "--no-progress").returncode == 0
     assert seen == [("inflight", 1, 1)] * 30
 
 
-def test_custom_auth_channel_without_phones(tmp_path: Path) -> None:
+def test_custom_auth_channel_without_phones(tmp_path: Path, store: str | None) -> None:
     box = start_sandbox(tmp_path, "--custom-auth")
     try:
         data = write_csv(
@@ -212,6 +231,7 @@ def test_custom_auth_channel_without_phones(tmp_path: Path) -> None:
                 "params": {"emp_id": "Employee ID", "first_name": "First Name"},
                 "recipient_key": ["emp_id"],
             },
+            ledger=store,
         )
         done = cli("run", str(job), "--no-progress")
         bodies = sorted((r["body"] for r in box.records()), key=lambda b: b["emp_id"])

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from campaign.store.ledger import Ledger
+from campaign.store.ledger import MappedRow
 from campaign.store.suppression import SuppressionList, apply_to_ledger, suppress_numbers
 from campaign.suppress_import import import_numbers
 from tests.helpers import (
     FaultServer,
     cli,
+    open_ledger,
     phones,
     read_results,
     spawn_cli,
@@ -31,16 +32,18 @@ def e164(text: str) -> str:
     return "+" + "".join(ch for ch in text if ch.isdigit())
 
 
-def listed(output_dir: Path) -> dict[str, tuple[str, str]]:
-    with SuppressionList(output_dir) as found:
+def listed(output_dir: Path, store: str | None = None) -> dict[str, tuple[str, str]]:
+    with SuppressionList(output_dir, store) as found:
         return {e.phone: (e.reason, e.source) for e in found.entries()}
 
 
-def test_suppressed_people_get_nothing_and_removing_makes_them_sendable(tmp_path: Path) -> None:
+def test_suppressed_people_get_nothing_and_removing_makes_them_sendable(
+    tmp_path: Path, store: str | None
+) -> None:
     box = start_sandbox(tmp_path)
     try:
         data = people(tmp_path / "in.csv", 5)
-        job = write_job(tmp_path, box.url, input=data)
+        job = write_job(tmp_path, box.url, input=data, ledger=store)
         numbers = phones(5)
         added = cli("suppress", "add", str(job), numbers[1], numbers[3], "--reason", "opted out")
         assert added.returncode == 0, added.stderr
@@ -72,11 +75,13 @@ def test_suppressed_people_get_nothing_and_removing_makes_them_sendable(tmp_path
         box.stop()
 
 
-def test_a_person_sent_before_being_suppressed_stays_sent(tmp_path: Path) -> None:
+def test_a_person_sent_before_being_suppressed_stays_sent(
+    tmp_path: Path, store: str | None
+) -> None:
     box = start_sandbox(tmp_path)
     try:
         data = people(tmp_path / "in.csv", 3)
-        job = write_job(tmp_path, box.url, input=data)
+        job = write_job(tmp_path, box.url, input=data, ledger=store)
         assert cli("run", str(job), "--no-progress").returncode == 0
         assert cli("suppress", "add", str(job), phones(3)[0]).returncode == 0
         again = cli("run", str(job), "--no-progress")
@@ -89,11 +94,13 @@ def test_a_person_sent_before_being_suppressed_stays_sent(tmp_path: Path) -> Non
         box.stop()
 
 
-def test_a_number_added_by_another_process_mid_run_is_not_sent(tmp_path: Path) -> None:
+def test_a_number_added_by_another_process_mid_run_is_not_sent(
+    tmp_path: Path, store: str | None
+) -> None:
     box = start_sandbox(tmp_path)
     try:
         data = people(tmp_path / "in.csv", 120)
-        job = write_job(tmp_path, box.url, input=data, limits={"rate_per_second": 20})
+        job = write_job(tmp_path, box.url, input=data, limits={"rate_per_second": 20}, ledger=store)
         numbers = phones(120)
         run = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(box.records()) >= 5, what="the run to start sending")
@@ -111,17 +118,19 @@ def test_a_number_added_by_another_process_mid_run_is_not_sent(tmp_path: Path) -
         box.stop()
 
 
-def test_suppress_add_refuses_what_is_not_a_number_and_changes_nothing(tmp_path: Path) -> None:
-    job = write_job(tmp_path, "http://127.0.0.1:9")
+def test_suppress_add_refuses_what_is_not_a_number_and_changes_nothing(
+    tmp_path: Path, store: str | None
+) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9", ledger=store)
     bad = cli("suppress", "add", str(job), phones(1)[0], "12", "call me")
     assert bad.returncode == 2
     assert "PHONE #2: phone is too short" in bad.stderr
     assert "PHONE #3" in bad.stderr and "nothing was changed" in bad.stderr
-    assert listed(tmp_path / "runs") == {}
+    assert listed(tmp_path / "runs", store) == {}
 
 
-def test_suppress_list_is_csv_escaped_like_results(tmp_path: Path) -> None:
-    job = write_job(tmp_path, "http://127.0.0.1:9")
+def test_suppress_list_is_csv_escaped_like_results(tmp_path: Path, store: str | None) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9", ledger=store)
     added = cli("suppress", "add", str(job), "(415) 555-0101", "--reason", "=HYPERLINK(1)")
     assert added.returncode == 0, added.stderr
     shown = cli("suppress", "list", str(job))
@@ -133,8 +142,10 @@ def test_suppress_list_is_csv_escaped_like_results(tmp_path: Path) -> None:
     assert added_at.endswith("Z")
 
 
-def test_import_adds_valid_numbers_and_names_the_lines_it_could_not_add(tmp_path: Path) -> None:
-    job = write_job(tmp_path, "http://127.0.0.1:9")
+def test_import_adds_valid_numbers_and_names_the_lines_it_could_not_add(
+    tmp_path: Path, store: str | None
+) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9", ledger=store)
     source = write_csv(
         tmp_path / "optouts.csv",
         ["Name", "Mobile number"],
@@ -146,7 +157,9 @@ def test_import_adds_valid_numbers_and_names_the_lines_it_could_not_add(tmp_path
     assert "added 3" in done.stdout and "2 not added" in done.stdout
     assert "line 3: phone is too short" in done.stdout
     assert "line 5: phone is empty" in done.stdout
-    assert listed(tmp_path / "runs") == {e164(p): ("opt-out form", "import") for p in phones(3)}
+    assert listed(tmp_path / "runs", store) == {
+        e164(p): ("opt-out form", "import") for p in phones(3)
+    }
     # Again, with the column named: nothing new, and the same rows are named.
     again = cli("suppress", "import", str(job), str(source), "--column", "Mobile number")
     assert again.returncode == 1
@@ -217,36 +230,39 @@ def test_import_streams_memory_does_not_grow_with_the_file(tmp_path: Path) -> No
     assert peak < 8 * 1024 * 1024, peak
 
 
-def test_applying_the_list_twice_changes_nothing_the_second_time(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    from campaign.store.ledger import MappedRow
+def test_applying_the_list_twice_changes_nothing_the_second_time(
+    tmp_path: Path, store: str | None
+) -> None:
+    ledger = open_ledger(tmp_path, store, readonly=False)
 
     numbers = [e164(p) for p in phones(4)]
     mapped = [
         MappedRow(i + 1, [n], n, json.dumps({"to_phone": n}), n) for i, n in enumerate(numbers)
     ]
     ledger.replace_rows(iter([mapped]), ["Phone"])
-    suppress_numbers(tmp_path, numbers[:2], "unsubscribed")
-    with SuppressionList(tmp_path) as target:
+    suppress_numbers(tmp_path, numbers[:2], "unsubscribed", store)
+    with SuppressionList(tmp_path, store) as target:
         assert apply_to_ledger(ledger, target) == 2
         generation = ledger.generation()
         assert apply_to_ledger(ledger, target) == 2
         assert ledger.generation() == generation  # the report stays current
         assert ledger.counts()["suppressed"] == 2
-        assert listed(tmp_path)[numbers[0]] == ("unsubscribed", "report")
+        assert listed(tmp_path, store)[numbers[0]] == ("unsubscribed", "report")
         target.remove(numbers[:1])
         assert apply_to_ledger(ledger, target) == 1
         assert ledger.counts()["pending"] == 3
     ledger.close()
 
 
-def test_a_person_who_may_have_been_sent_stays_unknown_when_suppressed(tmp_path: Path) -> None:
+def test_a_person_who_may_have_been_sent_stays_unknown_when_suppressed(
+    tmp_path: Path, store: str | None
+) -> None:
     """Suppressing someone whose request may have arrived must not hide that it may have:
     the row stays `unknown` (with the reason it is not sent again), whatever the list says."""
     data = people(tmp_path / "in.csv", 3)
     maybe = e164(phones(1)[0])
     with FaultServer(lambda _n, body: 502 if body["to_phone"] == maybe else 200) as api:
-        job = write_job(tmp_path, api.url, input=data)
+        job = write_job(tmp_path, api.url, input=data, ledger=store)
         assert cli("run", str(job), "--no-progress").returncode == 1
         added = cli("suppress", "add", str(job), maybe, "--reason", "replied STOP")
         assert added.returncode == 0, added.stderr

@@ -212,7 +212,7 @@ def ny_open_hnl_closed() -> str:
     return f"{hhmm(now - 60)}-{hhmm(now + 120)}"
 
 
-def test_a_run_sends_only_people_inside_their_window(tmp_path: Path) -> None:
+def test_a_run_sends_only_people_inside_their_window(tmp_path: Path, store: str | None) -> None:
     box = start_sandbox(tmp_path)
     try:
         rows = [[p, f"P{i}"] for i, p in enumerate(NY_PHONES + HNL_PHONES)]
@@ -223,6 +223,7 @@ def test_a_run_sends_only_people_inside_their_window(tmp_path: Path) -> None:
             box.url,
             input=data,
             limits={"send_window": window, "timezone": "America/New_York"},
+            ledger=store,
         )
         checked = cli("validate", str(job))
         assert checked.returncode == 0, checked.stderr
@@ -281,7 +282,7 @@ def test_wait_sends_each_person_when_their_window_opens(tmp_path: Path) -> None:
         box.stop()
 
 
-def test_ctrl_c_while_waiting_stops_cleanly(tmp_path: Path) -> None:
+def test_ctrl_c_while_waiting_stops_cleanly(tmp_path: Path, store: str | None) -> None:
     box = start_sandbox(tmp_path)
     try:
         rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
@@ -291,6 +292,7 @@ def test_ctrl_c_while_waiting_stops_cleanly(tmp_path: Path) -> None:
             box.url,
             input=data,
             limits={"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"},
+            ledger=store,
         )
         run = spawn_cli("run", str(job), "--wait", "--no-progress")
         log = tmp_path / "runs" / "test" / "log.jsonl"
@@ -307,12 +309,18 @@ def test_ctrl_c_while_waiting_stops_cleanly(tmp_path: Path) -> None:
         box.stop()
 
 
-def test_a_deadline_already_past_sends_nothing_and_says_so(tmp_path: Path) -> None:
+def test_a_deadline_already_past_sends_nothing_and_says_so(
+    tmp_path: Path, store: str | None
+) -> None:
     box = start_sandbox(tmp_path)
     try:
         data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], [[NY_PHONES[0], "A"]])
         job = write_job(
-            tmp_path, box.url, input=data, limits={"deadline": "2020-01-01T18:00+00:00"}
+            tmp_path,
+            box.url,
+            input=data,
+            limits={"deadline": "2020-01-01T18:00+00:00"},
+            ledger=store,
         )
         run = cli("run", str(job), "--no-progress")
         assert run.returncode == 1
@@ -324,17 +332,22 @@ def test_a_deadline_already_past_sends_nothing_and_says_so(tmp_path: Path) -> No
         box.stop()
 
 
-def test_after_the_deadline_no_new_request_leaves(tmp_path: Path) -> None:
+def test_after_the_deadline_no_new_request_leaves(tmp_path: Path, store: str | None) -> None:
     box = start_sandbox(tmp_path)
     try:
         phones = [f"+1 212 555 {i:04d}" for i in range(100, 160)]
         data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], [[p, "x"] for p in phones])
-        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        limits = {"rate_per_second": 10}
+        job = write_job(tmp_path, box.url, input=data, limits=limits, ledger=store)
+        # The input is read and the store set up first: the deadline races only the start.
+        assert cli("validate", str(job)).returncode == 0
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
         job = write_job(
             tmp_path,
             box.url,
             input=data,
-            limits={"deadline": deadline.isoformat(), "rate_per_second": 10},
+            limits={**limits, "deadline": deadline.isoformat()},
+            ledger=store,
         )
         run = cli("run", str(job), "--no-progress")
         assert run.returncode == 1, run.stderr

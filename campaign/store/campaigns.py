@@ -359,23 +359,24 @@ class Store:
         finally:
             ledger.close()
 
-    def list_campaigns(self) -> list[CampaignInfo]:
+    def list_campaigns(self, lease_s: float = LEASE_S) -> list[CampaignInfo]:
+        """`lease_s`: on PostgreSQL, a run this long without a heartbeat is `crashed`."""
         if self.url is None:
             return list_campaigns(self.output_dir)
         found = []
         for campaign in _shared_campaigns(self.url):
-            info = self.read_info(campaign)
+            info = self.read_info(campaign, lease_s)
             if info is not None:
                 found.append(info)
         found.sort(key=lambda c: c.last_started_at or c.created_at or 0, reverse=True)
         return found
 
-    def read_info(self, campaign: str) -> CampaignInfo | None:
+    def read_info(self, campaign: str, lease_s: float = LEASE_S) -> CampaignInfo | None:
         if self.url is None:
             return read_info(self.output_dir / campaign)
         try:
             with self.reader(campaign) as ledger:
-                return None if ledger is None else self.info_of(campaign, ledger)
+                return None if ledger is None else self.info_of(campaign, ledger, lease_s)
         except LedgerError:
             return None
 
@@ -438,11 +439,11 @@ class Store:
         with self.reader(campaign) as ledger:
             return ledger is not None and ledger.get_meta("campaign") is not None
 
-    def check_unfinished(self, job_name: str, campaign: str) -> None:
+    def check_unfinished(self, job_name: str, campaign: str, lease_s: float = LEASE_S) -> None:
         if self.url is None:
             check_unfinished(self.output_dir, job_name, campaign)
             return
-        for info in self.list_campaigns():
+        for info in self.list_campaigns(lease_s):
             if info.job != job_name or info.last_state is None:
                 continue
             if info.id != campaign and info.last_state in UNFINISHED:

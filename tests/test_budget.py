@@ -183,6 +183,9 @@ def test_three_processes_share_one_rate_at_the_sandbox(
     arrivals = [record["t"] for record in sandbox.records()]
     assert len(arrivals) == sum(c["sent"] for c in counts)
     assert min(c["sent"] for c in counts) > 0  # every process had its share
-    measured = f"max per 1 s {max_in_window(arrivals)}, {achieved(arrivals):.1f}/s, {counts}"
+    # The pace while all three send: each stops at its deadline holding slots of its last
+    # grants, which the first and last quarter second may show as a dip.
+    steady = sorted(arrivals)[rate // 4 : -(rate // 4)]
+    measured = f"max per 1 s {max_in_window(arrivals)}, {achieved(steady):.1f}/s, {counts}"
     assert max_in_window(arrivals) <= rate, measured
-    assert achieved(arrivals) >= 0.95 * rate, measured
+    assert achieved(steady) >= 0.95 * rate, measured

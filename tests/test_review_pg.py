@@ -3,26 +3,35 @@ against the real CLI, a real PostgreSQL and the sandbox, counted at the sandbox'
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from aiohttp import web
 
 from campaign.store.db import schema_name
 from tests.helpers import (
+    FaultServer,
+    Sandbox,
     assert_no_duplicates,
     cli,
     phones,
+    statuses,
     spawn_cli,
     start_sandbox,
     write_csv,
     write_job,
 )
-from tests.test_resume import finish
+from tests.test_resume import finish, people, results, wait_for
 
 
 def staff(path: Path, n: int) -> Path:
@@ -92,3 +101,121 @@ def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
         assert_no_duplicates(box)
     finally:
         box.stop()
+
+
+def check_report_against_record(box: Sandbox, tmp_path: Path, rows: int) -> dict[str, int]:
+    """Each person at most once at the sandbox; every row in the report once; every row
+    reported `sent` was received; every number received is reported sent or unknown."""
+    received = Counter(p for p in box.phones())
+    twice = sorted(p for p, n in received.items() if n > 1)
+    assert twice == [], f"{len(twice)} sent twice: {twice[:5]}"
+    lines = results(tmp_path)
+    assert len(lines) == rows, len(lines)
+    counts = statuses(lines)
+    for line in lines:
+        if line["_status"] == "sent":
+            assert line["_to_phone"] in received, f"reported sent, never received: {line}"
+        elif line["_to_phone"] in received:
+            assert line["_status"] == "unknown", f"received, reported {line['_status']}: {line}"
+    return counts
+
+
+def lease_job(tmp_path: Path, box: Sandbox, url: str, rows: int, lease: float, **limits: object) -> Path:
+    return write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", rows),
+        ledger=url,
+        api={"timeout_s": 10},
+        limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": lease, **limits},
+    )
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_a_worker_stopped_longer_than_its_lease_then_continued(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """SIGSTOP one of three workers at a random moment for three leases, SIGCONT it while
+    the others have taken its people over: nobody twice, the report true to the record."""
+    rows, lease = 1500, 1
+    box = start_sandbox(tmp_path, "--latency-ms", "30")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        rng = random.Random()
+        mark = rng.randrange(0, rows // 2)
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
+        victim = running[rng.randrange(3)]
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(lease * rng.uniform(1.5, 4))
+        victim.send_signal(signal.SIGCONT)
+        codes = [finish(p) for p in running]
+        assert set(codes) <= {0, 1, 3}, codes
+        report = cli("report", str(job))
+        assert report.returncode == 0, report.stderr
+        counts = check_report_against_record(box, tmp_path, rows)
+        assert set(counts) <= {"sent", "unknown", "pending"}, counts
+        assert counts.get("unknown", 0) <= 8, counts
+    finally:
+        box.stop()
+
+
+def test_a_stalled_workers_late_answer_does_not_undo_a_later_send(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Worker A's request to X hangs; A stops (SIGSTOP) longer than its lease. B, run with
+    --resend-unknown, finds A's lease expired (X is `unknown`, invariant 3) and sends X: 200,
+    `sent`. Then X's first request is answered 400 and A continues: A records `failed` over
+    B's `sent`. The report shows X failed (invariant 4: once sent, always shown sent), and
+    the next ordinary run sends X a second SMS."""
+    numbers = [p.replace(" ", "") for p in phones(4)]
+    x = numbers[0]
+    answer_first = threading.Event()
+    delivered: list[str] = []
+    lock = threading.Lock()
+
+    async def held(_request: web.Request) -> web.StreamResponse:
+        while not answer_first.is_set():
+            await asyncio.sleep(0.02)
+        return web.json_response({"success": False, "error": "bad request"}, status=400)
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        with lock:
+            if body.get("to_phone") == x and not any(
+                a.body.get("to_phone") == x for a in server.arrivals[:-1]
+            ):
+                return "held"
+            delivered.append(body.get("to_phone"))
+        return 200
+
+    server = FaultServer(reply, streams={"held": held})
+    with server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path / "in.csv", 4),
+            ledger=pg_url,
+            api={"timeout_s": 30},
+            limits={"concurrency": 4, "rate_per_second": 1000, "lease_s": 1, "max_attempts": 1},
+        )
+        a = spawn_cli("run", str(job), "--no-progress")
+        wait_for(lambda: len(server.arrivals) >= 4, what="A's four requests")
+        time.sleep(0.3)
+        a.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(3)
+            b = cli("run", str(job), "--no-progress", "--resend-unknown")
+            assert b.returncode == 0, b.stdout + b.stderr
+            assert delivered.count(x) == 1
+            answer_first.set()
+            time.sleep(0.3)
+        finally:
+            a.send_signal(signal.SIGCONT)
+        finish(a)
+        report = cli("report", str(job))
+        assert report.returncode == 0, report.stderr
+        shown = {line["_to_phone"]: line["_status"] for line in results(tmp_path)}
+        assert shown[x] == "sent", shown
+        again = cli("run", str(job), "--no-progress")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert Counter(delivered) == Counter(numbers), Counter(delivered)

@@ -219,3 +219,41 @@ def test_a_stalled_workers_late_answer_does_not_undo_a_later_send(
         again = cli("run", str(job), "--no-progress")
         assert again.returncode == 0, again.stdout + again.stderr
         assert Counter(delivered) == Counter(numbers), Counter(delivered)
+
+
+def ledger_states(url: str, campaign: str = "test") -> dict[str, int]:
+    with psycopg.connect(url) as db:
+        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+        return dict(db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall())
+
+
+@pytest.mark.parametrize("trial", range(8))
+def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in_flight(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """SIGSTOP one of two workers past its lease (the other settles it: `crashed`), SIGCONT
+    it and kill -9 it a moment later. Whatever it did in that moment, once a later run is
+    over nobody is left `inflight` (invariant 3: in flight when its process died ->
+    `unknown`, which --resend-unknown and reconcile can act on), and nobody twice."""
+    rows, lease = 2000, 1
+    box = start_sandbox(tmp_path, "--latency-ms", "60")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        rng = random.Random()
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        wait_for(lambda: len(box.records()) >= 200, what="200 requests")
+        victim, other = running
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(2.5 * lease)
+        victim.send_signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0.0, 0.3))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        assert finish(other) in (0, 1)
+        final = cli("run", str(job), "--no-progress")
+        assert final.returncode in (0, 1), final.stdout + final.stderr
+        states = ledger_states(pg_url)
+        assert "inflight" not in states, states
+        check_report_against_record(box, tmp_path, rows)
+    finally:
+        box.stop()

@@ -31,7 +31,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import finish, people, results, wait_for
+from tests.test_resume import YESTERDAY, finish, people, results, wait_for
 
 
 def staff(path: Path, n: int) -> Path:
@@ -255,5 +255,56 @@ def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in
         states = ledger_states(pg_url)
         assert "inflight" not in states, states
         check_report_against_record(box, tmp_path, rows)
+    finally:
+        box.stop()
+
+
+def loading(url: str, campaign: str) -> bool:
+    """The campaign's ledger exists and no run is registered yet: its first worker is
+    still reading the input."""
+    with psycopg.connect(url) as db:
+        schema = schema_name(campaign)
+        if db.execute("SELECT to_regclass(%s)", (f'"{schema}".runs',)).fetchone()[0] is None:
+            return False
+        db.execute(f'SET search_path TO "{schema}"')
+        made = db.execute("SELECT 1 FROM meta WHERE key = 'campaign'").fetchone()
+        runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+    return made is not None and runs == 0
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_midnight_guard_sees_yesterdays_run_still_reading_its_input(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """The nightly job started at 23:59 is still reading a big input (no run registered
+    yet) when the same job is started at 00:01 on another host: the new day's campaign
+    must be refused (as on SQLite, `test_a_run_still_reading_its_input_blocks_the_next_
+    days_campaign`), or both campaigns send everyone."""
+    rows = 40_000
+    box = start_sandbox(tmp_path)
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            campaign="{job}-{date}",
+            ledger=pg_url,
+            limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2},
+        )
+        yesterday = spawn_cli("run", str(job), "--no-progress", "--campaign", YESTERDAY)
+        wait_for(lambda: loading(pg_url, YESTERDAY), what="yesterday's run loading")
+        today = spawn_cli("run", str(job), "--no-progress")
+        try:
+            out, err = today.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            out = err = "(still sending after 15 s)"
+        for process in (yesterday, today):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        finish(yesterday)
+        finish(today)
+        assert_no_duplicates(box)
+        assert today.returncode == 2, out + err
+        assert YESTERDAY in err and "still running" in err, err
     finally:
         box.stop()

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -31,6 +32,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.test_windows import hhmm, local_minutes
 from tests.test_resume import YESTERDAY, finish, people, results, wait_for
 
 
@@ -306,5 +308,44 @@ def test_midnight_guard_sees_yesterdays_run_still_reading_its_input(
         assert_no_duplicates(box)
         assert today.returncode == 2, out + err
         assert YESTERDAY in err and "still running" in err, err
+    finally:
+        box.stop()
+
+
+def test_two_workers_with_people_waiting_for_their_window_both_end(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Every person's send window is closed now (San Francisco numbers, a window that opens
+    in two hours there). One worker ends at once (exit 1, "waiting for their send window");
+    two workers each wait for the people the other holds for their window (`held_elsewhere`
+    counts people claimed and `pending`), so neither ever ends."""
+    now = local_minutes(ZoneInfo("America/Los_Angeles"))
+    window = f"{hhmm(now + 120)}-{hhmm(now + 180)}"
+    box = start_sandbox(tmp_path)
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", 400),
+            ledger=pg_url,
+            limits={
+                "concurrency": 8,
+                "lease_s": 1,
+                "send_window": window,
+                "timezone": "America/Los_Angeles",
+            },
+        )
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        try:
+            codes = [finish(p, timeout=30) for p in running]
+        except subprocess.TimeoutExpired:
+            codes = [p.poll() for p in running]
+        finally:
+            for p in running:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert codes == [1, 1], codes
+        assert box.records() == []
     finally:
         box.stop()

@@ -349,3 +349,24 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
         assert box.records() == []
     finally:
         box.stop()
+
+
+def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_url: str) -> None:
+    """While two workers send: `validate` is refused (it would replace their rows), `report`
+    works, an `--only-failed` worker joins and ends; nobody twice, the report true."""
+    rows = 2000
+    box = start_sandbox(tmp_path, "--latency-ms", "40")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, 2)
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        wait_for(lambda: len(box.records()) >= 300, what="300 requests")
+        checked = cli("validate", str(job))
+        assert checked.returncode == 2, checked.stdout + checked.stderr
+        assert cli("report", str(job)).returncode == 0
+        only = cli("run", str(job), "--no-progress", "--only-failed")
+        assert only.returncode in (0, 1), only.stdout + only.stderr
+        assert [finish(p) for p in running] == [0, 0]
+        assert cli("report", str(job)).returncode == 0
+        assert check_report_against_record(box, tmp_path, rows) == {"sent": rows}
+    finally:
+        box.stop()

@@ -251,7 +251,8 @@ def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in
         time.sleep(rng.uniform(0.0, 0.3))
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        assert finish(other) in (0, 1)
+        _, err = other.communicate(timeout=120)
+        assert other.returncode in (0, 1), err[-3000:]
         final = cli("run", str(job), "--no-progress")
         assert final.returncode in (0, 1), final.stdout + final.stderr
         states = ledger_states(pg_url)
@@ -368,5 +369,30 @@ def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_u
         assert [finish(p) for p in running] == [0, 0]
         assert cli("report", str(job)).returncode == 0
         assert check_report_against_record(box, tmp_path, rows) == {"sent": rows}
+    finally:
+        box.stop()
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """One of two workers is SIGSTOPped (perhaps inside a transaction, holding rows) for
+    three leases, then continued. The other kept running the whole time: it must not lose
+    its lease (exit 3, "this worker's lease expired") because its `recover`, on the same
+    connection as its heartbeat, waited for the stopped worker's row locks."""
+    rows, lease = 2000, 1
+    box = start_sandbox(tmp_path, "--latency-ms", "60")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        victim, other = (spawn_cli("run", str(job), "--no-progress") for _ in range(2))
+        wait_for(lambda: len(box.records()) >= random.randrange(100, 600), what="requests")
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(3 * lease)
+        victim.send_signal(signal.SIGCONT)
+        out, err = other.communicate(timeout=120)
+        finish(victim)
+        assert other.returncode in (0, 1), err[-2000:]
+        check_report_against_record(box, tmp_path, rows)
     finally:
         box.stop()

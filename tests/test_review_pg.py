@@ -26,14 +26,14 @@ from tests.helpers import (
     assert_no_duplicates,
     cli,
     phones,
-    statuses,
     spawn_cli,
     start_sandbox,
+    statuses,
     write_csv,
     write_job,
 )
-from tests.test_windows import hhmm, local_minutes
 from tests.test_resume import YESTERDAY, finish, people, results, wait_for
+from tests.test_windows import hhmm, local_minutes
 
 
 def staff(path: Path, n: int) -> Path:
@@ -122,7 +122,9 @@ def check_report_against_record(box: Sandbox, tmp_path: Path, rows: int) -> dict
     return counts
 
 
-def lease_job(tmp_path: Path, box: Sandbox, url: str, rows: int, lease: float, **limits: object) -> Path:
+def lease_job(
+    tmp_path: Path, box: Sandbox, url: str, rows: int, lease: float, **limits: object
+) -> Path:
     return write_job(
         tmp_path,
         box.url,
@@ -390,7 +392,7 @@ def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(
         victim.send_signal(signal.SIGSTOP)
         time.sleep(3 * lease)
         victim.send_signal(signal.SIGCONT)
-        out, err = other.communicate(timeout=120)
+        _, err = other.communicate(timeout=120)
         finish(victim)
         assert other.returncode in (0, 1), err[-2000:]
         check_report_against_record(box, tmp_path, rows)

@@ -45,14 +45,17 @@ def _as_mapping(stored: dict[str, Any]) -> Mapping:
         return Mapping.model_construct(**stored)
 
 
-def keep_mapping(ledger: Ledger, mapping: Mapping, sheet: Sheet) -> None:
+def keep_mapping(ledger: Ledger, mapping: Mapping, sheet: Sheet, joining: bool = False) -> None:
     """What a person is sent, and who counts as one person, is fixed once a request went
-    out: the same mapping, however written, is fine; another one stops the run."""
+    out: the same mapping, however written, is fine; another one stops the run.
+    `joining`: other workers are sending the rows mapped with the stored mapping (on
+    PostgreSQL), so it is fixed already, whether or not their first request is recorded
+    yet."""
     wanted = mapping.model_dump(mode="json")
     stored = ledger.get_meta("mapping")
     if stored == wanted:
         return
-    if ledger.total_requests():
+    if ledger.total_requests() or (joining and stored is not None):
         campaign = ledger.get_meta("campaign")
         if stored is None:  # a ledger from before mappings were stored: its recipient key
             old_key = ledger.get_meta("recipient_key")

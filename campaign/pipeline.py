@@ -548,7 +548,7 @@ def _load_input(
     path = Path(options.input or job.input or "")
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
-    keep_mapping(ledger, job.mapping, sheet)
+    keep_mapping(ledger, job.mapping, sheet, joining)
     if joining:
         log.info("joining the workers already sending this campaign, with their input")
         return job

@@ -350,6 +350,9 @@ class Store:
         found = frozenset(entry.name for entry in directory.iterdir())
         ledger = _open_shared(self.url, campaign)
         try:
+            # Held (shared) while this process has the campaign open, like SQLite's `.live`:
+            # the midnight guard sees a run that has not registered yet (still loading).
+            ledger.db.advisory_lock(_open_lock(campaign), shared=True)
             fresh = ledger.get_meta("campaign") is None
             if fresh:
                 ledger.set_meta(
@@ -444,12 +447,18 @@ class Store:
             check_unfinished(self.output_dir, job_name, campaign)
             return
         for info in self.list_campaigns(lease_s):
-            if info.job != job_name or info.last_state is None:
+            if info.job != job_name:
                 continue
-            if info.id != campaign and info.last_state in UNFINISHED:
+            state = info.last_state
+            if state is None:
+                # Never sent, unless a process has it open right now (still reading its input).
+                if not _held_open(self.url, info.id):
+                    continue
+                state = "running"
+            if info.id != campaign and state in UNFINISHED:
                 raise UnfinishedCampaign(
                     f"campaign {info.id} of job {job_name} did not finish (its last run "
-                    f"{_said(info.last_state)}). Continue it with `--campaign {info.id}`, "
+                    f"{_said(state)}). Continue it with `--campaign {info.id}`, "
                     f"or start {campaign} anyway with `--new`"
                 )
             return
@@ -470,6 +479,23 @@ class Store:
 
 def store_of(output_dir: str | Path, url: str | None) -> Store:
     return Store(Path(output_dir), url)
+
+
+def _open_lock(campaign: str) -> str:
+    return f"open:{campaign}"
+
+
+def _held_open(url: str, campaign: str) -> bool:
+    """Whether a process has the campaign open (`Store.open_campaign`). The question takes
+    the lock for an instant only: an opener waits it out, it never fails for it."""
+    db = Database.postgresql(url, None)
+    try:
+        if not db.advisory_lock(_open_lock(campaign), wait=False):
+            return True
+        db.advisory_unlock(_open_lock(campaign))
+        return False
+    finally:
+        db.close()
 
 
 def _open_shared(url: str, campaign: str) -> Ledger:

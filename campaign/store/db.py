@@ -262,10 +262,12 @@ class Database:
         sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
         return sql.replace(") WITHOUT ROWID;", ");")
 
-    def advisory_lock(self, name: str, *, wait: bool = True) -> bool:
+    def advisory_lock(self, name: str, *, wait: bool = True, shared: bool = False) -> bool:
         """PostgreSQL: a session lock on `name` (held until `advisory_unlock` or the
         connection ends, so a killed process never leaves it behind)."""
         function = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+        if shared:
+            function += "_shared"
         found = self.execute(f"SELECT {function}(hashtextextended(?, 0))", (name,)).fetchone()
         return wait or bool(found[0])
 

@@ -713,12 +713,17 @@ class Ledger:
         return [rid in started for rid, _ in attempts]
 
     def _finish_attempts(self, outcomes: list[Outcome]) -> None:
+        # A person's state is its latest attempt's outcome. An older attempt's answer comes
+        # late when its worker stalled past its lease and another sent the person since
+        # (--resend-unknown): it changes the person only to say it arrived. Once `sent`,
+        # always sent: no later answer makes a person sendable again.
         now = time.time()
         self.db.executemany(
             "UPDATE recipients SET state = ?, http_status = ?, error = ?, "
-            "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
+            "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END "
+            "WHERE id = ? AND state != 'sent' AND (attempts = ? OR ? = 'sent')",
             [
-                (o.state, o.http_status, o.error, o.state, o.sent_at, o.recipient_id)
+                (o.state, o.http_status, o.error, o.state, o.sent_at, o.recipient_id, o.n, o.state)
                 for o in outcomes
             ],
         )

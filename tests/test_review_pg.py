@@ -52,9 +52,8 @@ def ledger_meta(url: str, campaign: str, key: str) -> object:
     return None if found is None else json.loads(found[0])
 
 
-@pytest.mark.parametrize("trial", range(1))
 def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     """Worker 1 loads the campaign with its mapping (recipient key: the phone); worker 2,
     started a moment later from another job file whose mapping keys people by employee id,
@@ -277,9 +276,8 @@ def loading(url: str, campaign: str) -> bool:
     return made is not None and runs == 0
 
 
-@pytest.mark.parametrize("trial", range(1))
 def test_midnight_guard_sees_yesterdays_run_still_reading_its_input(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     """The nightly job started at 23:59 is still reading a big input (no run registered
     yet) when the same job is started at 00:01 on another host: the new day's campaign

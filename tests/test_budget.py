@@ -135,6 +135,7 @@ async def test_a_server_gone_mid_run_is_a_clear_error(pg_server: PgServer, pg_ur
     assert str(caught.value).startswith(f"PostgreSQL at {safe_url(pg_url)}: ")
 
 
+@pytest.mark.exact_rate
 @pytest.mark.parametrize("rate", [50, 200])
 def test_three_processes_share_one_rate_at_the_sandbox(
     tmp_path: Path, pg_url: str, rate: int

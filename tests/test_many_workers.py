@@ -174,6 +174,7 @@ def test_an_unusable_database_is_exit_2_with_one_line_naming_the_url_without_pas
     assert "127.0.0.1" in lines[0], lines
 
 
+@pytest.mark.exact_rate
 @pytest.mark.parametrize("rate", [50, 200])
 def test_three_workers_share_one_rate_at_the_api(tmp_path: Path, pg_url: str, rate: int) -> None:
     """The rate is one budget for the channel, whatever the number of workers: counted at

@@ -4,6 +4,8 @@ sandbox's record as the count of what was sent."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,7 @@ async def test_a_campaign_validated_on_one_server_is_sent_from_another(
     assert len(assert_no_duplicates(box)) == 43
 
 
+@pytest.mark.exact_rate
 async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
     tmp_path: Path, pg_url: str
 ) -> None:

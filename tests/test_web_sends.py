@@ -4,6 +4,8 @@ another process sends."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import signal
 import time
@@ -33,6 +35,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 WAIT_S = 20
 
 
+@pytest.mark.exact_rate
 async def test_page_campaigns_to_one_channel_share_its_rate(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:

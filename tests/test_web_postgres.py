@@ -4,14 +4,13 @@ sandbox's record as the count of what was sent."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
+import pytest
 
 from campaign.store.db import schema_name
 from tests.helpers import (

@@ -4,8 +4,6 @@ another process sends."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import signal
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from campaign.store.campaigns import open_campaign

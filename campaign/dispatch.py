@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -215,7 +216,7 @@ class Dispatcher:
         )
         # Workers take the next target from the ledger's claims: in input order, never more
         # than a batch held in memory beyond the ones being sent.
-        targets = _Feed(batches)
+        targets = _Feed(batches, low=self.limits.concurrency)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
         ) as self._session:
@@ -226,7 +227,10 @@ class Dispatcher:
             self._busy = dict.fromkeys(tasks, False)
             # Every worker ends (its request in flight answered and recorded) before the
             # session closes, even when one of them hit an error.
-            await asyncio.gather(*tasks)
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                await targets.close()
         if self._crash is not None:
             raise self._crash
         return self.result
@@ -400,21 +404,44 @@ async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
 
 class _Feed:
     """One target at a time to whichever worker asks, from batches that come in as needed
-    (a batch may take a while: it is claimed in the ledger, or waits for other workers)."""
+    (a batch may take a while: it is claimed in the ledger, or waits for other workers).
+    The next batch is asked for once fewer than `low` targets are left, so the workers do
+    not all stand still while it is claimed."""
 
-    def __init__(self, batches: AsyncIterator[list[Target]]) -> None:
+    def __init__(self, batches: AsyncIterator[list[Target]], low: int) -> None:
         self._batches = batches
+        self._low = low
         self._ready: collections.deque[Target] = collections.deque()
+        self._coming: asyncio.Future[list[Target] | None] | None = None
+        self._done = False
         self._lock = asyncio.Lock()
 
     async def next(self) -> Target | None:
         async with self._lock:
             while not self._ready:
-                batch = await anext(self._batches, None)
-                if batch is None:
+                if self._done:
                     return None
-                self._ready.extend(batch)
+                batch = await self._ask()
+                self._coming = None
+                if batch is None:
+                    self._done = True
+                else:
+                    self._ready.extend(batch)
+            if len(self._ready) <= self._low and not self._done:
+                self._ask()
             return self._ready.popleft()
+
+    def _ask(self) -> asyncio.Future[list[Target] | None]:
+        if self._coming is None:
+            self._coming = asyncio.ensure_future(anext(self._batches, None))
+        return self._coming
+
+    async def close(self) -> None:
+        """Stop asking for batches (the run is over or halted)."""
+        if self._coming is not None and not self._coming.done():
+            self._coming.cancel()
+            with contextlib.suppress(BaseException):
+                await self._coming
 
 
 class _quiet_when:

@@ -708,21 +708,36 @@ class Ledger:
             return self._begin_attempts(run_id, begins)
 
     def _begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
-        # One statement for the whole batch: on PostgreSQL every statement is a round trip.
         if not attempts:
             return []
         now = time.time()
-        values = ", ".join(["(?, ?)"] * len(attempts))
-        started = {
-            rid
-            for (rid,) in self.db.execute(
-                f"UPDATE recipients SET state = 'inflight', attempts = v.column2 "
-                f"FROM (VALUES {values}) AS v "
-                f"WHERE recipients.id = v.column1 AND recipients.claim = ? AND {_LIVE} "
-                f"AND recipients.state != 'sent' RETURNING recipients.id",
-                [*(x for pair in attempts for x in pair), run_id, run_id],
-            ).fetchall()
-        }
+        if self.db.postgres:
+            # One statement for the whole batch: there every statement is a round trip.
+            values = ", ".join(["(?, ?)"] * len(attempts))
+            started = {
+                rid
+                for (rid,) in self.db.execute(
+                    f"UPDATE recipients SET state = 'inflight', attempts = v.column2 "
+                    f"FROM (VALUES {values}) AS v "
+                    f"WHERE recipients.id = v.column1 AND recipients.claim = ? AND {_LIVE} "
+                    f"AND recipients.state != 'sent' RETURNING recipients.id",
+                    [*(x for pair in attempts for x in pair), run_id, run_id],
+                ).fetchall()
+            }
+        else:
+            # SQLite plans UPDATE ... FROM as a scan of the table: one indexed update each.
+            live = self.db.execute(f"SELECT {_LIVE}", (run_id,)).fetchone()[0]
+            started = {
+                rid
+                for rid, n in attempts
+                if live
+                and self.db.execute(
+                    "UPDATE recipients SET state = 'inflight', attempts = ? "
+                    "WHERE id = ? AND claim = ? AND state != 'sent'",
+                    (n, rid, run_id),
+                ).rowcount
+                == 1
+            }
         self.db.executemany(
             "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "

@@ -30,7 +30,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -267,13 +267,22 @@ def origin_of(meta: dict[str, Any]) -> str:
 
 def check_unfinished(output_dir: Path, job_name: str, campaign: str) -> None:
     """The midnight guard: refuse to start `campaign` while the job's latest one is unfinished."""
-    for info in list_campaigns(output_dir):
+    found = list_campaigns(output_dir)
+    _refuse_unfinished(found, job_name, campaign, lambda c: is_locked(output_dir / c))
+
+
+def _refuse_unfinished(
+    found: list[CampaignInfo], job_name: str, campaign: str, open_now: Callable[[str], bool]
+) -> None:
+    """The midnight guard over a store's campaigns, newest first; `open_now(id)`: a
+    process has that campaign open right now (it may still be reading its input)."""
+    for info in found:
         state = info.last_state
         if info.job != job_name:
             continue
         if state is None:
             # Never sent, unless a run holds it right now (still reading its input).
-            if not is_locked(output_dir / info.id):
+            if not open_now(info.id):
                 continue
             state = "running"
         if info.id != campaign and state in UNFINISHED:
@@ -446,22 +455,9 @@ class Store:
         if self.url is None:
             check_unfinished(self.output_dir, job_name, campaign)
             return
-        for info in self.list_campaigns(lease_s):
-            if info.job != job_name:
-                continue
-            state = info.last_state
-            if state is None:
-                # Never sent, unless a process has it open right now (still reading its input).
-                if not _held_open(self.url, info.id):
-                    continue
-                state = "running"
-            if info.id != campaign and state in UNFINISHED:
-                raise UnfinishedCampaign(
-                    f"campaign {info.id} of job {job_name} did not finish (its last run "
-                    f"{_said(state)}). Continue it with `--campaign {info.id}`, "
-                    f"or start {campaign} anyway with `--new`"
-                )
-            return
+        url = self.url
+        found = self.list_campaigns(lease_s)
+        _refuse_unfinished(found, job_name, campaign, lambda c: _held_open(url, c))
 
     @contextlib.contextmanager
     def job_lock(self, job_name: str) -> Iterator[None]:

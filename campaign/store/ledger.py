@@ -628,14 +628,24 @@ class Ledger:
         claiming at this moment are skipped, not waited for."""
         marks = ",".join("?" * len(states))
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.postgres else ""
+        # The next people are found by walking the rows in order from `after`, stopping at
+        # `batch`; any other plan sorts every unclaimed person for each batch (35 ms a
+        # batch at 40,000 people, so quadratic in the campaign). SQLite keeps the order of
+        # a CROSS JOIN; PostgreSQL, whose statistics are often stale right after a load, is
+        # told not to sort. The picking is a CTE so that PostgreSQL runs it once: as a
+        # subquery of the UPDATE it may run it again for every person it updates.
         with self.transaction(changes=False):
+            if self.postgres:
+                self.db.execute("SET LOCAL enable_sort = off")
             found = self.db.execute(
-                f"UPDATE recipients SET claim = ? WHERE claim IS NULL AND {_LIVE} AND id IN ("
-                f"SELECT r.id FROM rows JOIN recipients r ON r.key = rows.key "
-                f"WHERE rows.status = 'ok' AND rows.row > ? AND r.state IN ({marks}) "
-                f"AND r.claim IS NULL AND {_RESENDABLE} ORDER BY rows.row LIMIT ?{lock}) "
+                f"WITH picked AS (SELECT r.id FROM rows CROSS JOIN recipients r "
+                f"WHERE r.key = rows.key AND rows.status = 'ok' AND rows.row > ? "
+                f"AND r.state IN ({marks}) AND r.claim IS NULL AND {_RESENDABLE} "
+                f"ORDER BY rows.row LIMIT ?{lock}) "
+                f"UPDATE recipients SET claim = ? WHERE id IN (SELECT id FROM picked) "
+                f"AND claim IS NULL AND {_LIVE} "
                 f"RETURNING id, row, payload, attempts, state, to_phone",
-                (run_id, run_id, after, *states, batch),
+                (after, *states, batch, run_id, run_id),
             ).fetchall()
         return sorted((_target(*found_row) for found_row in found), key=lambda t: t.row)
 

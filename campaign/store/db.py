@@ -172,6 +172,22 @@ class Database:
             cursor.execute(_for_postgres(sql) if params else sql, params or None)
             yield from cursor
 
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """PostgreSQL: the statements inside are sent together and answered together, one
+        round trip for a whole transaction (their results are read after the block). On
+        an error the transaction is rolled back: in a pipeline its COMMIT never ran."""
+        if not self.postgres:
+            yield
+            return
+        try:
+            with self._errors(), self.raw.pipeline():
+                yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.rollback()
+            raise
+
     def read_only(self) -> None:
         """From now on this connection only reads (its temporary views are made)."""
         if self.postgres:

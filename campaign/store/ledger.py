@@ -709,45 +709,55 @@ class Ledger:
         """The dispatcher's group commit, one transaction and so one fsync: the answers
         recorded, the recipients held back, and the attempts about to leave marked in
         flight. Returns, per begin, whether it may leave (False: already sent, or no longer
-        claimed by this run because its lease expired: skip it)."""
-        with self.transaction():
+        claimed by this run because its lease expired: skip it). On PostgreSQL the whole
+        transaction is one round trip."""
+        with self.db.pipeline(), self.transaction():
             if outcomes:
                 self._finish_attempts(outcomes)
             if holds:
                 self._hold(run_id, holds)
-            return self._begin_attempts(run_id, begins)
+            leaving = self._begin_attempts(run_id, begins)
+        started = leaving()
+        return [rid in started for rid, _ in begins]
 
-    def _begin_attempts(self, run_id: int, attempts: list[tuple[int, int]]) -> list[bool]:
+    def _begin_attempts(
+        self, run_id: int, attempts: list[tuple[int, int]]
+    ) -> Callable[[], set[int]]:
+        """Marks the attempts in flight and logs them; returns how to read which of them
+        may leave (on PostgreSQL, known once the pipeline is answered)."""
         if not attempts:
-            return []
+            return set
         now = time.time()
         if self.db.postgres:
-            # One statement for the whole batch: there every statement is a round trip.
-            values = ", ".join(["(?, ?)"] * len(attempts))
-            started = {
-                rid
-                for (rid,) in self.db.execute(
-                    f"UPDATE recipients SET state = 'inflight', attempts = v.column2 "
-                    f"FROM (VALUES {values}) AS v "
-                    f"WHERE recipients.id = v.column1 AND recipients.claim = ? AND {_LIVE} "
-                    f"AND recipients.state != 'sent' RETURNING recipients.id",
-                    [*(x for pair in attempts for x in pair), run_id, run_id],
-                ).fetchall()
-            }
-        else:
-            # SQLite plans UPDATE ... FROM as a scan of the table: one indexed update each.
-            live = self.db.execute(f"SELECT {_LIVE}", (run_id,)).fetchone()[0]
-            started = {
-                rid
-                for rid, n in attempts
-                if live
-                and self.db.execute(
-                    "UPDATE recipients SET state = 'inflight', attempts = ? "
-                    "WHERE id = ? AND claim = ? AND state != 'sent'",
-                    (n, rid, run_id),
-                ).rowcount
-                == 1
-            }
+            # One statement of the same text every time (arrays, not a list of values), so
+            # it is planned once per connection, not once per commit.
+            ids, tries = [rid for rid, _ in attempts], [n for _, n in attempts]
+            cursor = self.db.execute(
+                "WITH started AS (UPDATE recipients SET state = 'inflight', attempts = v.n "
+                "FROM unnest(?::bigint[], ?::bigint[]) AS v(id, n) "
+                f"WHERE recipients.id = v.id AND recipients.claim = ? AND {_LIVE} "
+                "AND recipients.state != 'sent' RETURNING recipients.id, v.n), "
+                "logged AS (INSERT INTO attempts (recipient_id, n, run_id, started_at) "
+                "SELECT id, n, ?, ? FROM started ON CONFLICT (recipient_id, n) DO UPDATE SET "
+                "run_id = excluded.run_id, started_at = excluded.started_at, "
+                "finished_at = NULL, state = NULL, http_status = NULL, error = NULL) "
+                "SELECT id FROM started",
+                (ids, tries, run_id, run_id, run_id, now),
+            )
+            return lambda: {rid for (rid,) in cursor.fetchall()}
+        # SQLite plans UPDATE ... FROM as a scan of the table: one indexed update each.
+        live = self.db.execute(f"SELECT {_LIVE}", (run_id,)).fetchone()[0]
+        started = {
+            rid
+            for rid, n in attempts
+            if live
+            and self.db.execute(
+                "UPDATE recipients SET state = 'inflight', attempts = ? "
+                "WHERE id = ? AND claim = ? AND state != 'sent'",
+                (n, rid, run_id),
+            ).rowcount
+            == 1
+        }
         self.db.executemany(
             "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
@@ -755,7 +765,7 @@ class Ledger:
             "finished_at = NULL, state = NULL, http_status = NULL, error = NULL",
             [(rid, n, run_id, now) for rid, n in attempts if rid in started],
         )
-        return [rid in started for rid, _ in attempts]
+        return lambda: started
 
     def _finish_attempts(self, outcomes: list[Outcome]) -> None:
         # A person's state is its latest attempt's outcome. An older attempt's answer comes
@@ -763,6 +773,30 @@ class Ledger:
         # (--resend-unknown): it changes the person only to say it arrived. Once `sent`,
         # always sent: no later answer makes a person sendable again.
         now = time.time()
+        if self.db.postgres:
+            # One statement of the same text every time, for both tables (see above).
+            self.db.execute(
+                "WITH v AS (SELECT * FROM unnest(?::bigint[], ?::bigint[], ?::text[], "
+                "?::bigint[], ?::text[], ?::text[]) AS v(id, n, state, http_status, error, "
+                "sent_at)), done AS (UPDATE attempts SET finished_at = ?, state = v.state, "
+                "http_status = v.http_status, error = v.error FROM v "
+                "WHERE attempts.recipient_id = v.id AND attempts.n = v.n) "
+                "UPDATE recipients SET state = v.state, http_status = v.http_status, "
+                "error = v.error, sent_at = CASE WHEN v.state = 'sent' THEN v.sent_at "
+                "ELSE recipients.sent_at END FROM v WHERE recipients.id = v.id "
+                "AND recipients.state != 'sent' AND (recipients.attempts = v.n "
+                "OR v.state = 'sent')",
+                (
+                    [o.recipient_id for o in outcomes],
+                    [o.n for o in outcomes],
+                    [o.state for o in outcomes],
+                    [o.http_status for o in outcomes],
+                    [o.error for o in outcomes],
+                    [o.sent_at for o in outcomes],
+                    now,
+                ),
+            )
+            return
         self.db.executemany(
             "UPDATE recipients SET state = ?, http_status = ?, error = ?, "
             "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END "

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -400,7 +401,11 @@ async def _claims(
     PostgreSQL, when none is left to claim but other workers still hold people not yet
     sent, it waits for them: a worker that dies leaves its people to the others once its
     lease expires, and only then does the campaign end."""
+    # Enough people to keep the workers busy while the next batch is claimed, but no more
+    # than about a second's worth at the rate: several workers then run out of people
+    # close together, instead of one sending the last big batch alone.
     batch = min(max(2 * limits.concurrency, 100), 1000)
+    batch = min(batch, max(limits.concurrency, math.ceil(limits.rate_per_second)))
     after = 0
     while not control.stopping:
         found = await asyncio.to_thread(ledger.claim, run_id, states, after, batch)

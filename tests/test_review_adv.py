@@ -1,0 +1,130 @@
+"""Hostile schedules against the claims and leases of a PostgreSQL campaign: the real CLI
+in subprocesses, a real PostgreSQL (tests/postgres.py), and the server's own log of
+arrivals as the count of what was sent. Each schedule is forced by events (a lock a
+backend waits for, a lease that expired, a request that arrived), not by sleeps."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from campaign.store.db import schema_name
+from tests.helpers import FaultServer, cli, phones, spawn_cli, write_job
+from tests.test_resume import finish, people, results, wait_for
+
+
+def in_campaign(url: str, campaign: str = "test") -> psycopg.Connection[Any]:
+    """A connection whose unqualified names are the campaign's tables."""
+    db = psycopg.connect(url, autocommit=True)
+    db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    return db
+
+
+def lock_waiters(url: str, like: str) -> list[int]:
+    """Backends of the test's database waiting for a lock, running a statement `like`."""
+    with psycopg.connect(url, autocommit=True) as db:
+        found = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE %s",
+            (like,),
+        ).fetchall()
+    return [pid for (pid,) in found]
+
+
+def lease_expired(url: str, run_id: int, lease_s: float) -> bool:
+    with in_campaign(url) as db:
+        found = db.execute(
+            "SELECT extract(epoch FROM clock_timestamp()) - heartbeat_at FROM runs WHERE id = %s",
+            (run_id,),
+        ).fetchone()
+    return found is not None and found[0] > lease_s * 1.5
+
+
+def only_run(url: str) -> int:
+    with in_campaign(url) as db:
+        found = db.execute("SELECT id FROM runs").fetchall()
+    assert len(found) == 1, found
+    return int(found[0][0])
+
+
+def state_of(url: str, recipient_id: int) -> str:
+    with in_campaign(url) as db:
+        found = db.execute("SELECT state FROM recipients WHERE id = %s", (recipient_id,)).fetchone()
+    return str(found[0])
+
+
+@pytest.mark.timeout(120)
+def test_a_request_begun_while_its_worker_is_settled_for_dead_is_unknown_not_inflight(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Worker A records X in flight, and its transaction is still open when A stops (here:
+    its INSERT of the attempt waits for a lock, then SIGSTOP) past its lease. A new run B
+    settles A: marking A's in-flight people `unknown` finds X still `pending` (A has not
+    committed), then releasing A's claims waits for X's row. A continues, commits X in
+    flight and sends it; B's release goes on and clears X's claim, so X stays `inflight`
+    with nobody's claim: no later start marks it `unknown` (invariant 3), `--resend-unknown`
+    and reconcile never look at it, whereas the contract says a person in flight when its
+    process died is `unknown` and is sent again with `--resend-unknown`."""
+    numbers = [p.replace(" ", "") for p in phones(3)]
+    x = numbers[0]
+    seen: list[str] = []
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        seen.append(body["to_phone"])
+        return "hang" if body["to_phone"] == x and seen.count(x) == 1 else 200
+
+    lease = 1.0
+    with FaultServer(reply) as server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path / "in.csv", 3),
+            ledger=pg_url,
+            api={"timeout_s": 60},
+            limits={"concurrency": 1, "rate_per_second": 1000, "lease_s": lease},
+        )
+        checked = cli("validate", str(job))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        with in_campaign(pg_url) as db:
+            x_id = db.execute("SELECT id FROM recipients WHERE to_phone = %s", (x,)).fetchone()[0]
+        # Holds the unique key A's first attempt will insert: A's transaction waits there.
+        blocker = psycopg.connect(pg_url)
+        blocker.execute(f'SET search_path TO "{schema_name("test")}"')
+        blocker.execute(
+            "INSERT INTO attempts (recipient_id, n, run_id, started_at) VALUES (%s, 1, 0, 0)",
+            (x_id,),
+        )
+        a = spawn_cli("run", str(job), "--no-progress")
+        b: subprocess.Popen[str] | None = None
+        try:
+            wait_for(lambda: lock_waiters(pg_url, "INSERT INTO attempts%") != [], what="A waits")
+            a.send_signal(signal.SIGSTOP)
+            run_a = only_run(pg_url)
+            wait_for(lambda: lease_expired(pg_url, run_a, lease), what="A's lease expired")
+            b = spawn_cli("run", str(job), "--no-progress")
+            wait_for(lambda: lock_waiters(pg_url, "UPDATE recipients%") != [], what="B waits for X")
+            blocker.rollback()  # A's insert goes on; A commits X in flight once it continues
+            a.send_signal(signal.SIGCONT)
+            wait_for(lambda: x in seen, what="A's request to X")
+            a.send_signal(signal.SIGKILL)
+            a.wait()
+            assert finish(b) == 1  # X is in doubt
+        finally:
+            blocker.close()
+            for process in (a, b):
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.kill()
+                    process.wait()
+        # A is gone with X's request open: X is `unknown`, whatever B did meanwhile.
+        assert state_of(pg_url, x_id) == "unknown"
+        again = cli("run", str(job), "--no-progress", "--resend-unknown")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert Counter(seen) == {x: 2, numbers[1]: 1, numbers[2]: 1}, Counter(seen)
+        assert {line["_status"] for line in results(tmp_path)} == {"sent"}

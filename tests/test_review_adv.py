@@ -5,17 +5,20 @@ backend waits for, a lease that expired, a request that arrived), not by sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from aiohttp import web
 
 from campaign.store.db import schema_name
-from tests.helpers import FaultServer, cli, phones, spawn_cli, write_job
+from tests.helpers import FaultServer, cli, phones, spawn_cli, statuses, write_csv, write_job
 from tests.test_resume import finish, people, results, wait_for
 
 
@@ -128,3 +131,80 @@ def test_a_request_begun_while_its_worker_is_settled_for_dead_is_unknown_not_inf
         assert again.returncode == 0, again.stdout + again.stderr
         assert Counter(seen) == {x: 2, numbers[1]: 1, numbers[2]: 1}, Counter(seen)
         assert {line["_status"] for line in results(tmp_path)} == {"sent"}
+
+
+def with_invalid_rows(path: Path, valid: list[str], invalid: int) -> Path:
+    """The `valid` numbers first, then `invalid` rows without a phone (each one a line of
+    the report, none sent): a report that takes a while to write."""
+    notes = "n" * 200
+    rows = [[f"P{i}", phone, notes] for i, phone in enumerate(valid)]
+    rows += [[f"Q{i}", "", notes] for i in range(invalid)]
+    return write_csv(path, ["First Name", "Phone", "Notes"], rows)
+
+
+def advisory_waiters(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as db:
+        found = db.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+        ).fetchone()
+    return found is not None
+
+
+def report_being_written(directory: Path) -> bool:
+    return any(tmp.stat().st_size > 0 for tmp in directory.glob(".results.csv.*.tmp"))
+
+
+@pytest.mark.timeout(120)
+def test_a_report_read_before_the_last_answer_never_replaces_the_final_report(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """`campaign report` (or the page's results download) reads the ledger while a worker's
+    last request is open, and is slow to write (here: stopped) while the worker records
+    its answer `sent`, ends and writes the final report. On PostgreSQL nothing keeps a
+    report from landing on top of a newer one: the older reading replaces results.csv, and
+    a person shown `sent` shows `unknown` in the report written after it (invariant 4)."""
+    numbers = [p.replace(" ", "") for p in phones(3)]
+    x = numbers[0]
+    answer_x = threading.Event()
+
+    async def held(_request: web.Request) -> web.StreamResponse:
+        while not answer_x.is_set():
+            await asyncio.sleep(0.01)
+        return web.json_response({"success": True})
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        return "held" if body["to_phone"] == x else 200
+
+    invalid = 60_000
+    with FaultServer(reply, streams={"held": held}) as server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=with_invalid_rows(tmp_path / "in.csv", numbers, invalid),
+            ledger=pg_url,
+            limits={"concurrency": 4, "rate_per_second": 1000, "lease_s": 5},
+        )
+        directory = tmp_path / "runs" / "test"
+        worker = spawn_cli("run", str(job), "--no-progress")
+        report: subprocess.Popen[str] | None = None
+        try:
+            wait_for(lambda: len(server.arrivals) == 3, what="the three requests")
+            report = spawn_cli("report", str(job))
+            wait_for(lambda: report_being_written(directory), what="the report being written")
+            report.send_signal(signal.SIGSTOP)
+            assert report_being_written(directory), "the report was written before the stop"
+            answer_x.set()
+            # The worker has written its final report, or waits for its turn to.
+            wait_for(lambda: worker.poll() is not None or advisory_waiters(pg_url), what="worker")
+            report.send_signal(signal.SIGCONT)
+            assert finish(report) == 0
+            assert finish(worker) == 0
+        finally:
+            for process in (worker, report):
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.kill()
+                    process.wait()
+        assert Counter(server.bodies()[i]["to_phone"] for i in range(3)) == Counter(numbers)
+        assert statuses(results(tmp_path)) == {"sent": 3, "invalid": invalid}

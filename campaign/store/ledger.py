@@ -442,9 +442,32 @@ class Ledger:
             db.executemany(
                 "UPDATE runs SET state = 'crashed' WHERE id = ?", [(run,) for run in dead]
             )
+            if lease_s is not None:
+                recovered = max(recovered, 0) + self._settle_orphans()
             if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
                 db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
         return max(recovered, 0)
+
+    def _settle_orphans(self) -> int:
+        """In-flight people whose claim no running run holds become `unknown`. A dead run
+        can commit an attempt while it is being settled (its transaction was open when it
+        stopped, and the claims' release waited for it): the release then clears the
+        claim of a person just recorded in flight, after the marking of its in-flight
+        people had looked. Whoever settles next, in a statement of its own, sees it."""
+        db = self.db
+        found = db.execute(
+            "UPDATE recipients SET state = 'unknown', error = ? WHERE state = 'inflight' "
+            "AND (claim IS NULL OR claim NOT IN (SELECT id FROM runs WHERE state = 'running')) "
+            "RETURNING id, attempts",
+            (_DIED_IN_FLIGHT,),
+        ).fetchall()
+        # Their attempts by key: the attempts table has no index on the run.
+        db.executemany(
+            "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
+            "WHERE recipient_id = ? AND n = ? AND state IS NULL",
+            found,
+        )
+        return len(found)
 
     def live_workers(self, lease_s: float | None = None) -> int:
         """Runs marked running; with `lease_s`, only those whose lease has not expired."""

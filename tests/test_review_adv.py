@@ -18,7 +18,16 @@ import pytest
 from aiohttp import web
 
 from campaign.store.db import schema_name
-from tests.helpers import FaultServer, cli, phones, spawn_cli, statuses, write_csv, write_job
+from tests.helpers import (
+    FaultServer,
+    cli,
+    phones,
+    spawn_cli,
+    start_sandbox,
+    statuses,
+    write_csv,
+    write_job,
+)
 from tests.test_resume import finish, people, results, wait_for
 
 
@@ -208,3 +217,54 @@ def test_a_report_read_before_the_last_answer_never_replaces_the_final_report(
                     process.wait()
         assert Counter(server.bodies()[i]["to_phone"] for i in range(3)) == Counter(numbers)
         assert statuses(results(tmp_path)) == {"sent": 3, "invalid": invalid}
+
+
+@pytest.mark.timeout(120)
+def test_a_reconcile_while_a_worker_sends_leaves_the_worker_and_its_people_alone(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """On PostgreSQL a worker is dead only once its lease expired. `campaign reconcile`,
+    started while a live worker waits for an answer, settled the campaign as if every run
+    still marked running were dead (SQLite's rule, where the campaign's lock excludes a
+    run): the worker's person in flight became `unknown` and the worker, taken for dead,
+    stopped (exit 3) with the rest of the campaign unsent."""
+    numbers = [p.replace(" ", "") for p in phones(6)]
+    x = numbers[0]
+    answer_x = threading.Event()
+
+    async def held(_request: web.Request) -> web.StreamResponse:
+        while not answer_x.is_set():
+            await asyncio.sleep(0.01)
+        return web.json_response({"success": True})
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        return "held" if body["to_phone"] == x else 200
+
+    reports = start_sandbox(tmp_path)  # the Reporting API: it has not seen anyone
+    with FaultServer(reply, streams={"held": held}) as server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path / "in.csv", 6),
+            ledger=pg_url,
+            api={"timeout_s": 60},
+            reporting={"agent_id": "1", "access_token": "sandbox-token", "base_url": reports.url},
+            limits={"concurrency": 1, "rate_per_second": 1000, "lease_s": 30},
+        )
+        worker = spawn_cli("run", str(job), "--no-progress")
+        try:
+            wait_for(lambda: len(server.arrivals) == 1, what="the request to X")
+            checked = cli("reconcile", str(job))
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            assert worker.poll() is None
+            answer_x.set()
+            out, err = worker.communicate(timeout=60)
+        finally:
+            answer_x.set()
+            reports.stop()
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        assert worker.returncode == 0, out + err
+        assert Counter(b["to_phone"] for b in server.bodies()) == Counter(numbers)
+        assert statuses(results(tmp_path)) == {"sent": 6}

@@ -36,6 +36,7 @@ was written at is known to be current (`report.report_is_current`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -353,6 +354,24 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def report_turn(self) -> Iterator[None]:
+        """Held while a report is read from the ledger and written. PostgreSQL: one report
+        of the campaign at a time, each reading the ledger once it has its turn, so a
+        report read earlier never lands on top of one read later (workers that end
+        together, `campaign report`, the page). SQLite: whoever writes a report holds the
+        campaign's lock already."""
+        if not self.postgres:
+            yield
+            return
+        turn = "hashtextextended('report:' || current_schema(), 0)"
+        self.db.execute(f"SELECT pg_advisory_lock({turn})")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(*LedgerError):  # a lost connection lost the lock too
+                self.db.execute(f"SELECT pg_advisory_unlock({turn})")
 
     def transaction(self, changes: bool = True) -> Transaction:
         """BEGIN ... COMMIT; `changes`: the report may change (bump generation)."""

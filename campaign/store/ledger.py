@@ -488,6 +488,15 @@ class Ledger:
         )
         return len(found)
 
+    def settle_runs_of(self, command: str) -> None:
+        """Runs of `command` still marked running are over: the caller holds the lock that
+        only one of them at a time may hold (`reconcile`, whose runs claim nobody)."""
+        with self.transaction(changes=False):
+            self.db.execute(
+                "UPDATE runs SET state = 'crashed' WHERE state = 'running' AND command = ?",
+                (command,),
+            )
+
     def live_workers(self, lease_s: float | None = None) -> int:
         """Runs marked running; with `lease_s`, only those whose lease has not expired."""
         if lease_s is None:

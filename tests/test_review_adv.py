@@ -192,6 +192,7 @@ def test_a_report_read_before_the_last_answer_never_replaces_the_final_report(
             server.url,
             input=with_invalid_rows(tmp_path / "in.csv", numbers, invalid),
             ledger=pg_url,
+            api={"timeout_s": 60},  # X's answer comes when the test says
             limits={"concurrency": 4, "rate_per_second": 1000, "lease_s": 5},
         )
         directory = tmp_path / "runs" / "test"

@@ -55,6 +55,7 @@ SENDABLE = ("pending", "failed")
 STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
 SCHEMA_VERSION = 4
 LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
+REPORT_TURN_WAIT_S = 60.0  # the longest a report waits for another one being written
 # States in which a request may have reached the API: such a person stays in every report.
 MAYBE_REACHED = ("sent", "unknown", "inflight")
 # People whose last request a delivery report may show (`campaign reconcile`).
@@ -356,22 +357,42 @@ class Ledger:
         self.db.close()
 
     @contextlib.contextmanager
-    def report_turn(self) -> Iterator[None]:
+    def report_turn(self, wait_s: float = REPORT_TURN_WAIT_S) -> Iterator[None]:
         """Held while a report is read from the ledger and written. PostgreSQL: one report
         of the campaign at a time, each reading the ledger once it has its turn, so a
         report read earlier never lands on top of one read later (workers that end
-        together, `campaign report`, the page). SQLite: whoever writes a report holds the
-        campaign's lock already."""
+        together, `campaign report`, the page). A writer that waited `wait_s` for its turn
+        (its holder stopped, say with Ctrl-Z) writes without it rather than never. SQLite:
+        whoever writes a report holds the campaign's lock already."""
         if not self.postgres:
             yield
             return
         turn = "hashtextextended('report:' || current_schema(), 0)"
-        self.db.execute(f"SELECT pg_advisory_lock({turn})")
+        if not self._wait_for_lock(f"SELECT pg_advisory_lock({turn})", wait_s):
+            yield
+            return
         try:
             yield
         finally:
             with contextlib.suppress(*LedgerError):  # a lost connection lost the lock too
                 self.db.execute(f"SELECT pg_advisory_unlock({turn})")
+
+    def _wait_for_lock(self, take: str, wait_s: float) -> bool:
+        """Run `take` (it waits for a lock) with a lock timeout; False when it timed out."""
+        import psycopg
+
+        before = self.db.execute("SELECT current_setting('lock_timeout')").fetchone()[0]
+        self.db.execute("SELECT set_config('lock_timeout', ?, false)", (f"{int(wait_s * 1000)}",))
+        try:
+            self.db.execute(take)
+        except LedgerError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+                return False
+            raise
+        finally:
+            with contextlib.suppress(*LedgerError):
+                self.db.execute("SELECT set_config('lock_timeout', ?, false)", (before,))
+        return True
 
     def transaction(self, changes: bool = True) -> Transaction:
         """BEGIN ... COMMIT; `changes`: the report may change (bump generation)."""

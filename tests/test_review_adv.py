@@ -6,6 +6,7 @@ backend waits for, a lease that expired, a request that arrived), not by sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import subprocess
 import threading
@@ -269,3 +270,29 @@ def test_a_reconcile_while_a_worker_sends_leaves_the_worker_and_its_people_alone
         assert worker.returncode == 0, out + err
         assert Counter(b["to_phone"] for b in server.bodies()) == Counter(numbers)
         assert statuses(results(tmp_path)) == {"sent": 6}
+
+
+async def test_a_prefetched_batch_that_failed_is_not_printed_as_a_lost_task_error() -> None:
+    """The feed asks for the next batch while workers still have targets; the ledger dies
+    (the request for that batch fails) and the run halts before anyone takes it. The
+    failure is the workers' to report (one line, exit 1 or 3): it must not also reach
+    stderr as asyncio's "Task exception was never retrieved" with a traceback, which
+    `test_postgres_stopped_mid_run_stops_the_workers_cleanly_and_a_rerun_continues` hit."""
+    from campaign.dispatch import _Feed
+    from campaign.store.ledger import Target
+
+    async def batches() -> Any:
+        yield [Target(i, i, b"{}", 0, False) for i in range(1, 4)]
+        raise RuntimeError("the ledger is gone")
+
+    lost: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: lost.append(context))
+    feed = _Feed(batches(), low=8)
+    first = await feed.next()  # three left, fewer than `low`: the next batch is asked for
+    assert first is not None and first.id == 1
+    await asyncio.sleep(0.05)  # meanwhile the request for it fails
+    await feed.close()  # the run halted with targets left
+    del feed
+    gc.collect()
+    await asyncio.sleep(0)
+    assert lost == []

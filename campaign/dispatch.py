@@ -437,11 +437,16 @@ class _Feed:
         return self._coming
 
     async def close(self) -> None:
-        """Stop asking for batches (the run is over or halted)."""
-        if self._coming is not None and not self._coming.done():
+        """Stop asking for batches (the run is over or halted). A batch asked for and
+        never taken is awaited too, even when it is already done: its error (the ledger
+        is gone) was the workers' to report, and is not printed again as a task
+        exception never retrieved."""
+        if self._coming is None:
+            return
+        if not self._coming.done():
             self._coming.cancel()
-            with contextlib.suppress(BaseException):
-                await self._coming
+        with contextlib.suppress(BaseException):
+            await self._coming
 
 
 class _quiet_when:

@@ -155,7 +155,14 @@ class _Reconcile:
         from campaign import matching
 
         ledger, campaign = self.ledger, self.directory.name
-        recovered = await self._call(ledger.recover)
+        # PostgreSQL: workers may be sending this campaign now; only those whose lease
+        # expired are dead (an earlier reconcile is: this one holds the reconcile lock).
+        # SQLite: the campaign's lock excludes any run.
+        lease_s = None
+        if ledger.postgres:
+            lease_s = self.job.limits.lease_s
+            await self._call(ledger.settle_runs_of, "reconcile")
+        recovered = await self._call(ledger.recover, lease_s)
         if recovered:
             log.warning("in-flight recipients of an earlier run marked unknown", count=recovered)
         region = await self._call(self._phone_region)

@@ -47,6 +47,11 @@ _DELIVERY = RESULT_COLUMNS.index("_delivery")
 
 def write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
     """Write results.csv and summary.json; return the summary."""
+    with ledger.report_turn():
+        return _write_report(ledger, directory, campaign)
+
+
+def _write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, Any]:
     generation = ledger.generation()
     columns: list[str] = ledger.get_meta("columns") or []
     blank = [""] * len(columns)
@@ -93,10 +98,11 @@ def write_summary(
     counts: dict[str, int] | None = None,
     delivery: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    summary = summarize(ledger, campaign, counts, delivery)
-    with atomic_write(directory / SUMMARY_FILE) as out:
-        json.dump(summary, out, indent=2)
-        out.write("\n")
+    with ledger.report_turn():
+        summary = summarize(ledger, campaign, counts, delivery)
+        with atomic_write(directory / SUMMARY_FILE) as out:
+            json.dump(summary, out, indent=2)
+            out.write("\n")
     return summary
 
 

@@ -36,6 +36,7 @@ was written at is known to be current (`report.report_is_current`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -54,6 +55,7 @@ SENDABLE = ("pending", "failed")
 STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
 SCHEMA_VERSION = 4
 LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
+REPORT_TURN_WAIT_S = 60.0  # the longest a report waits for another one being written
 # States in which a request may have reached the API: such a person stays in every report.
 MAYBE_REACHED = ("sent", "unknown", "inflight")
 # People whose last request a delivery report may show (`campaign reconcile`).
@@ -354,6 +356,44 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def report_turn(self, wait_s: float = REPORT_TURN_WAIT_S) -> Iterator[None]:
+        """Held while a report is read from the ledger and written. PostgreSQL: one report
+        of the campaign at a time, each reading the ledger once it has its turn, so a
+        report read earlier never lands on top of one read later (workers that end
+        together, `campaign report`, the page). A writer that waited `wait_s` for its turn
+        (its holder stopped, say with Ctrl-Z) writes without it rather than never. SQLite:
+        whoever writes a report holds the campaign's lock already."""
+        if not self.postgres:
+            yield
+            return
+        turn = "hashtextextended('report:' || current_schema(), 0)"
+        if not self._wait_for_lock(f"SELECT pg_advisory_lock({turn})", wait_s):
+            yield
+            return
+        try:
+            yield
+        finally:
+            with contextlib.suppress(*LedgerError):  # a lost connection lost the lock too
+                self.db.execute(f"SELECT pg_advisory_unlock({turn})")
+
+    def _wait_for_lock(self, take: str, wait_s: float) -> bool:
+        """Run `take` (it waits for a lock) with a lock timeout; False when it timed out."""
+        import psycopg
+
+        before = self.db.execute("SELECT current_setting('lock_timeout')").fetchone()[0]
+        self.db.execute("SELECT set_config('lock_timeout', ?, false)", (f"{int(wait_s * 1000)}",))
+        try:
+            self.db.execute(take)
+        except LedgerError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+                return False
+            raise
+        finally:
+            with contextlib.suppress(*LedgerError):
+                self.db.execute("SELECT set_config('lock_timeout', ?, false)", (before,))
+        return True
+
     def transaction(self, changes: bool = True) -> Transaction:
         """BEGIN ... COMMIT; `changes`: the report may change (bump generation)."""
         return Transaction(self.db, changes)
@@ -442,9 +482,41 @@ class Ledger:
             db.executemany(
                 "UPDATE runs SET state = 'crashed' WHERE id = ?", [(run,) for run in dead]
             )
+            if lease_s is not None:
+                recovered = max(recovered, 0) + self._settle_orphans()
             if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
                 db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
         return max(recovered, 0)
+
+    def _settle_orphans(self) -> int:
+        """In-flight people whose claim no running run holds become `unknown`. A dead run
+        can commit an attempt while it is being settled (its transaction was open when it
+        stopped, and the claims' release waited for it): the release then clears the
+        claim of a person just recorded in flight, after the marking of its in-flight
+        people had looked. Whoever settles next, in a statement of its own, sees it."""
+        db = self.db
+        found = db.execute(
+            "UPDATE recipients SET state = 'unknown', error = ? WHERE state = 'inflight' "
+            "AND (claim IS NULL OR claim NOT IN (SELECT id FROM runs WHERE state = 'running')) "
+            "RETURNING id, attempts",
+            (_DIED_IN_FLIGHT,),
+        ).fetchall()
+        # Their attempts by key: the attempts table has no index on the run.
+        db.executemany(
+            "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
+            "WHERE recipient_id = ? AND n = ? AND state IS NULL",
+            found,
+        )
+        return len(found)
+
+    def settle_runs_of(self, command: str) -> None:
+        """Runs of `command` still marked running are over: the caller holds the lock that
+        only one of them at a time may hold (`reconcile`, whose runs claim nobody)."""
+        with self.transaction(changes=False):
+            self.db.execute(
+                "UPDATE runs SET state = 'crashed' WHERE state = 'running' AND command = ?",
+                (command,),
+            )
 
     def live_workers(self, lease_s: float | None = None) -> int:
         """Runs marked running; with `lease_s`, only those whose lease has not expired."""

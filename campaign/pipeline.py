@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import structlog
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from campaign.store.budget import RateBudget
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 INVALID_EXAMPLES = 10
@@ -408,17 +409,30 @@ async def _claims(
     batch = min(batch, max(limits.concurrency, math.ceil(limits.rate_per_second)))
     after = 0
     while not control.stopping:
-        found = await asyncio.to_thread(ledger.claim, run_id, states, after, batch)
+        found = await _to_the_end(ledger.claim, run_id, states, after, batch)
         if found:
             after = found[-1].row
             yield found
         elif after:
             after = 0  # once more from the top: people a dead worker let go meanwhile
-        elif ledger.postgres and await asyncio.to_thread(ledger.held_elsewhere, run_id, states):
+        elif ledger.postgres and await _to_the_end(ledger.held_elsewhere, run_id, states):
             await asyncio.sleep(limits.lease_s / 3)
-            await asyncio.to_thread(ledger.recover, limits.lease_s)
+            await _to_the_end(ledger.recover, limits.lease_s)
         else:
             return
+
+
+async def _to_the_end(call: Callable[..., T], *args: Any) -> T:
+    """`call` in a thread. Cancelled (the run halts while the next batch is claimed), it
+    still waits for the call to return: the call uses the run's own connection, which
+    ending the run and writing its report use next, and a thread cannot be stopped."""
+    running = asyncio.ensure_future(asyncio.to_thread(call, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
 
 
 async def _one(batch: list[Target]) -> AsyncIterator[list[Target]]:

@@ -116,7 +116,7 @@ def test_a_request_begun_while_its_worker_is_settled_for_dead_is_unknown_not_inf
         a = spawn_cli("run", str(job), "--no-progress")
         b: subprocess.Popen[str] | None = None
         try:
-            wait_for(lambda: lock_waiters(pg_url, "INSERT INTO attempts%") != [], what="A waits")
+            wait_for(lambda: lock_waiters(pg_url, "%INSERT INTO attempts%") != [], what="A waits")
             a.send_signal(signal.SIGSTOP)
             run_a = only_run(pg_url)
             wait_for(lambda: lease_expired(pg_url, run_a, lease), what="A's lease expired")

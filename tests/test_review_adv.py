@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,25 @@ def lease_expired(url: str, run_id: int, lease_s: float) -> bool:
             (run_id,),
         ).fetchone()
     return found is not None and found[0] > lease_s * 1.5
+
+
+def held_for(
+    number: str, release: threading.Event
+) -> tuple[
+    Callable[[int, dict[str, Any]], Any], Callable[[web.Request], Awaitable[web.StreamResponse]]
+]:
+    """A FaultServer reply that holds the request to `number` (the others: 200),
+    and the stream that answers it `success` once `release` is set."""
+
+    async def held(_request: web.Request) -> web.StreamResponse:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return web.json_response({"success": True})
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        return "held" if body["to_phone"] == number else 200
+
+    return reply, held
 
 
 def only_run(url: str) -> int:
@@ -177,14 +197,7 @@ def test_a_report_read_before_the_last_answer_never_replaces_the_final_report(
     numbers = [p.replace(" ", "") for p in phones(3)]
     x = numbers[0]
     answer_x = threading.Event()
-
-    async def held(_request: web.Request) -> web.StreamResponse:
-        while not answer_x.is_set():
-            await asyncio.sleep(0.01)
-        return web.json_response({"success": True})
-
-    def reply(_n: int, body: dict[str, Any]) -> Any:
-        return "held" if body["to_phone"] == x else 200
+    reply, held = held_for(x, answer_x)
 
     invalid = 60_000
     with FaultServer(reply, streams={"held": held}) as server:
@@ -233,14 +246,7 @@ def test_a_reconcile_while_a_worker_sends_leaves_the_worker_and_its_people_alone
     numbers = [p.replace(" ", "") for p in phones(6)]
     x = numbers[0]
     answer_x = threading.Event()
-
-    async def held(_request: web.Request) -> web.StreamResponse:
-        while not answer_x.is_set():
-            await asyncio.sleep(0.01)
-        return web.json_response({"success": True})
-
-    def reply(_n: int, body: dict[str, Any]) -> Any:
-        return "held" if body["to_phone"] == x else 200
+    reply, held = held_for(x, answer_x)
 
     reports = start_sandbox(tmp_path)  # the Reporting API: it has not seen anyone
     with FaultServer(reply, streams={"held": held}) as server:

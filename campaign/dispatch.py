@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
@@ -217,6 +218,15 @@ class Dispatcher:
         # Workers take the next target from the ledger's claims: in input order, never more
         # than a batch held in memory beyond the ones being sent.
         targets = _Feed(batches, low=self.limits.concurrency)
+        with _collecting_less():
+            await self._send(targets, connector, timeout)
+        if self._crash is not None:
+            raise self._crash
+        return self.result
+
+    async def _send(
+        self, targets: _Feed, connector: aiohttp.TCPConnector, timeout: aiohttp.ClientTimeout
+    ) -> None:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
         ) as self._session:
@@ -231,9 +241,6 @@ class Dispatcher:
                 await asyncio.gather(*tasks)
             finally:
                 await targets.close()
-        if self._crash is not None:
-            raise self._crash
-        return self.result
 
     async def _worker(self, targets: _Feed) -> None:
         with _quiet_when(self.halt):
@@ -389,6 +396,34 @@ class Dispatcher:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         uuid = self.api.channel_uuid
         return text.replace(uuid, uuid[:8] + "…")[:_DETAIL_CHARS]
+
+
+_GC_THRESHOLD_WHILE_SENDING = 20_000  # allocations between collections (Python's: 700)
+_sending = 0  # dispatchers sending now in this process (`campaign serve` runs several)
+_thresholds = gc.get_threshold()  # the collector's settings when nobody sends
+
+
+@contextlib.contextmanager
+def _collecting_less() -> Iterator[None]:
+    """While requests are sent, Python's cycle collector runs far less often and leaves
+    alone what was alive before. At its defaults it ran about 2,000 times during 40,000
+    requests, and its full passes walked every object of the process (the phone number
+    metadata, the modules): 1.5 to 3.4 s of CPU in a 10 s run, on the thread that sends.
+    Requests make few reference cycles; those are still collected, less often."""
+    global _sending, _thresholds
+    _sending += 1
+    if _sending == 1:
+        gc.collect()
+        gc.freeze()
+        _thresholds = gc.get_threshold()
+        gc.set_threshold(_GC_THRESHOLD_WHILE_SENDING, *_thresholds[1:])
+    try:
+        yield
+    finally:
+        _sending -= 1
+        if _sending == 0:
+            gc.set_threshold(*_thresholds)
+            gc.unfreeze()
 
 
 async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:

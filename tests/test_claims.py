@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from campaign.store.ledger import Ledger, MappedRow
+from campaign.store.ledger import Ledger, MappedRow, Outcome
 
 BATCH = 100
 STEPS_PER_TICK = 100
@@ -63,3 +63,35 @@ def test_a_claim_costs_the_same_in_a_small_and_a_big_campaign(tmp_path: Path) ->
     # Twenty times the people: the same work per batch (a plan that looks at every
     # unclaimed person does about twenty times more).
     assert big_steps < 1.5 * small_steps, (small_steps, big_steps)
+
+
+def ledger_on(store: str | None, tmp_path: Path) -> Ledger:
+    return Ledger(tmp_path / "ledger.sqlite") if store is None else Ledger.on_postgres(store, "t")
+
+
+def test_two_answers_for_one_person_in_one_commit_never_undo_sent(
+    store: str | None, tmp_path: Path
+) -> None:
+    """One group commit holding two answers for one person applies them in order, as one
+    after the other: `sent` stays `sent` whichever comes second. (On PostgreSQL a single
+    statement that meets a row twice keeps only one of the two changes, either one.)"""
+    ledger = ledger_on(store, tmp_path)
+    try:
+        rows = [
+            MappedRow(n, [f"+1212555{n:04d}"], f"+1212555{n:04d}", json.dumps({"n": n}), None)
+            for n in (1, 2)
+        ]
+        ledger.replace_rows(iter([rows]), ["Phone"])
+        run_id = ledger.start_run("run")
+        first, second = ledger.claim(run_id, ("pending",), 0, 10)
+        assert ledger.write_batch(run_id, [], [], [(first.id, 1), (second.id, 1)]) == [True, True]
+        sent = Outcome(first.id, 1, "sent", 200, None, "2026-11-27T00:00:00Z")
+        failed = Outcome(first.id, 1, "failed", 400, "HTTP 400", None)
+        ledger.write_batch(run_id, [sent, failed], [], [])
+        sent_later = Outcome(second.id, 1, "sent", 200, None, "2026-11-27T00:00:00Z")
+        failed_first = Outcome(second.id, 1, "failed", 400, "HTTP 400", None)
+        ledger.write_batch(run_id, [failed_first, sent_later], [], [])
+        states = {row[0]: row[1] for row in ledger.db.execute("SELECT id, state FROM recipients")}
+        assert states == {first.id: "sent", second.id: "sent"}
+    finally:
+        ledger.close()

@@ -846,28 +846,8 @@ class Ledger:
         # always sent: no later answer makes a person sendable again.
         now = time.time()
         if self.db.postgres:
-            # One statement of the same text every time, for both tables (see above).
-            self.db.execute(
-                "WITH v AS (SELECT * FROM unnest(?::bigint[], ?::bigint[], ?::text[], "
-                "?::bigint[], ?::text[], ?::text[]) AS v(id, n, state, http_status, error, "
-                "sent_at)), done AS (UPDATE attempts SET finished_at = ?, state = v.state, "
-                "http_status = v.http_status, error = v.error FROM v "
-                "WHERE attempts.recipient_id = v.id AND attempts.n = v.n) "
-                "UPDATE recipients SET state = v.state, http_status = v.http_status, "
-                "error = v.error, sent_at = CASE WHEN v.state = 'sent' THEN v.sent_at "
-                "ELSE recipients.sent_at END FROM v WHERE recipients.id = v.id "
-                "AND recipients.state != 'sent' AND (recipients.attempts = v.n "
-                "OR v.state = 'sent')",
-                (
-                    [o.recipient_id for o in outcomes],
-                    [o.n for o in outcomes],
-                    [o.state for o in outcomes],
-                    [o.http_status for o in outcomes],
-                    [o.error for o in outcomes],
-                    [o.sent_at for o in outcomes],
-                    now,
-                ),
-            )
+            for wave in _waves(outcomes):
+                self._finish_wave(wave, now)
             return
         self.db.executemany(
             "UPDATE recipients SET state = ?, http_status = ?, error = ?, "
@@ -882,6 +862,31 @@ class Ledger:
             "UPDATE attempts SET finished_at = ?, state = ?, http_status = ?, error = ? "
             "WHERE recipient_id = ? AND n = ?",
             [(now, o.state, o.http_status, o.error, o.recipient_id, o.n) for o in outcomes],
+        )
+
+    def _finish_wave(self, outcomes: list[Outcome], now: float) -> None:
+        """One statement of the same text every time, for both tables (see above). Each
+        person at most once: a statement updates a row once, whichever of two it picks."""
+        self.db.execute(
+            "WITH v AS (SELECT * FROM unnest(?::bigint[], ?::bigint[], ?::text[], "
+            "?::bigint[], ?::text[], ?::text[]) AS v(id, n, state, http_status, error, "
+            "sent_at)), done AS (UPDATE attempts SET finished_at = ?, state = v.state, "
+            "http_status = v.http_status, error = v.error FROM v "
+            "WHERE attempts.recipient_id = v.id AND attempts.n = v.n) "
+            "UPDATE recipients SET state = v.state, http_status = v.http_status, "
+            "error = v.error, sent_at = CASE WHEN v.state = 'sent' THEN v.sent_at "
+            "ELSE recipients.sent_at END FROM v WHERE recipients.id = v.id "
+            "AND recipients.state != 'sent' AND (recipients.attempts = v.n "
+            "OR v.state = 'sent')",
+            (
+                [o.recipient_id for o in outcomes],
+                [o.n for o in outcomes],
+                [o.state for o in outcomes],
+                [o.http_status for o in outcomes],
+                [o.error for o in outcomes],
+                [o.sent_at for o in outcomes],
+                now,
+            ),
         )
 
     def _hold(self, run_id: int, holds: list[tuple[int, str | None, str]]) -> None:
@@ -1164,6 +1169,20 @@ class Transaction:
                 "WHERE key = 'generation'"
             )
         self.db.commit()
+
+
+def _waves(outcomes: list[Outcome]) -> list[list[Outcome]]:
+    """The outcomes in order, cut wherever a person comes again (their later answer then
+    lands after the earlier one, as on SQLite)."""
+    waves: list[list[Outcome]] = [[]]
+    seen: set[int] = set()
+    for outcome in outcomes:
+        if outcome.recipient_id in seen:
+            waves.append([])
+            seen = set()
+        waves[-1].append(outcome)
+        seen.add(outcome.recipient_id)
+    return waves
 
 
 def _batched(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:

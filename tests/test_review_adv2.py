@@ -1,4 +1,4 @@
-"""Hostile schedules against today's PostgreSQL group commit (one pipeline), the claim as
+"""Hostile schedules against the PostgreSQL group commit (one pipeline), the claim as
 one CTE and the halting of a run while it claims: the real CLI in subprocesses, a real
 PostgreSQL (tests/postgres.py), and the sandbox's record as the count of what was sent."""
 
@@ -62,9 +62,8 @@ def resend_and_check(box: Sandbox, tmp_path: Path, job: Path, rows: int, unknown
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(3))
 def test_workers_killed_and_replaced_at_random_moments_send_each_person_once(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     """Three workers; one after another is killed -9 at a random moment (often inside a
     group commit: latency is low, so commits follow each other) and replaced."""
@@ -118,10 +117,7 @@ def worker_backends(url: str) -> list[int]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(2))
-def test_worker_connections_terminated_at_random_moments(
-    tmp_path: Path, pg_url: str, trial: int
-) -> None:
+def test_worker_connections_terminated_at_random_moments(tmp_path: Path, pg_url: str) -> None:
     """pg_terminate_backend of one of the workers' connections at a time (the writer's, the
     claims', the budget's...), picked at random, while three workers send."""
     rows, cuts = 900, 4
@@ -156,9 +152,8 @@ def test_worker_connections_terminated_at_random_moments(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(2))
 def test_postgres_stopped_at_a_random_moment_then_a_rerun(
-    tmp_path: Path, pg_server: PgServer, pg_url: str, trial: int
+    tmp_path: Path, pg_server: PgServer, pg_url: str
 ) -> None:
     rows = 900
     box = start_sandbox(tmp_path, "--latency-ms", "5")
@@ -191,10 +186,7 @@ def test_postgres_stopped_at_a_random_moment_then_a_rerun(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(2))
-def test_sigint_at_a_random_moment_of_a_rate_limited_run(
-    tmp_path: Path, store: str | None, trial: int
-) -> None:
+def test_sigint_at_a_random_moment_of_a_rate_limited_run(tmp_path: Path, store: str | None) -> None:
     """At 200/s a claim is a batch of 200, so claims come every second; SIGINT at a random
     arrival: 130, one line, no traceback, and the rerun sends everyone else once."""
     rows = 1000
@@ -301,9 +293,8 @@ def test_a_group_commit_stopped_inside_its_pipeline(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(2))
 def test_a_killed_workers_buffered_commit_lands_while_another_worker_settles_it(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     """A's whole group commit (BEGIN .. COMMIT) is at the server, waiting at the generation
     bump, when A is killed -9: the server still runs it to its COMMIT once the lock goes,
@@ -345,9 +336,8 @@ def test_a_killed_workers_buffered_commit_lands_while_another_worker_settles_it(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(3))
 def test_six_claimers_at_once_share_every_person_once_in_batches(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     """Six connections claim the same campaign at once, each in a loop like `_claims`
     (from the top again once it finds nobody after its last row): no person is claimed
@@ -398,10 +388,7 @@ def test_six_claimers_at_once_share_every_person_once_in_batches(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("trial", range(2))
-def test_sigint_while_the_next_batch_is_being_claimed(
-    tmp_path: Path, pg_url: str, trial: int
-) -> None:
+def test_sigint_while_the_next_batch_is_being_claimed(tmp_path: Path, pg_url: str) -> None:
     """The next claim waits (the input's table is locked here) while the workers send the
     last of their batch; SIGINT then: 130 once the claim has returned, no traceback, the
     people that claim took go back to the pool, and a rerun sends each person once."""

@@ -496,7 +496,8 @@ class Ledger:
         people had looked. Whoever settles next, in a statement of its own, sees it."""
         db = self.db
         found = db.execute(
-            "UPDATE recipients SET state = 'unknown', error = ? WHERE state = 'inflight' "
+            "UPDATE recipients SET state = 'unknown', error = ?, claim = NULL "
+            "WHERE state = 'inflight' "
             "AND (claim IS NULL OR claim NOT IN (SELECT id FROM runs WHERE state = 'running')) "
             "RETURNING id, attempts",
             (_DIED_IN_FLIGHT,),
@@ -565,8 +566,9 @@ class Ledger:
             )
 
     def end_run(self, run_id: int, state: str) -> None:
-        """The run is over; the people it claimed but never tried go back to the pool (a
-        person that failed stays with it: another worker does not retry it right away)."""
+        """The run is over; the people it claimed but never tried go back to the pool, and
+        so do those left `unknown`, for a `--resend-unknown` run to see (a person that
+        failed stays with it: another worker does not retry it right away)."""
         with self.transaction():
             self.db.execute(
                 "UPDATE runs SET state = ?, finished_at = ?, "
@@ -574,7 +576,8 @@ class Ledger:
                 (state, time.time(), run_id, run_id),
             )
             self.db.execute(
-                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?) AND state = 'pending'",
+                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?) "
+                "AND state IN ('pending', 'unknown')",
                 (run_id, -run_id),
             )
 

@@ -25,6 +25,7 @@ from tests.helpers import (
 )
 from tests.postgres import PgServer
 from tests.test_resume import people, results, wait_for
+from tests.test_review_adv import lock_waiters
 
 CONCURRENCY = 8
 
@@ -222,17 +223,6 @@ def test_sigint_at_a_random_moment_of_a_rate_limited_run(tmp_path: Path, store: 
         box.stop()
 
 
-def backends_waiting(url: str, like: str) -> list[int]:
-    """Backends of the test's database waiting for a lock, running a statement `like`."""
-    with psycopg.connect(url, autocommit=True) as db:
-        found = db.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE %s",
-            (like,),
-        ).fetchall()
-    return [pid for (pid,) in found]
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("fault", ["kill -9", "cancel", "terminate", "stop", "cancel then kill"])
 def test_a_group_commit_stopped_inside_its_pipeline(
@@ -260,8 +250,8 @@ def test_a_group_commit_stopped_inside_its_pipeline(
         locker.execute(f'SET search_path TO "{schema_name("test")}"')
         locker.execute("SELECT 1 FROM meta WHERE key = 'generation' FOR UPDATE")
         try:
-            wait_for(lambda: backends_waiting(pg_url, "UPDATE meta%") != [], what="the writer")
-            (writer,) = backends_waiting(pg_url, "UPDATE meta%")
+            wait_for(lambda: lock_waiters(pg_url, "UPDATE meta%") != [], what="the writer")
+            (writer,) = lock_waiters(pg_url, "UPDATE meta%")
             before = len(box.records())
             if fault.startswith("kill"):
                 worker.send_signal(signal.SIGKILL)
@@ -276,7 +266,7 @@ def test_a_group_commit_stopped_inside_its_pipeline(
             else:
                 pg_server.stop_immediate()
             if fault in ("cancel", "terminate"):
-                wait_for(lambda: writer not in backends_waiting(pg_url, "%"), what="the error")
+                wait_for(lambda: writer not in lock_waiters(pg_url, "%"), what="the error")
             if pg_server.running:
                 locker.rollback()  # the worker's end bumps the generation too
             out, err = worker.communicate(timeout=120)
@@ -325,12 +315,12 @@ def test_a_killed_workers_buffered_commit_lands_while_another_worker_settles_it(
         locker.execute(f'SET search_path TO "{schema_name("test")}"')
         locker.execute("SELECT 1 FROM meta WHERE key = 'generation' FOR UPDATE")
         try:
-            wait_for(lambda: backends_waiting(pg_url, "UPDATE meta%") != [], what="A's commit")
+            wait_for(lambda: lock_waiters(pg_url, "UPDATE meta%") != [], what="A's commit")
             a.send_signal(signal.SIGKILL)
             a.wait()
             before = len(box.records())
             b = spawn_cli("run", str(job), "--no-progress")
-            wait_for(lambda: len(backends_waiting(pg_url, "%")) >= 2, what="B waits")
+            wait_for(lambda: len(lock_waiters(pg_url, "%")) >= 2, what="B waits")
         finally:
             locker.close()
         out, err = b.communicate(timeout=180)
@@ -415,7 +405,7 @@ def test_sigint_while_the_next_batch_is_being_claimed(tmp_path: Path, pg_url: st
         locker = psycopg.connect(pg_url)
         try:
             locker.execute(f'LOCK TABLE "{schema_name("test")}".rows IN ACCESS EXCLUSIVE MODE')
-            wait_for(lambda: backends_waiting(pg_url, "WITH picked%") != [], what="a claim")
+            wait_for(lambda: lock_waiters(pg_url, "WITH picked%") != [], what="a claim")
             wait_for(lambda: len(box.records()) >= rate, what="the batch sent")
             run.send_signal(signal.SIGINT)
         finally:

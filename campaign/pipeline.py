@@ -408,18 +408,26 @@ async def _claims(
     batch = min(max(2 * limits.concurrency, 100), 1000)
     batch = min(batch, max(limits.concurrency, math.ceil(limits.rate_per_second)))
     after = 0
+    last_look = False
     while not control.stopping:
         found = await _to_the_end(ledger.claim, run_id, states, after, batch)
         if found:
-            after = found[-1].row
+            after, last_look = found[-1].row, False
             yield found
         elif after:
             after = 0  # once more from the top: people a dead worker let go meanwhile
-        elif ledger.postgres and await _to_the_end(ledger.held_elsewhere, run_id, states):
+        elif last_look or not ledger.postgres:
+            return
+        elif await _to_the_end(ledger.held_elsewhere, run_id, states):
             await asyncio.sleep(limits.lease_s / 3)
             await _to_the_end(ledger.recover, limits.lease_s)
         else:
-            return
+            # Nobody else holds anyone now, but a dead worker's people may have been let
+            # go between the claim that found none and that look (this run's lease sweep
+            # settles dead workers on a connection of its own, at any moment): one more
+            # claim, made after the look, sees them. Without it the run ended leaving
+            # them pending.
+            last_look = True
 
 
 async def _to_the_end(call: Callable[..., T], *args: Any) -> T:

@@ -4,6 +4,9 @@ A run claims its people a batch at a time. A claim that looked at every unclaime
 (and sorted them) made a campaign quadratic: 35 ms a batch at 40,000 people, hours at a
 million. The work of a claim is counted in SQLite's virtual machine steps, which depend
 on the query plan and the data only, not on the machine's speed.
+
+On PostgreSQL a worker out of people ends only after a claim made after it saw that no
+other live worker holds any (people a dead worker let go meanwhile are not left behind).
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from campaign.job import Limits
+from campaign.pipeline import RunControl, _claims
 from campaign.store.ledger import Ledger, MappedRow, Outcome
 
 BATCH = 100
@@ -94,4 +101,42 @@ def test_two_answers_for_one_person_in_one_commit_never_undo_sent(
         states = {row[0]: row[1] for row in ledger.db.execute("SELECT id, state FROM recipients")}
         assert states == {first.id: "sent", second.id: "sent"}
     finally:
+        ledger.close()
+
+
+async def test_a_worker_claims_once_more_after_seeing_nobody_else_holds_people(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that finds nobody left to claim looks whether other workers still hold
+    people. A dead worker's people let go between that empty claim and the look (the
+    worker's lease sweep settles dead workers on a connection of its own, at any moment)
+    are claimed by one more claim, not left pending when the worker ends."""
+    ledger = Ledger.on_postgres(pg_url, "t")
+    sweeper = ledger.reopen()
+    try:
+        rows = [
+            MappedRow(n, [f"+1212555{n:04d}"], f"+1212555{n:04d}", json.dumps({"n": n}), None)
+            for n in (1, 2, 3)
+        ]
+        ledger.replace_rows(iter([rows]), ["Phone"])
+        dead = ledger.start_run("run")
+        held = {target.id for target in ledger.claim(dead, ("pending",), 0, 10)}
+        assert len(held) == 3
+        run_id = ledger.start_run("run")
+        look = ledger.held_elsewhere
+
+        def settled_then_look(run: int, states: tuple[str, ...]) -> bool:
+            # The sweep settles the dead worker right after the claim that found nobody.
+            sweeper.db.execute(
+                "UPDATE runs SET heartbeat_at = heartbeat_at - 100 WHERE id = ?", (dead,)
+            )
+            sweeper.recover(lease_s=30)
+            return look(run, states)
+
+        monkeypatch.setattr(ledger, "held_elsewhere", settled_then_look)
+        batches = _claims(ledger, run_id, ("pending",), Limits(lease_s=30), RunControl())
+        claimed = [target.id async for batch in batches for target in batch]
+        assert sorted(claimed) == sorted(held)
+    finally:
+        sweeper.close()
         ledger.close()

@@ -1,6 +1,7 @@
 """The shared rate budget on a real PostgreSQL (tests/postgres.py): grants from many
-connections never overlap, the channel is stored hashed, errors name the URL without its
-password, and three processes sending to one sandbox keep to N together."""
+connections never overlap and are never in the past when granted, idle time is not saved
+up, the channel is stored hashed, errors name the URL without its password, and three
+processes sending to one sandbox keep to N together."""
 
 from __future__ import annotations
 
@@ -50,10 +51,19 @@ async def test_grants_from_many_connections_never_overlap(pg_url: str) -> None:
 
         async def grants(budget: RateBudget) -> list[tuple[float, float]]:
             spans = []
+            # A reading of the budget's clock from before the next grant was asked for.
+            before = (await budget.grant(0, interval)).now
             for n in itertools.islice(itertools.cycle([1, 3, 7]), 30):
                 granted = await budget.grant(n, interval)
-                spans.append((granted.tat - n * interval, granted.tat))
-                assert granted.now <= granted.tat
+                start = granted.tat - n * interval
+                # Never in the past when granted: the slots start no earlier than the clock
+                # as the grant ran, so no earlier than a reading taken before it. (The
+                # answer's `now` is read again as the statement returns, after tat was
+                # set: on a loaded server it may be later than tat, which is fine; it only
+                # has to lie between asking and answering, see rate.SharedRateLimiter.)
+                assert start >= before - 1e-9, (start, before)
+                spans.append((start, granted.tat))
+                before = granted.now
             return spans
 
         spans = sorted(s for b in await asyncio.gather(*map(grants, budgets)) for s in b)
@@ -63,6 +73,27 @@ async def test_grants_from_many_connections_never_overlap(pg_url: str) -> None:
     assert len(spans) == 4 * 30
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end - 1e-9
+
+
+async def test_after_idle_time_a_grant_starts_at_the_clock(pg_url: str) -> None:
+    """Once the budget's clock has passed the end of every slot granted, the next grant
+    starts at the clock: idle time is not saved up for a burst, and a slot is never in
+    the past when it is granted."""
+    interval = 0.001
+    with psycopg.connect(pg_url, autocommit=True) as db:
+
+        def clock() -> float:
+            found = db.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+            return float(found.fetchall()[0][0])
+
+        async with await RateBudget.connect(pg_url, SEND_URL) as budget:
+            first = await budget.grant(1, interval)
+            while (before := clock()) <= first.tat:
+                await asyncio.sleep(first.tat - before)
+            second = await budget.grant(3, interval)
+    start = second.tat - 3 * interval
+    assert start >= first.tat
+    assert start >= before, (start, before)
 
 
 async def test_the_channel_is_stored_hashed_and_the_schema_versioned(pg_url: str) -> None:

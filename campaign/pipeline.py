@@ -318,11 +318,7 @@ async def _send(
     and send the people held for it, again and again, until none is held."""
     progress = control.progress
     assert progress is not None
-    if not progress.total and not (
-        ledger.postgres and await asyncio.to_thread(ledger.held_elsewhere, run_id, states)
-    ):
-        # Nobody to send to. On PostgreSQL, while other workers hold people not settled
-        # yet, this one waits for them like any worker that ran out of people (`_claims`).
+    if await _nobody_to_send(ledger, run_id, states, progress):
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
@@ -381,6 +377,23 @@ async def _send(
             await shared[0].aclose()
             await shared[1].close()
         await writer.close()
+
+
+async def _nobody_to_send(
+    ledger: Ledger, run_id: int, states: tuple[str, ...], progress: Progress
+) -> bool:
+    """Nobody was counted, and on PostgreSQL no other worker holds people not settled yet
+    (while one does, this run waits for them like any worker out of people, `_claims`).
+    Counted again after that look: a dead worker's people may have been let go since the
+    first count, by another worker's lease sweep."""
+    if progress.total:
+        return False
+    if not ledger.postgres:
+        return True
+    if await asyncio.to_thread(ledger.held_elsewhere, run_id, states):
+        return False
+    progress.total = await asyncio.to_thread(ledger.count_targets, states)
+    return not progress.total
 
 
 async def _shared_limiter(job: Job) -> tuple[SharedRateLimiter, RateBudget]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from campaign.job import Limits
-from campaign.pipeline import RunControl, _claims
+from campaign.pipeline import RunControl, _claims, _nobody_to_send
+from campaign.progress import Progress
 from campaign.store.ledger import Ledger, MappedRow, Outcome
 
 BATCH = 100
@@ -104,39 +105,66 @@ def test_two_answers_for_one_person_in_one_commit_never_undo_sent(
         ledger.close()
 
 
+def _settled_at_the_look(
+    ledger: Ledger, sweeper: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> tuple[set[int], int]:
+    """Three people held by a dead worker, and a live run whose look at whether other
+    workers hold people comes right after the dead worker's lease sweep settled them (the
+    sweep runs on a connection of its own, at any moment). Returns (their ids, the run)."""
+    rows = [
+        MappedRow(n, [f"+1212555{n:04d}"], f"+1212555{n:04d}", json.dumps({"n": n}), None)
+        for n in (1, 2, 3)
+    ]
+    ledger.replace_rows(iter([rows]), ["Phone"])
+    dead = ledger.start_run("run")
+    held = {target.id for target in ledger.claim(dead, ("pending",), 0, 10)}
+    assert len(held) == 3
+    run_id = ledger.start_run("run")
+    look = ledger.held_elsewhere
+
+    def settled_then_look(run: int, states: tuple[str, ...]) -> bool:
+        sweeper.db.execute(
+            "UPDATE runs SET heartbeat_at = heartbeat_at - 100 WHERE id = ?", (dead,)
+        )
+        sweeper.recover(lease_s=30)
+        return look(run, states)
+
+    monkeypatch.setattr(ledger, "held_elsewhere", settled_then_look)
+    return held, run_id
+
+
 async def test_a_worker_claims_once_more_after_seeing_nobody_else_holds_people(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker that finds nobody left to claim looks whether other workers still hold
-    people. A dead worker's people let go between that empty claim and the look (the
-    worker's lease sweep settles dead workers on a connection of its own, at any moment)
-    are claimed by one more claim, not left pending when the worker ends."""
+    people. A dead worker's people let go between that empty claim and the look are
+    claimed by one more claim, not left pending when the worker ends."""
     ledger = Ledger.on_postgres(pg_url, "t")
     sweeper = ledger.reopen()
     try:
-        rows = [
-            MappedRow(n, [f"+1212555{n:04d}"], f"+1212555{n:04d}", json.dumps({"n": n}), None)
-            for n in (1, 2, 3)
-        ]
-        ledger.replace_rows(iter([rows]), ["Phone"])
-        dead = ledger.start_run("run")
-        held = {target.id for target in ledger.claim(dead, ("pending",), 0, 10)}
-        assert len(held) == 3
-        run_id = ledger.start_run("run")
-        look = ledger.held_elsewhere
-
-        def settled_then_look(run: int, states: tuple[str, ...]) -> bool:
-            # The sweep settles the dead worker right after the claim that found nobody.
-            sweeper.db.execute(
-                "UPDATE runs SET heartbeat_at = heartbeat_at - 100 WHERE id = ?", (dead,)
-            )
-            sweeper.recover(lease_s=30)
-            return look(run, states)
-
-        monkeypatch.setattr(ledger, "held_elsewhere", settled_then_look)
+        held, run_id = _settled_at_the_look(ledger, sweeper, monkeypatch)
         batches = _claims(ledger, run_id, ("pending",), Limits(lease_s=30), RunControl())
         claimed = [target.id async for batch in batches for target in batch]
         assert sorted(claimed) == sorted(held)
+    finally:
+        sweeper.close()
+        ledger.close()
+
+
+async def test_a_worker_that_counted_nobody_counts_again_after_its_look(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same moment at a worker's start: it counted nobody to send to (a dead worker
+    held them all), then the people were let go before it looked at other workers. It
+    counts again and sends them, instead of ending with them pending."""
+    ledger = Ledger.on_postgres(pg_url, "t")
+    sweeper = ledger.reopen()
+    try:
+        _, run_id = _settled_at_the_look(ledger, sweeper, monkeypatch)
+        progress = Progress(total=ledger.count_targets(("pending",)))
+        assert progress.total == 0
+        assert not await _nobody_to_send(ledger, run_id, ("pending",), progress)
+        assert progress.total == 3
     finally:
         sweeper.close()
         ledger.close()

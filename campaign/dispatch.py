@@ -185,9 +185,11 @@ class Dispatcher:
         self.result.interrupted = True
         self._halt()
 
-    def abort(self, reason: str) -> None:
-        """Stop taking new requests, for `reason` (the run ends aborted, exit 3)."""
-        self.result.aborted = self.result.aborted or reason
+    def abort(self, reason: str, *, cut_off: bool = False) -> None:
+        """Stop taking new requests, for `reason`: the API's (exit 3), or `cut_off` from
+        this worker's ledger (exit 1)."""
+        if not self.result.aborted:
+            self.result.aborted, self.result.cut_off = reason, cut_off
         self._halt()
 
     def _halt(self) -> None:

@@ -287,6 +287,8 @@ async def _run_owned(
             f"finished this worker's share; {others} other worker(s) still sending: "
             "the last one to finish writes the final report",
         )
+    elif result.aborted and result.cut_off:
+        code, message = EXIT_INCOMPLETE, f"stopped: {result.aborted}; run again to continue"
     elif result.aborted:
         code, message = EXIT_ABORTED, f"aborted: {result.aborted}"
     elif result.interrupted:
@@ -473,10 +475,10 @@ def _keep_lease(
             try:
                 alive = await asyncio.to_thread(keeper.heartbeat, run_id)
             except LedgerError as exc:
-                _abort(control, f"the ledger cannot be reached ({exc})")
+                _cut_off(control, f"the ledger cannot be reached ({exc})")
                 return
             if not alive:
-                _abort(control, f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
+                _cut_off(control, f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
                 return
 
     async def sweep(sweeper: Ledger) -> None:
@@ -506,10 +508,11 @@ def _keep_lease(
     return asyncio.create_task(keep(), name="lease")
 
 
-def _abort(control: RunControl, reason: str) -> None:
+def _cut_off(control: RunControl, reason: str) -> None:
+    """Stop this worker for its ledger (not the API): the run ends incomplete, exit 1."""
     log.error("stopping", reason=reason)
     if control.dispatcher is not None:
-        control.dispatcher.abort(reason)
+        control.dispatcher.abort(reason, cut_off=True)
 
 
 def _gate(job: Job, schedule: Schedule | None) -> Gate | None:

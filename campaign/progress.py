@@ -36,6 +36,9 @@ class Progress:
 
 @dataclass
 class DispatchResult:
-    aborted: str | None = None  # why the run stopped early on fatal answers
+    aborted: str | None = None  # why the run stopped early
+    # Stopped for this worker's ledger (unreachable, or its lease lost to other workers),
+    # not for the API: the run is incomplete (exit 1), not aborted (exit 3).
+    cut_off: bool = False
     interrupted: bool = False
     deadline: bool = False  # stopped because `limits.deadline` passed

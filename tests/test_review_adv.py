@@ -242,7 +242,7 @@ def test_a_reconcile_while_a_worker_sends_leaves_the_worker_and_its_people_alone
     started while a live worker waits for an answer, settled the campaign as if every run
     still marked running were dead (SQLite's rule, where the campaign's lock excludes a
     run): the worker's person in flight became `unknown` and the worker, taken for dead,
-    stopped (exit 3) with the rest of the campaign unsent."""
+    stopped with the rest of the campaign unsent."""
     numbers = [p.replace(" ", "") for p in phones(6)]
     x = numbers[0]
     answer_x = threading.Event()

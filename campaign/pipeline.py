@@ -434,8 +434,9 @@ async def _claims(
         elif last_look or not ledger.postgres:
             return
         elif await _to_the_end(ledger.held_elsewhere, run_id, states):
+            # This run's lease sweep (`_keep_lease`) settles them if their worker died: on a
+            # connection of its own, and never waiting long for a stopped worker's rows.
             await asyncio.sleep(limits.lease_s / 3)
-            await _to_the_end(ledger.recover, limits.lease_s)
         else:
             # Nobody else holds anyone now, but a dead worker's people may have been let
             # go between the claim that found none and that look (this run's lease sweep

@@ -422,12 +422,16 @@ async def _claims(
     # close together, instead of one sending the last big batch alone.
     batch = min(max(2 * limits.concurrency, 100), 1000)
     batch = min(batch, max(limits.concurrency, math.ceil(limits.rate_per_second)))
-    after = 0
+    after, claimed = 0, 0
     last_look = False
     while not control.stopping:
         found = await _to_the_end(ledger.claim, run_id, states, after, batch)
         if found:
             after, last_look = found[-1].row, False
+            claimed += len(found)
+            if control.progress is not None and claimed > control.progress.total:
+                # People a dead worker held when this run counted its share at the start.
+                control.progress.total = claimed
             yield found
         elif after:
             after = 0  # once more from the top: people a dead worker let go meanwhile

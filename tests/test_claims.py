@@ -143,9 +143,12 @@ async def test_a_worker_claims_once_more_after_seeing_nobody_else_holds_people(
     sweeper = ledger.reopen()
     try:
         held, run_id = _settled_at_the_look(ledger, sweeper, monkeypatch)
-        batches = _claims(ledger, run_id, ("pending",), Limits(lease_s=30), RunControl())
+        control = RunControl()
+        control.progress = Progress(total=0)  # all three were held when the run counted
+        batches = _claims(ledger, run_id, ("pending",), Limits(lease_s=30), control)
         claimed = [target.id async for batch in batches for target in batch]
         assert sorted(claimed) == sorted(held)
+        assert control.progress.total == 3  # the progress bar never shows 3 done of 0
     finally:
         sweeper.close()
         ledger.close()

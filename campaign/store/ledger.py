@@ -194,6 +194,10 @@ _DIED_IN_FLIGHT = "in flight when an earlier run stopped; it may have arrived"
 # The run is still a live worker: one that other workers took for dead (its lease expired)
 # claims nobody and sends nothing more, even if it goes on running.
 _LIVE = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running')"
+# The same, holding the run's row until the transaction ends (PostgreSQL): a claim stopped
+# between this check and its commit cannot be settled as dead meanwhile (the lease sweep
+# waits, then gives up and tries again), or it would commit people to a crashed run.
+_LIVE_HELD = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running' FOR SHARE)"
 
 _RESENDABLE = """(r.state != 'unknown'
     OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
@@ -703,6 +707,7 @@ class Ledger:
         claiming at this moment are skipped, not waited for."""
         marks = ",".join("?" * len(states))
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.postgres else ""
+        live = _LIVE_HELD if self.postgres else _LIVE
         # The next people are found by walking the rows in order from `after`, stopping at
         # `batch`; any other plan sorts every unclaimed person for each batch (35 ms a
         # batch at 40,000 people, so quadratic in the campaign). SQLite keeps the order of
@@ -718,7 +723,7 @@ class Ledger:
                 f"AND r.state IN ({marks}) AND r.claim IS NULL AND {_RESENDABLE} "
                 f"ORDER BY rows.row LIMIT ?{lock}) "
                 f"UPDATE recipients SET claim = ? WHERE id IN (SELECT id FROM picked) "
-                f"AND claim IS NULL AND {_LIVE} "
+                f"AND claim IS NULL AND {live} "
                 f"RETURNING id, row, payload, attempts, state, to_phone",
                 (after, *states, batch, run_id, run_id),
             ).fetchall()

@@ -492,7 +492,7 @@ def _keep_lease(
         while True:
             await asyncio.sleep(lease_s / 3)
             try:
-                settled = await asyncio.to_thread(sweeper.recover, lease_s, lease_s / 3)
+                settled = await asyncio.to_thread(sweeper.recover, lease_s, lease_s / 3, run_id)
             except LedgerError as exc:
                 log.warning("could not settle expired workers this time", error=str(exc))
                 continue

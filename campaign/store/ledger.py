@@ -431,12 +431,16 @@ class Ledger:
 
     # --- runs: workers and their leases ------------------------------------------------
 
-    def recover(self, lease_s: float | None = None, wait_s: float | None = None) -> int:
+    def recover(
+        self, lease_s: float | None = None, wait_s: float | None = None, own: int = 0
+    ) -> int:
         """Settle what dead workers left: their in-flight people become `unknown`, their
         other claims go back to the pool. `lease_s` None: every run still marked running
         is dead (SQLite, where this process holds the campaign's lock); else those without
         a heartbeat for `lease_s` seconds of the store's clock. When no live worker is
-        left, every claim is released: a new run starts from the whole campaign."""
+        left, every claim is released: a new run starts from the whole campaign. `own`: the
+        caller's run, never settled by its own sweep (woken from a stop longer than its
+        lease, it may still renew it, unless another worker settled it first)."""
         db = self.db
         with self.transaction():
             if wait_s is not None and db.postgres:
@@ -450,9 +454,9 @@ class Ledger:
                 dead = [
                     r
                     for (r,) in db.execute(
-                        "SELECT id FROM runs WHERE state = 'running' "
+                        "SELECT id FROM runs WHERE state = 'running' AND id != ? "
                         "AND coalesce(heartbeat_at, started_at) < ?",
-                        (horizon,),
+                        (own, horizon),
                     )
                 ]
             if lease_s is None:

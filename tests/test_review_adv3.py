@@ -50,8 +50,8 @@ def test_a_worker_stopped_inside_its_claim_past_its_lease_leaves_nobody_pending(
     """The other worker claims rows 1-100 and sends them. The victim's first claim (rows
     101-200) has checked its run is live and locked its people, and is stopped (SIGSTOP)
     before it commits, for longer than its lease. The other worker skips the victim's
-    locked rows once it is done, and
-    settles the victim for dead (`crashed`) although its claim is still open. Continued,
+    locked rows once it is done, and settles the victim for dead (`crashed`) although
+    its claim is still open. Continued,
     the victim commits the claim for a crashed run, finds its lease gone and stops: 100
     people left pending by two workers that both ended. The claim must hold its run live
     until it commits: the victim's lease cannot be settled under an open claim."""

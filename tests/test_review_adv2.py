@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -134,6 +136,34 @@ def worker_backends(url: str) -> list[int]:
 
 
 @pytest.mark.timeout(240)
+def worker_at_a_held_commit(
+    tmp_path: Path, box: Sandbox, pg_url: str, rows: int, lease_s: float
+) -> tuple[Path, subprocess.Popen[str], psycopg.Connection[Any]]:
+    """A worker sending `rows` people, its group commit held: after a random number of
+    requests a connection here holds the generation row, and the worker's next commit
+    waits there (its pipeline sent, its COMMIT not yet). Returns the job, the worker and
+    that connection (closing it lets the commit go on)."""
+    job = write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", rows),
+        ledger=pg_url,
+        limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": lease_s},
+    )
+    worker = spawn_cli("run", str(job), "--no-progress")
+    mark = random.randrange(20, 300)
+    wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
+    locker = psycopg.connect(pg_url)
+    try:
+        locker.execute(f'SET search_path TO "{schema_name("test")}"')
+        locker.execute("SELECT 1 FROM meta WHERE key = 'generation' FOR UPDATE")
+        wait_for(lambda: group_commits_waiting(pg_url) != [], what="the worker's commit")
+    except BaseException:
+        locker.close()
+        raise
+    return job, worker, locker
+
+
 def test_worker_connections_terminated_at_random_moments(tmp_path: Path, pg_url: str) -> None:
     """pg_terminate_backend of one of the workers' connections at a time (the writer's, the
     claims', the budget's...), picked at random, while three workers send."""
@@ -252,21 +282,8 @@ def test_a_group_commit_stopped_inside_its_pipeline(
     rows = 600
     box = start_sandbox(tmp_path, "--latency-ms", "5")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": 3},
-        )
-        worker = spawn_cli("run", str(job), "--no-progress")
-        mark = random.randrange(20, 300)
-        wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
-        locker = psycopg.connect(pg_url)
-        locker.execute(f'SET search_path TO "{schema_name("test")}"')
-        locker.execute("SELECT 1 FROM meta WHERE key = 'generation' FOR UPDATE")
+        job, worker, locker = worker_at_a_held_commit(tmp_path, box, pg_url, rows, lease_s=3)
         try:
-            wait_for(lambda: group_commits_waiting(pg_url) != [], what="the writer")
             (writer,) = group_commits_waiting(pg_url)
             before = len(box.records())
             if fault.startswith("kill"):
@@ -317,21 +334,8 @@ def test_a_killed_workers_buffered_commit_lands_while_another_worker_settles_it(
     rows = 600
     box = start_sandbox(tmp_path, "--latency-ms", "5")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": 2},
-        )
-        a = spawn_cli("run", str(job), "--no-progress")
-        mark = random.randrange(20, 300)
-        wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
-        locker = psycopg.connect(pg_url)
-        locker.execute(f'SET search_path TO "{schema_name("test")}"')
-        locker.execute("SELECT 1 FROM meta WHERE key = 'generation' FOR UPDATE")
+        job, a, locker = worker_at_a_held_commit(tmp_path, box, pg_url, rows, lease_s=2)
         try:
-            wait_for(lambda: group_commits_waiting(pg_url) != [], what="A's commit")
             a.send_signal(signal.SIGKILL)
             a.wait()
             # A's connections, some of them still waiting (its lease sweep may wait at

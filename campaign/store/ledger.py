@@ -197,7 +197,7 @@ _LIVE = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running'
 # The same, holding the run's row until the transaction ends (PostgreSQL): a claim stopped
 # between this check and its commit cannot be settled as dead meanwhile (the lease sweep
 # waits, then gives up and tries again), or it would commit people to a crashed run.
-_LIVE_HELD = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running' FOR SHARE)"
+_LIVE_HELD = _LIVE.removesuffix(")") + " FOR SHARE)"
 
 _RESENDABLE = """(r.state != 'unknown'
     OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)

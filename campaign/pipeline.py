@@ -95,6 +95,7 @@ class RunControl:
 
     def __init__(self, *, limiter: Limiter | None = None) -> None:
         self.stopping = False
+        self.cut_off_reason: str | None = None  # why this worker lost its ledger
         self.dispatcher: Dispatcher | None = None
         self.progress: Progress | None = None
         self.limiter = limiter  # shared by every run to the channel in one process; None: own
@@ -104,6 +105,18 @@ class RunControl:
         self.stopping = True
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        if self._wake is not None:
+            self._wake.set()
+
+    def cut_off(self, reason: str) -> None:
+        """Stop this worker for its ledger (not the API): the run ends incomplete, exit 1.
+        It holds for every later round too: a `--wait` worker cut off while it waits for a
+        send window wakes up and stops, rather than send the next round on a lease it
+        lost."""
+        log.error("stopping", reason=reason)
+        self.cut_off_reason = reason
+        if self.dispatcher is not None:
+            self.dispatcher.abort(reason, cut_off=True)
         if self._wake is not None:
             self._wake.set()
 
@@ -266,7 +279,10 @@ async def _run_owned(
         finally:
             if gate is not None:
                 gate.close()
-        state = "aborted" if result.aborted else "interrupted" if result.interrupted else "finished"
+        if result.cut_off or result.interrupted:
+            state = "interrupted"  # run again to continue
+        else:
+            state = "aborted" if result.aborted else "finished"
         if result.deadline:
             assert schedule is not None and schedule.deadline is not None
             passed = f"deadline passed ({schedule.deadline.isoformat()})"
@@ -347,6 +363,9 @@ async def _send(
             control.dispatcher = dispatcher
             if control.stopping:
                 dispatcher.stop()
+            if control.cut_off_reason is not None:
+                dispatcher.abort(control.cut_off_reason, cut_off=True)
+                return dispatcher.result
             progress.waiting, progress.opens_at = 0, None
             if held is None:
                 targets = _claims(ledger, run_id, states, job.limits, control)
@@ -480,10 +499,10 @@ def _keep_lease(
             try:
                 alive = await asyncio.to_thread(keeper.heartbeat, run_id)
             except LedgerError as exc:
-                _cut_off(control, f"the ledger cannot be reached ({exc})")
+                control.cut_off(f"the ledger cannot be reached ({exc})")
                 return
             if not alive:
-                _cut_off(control, f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
+                control.cut_off(f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
                 return
 
     async def sweep(sweeper: Ledger) -> None:
@@ -511,13 +530,6 @@ def _keep_lease(
             await asyncio.to_thread(sweeper.close)
 
     return asyncio.create_task(keep(), name="lease")
-
-
-def _cut_off(control: RunControl, reason: str) -> None:
-    """Stop this worker for its ledger (not the API): the run ends incomplete, exit 1."""
-    log.error("stopping", reason=reason)
-    if control.dispatcher is not None:
-        control.dispatcher.abort(reason, cut_off=True)
 
 
 def _gate(job: Job, schedule: Schedule | None) -> Gate | None:

@@ -33,7 +33,8 @@ from tests.helpers import (
     write_job,
 )
 from tests.test_resume import YESTERDAY, finish, people, results, wait_for
-from tests.test_windows import hhmm, local_minutes
+from tests.test_review_adv import in_campaign, lease_expired, only_run
+from tests.test_windows import HNL_PHONES, NY_PHONES, e164, hhmm, local_minutes, ny_open_hnl_closed
 
 
 def staff(path: Path, n: int) -> Path:
@@ -397,3 +398,60 @@ def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(tmp_path: Path, pg_
         check_report_against_record(box, tmp_path, rows)
     finally:
         box.stop()
+
+
+def test_a_waiting_worker_whose_lease_expired_stops(tmp_path: Path, pg_url: str) -> None:
+    """A `--wait` worker sends the New York person and waits for Honolulu's window (hours
+    away). Stopped past its lease, it is settled by a second worker that takes its people
+    over; continued, it finds its lease gone and stops: exit 1 ("stopped: …") and its run
+    stays `crashed`. Before, the loss was noted on the round that had already ended: the
+    worker slept on until the window opened, to send another round on a lost lease."""
+    box = start_sandbox(tmp_path)
+    waiting_for_window = "waiting for send windows"
+    try:
+        rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows),
+            ledger=pg_url,
+            limits={
+                "send_window": ny_open_hnl_closed(),
+                "timezone": "America/New_York",
+                "lease_s": 1,
+            },
+        )
+        log = tmp_path / "runs" / "test" / "log.jsonl"
+        first = spawn_cli("run", str(job), "--wait", "--no-progress")
+        second: subprocess.Popen[str] | None = None
+        try:
+            wait_for(lambda: log.exists() and waiting_for_window in log.read_text(), what="wait")
+            first.send_signal(signal.SIGSTOP)
+            run_id = only_run(pg_url)
+            wait_for(lambda: lease_expired(pg_url, run_id, 1), what="the lease to expire")
+            second = spawn_cli("run", str(job), "--wait", "--no-progress")
+            wait_for(lambda: log.read_text().count(waiting_for_window) == 2, what="a 2nd wait")
+            assert run_state(pg_url, run_id) == "crashed"
+            first.send_signal(signal.SIGCONT)
+            out, err = first.communicate(timeout=60)
+            assert first.returncode == 1, out + err[-2000:]
+            assert "stopped: this worker's lease expired" in out
+            assert run_state(pg_url, run_id) == "crashed"
+            second.send_signal(signal.SIGINT)
+            assert finish(second) == 130
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.kill()
+                    process.wait()
+        assert box.phones() == [e164(NY_PHONES[0])]
+        assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
+    finally:
+        box.stop()
+
+
+def run_state(url: str, run_id: int) -> str:
+    with in_campaign(url) as db:
+        found = db.execute("SELECT state FROM runs WHERE id = %s", (run_id,)).fetchone()
+    return str(found[0])

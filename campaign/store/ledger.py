@@ -576,10 +576,13 @@ class Ledger:
     def end_run(self, run_id: int, state: str) -> None:
         """The run is over; the people it claimed but never tried go back to the pool, and
         so do those left `unknown`, for a `--resend-unknown` run to see (a person that
-        failed stays with it: another worker does not retry it right away)."""
+        failed stays with it: another worker does not retry it right away). A run that
+        other workers settled as `crashed` (its lease expired) stays so: that is when its
+        people in flight became `unknown`."""
         with self.transaction():
             self.db.execute(
-                "UPDATE runs SET state = ?, finished_at = ?, "
+                "UPDATE runs SET state = CASE WHEN state = 'crashed' THEN state ELSE ? END, "
+                "finished_at = ?, "
                 "requests = (SELECT count(*) FROM attempts WHERE run_id = ?) WHERE id = ?",
                 (state, time.time(), run_id, run_id),
             )

@@ -205,6 +205,13 @@ _RESENDABLE = """(r.state != 'unknown'
                AND d.status = 'not_found'))"""
 
 
+def _unclaimed(states: tuple[str, ...]) -> str:
+    """People to send (`r`, joined to their input row `rows`): in one of `states` (one
+    parameter each), held by nobody, and, if `unknown`, resendable (`_RESENDABLE`)."""
+    marks = ",".join("?" * len(states))
+    return f"rows.status = 'ok' AND r.state IN ({marks}) AND r.claim IS NULL AND {_RESENDABLE}"
+
+
 @dataclass(frozen=True)
 class MappedRow:
     """One input row after mapping: what the ledger stores for it."""
@@ -696,12 +703,10 @@ class Ledger:
 
     def count_targets(self, states: tuple[str, ...]) -> int:
         """People in one of `states` that no live worker has claimed."""
-        marks = ",".join("?" * len(states))
         return int(
             self.db.execute(
                 f"SELECT count(*) FROM rows JOIN recipients r ON r.key = rows.key "
-                f"WHERE rows.status = 'ok' AND r.state IN ({marks}) AND r.claim IS NULL "
-                f"AND {_RESENDABLE}",
+                f"WHERE {_unclaimed(states)}",
                 states,
             ).fetchone()[0]
         )
@@ -712,7 +717,6 @@ class Ledger:
         """Claim for `run_id` the next people in one of `states` that nobody holds, in
         input order after row `after` (one commit). On PostgreSQL, rows another worker is
         claiming at this moment are skipped, not waited for."""
-        marks = ",".join("?" * len(states))
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.postgres else ""
         live = _LIVE_HELD if self.postgres else _LIVE
         # The next people are found by walking the rows in order from `after`, stopping at
@@ -726,8 +730,7 @@ class Ledger:
                 self.db.execute("SET LOCAL enable_sort = off")
             found = self.db.execute(
                 f"WITH picked AS (SELECT r.id FROM rows CROSS JOIN recipients r "
-                f"WHERE r.key = rows.key AND rows.status = 'ok' AND rows.row > ? "
-                f"AND r.state IN ({marks}) AND r.claim IS NULL AND {_RESENDABLE} "
+                f"WHERE r.key = rows.key AND rows.row > ? AND {_unclaimed(states)} "
                 f"ORDER BY rows.row LIMIT ?{lock}) "
                 f"UPDATE recipients SET claim = ? WHERE id IN (SELECT id FROM picked) "
                 f"AND claim IS NULL AND {live} "

@@ -318,7 +318,7 @@ class Dispatcher:
         self.writer.finish(
             Outcome(target.id, attempt, decision.state, answer.http_status, decision.error, sent_at)
         )
-        if decision.state != "pending":
+        if decision.final:
             self.progress.add(decision.state)
         if decision.state != "sent":
             answered = (
@@ -326,7 +326,7 @@ class Dispatcher:
                 if answer.http_status
                 else {"transport": str(answer.transport)}
             )
-            if decision.state == "pending":
+            if not decision.final:
                 log.info(
                     "will retry",
                     row=target.row,
@@ -350,7 +350,7 @@ class Dispatcher:
         """Abort when `abort_after_fatal` recipients in a row end the same bad way: a fatal
         answer (401/403/404), or no connection even after every retry. Any other outcome,
         and any answer while retrying, breaks the streak."""
-        if decision.state == "pending" and answer.transport is Transport.CONNECT:
+        if not decision.final and answer.transport is Transport.CONNECT:
             return  # still trying to connect: this recipient's end decides
         kind = _streak_of(answer, decision)
         last, count = self._streak
@@ -502,7 +502,7 @@ class _quiet_when:
 def _streak_of(answer: Answer, decision: Decision) -> str | None:
     if decision.fatal:
         return "fatal"
-    if decision.state != "pending" and answer.transport is Transport.CONNECT:
+    if decision.final and answer.transport is Transport.CONNECT:
         return "unreachable"
     return None
 

@@ -64,10 +64,14 @@ class Answer:
 
 @dataclass(frozen=True)
 class Decision:
-    state: str  # sent | failed | unknown | pending (pending: retry after `retry_in_s`)
+    state: str  # sent | failed | unknown | pending
     error: str | None = None
-    retry_in_s: float | None = None
+    retry_in_s: float | None = None  # None: final; else retry after this long
     fatal: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.retry_in_s is None
 
 
 SENT = Decision("sent")  # the common case, made once: a Decision is immutable
@@ -98,15 +102,18 @@ def decide(
     if ambiguous and retry_ambiguous and not fatal:
         retryable = True
 
+    retry_in_s = None
     if retryable and attempt < max_attempts:
-        return Decision("pending", error, retry_in_s=backoff_s(attempt, answer.retry_after_s, rng))
-    if retryable and attempt > 1:
+        retry_in_s = backoff_s(attempt, answer.retry_after_s, rng)
+    elif retryable and attempt > 1:
         error = f"{error} (after {attempt} attempts)"
     if ambiguous or maybe_delivered_before:
-        if maybe_delivered_before and not ambiguous:
+        # Also while a retry is due: a run stopped before it must not leave a person who
+        # may have the SMS already looking untried (`pending`), for a rerun to send again.
+        if not ambiguous:
             error = f"{error}; an earlier attempt may have arrived"
-        return Decision("unknown", error, fatal=fatal)
-    return Decision("failed", error, fatal=fatal)
+        return Decision("unknown", error, retry_in_s, fatal)
+    return Decision("failed" if retry_in_s is None else "pending", error, retry_in_s, fatal)
 
 
 def backoff_s(attempt: int, retry_after_s: float | None, rng: random.Random | None = None) -> float:

@@ -4,18 +4,22 @@ sandbox's record (what was really delivered), with the real CLI in subprocesses.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sqlite3
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from campaign.store.campaigns import is_locked, open_campaign
 from campaign.store.ledger import Ledger
 from tests.helpers import (
+    FaultServer,
     Sandbox,
     assert_no_duplicates,
     cli,
@@ -28,7 +32,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import people
+from tests.test_resume import people, wait_for
 
 TRIALS = 20
 PG_TRIALS = 12  # more kill and race trials on PostgreSQL run in tests/test_review_*.py
@@ -380,3 +384,46 @@ def test_a_full_disk_while_reading_the_input_names_the_cause(tmp_path: Path) -> 
         filler.unlink()
         again = cli("validate", str(job))
         assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill -9"])
+def test_a_person_who_may_have_the_sms_stays_unknown_while_a_retry_is_due(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Each person's first request is cut after the server read it (`unknown`); the
+    `--resend-unknown` run gets a 503 with a long Retry-After and is stopped while it
+    waits. Before, that wait was recorded as `pending` ("not attempted yet"): a plain
+    rerun sent everyone again, and a 400 to that made them `failed`, for `--only-failed`
+    to send a third time."""
+    people_n = 5
+    seen: Counter[str] = Counter()
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        seen[body["to_phone"]] += 1
+        return ["reset", (503, {"Retry-After": "600"})][min(seen[body["to_phone"]], 2) - 1]
+
+    with FaultServer(reply) as server:
+        data = people(tmp_path / "in.csv", people_n)
+        job = write_job(tmp_path, server.url, input=data, limits={"concurrency": people_n})
+        assert cli("run", str(job), "--no-progress").returncode == 1
+        assert statuses(read_results(tmp_path / "runs" / "test" / "results.csv")) == {
+            "unknown": people_n
+        }
+        log = tmp_path / "runs" / "test" / "log.jsonl"
+        resend = spawn_cli("run", str(job), "--no-progress", "--resend-unknown")
+        try:
+            wait_for(lambda: log.read_text().count('"will retry"') == people_n, what="retries")
+            resend.send_signal(stop)
+            resend.communicate(timeout=60)
+        finally:
+            if resend.poll() is None:
+                resend.kill()
+                resend.wait()
+        rerun = cli("run", str(job), "--no-progress")
+        assert rerun.returncode == 1, rerun.stdout + rerun.stderr
+        assert sorted(seen.values()) == [2] * people_n  # the plain rerun sent nobody
+        results = read_results(tmp_path / "runs" / "test" / "results.csv")
+        assert statuses(results) == {"unknown": people_n}
+        assert all("earlier attempt may have arrived" in r["_error"] for r in results)
+        assert cli("run", str(job), "--no-progress", "--only-failed").returncode == 1
+        assert sorted(seen.values()) == [2] * people_n

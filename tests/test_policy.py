@@ -64,11 +64,26 @@ def test_retries_end_failed_when_attempts_run_out() -> None:
 
 
 def test_retry_ambiguous_retries_timeouts_and_ends_unknown() -> None:
+    """Until the retry is answered, the person is `unknown` (the timed-out request may have
+    arrived), not `pending` (never tried), which a plain rerun would send again."""
     timeout = Answer(transport=Transport.TIMEOUT)
-    assert run(timeout, ambiguous=True).state == "pending"
+    retrying = run(timeout, ambiguous=True)
+    assert retrying.state == "unknown" and retrying.retry_in_s is not None
     assert run(timeout, attempt=3, ambiguous=True).state == "unknown"
-    assert run(Answer(http_status=502), ambiguous=True).state == "pending"
+    assert run(timeout, attempt=3, ambiguous=True).retry_in_s is None
+    assert run(Answer(http_status=502), ambiguous=True).state == "unknown"
+    assert run(Answer(http_status=502), ambiguous=True).retry_in_s is not None
     assert run(Answer(http_status=404), ambiguous=True).state == "failed"
+
+
+def test_a_retry_after_a_maybe_delivered_attempt_waits_as_unknown() -> None:
+    """`--resend-unknown` gets a 503: retried, but if the run stops before the retry the
+    person must stay `unknown`, or a rerun without the flag sends to them again."""
+    decision = run(Answer(http_status=503), before=True)
+    assert decision.state == "unknown" and decision.retry_in_s is not None
+    assert "earlier attempt may have arrived" in (decision.error or "")
+    assert not decision.final
+    assert run(Answer(http_status=503)).state == "pending"
 
 
 def test_a_failure_after_a_maybe_delivered_attempt_is_unknown_not_failed() -> None:

@@ -339,17 +339,22 @@ class _Reconcile:
             tally.matched += len(found)
             tally.unmatched_entries += len(entries) - len(found)
             tally.not_found += len(missing)
-            self._record_matches(found, missing.tolist(), checked_at)
+            # With the request each verdict is about: a later one is not covered by it.
+            at = people.loc[missing.index, ["id", "at"]]
+            missing_at = [(int(rid), float(t)) for rid, t in at.itertuples(index=False)]
+            self._record_matches(found, missing_at, checked_at)
             candidates += suppress_candidates(found, people, self.reporting.suppress_on, checked_at)
         candidates.sort()
         queue_for_suppression(ledger, self.directory.parent, candidates, self.job.ledger)
         tally.suppress_candidates = len(candidates)
         return candidates
 
-    def _record_matches(self, found: Any, missing_ids: list[int], checked_at: str) -> None:
+    def _record_matches(
+        self, found: Any, missing: list[tuple[int, float]], checked_at: str
+    ) -> None:
         import pandas as pd
 
-        for offset in range(0, max(len(found), len(missing_ids), 1), RECORD_BATCH):
+        for offset in range(0, max(len(found), len(missing), 1), RECORD_BATCH):
             chunk = found.iloc[offset : offset + RECORD_BATCH]
             matched = [
                 (int(rid), str(status), None if pd.isna(error) else str(error), int(entry), at)
@@ -362,7 +367,7 @@ class _Reconcile:
                     strict=True,
                 )
             ]
-            nobody = missing_ids[offset : offset + RECORD_BATCH]
+            nobody = missing[offset : offset + RECORD_BATCH]
             self.tally.confirmed_unknown += self.ledger.record_deliveries(
                 matched, nobody, checked_at
             )

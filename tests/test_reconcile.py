@@ -163,6 +163,39 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
         box.stop()
 
 
+def test_a_not_found_says_nothing_of_a_later_request(tmp_path: Path) -> None:
+    """The first requests never reach the API: the report does not know them (not_found).
+    `--resend-unknown` sends them again; those arrive, but every answer is lost, so they
+    are `unknown` again. The old not_found is about the first request only: a second
+    `--resend-unknown`, before any reconcile has looked at the new requests, sends nobody.
+    Before, it sent everyone a second SMS."""
+    box = start_sandbox(tmp_path, "--drop-after-accept", "1", "--delivery-delay-s", "0")
+    numbers = phones(5)
+    try:
+        with FaultServer(lambda n, body: "reset") as cut:
+            lost = write_job(
+                tmp_path,
+                cut.url,
+                input=people(tmp_path / "in.csv", numbers),
+                reporting=reporting(base_url=box.url),
+            )
+            assert cli("run", str(lost), "--no-progress").returncode == 1
+        job = write_job(
+            tmp_path, box.url, input=people(tmp_path / "in.csv", numbers), reporting=reporting()
+        )
+        rows = reconcile_until(job, lambda rows: all(r["_delivery"] in FINAL for r in rows))
+        assert {(r["_status"], r["_delivery"]) for r in rows} == {("unknown", "not_found")}
+        assert cli("run", str(job), "--no-progress", "--resend-unknown").returncode == 1
+        assert sorted(box.phones()) == sorted(map(e164, numbers))  # arrived, answers lost
+        assert cli("run", str(job), "--no-progress", "--resend-unknown").returncode == 1
+        assert_no_duplicates(box)
+        # Once a reconcile has looked at the new requests, the report confirms them.
+        rows = reconcile_until(job, lambda rows: all(r["_status"] == "sent" for r in rows))
+        assert {r["_error"] for r in rows} == {"confirmed by the delivery report"}
+    finally:
+        box.stop()
+
+
 def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
     tmp_path: Path,
 ) -> None:
@@ -252,7 +285,7 @@ def test_a_ledger_of_schema_2_is_upgraded_and_shows_empty_delivery_columns(
     result = cli("report", str(job))
     assert result.returncode == 0, result.stderr
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")
     assert [(r["_status"], r["_delivery"], r["_delivery_checked_at"]) for r in rows] == [
         ("sent", "", "")

@@ -53,7 +53,7 @@ from campaign.store.db import Database, LedgerError, schema_name
 LEDGER_FILE = "ledger.sqlite"
 SENDABLE = ("pending", "failed")
 STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
 REPORT_TURN_WAIT_S = 60.0  # the longest a report waits for another one being written
 # States in which a request may have reached the API: such a person stays in every report.
@@ -117,7 +117,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     status TEXT NOT NULL,
     error TEXT,
     checked_at TEXT NOT NULL,
-    entry INTEGER
+    entry INTEGER,
+    request_at REAL
 );
 CREATE TABLE IF NOT EXISTS report_entries (
     id INTEGER PRIMARY KEY,
@@ -199,10 +200,14 @@ _LIVE = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running'
 # waits, then gives up and tries again), or it would commit people to a crashed run.
 _LIVE_HELD = _LIVE.removesuffix(")") + " FOR SHARE)"
 
+# An `unknown` person may be sent again (--resend-unknown) blind, before any delivery
+# report was read, or once the report does not know their latest request: a `not_found`
+# about an earlier request says nothing of a later one, which may have arrived.
 _RESENDABLE = """(r.state != 'unknown'
     OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
-               AND d.status = 'not_found'))"""
+               AND d.status = 'not_found' AND d.request_at >= (SELECT max(a.started_at)
+               FROM attempts a WHERE a.recipient_id = r.id)))"""
 
 
 def _unclaimed(states: tuple[str, ...]) -> str:
@@ -362,6 +367,8 @@ class Ledger:
                     if column.split()[0] not in runs:
                         db.execute(f"ALTER TABLE runs ADD COLUMN {db.ddl(column)}")
             db.execute("CREATE INDEX IF NOT EXISTS recipients_claim ON recipients (claim)")
+            if "request_at" not in db.columns("deliveries"):  # versions 1-4
+                db.execute(f"ALTER TABLE deliveries ADD COLUMN {db.ddl('request_at REAL')}")
             db.set_version(SCHEMA_VERSION)
 
     def close(self) -> None:
@@ -1097,13 +1104,14 @@ class Ledger:
     def record_deliveries(
         self,
         matched: list[tuple[int, str, str | None, int, str]],
-        not_found: list[int],
+        not_found: list[tuple[int, float]],
         checked_at: str,
     ) -> int:
         """What the report says, in one transaction: `matched` (recipient id, status,
-        error, entry id, entry time as ISO) and `not_found` recipient ids. An `unknown`
-        recipient with an entry did reach the API: it becomes `sent`. A `not_found` never
-        replaces an entry seen before. Returns how many unknown recipients were confirmed."""
+        error, entry id, entry time as ISO) and `not_found` (recipient id, start of the
+        request the report does not know). An `unknown` recipient with an entry did reach
+        the API: it becomes `sent`. A `not_found` never replaces an entry seen before.
+        Returns how many unknown recipients were confirmed."""
         with self.transaction():
             self.db.executemany(
                 "INSERT INTO deliveries (recipient_id, status, error, checked_at, entry) "
@@ -1113,10 +1121,11 @@ class Ledger:
                 [(rid, status, error, checked_at, key) for rid, status, error, key, _ in matched],
             )
             self.db.executemany(
-                "INSERT INTO deliveries (recipient_id, status, checked_at) "
-                "VALUES (?, 'not_found', ?) ON CONFLICT (recipient_id) DO UPDATE SET "
-                "checked_at = excluded.checked_at WHERE deliveries.entry IS NULL",
-                [(rid, checked_at) for rid in not_found],
+                "INSERT INTO deliveries (recipient_id, status, checked_at, request_at) "
+                "VALUES (?, 'not_found', ?, ?) ON CONFLICT (recipient_id) DO UPDATE SET "
+                "checked_at = excluded.checked_at, request_at = excluded.request_at "
+                "WHERE deliveries.entry IS NULL",
+                [(rid, checked_at, at) for rid, at in not_found],
             )
             return max(
                 self.db.executemany(

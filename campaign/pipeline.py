@@ -411,7 +411,7 @@ async def _nobody_to_send(
         return False
     if not ledger.postgres:
         return True
-    if await asyncio.to_thread(ledger.held_elsewhere, run_id, states):
+    if await asyncio.to_thread(ledger.held_elsewhere, run_id):
         return False
     progress.total = await asyncio.to_thread(ledger.count_targets, states)
     return not progress.total
@@ -456,7 +456,7 @@ async def _claims(
             after = 0  # once more from the top: people a dead worker let go meanwhile
         elif last_look or not ledger.postgres:
             return
-        elif await _to_the_end(ledger.held_elsewhere, run_id, states):
+        elif await _to_the_end(ledger.held_elsewhere, run_id):
             # This run's lease sweep (`_keep_lease`) settles them if their worker died: on a
             # connection of its own, and never waiting long for a stopped worker's rows.
             await asyncio.sleep(limits.lease_s / 3)

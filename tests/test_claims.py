@@ -122,12 +122,12 @@ def _settled_at_the_look(
     run_id = ledger.start_run("run")
     look = ledger.held_elsewhere
 
-    def settled_then_look(run: int, states: tuple[str, ...]) -> bool:
+    def settled_then_look(run: int) -> bool:
         sweeper.db.execute(
             "UPDATE runs SET heartbeat_at = heartbeat_at - 100 WHERE id = ?", (dead,)
         )
         sweeper.recover(lease_s=30)
-        return look(run, states)
+        return look(run)
 
     monkeypatch.setattr(ledger, "held_elsewhere", settled_then_look)
     return held, run_id

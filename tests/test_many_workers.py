@@ -8,12 +8,14 @@ import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from campaign.store.db import schema_name
 from tests.helpers import (
+    FaultServer,
     Sandbox,
     assert_no_duplicates,
     cli,
@@ -195,3 +197,36 @@ def test_three_workers_share_one_rate_at_the_api(tmp_path: Path, pg_url: str, ra
         assert achieved(arrivals[rate:-rate]) >= 0.95 * rate
     finally:
         box.stop()
+
+
+def test_workers_that_each_hold_failed_people_all_end(tmp_path: Path, pg_url: str) -> None:
+    """Every tenth person is refused (503) on every attempt, so each worker ends its share
+    holding some `failed` people (they stay with it: no other worker retries them at once).
+    Before, each worker out of people waited for the other's failed people to be settled,
+    and neither ever ended."""
+    rows = 400
+
+    def reply(_n: int, body: dict[str, Any]) -> Any:
+        return 503 if body["to_phone"].endswith("0") else 200
+
+    with FaultServer(reply) as server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=people(tmp_path / "in.csv", rows),
+            ledger=pg_url,
+            limits={"concurrency": CONCURRENCY, "max_attempts": 2, "lease_s": 2},
+        )
+        running = workers(job, 2)
+        try:
+            codes = [finish(p, timeout=60) for p in running]
+        finally:
+            for p in running:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert codes == [1, 1], codes
+        attempts = Counter(body["to_phone"] for body in server.bodies())
+        assert Counter(attempts.values()) == {1: rows * 9 // 10, 2: rows // 10}
+        assert cli("report", str(job)).returncode == 0
+        assert statuses(results(tmp_path)) == {"sent": rows * 9 // 10, "failed": rows // 10}

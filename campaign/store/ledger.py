@@ -746,15 +746,16 @@ class Ledger:
             ).fetchall()
         return sorted((_target(*found_row) for found_row in found), key=lambda t: t.row)
 
-    def held_elsewhere(self, run_id: int, states: tuple[str, ...]) -> bool:
-        """Whether another run still marked running holds people not settled yet: in
-        flight, or in one of `states` (claimed, not sent yet)."""
-        marks = ",".join("?" * len(states))
+    def held_elsewhere(self, run_id: int) -> bool:
+        """Whether another run still marked running holds people it has yet to settle: in
+        flight, or claimed and not tried yet (or waiting for a retry). Not its `failed`
+        people, which stay with it until it ends but which it will not try again: two
+        workers that each hold some would wait for each other for ever."""
         found = self.db.execute(
-            f"SELECT 1 FROM recipients WHERE claim > 0 AND claim != ? "
-            f"AND state IN ('inflight', {marks}) "
-            f"AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
-            (run_id, *states),
+            "SELECT 1 FROM recipients WHERE claim > 0 AND claim != ? "
+            "AND state IN ('inflight', 'pending') "
+            "AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
+            (run_id,),
         ).fetchone()
         return found is not None
 

@@ -624,10 +624,18 @@ def _load_input(
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
     keep_mapping(ledger, job.mapping, sheet, joining)
+    fingerprint = _fingerprint(path, job)
     if joining:
+        # Their rows cannot be replaced under them. A worker that died still counts until
+        # its lease expires: a fixed input given right after would otherwise be ignored.
+        if ledger.get_meta("input_fingerprint") != fingerprint:
+            raise CampaignBusy(
+                f"{path}: campaign {directory.name} is being sent by other workers with "
+                "another input; run again once they have finished (a worker that stopped "
+                f"counts until its lease expires, {job.limits.lease_s:g} s after it stopped)"
+            )
         log.info("joining the workers already sending this campaign, with their input")
         return job
-    fingerprint = _fingerprint(path, job)
     if ledger.get_meta("input_fingerprint") == fingerprint:
         return job  # the same file under the same mapping: the ledger's rows are this input
 

@@ -455,3 +455,35 @@ def run_state(url: str, run_id: int) -> str:
     with in_campaign(url) as db:
         found = db.execute("SELECT state FROM runs WHERE id = %s", (run_id,)).fetchone()
     return str(found[0])
+
+
+def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A worker is killed; the operator reruns at once with a fixed input (30 more rows).
+    The dead worker still counts until its lease expires, so the rerun would join it with
+    the old rows: the new people never sent, missing from results.csv, and exit 0 with
+    `--resend-unknown`. It is refused instead (exit 2, naming the file); after the lease
+    the same command loads the fixed input and sends everyone once."""
+    box = start_sandbox(tmp_path)
+    try:
+        limits = {"concurrency": 4, "rate_per_second": 40, "lease_s": 2}
+        job = write_job(
+            tmp_path, box.url, input=people(tmp_path / "in.csv", 200), ledger=pg_url, limits=limits
+        )
+        first = spawn_cli("run", str(job), "--no-progress")
+        wait_for(lambda: len(box.records()) >= 40, what="requests")
+        first.kill()
+        first.wait()
+        fixed = people(tmp_path / "fixed.csv", 230)
+        refused = cli("run", str(job), "--no-progress", "--input", str(fixed))
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "fixed.csv" in refused.stderr and "another input" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        wait_for(lambda: lease_expired(pg_url, only_run(pg_url), 2), what="the lease to expire")
+        again = cli("run", str(job), "--no-progress", "--input", str(fixed), "--resend-unknown")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert sorted(set(box.phones())) == sorted(e164(p) for p in phones(230))
+        assert statuses(results(tmp_path)) == {"sent": 230}
+    finally:
+        box.stop()

@@ -295,8 +295,14 @@ async def _run_owned(
         summary = await asyncio.to_thread(_report, ledger, directory)
 
     counts = summary["counts"]
-    others = await asyncio.to_thread(ledger.live_workers, job.limits.lease_s) if owned.shared else 0
-    if others and not (result.aborted or result.interrupted or counts["failed"]):
+    others = 0
+    if owned.shared and not (result.aborted or result.interrupted or counts["failed"]):
+        others = await asyncio.to_thread(ledger.live_workers, job.limits.lease_s)
+        # Only while they have everyone left in hand: a worker that died (still counted
+        # until its lease expires) may hold people for their send window.
+        if others and await asyncio.to_thread(ledger.left_behind):
+            others = 0
+    if others:
         # Their people in flight show `unknown` in this report until they are answered.
         code, message = (
             EXIT_OK,
@@ -370,7 +376,7 @@ async def _send(
             if held is None:
                 targets = _claims(ledger, run_id, states, job.limits, control)
             else:
-                targets = _one(await asyncio.to_thread(ledger.claimed, run_id, states, held))
+                targets = _held_then_let_go(ledger, run_id, states, held, job.limits, control)
             result = await dispatcher.run(targets)
             waiting = progress.opens_at is not None
             if not (options and options.wait and waiting) or result.aborted:
@@ -482,8 +488,20 @@ async def _to_the_end(call: Callable[..., T], *args: Any) -> T:
         raise
 
 
-async def _one(batch: list[Target]) -> AsyncIterator[list[Target]]:
-    yield batch
+async def _held_then_let_go(
+    ledger: Ledger,
+    run_id: int,
+    states: tuple[str, ...],
+    held: set[int],
+    limits: Limits,
+    control: RunControl,
+) -> AsyncIterator[list[Target]]:
+    """A `--wait` round: the people this run held for the window that opened, then any
+    that others let go meanwhile (a worker that died waiting for a window of its own)."""
+    if found := await _to_the_end(ledger.claimed, run_id, states, held):
+        yield found
+    async for batch in _claims(ledger, run_id, states, limits, control):
+        yield batch
 
 
 def _keep_lease(

@@ -487,3 +487,42 @@ def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
         assert statuses(results(tmp_path)) == {"sent": 230}
     finally:
         box.stop()
+
+
+def test_a_worker_ending_beside_a_dead_waiting_worker_says_rows_are_left(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A `--wait` worker holds the Honolulu people for their window (hours away) and is
+    killed. A plain worker started inside its lease finds nobody to send and ends: before,
+    with exit 0 ("another worker still sending") for a campaign nobody was sending any
+    more; now exit 1. After the lease, a rerun takes the Honolulu people over."""
+    box = start_sandbox(tmp_path)
+    try:
+        rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
+        job = write_job(
+            tmp_path,
+            box.url,
+            input=write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows),
+            ledger=pg_url,
+            limits={
+                "send_window": ny_open_hnl_closed(),
+                "timezone": "America/New_York",
+                "lease_s": 2,
+            },
+        )
+        log = tmp_path / "runs" / "test" / "log.jsonl"
+        waiting = spawn_cli("run", str(job), "--wait", "--no-progress")
+        wait_for(lambda: log.exists() and "waiting for send windows" in log.read_text())
+        waiting.kill()
+        waiting.wait()
+        dead = only_run(pg_url)
+        beside = cli("run", str(job), "--no-progress")
+        assert beside.returncode == 1, beside.stdout + beside.stderr
+        assert "still sending" not in beside.stdout
+        wait_for(lambda: lease_expired(pg_url, dead, 2), what="the lease to expire")
+        rerun = cli("run", str(job), "--no-progress")
+        assert rerun.returncode == 1 and "2 waiting for their send window" in rerun.stdout
+        assert box.phones() == [e164(NY_PHONES[0])]
+        assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
+    finally:
+        box.stop()

@@ -553,6 +553,19 @@ class Ledger:
             )
         return int(found.fetchone()[0])
 
+    def left_behind(self) -> bool:
+        """Whether someone of the input is neither sent nor being sent: not settled
+        (pending, unknown, in flight), and not held by a running run that has them in
+        flight or still to try. People set aside for their send window are left behind
+        too: a worker that died waiting for the window takes them with it for a lease."""
+        found = self.db.execute(
+            "SELECT 1 FROM rows JOIN recipients r ON r.key = rows.key "
+            "WHERE rows.status = 'ok' AND r.state IN ('pending', 'unknown', 'inflight') "
+            "AND NOT (r.claim > 0 AND r.state IN ('pending', 'inflight') "
+            "AND r.claim IN (SELECT id FROM runs WHERE state = 'running')) LIMIT 1"
+        ).fetchone()
+        return found is not None
+
     def watch_stamp(self, lease_s: float) -> tuple[Any, int]:
         """Differs whenever what a page shows of the campaign may have changed, in one
         query: the generation (every committed change bumps it) and how many workers hold

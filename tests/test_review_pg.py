@@ -407,30 +407,16 @@ def test_a_waiting_worker_whose_lease_expired_stops(tmp_path: Path, pg_url: str)
     stays `crashed`. Before, the loss was noted on the round that had already ended: the
     worker slept on until the window opened, to send another round on a lost lease."""
     box = start_sandbox(tmp_path)
-    waiting_for_window = "waiting for send windows"
     try:
-        rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows),
-            ledger=pg_url,
-            limits={
-                "send_window": ny_open_hnl_closed(),
-                "timezone": "America/New_York",
-                "lease_s": 1,
-            },
-        )
+        job, first = a_waiting_worker(tmp_path, box, pg_url, lease_s=1)
         log = tmp_path / "runs" / "test" / "log.jsonl"
-        first = spawn_cli("run", str(job), "--wait", "--no-progress")
         second: subprocess.Popen[str] | None = None
         try:
-            wait_for(lambda: log.exists() and waiting_for_window in log.read_text(), what="wait")
             first.send_signal(signal.SIGSTOP)
             run_id = only_run(pg_url)
             wait_for(lambda: lease_expired(pg_url, run_id, 1), what="the lease to expire")
             second = spawn_cli("run", str(job), "--wait", "--no-progress")
-            wait_for(lambda: log.read_text().count(waiting_for_window) == 2, what="a 2nd wait")
+            wait_for(lambda: log.read_text().count(WAITING) == 2, what="a 2nd wait")
             assert run_state(pg_url, run_id) == "crashed"
             first.send_signal(signal.SIGCONT)
             out, err = first.communicate(timeout=60)
@@ -449,6 +435,37 @@ def test_a_waiting_worker_whose_lease_expired_stops(tmp_path: Path, pg_url: str)
         assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
     finally:
         box.stop()
+
+
+WAITING = "waiting for send windows"
+
+
+def a_waiting_worker(
+    tmp_path: Path, box: Sandbox, pg_url: str, lease_s: float
+) -> tuple[Path, subprocess.Popen[str]]:
+    """A job of one New York person (inside the window now) and two Honolulu people (whose
+    window opens hours later), and a `--wait` worker on it, once it waits for them."""
+    rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
+    job = write_job(
+        tmp_path,
+        box.url,
+        input=write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows),
+        ledger=pg_url,
+        limits={
+            "send_window": ny_open_hnl_closed(),
+            "timezone": "America/New_York",
+            "lease_s": lease_s,
+        },
+    )
+    log = tmp_path / "runs" / "test" / "log.jsonl"
+    worker = spawn_cli("run", str(job), "--wait", "--no-progress")
+    try:
+        wait_for(lambda: log.exists() and WAITING in log.read_text(), what="the worker to wait")
+    except AssertionError:
+        worker.kill()
+        worker.wait()
+        raise
+    return job, worker
 
 
 def run_state(url: str, run_id: int) -> str:
@@ -498,21 +515,7 @@ def test_a_worker_ending_beside_a_dead_waiting_worker_says_rows_are_left(
     more; now exit 1. After the lease, a rerun takes the Honolulu people over."""
     box = start_sandbox(tmp_path)
     try:
-        rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows),
-            ledger=pg_url,
-            limits={
-                "send_window": ny_open_hnl_closed(),
-                "timezone": "America/New_York",
-                "lease_s": 2,
-            },
-        )
-        log = tmp_path / "runs" / "test" / "log.jsonl"
-        waiting = spawn_cli("run", str(job), "--wait", "--no-progress")
-        wait_for(lambda: log.exists() and "waiting for send windows" in log.read_text())
+        job, waiting = a_waiting_worker(tmp_path, box, pg_url, lease_s=2)
         waiting.kill()
         waiting.wait()
         dead = only_run(pg_url)

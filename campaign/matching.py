@@ -14,7 +14,10 @@ The rules (DESIGN.md, "Delivery reports"):
   again among the entries left;
 - `not_found`: no entry, `settle_minutes` passed since the last request, and the whole
   match window [request − 2 min, request + 15 min] (up to now) lies in spans read whole.
-  Anything less says nothing: the person keeps what an earlier reconcile found.
+  Anything less says nothing: the person keeps what an earlier reconcile found. Nor is
+  anyone `not_found` whose first request came more than 2 min before the last: the
+  entry of that one (a request cut after it arrived, then a retry refused with a 503)
+  would lie before the window looked at, and a resend would be their second SMS.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ Window = tuple[float, float]
 # (start, end, read whole, when it was read), as the ledger keeps them.
 ReadWindow = tuple[float, float, bool, float | None]
 
-PEOPLE_COLUMNS = ["id", "phone", "at"]  # recipient id, number as digits, last request
+# Recipient id, number as digits, last request, first request.
+PEOPLE_COLUMNS = ["id", "phone", "at", "first"]
 ENTRY_COLUMNS = ["entry", "phone", "created_at", "status", "error"]
 
 
@@ -86,7 +90,7 @@ def match(people: pd.DataFrame, entries: pd.DataFrame) -> pd.DataFrame:
     status, error) -> one row per matched person: id, at, entry, created_at, status,
     error. Phones are integers (E.164 digits) on both sides."""
     found: list[pd.DataFrame] = []
-    seekers, left = people[PEOPLE_COLUMNS], entries[ENTRY_COLUMNS]
+    seekers, left = people[["id", "phone", "at"]], entries[ENTRY_COLUMNS]
     for _ in range(MAX_ROUNDS):
         if seekers.empty or left.empty:
             break
@@ -147,9 +151,11 @@ def not_found(
     settle_s: float,
     now: float,
 ) -> pd.Series:
-    """Ids of the people the report does not know: unmatched, settled, and their whole
-    match window inside spans read whole."""
+    """Ids of the people the report does not know: unmatched, settled, every request
+    within the skew before the last, and their whole match window inside spans read
+    whole."""
     rest = people[~people["id"].isin(matched_ids)]
+    rest = rest[rest["at"] - rest["first"] <= SKEW_S]
     at = rest["at"].to_numpy(dtype="float64")
     settled = at + settle_s <= now
     spans = covered(read)

@@ -326,7 +326,7 @@ class _Reconcile:
         for share in range(MATCH_SHARES):
             people = _frame(
                 ledger.requested_people(share, MATCH_SHARES), matching.PEOPLE_COLUMNS
-            ).astype({"id": "int64", "phone": "int64", "at": "float64"})
+            ).astype({"id": "int64", "phone": "int64", "at": "float64", "first": "float64"})
             entries = _frame(
                 ledger.report_entries(start, end, share, MATCH_SHARES), matching.ENTRY_COLUMNS
             )

@@ -24,7 +24,10 @@ T = 1_700_000_000.0
 
 
 def people(*rows: tuple[int, int, float]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["id", "phone", "at"])
+    """(id, phone, last request); the first request is the same one unless set."""
+    frame = pd.DataFrame(rows, columns=["id", "phone", "at"])
+    frame["first"] = frame["at"]
+    return frame
 
 
 def entries(*rows: tuple[int, int, float, str]) -> pd.DataFrame:
@@ -102,6 +105,19 @@ def test_not_found_needs_settling_and_a_span_read_whole() -> None:
     assert not_found(who, pd.Series([1]), read, settle_s=3 * 3600, now=T + 6000).tolist() == []
     unread = [(T - SKEW_S, T + 4000, False, None)]
     assert not_found(who, pd.Series([1]), unread, settle_s=60, now=T + 6000).tolist() == []
+
+
+def test_not_found_never_for_requests_spread_wider_than_the_skew() -> None:
+    """A request cut after it arrived, then a retry refused (503) three minutes later: the
+    entry of the first lies before the window of the last. The report cannot tell, so
+    the person is not `not_found` (a resend would be their second SMS); within the skew
+    it can."""
+    who = people((1, A, T), (2, B, T))
+    who.loc[who["id"] == 1, "first"] = T - 180
+    who.loc[who["id"] == 2, "first"] = T - SKEW_S
+    read = [(T - 600, T + 4000, True, T + 5000)]
+    found = not_found(who, pd.Series([], dtype="int64"), read, settle_s=60, now=T + 6000)
+    assert found.tolist() == [2]
 
 
 def test_not_found_counts_only_up_to_now() -> None:

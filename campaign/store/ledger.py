@@ -1036,13 +1036,14 @@ class Ledger:
     def requested_people(
         self, share: int = 0, shares: int = 1, batch: int = 100_000
     ) -> Iterator[list[tuple[Any, ...]]]:
-        """(recipient id, phone as E.164 digits, last request's start), a batch at a time,
-        for every person with a phone who had a request that may have arrived (`sent` or
-        `unknown`) and whose number is in `share` of `shares` (number modulo shares)."""
+        """(recipient id, phone as E.164 digits, last request's start, first request's
+        start), a batch at a time, for every person with a phone who had a request that
+        may have arrived (`sent` or `unknown`) and whose number is in `share` of `shares`
+        (number modulo shares)."""
         phone = "CAST(substr(r.to_phone, 2) AS BIGINT)"
         yield from _batched(
             self.db.stream(
-                f"SELECT r.id, {phone}, max(a.started_at) FROM recipients r "
+                f"SELECT r.id, {phone}, max(a.started_at), min(a.started_at) FROM recipients r "
                 f"JOIN attempts a ON a.recipient_id = r.id WHERE r.state IN {REQUESTED} "
                 f"AND r.to_phone IS NOT NULL AND {phone} % ? = ? GROUP BY r.id",
                 (shares, share),

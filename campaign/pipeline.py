@@ -642,14 +642,15 @@ def _load_input(
     sheet = open_sheet(path, job.sheet)
     mapper = Mapper.compile(job.mapping, sheet)
     keep_mapping(ledger, job.mapping, sheet, joining)
-    fingerprint = _fingerprint(path, job)
+    fingerprint = _fingerprint(path, ledger.get_meta("mapping"), job.sheet)
     if joining:
         # Their rows cannot be replaced under them. A worker that died still counts until
         # its lease expires: a fixed input given right after would otherwise be ignored.
         if ledger.get_meta("input_fingerprint") != fingerprint:
             raise CampaignBusy(
-                f"{path}: campaign {directory.name} is being sent by other workers with "
-                "another input; run again once they have finished (a worker that stopped "
+                f"{path}: campaign {directory.name} is being sent by other workers from "
+                "another input (another file, sheet or version of campaign); run again "
+                "once they have finished (a worker that stopped "
                 f"counts until its lease expires, {job.limits.lease_s:g} s after it stopped)"
             )
         log.info("joining the workers already sending this campaign, with their input")
@@ -667,13 +668,14 @@ def _load_input(
     return job
 
 
-def _fingerprint(path: Path, job: Job) -> str:
-    """What the mapped rows depend on: the file's bytes, the mapping, the sheet, the code."""
+def _fingerprint(path: Path, mapping: object, sheet: str | None) -> str:
+    """What the mapped rows depend on: the file's bytes, the mapping (as the campaign
+    keeps it: the same one written another way is the same), the sheet, the code."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
-    config = json.dumps([job.mapping.model_dump(), job.sheet, __version__], sort_keys=True)
+    config = json.dumps([mapping, sheet, __version__], sort_keys=True)
     digest.update(config.encode())
     return digest.hexdigest()
 

@@ -497,7 +497,21 @@ def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "fixed.csv" in refused.stderr and "another input" in refused.stderr
         assert "Traceback" not in refused.stderr
-        wait_for(lambda: lease_expired(pg_url, only_run(pg_url), 2), what="the lease to expire")
+        # The same input and mapping, written another way, joins (and sends the rest once
+        # the dead worker's lease has expired).
+        spelled = {"to_phone": " Phone ", "params": {"first_name": " First Name "}}
+        other = write_job(
+            tmp_path,
+            box.url,
+            name="spelled",
+            input=people(tmp_path / "copy.csv", 200),
+            ledger=pg_url,
+            limits=limits,
+            mapping={"default_region": "us", **spelled},
+        )
+        joiner = cli("run", str(other), "--no-progress")
+        assert joiner.returncode in (0, 1), joiner.stdout + joiner.stderr
+        assert "joining the workers" in joiner.stderr
         again = cli("run", str(job), "--no-progress", "--input", str(fixed), "--resend-unknown")
         assert again.returncode == 0, again.stdout + again.stderr
         assert sorted(set(box.phones())) == sorted(e164(p) for p in phones(230))

@@ -342,7 +342,10 @@ async def _send(
     and send the people held for it, again and again, until none is held."""
     progress = control.progress
     assert progress is not None
-    if await _nobody_to_send(ledger, run_id, states, progress):
+    waits = bool(options and options.wait)
+    if await _nobody_to_send(ledger, run_id, states, progress) and not (
+        waits and ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id)
+    ):
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
@@ -378,21 +381,27 @@ async def _send(
             else:
                 targets = _held_then_let_go(ledger, run_id, states, held, job.limits, control)
             result = await dispatcher.run(targets)
-            waiting = progress.opens_at is not None
-            if not (options and options.wait and waiting) or result.aborted:
+            if not waits or result.aborted:
                 return result
             if result.interrupted or result.deadline:
                 return result
             held = dispatcher.held_for_window
-            assert progress.opens_at is not None
-            if on_progress is not None:
-                on_progress(progress)
-            log.info(
-                "waiting for send windows",
-                waiting=progress.waiting,
-                opens=iso_local(progress.opens_at),
-            )
-            await control.sleep_until(progress.opens_at)
+            if progress.opens_at is not None:
+                if on_progress is not None:
+                    on_progress(progress)
+                log.info(
+                    "waiting for send windows",
+                    waiting=progress.waiting,
+                    opens=iso_local(progress.opens_at),
+                )
+                wake_at = progress.opens_at
+            elif ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id):
+                # Others hold people for their window: stay, to take them over (in a later
+                # round, `_held_then_let_go`) if their worker dies before it opens.
+                wake_at = time.time() + job.limits.lease_s / 3
+            else:
+                return result
+            await control.sleep_until(wake_at)
             if control.stopping:
                 return DispatchResult(interrupted=True)
     finally:

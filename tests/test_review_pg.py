@@ -543,3 +543,42 @@ def test_a_worker_ending_beside_a_dead_waiting_worker_says_rows_are_left(
         assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
     finally:
         box.stop()
+
+
+def test_a_second_waiting_worker_stays_and_takes_over_a_dead_ones_people(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two `--wait` workers: the first holds the Honolulu people for their window (hours
+    away). The second, with nobody of its own, stays (before, it ended at once). The first
+    is killed: after its lease the second takes its people over and waits for their
+    window itself; Ctrl-C then stops it. Nobody is sent but the New York person, once."""
+    box = start_sandbox(tmp_path)
+    second: subprocess.Popen[str] | None = None
+    try:
+        job, first = a_waiting_worker(tmp_path, box, pg_url, lease_s=2)
+        dead = only_run(pg_url)
+        log = tmp_path / "runs" / "test" / "log.jsonl"
+        try:
+            second = spawn_cli("run", str(job), "--wait", "--no-progress")
+            wait_for(lambda: live_runs(pg_url) == 2, what="the second worker to start")
+            first.kill()
+            first.wait()
+            wait_for(lambda: log.read_text().count(WAITING) == 2, what="the takeover")
+            assert run_state(pg_url, dead) == "crashed"
+            assert second.poll() is None
+            second.send_signal(signal.SIGINT)
+            assert finish(second) == 130
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait()
+        assert box.phones() == [e164(NY_PHONES[0])]
+        assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
+    finally:
+        box.stop()
+
+
+def live_runs(url: str) -> int:
+    with in_campaign(url) as db:
+        return int(db.execute("SELECT count(*) FROM runs WHERE state = 'running'").fetchone()[0])

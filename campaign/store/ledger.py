@@ -772,6 +772,15 @@ class Ledger:
         ).fetchone()
         return found is not None
 
+    def set_aside_elsewhere(self, run_id: int) -> bool:
+        """Whether another run still marked running holds people for their send window."""
+        found = self.db.execute(
+            "SELECT 1 FROM recipients WHERE claim < 0 AND claim != ? "
+            "AND -claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
+            (-run_id,),
+        ).fetchone()
+        return found is not None
+
     def claimed(self, run_id: int, states: tuple[str, ...], ids: set[int]) -> list[Target]:
         """Of the people `run_id` holds or set aside, those in `ids` still in one of
         `states`, claimed again (the people held back for their send window, when it

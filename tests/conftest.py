@@ -60,6 +60,12 @@ def store(request: pytest.FixtureRequest) -> str | None:
     return url
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first: started last, one of them would keep a process busy after
+    the others are done (the order is the same in every process of pytest-xdist)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _pg_skipped:
         terminalreporter.write_line(f"PostgreSQL tests skipped: {_pg_skipped[0]}")

@@ -52,6 +52,7 @@ def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
         ledger.close()
 
 
+@pytest.mark.long
 def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
     """Every pair of runs starts together, over an output directory of hundreds of
     campaigns (the midnight guard reads them all, which widens the race). The trials go a
@@ -91,6 +92,7 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
         box.stop()
 
 
+@pytest.mark.long
 def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, pg_url: str) -> None:
     """On PostgreSQL two runs of one campaign are two workers (DESIGN invariant 7): both
     finish, and together they reach each person once. The trials are independent

@@ -249,6 +249,7 @@ def test_a_run_sends_only_people_inside_their_window(tmp_path: Path, store: str 
         box.stop()
 
 
+@pytest.mark.long
 def test_wait_sends_each_person_when_their_window_opens(tmp_path: Path) -> None:
     """Honolulu's window opens at the next minute; toll-free numbers (no single zone) use
     limits.timezone, Marquesas, half an hour ahead of Honolulu: open now."""

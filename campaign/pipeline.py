@@ -343,9 +343,9 @@ async def _send(
     progress = control.progress
     assert progress is not None
     waits = bool(options and options.wait)
-    if await _nobody_to_send(ledger, run_id, states, progress) and not (
-        waits and ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id)
-    ):
+    # With --wait, others holding people for their window keep this worker (see below).
+    watching = waits and await _set_aside_elsewhere(ledger, run_id)
+    if not watching and await _nobody_to_send(ledger, run_id, states, progress):
         return DispatchResult(interrupted=control.stopping)
     from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
 
@@ -395,12 +395,15 @@ async def _send(
                     opens=iso_local(progress.opens_at),
                 )
                 wake_at = progress.opens_at
-            elif ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id):
-                # Others hold people for their window: stay, to take them over (in a later
-                # round, `_held_then_let_go`) if their worker dies before it opens.
-                wake_at = time.time() + job.limits.lease_s / 3
             else:
-                return result
+                # Others hold people for their window: stay, to take them over (in a later
+                # round, `_held_then_let_go`) if their worker dies before it opens. Once
+                # nobody does, one more round takes those let go since this one looked.
+                others_hold = await _set_aside_elsewhere(ledger, run_id)
+                if not (others_hold or watching):
+                    return result
+                watching = others_hold
+                wake_at = time.time() + (job.limits.lease_s / 3 if others_hold else 0)
             await control.sleep_until(wake_at)
             if control.stopping:
                 return DispatchResult(interrupted=True)
@@ -430,6 +433,10 @@ async def _nobody_to_send(
         return False
     progress.total = await asyncio.to_thread(ledger.count_targets, states)
     return not progress.total
+
+
+async def _set_aside_elsewhere(ledger: Ledger, run_id: int) -> bool:
+    return ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id)
 
 
 async def _shared_limiter(job: Job) -> tuple[SharedRateLimiter, RateBudget]:

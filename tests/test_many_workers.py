@@ -75,9 +75,8 @@ def test_three_workers_share_a_campaign_and_reach_each_person_once(
         box.stop()
 
 
-@pytest.mark.parametrize("trial", range(2))
 def test_a_worker_killed_at_a_random_moment_leaves_its_people_to_the_others(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     rows, lease = 1200, 2
     box = start_sandbox(tmp_path, "--latency-ms", "40")

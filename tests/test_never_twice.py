@@ -35,7 +35,7 @@ from tests.helpers import (
 from tests.test_resume import people, wait_for
 
 TRIALS = 20
-PG_TRIALS = 12  # more kill and race trials on PostgreSQL run in tests/test_review_*.py
+PG_TRIALS = 8  # more kill and race trials on PostgreSQL run in tests/test_review_*.py
 AT_A_TIME = 4  # trials started together (two runs each)
 EARLIER_CAMPAIGNS = 300
 

@@ -16,7 +16,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
-import pytest
 from aiohttp import web
 
 from campaign.store.db import schema_name
@@ -232,9 +231,8 @@ def ledger_states(url: str, campaign: str = "test") -> dict[str, int]:
         return dict(db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall())
 
 
-@pytest.mark.parametrize("trial", range(2))
 def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in_flight(
-    tmp_path: Path, pg_url: str, trial: int
+    tmp_path: Path, pg_url: str
 ) -> None:
     """SIGSTOP one of two workers past its lease (the other settles it: `crashed`), SIGCONT
     it and kill -9 it a moment later. Whatever it did in that moment, once a later run is

@@ -142,9 +142,11 @@ class Sandbox:
     def records(self) -> list[dict[str, Any]]:
         if not self.record.exists():
             return []
-        with self.record.open(encoding="utf-8") as handle:
-            # A line without its newline is still being written by the running sandbox.
-            return [json.loads(line) for line in handle if line.endswith("\n") and line.strip()]
+        # Read once, then split: a line still being written ends the text without its
+        # newline. (Iterating the file instead read on past such a line, after the sandbox
+        # had written the rest of it, and took that rest for a line of its own.)
+        *complete, _being_written = self.record.read_bytes().split(b"\n")
+        return [json.loads(line) for line in complete if line.strip()]
 
     def phones(self) -> list[str]:
         return [r["body"].get("to_phone") for r in self.records()]

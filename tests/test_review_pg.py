@@ -424,11 +424,7 @@ def test_a_waiting_worker_whose_lease_expired_stops(tmp_path: Path, pg_url: str)
             second.send_signal(signal.SIGINT)
             assert finish(second) == 130
         finally:
-            for process in (first, second):
-                if process is not None and process.poll() is None:
-                    process.send_signal(signal.SIGCONT)
-                    process.kill()
-                    process.wait()
+            kill_left(first, second)
         assert box.phones() == [e164(NY_PHONES[0])]
         assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
     finally:
@@ -567,14 +563,20 @@ def test_a_second_waiting_worker_stays_and_takes_over_a_dead_ones_people(
             second.send_signal(signal.SIGINT)
             assert finish(second) == 130
         finally:
-            for process in (first, second):
-                if process is not None and process.poll() is None:
-                    process.kill()
-                    process.wait()
+            kill_left(first, second)
         assert box.phones() == [e164(NY_PHONES[0])]
         assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
     finally:
         box.stop()
+
+
+def kill_left(*processes: subprocess.Popen[str] | None) -> None:
+    """Kill the workers a test left running (a stopped one is continued first)."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait()
 
 
 def live_runs(url: str) -> int:

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RECORD := runs/demo-sandbox-record.jsonl
 
-.PHONY: install demo nightly test lint bench serve sandbox clean chromium postgresql
+.PHONY: install demo nightly test soak lint bench serve sandbox clean chromium postgresql
 
 install: $(STAMP)
 
@@ -70,6 +70,11 @@ postgresql:
 test: install chromium postgresql
 	$(BIN)/pytest -q -rs -n 2 -m "not exact_rate"
 	$(BIN)/pytest -q -rs -m exact_rate
+
+# The hostile schedules (two processes, kill -9, several writers) many times each, not once:
+# run before a release. SOAK_TRIALS=N sets how many (default 20).
+soak: install chromium postgresql
+	CAMPAIGN_SOAK_TRIALS=$${SOAK_TRIALS:-20} $(BIN)/pytest -q -rs -n 2 -m soak
 
 # Speed and exactness against local sandboxes: prints a table, writes bench/results.json.
 # Takes several minutes; BENCH_QUICK=1 skips the million-row measure.

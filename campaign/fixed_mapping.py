@@ -1,4 +1,4 @@
-"""A campaign's mapping is fixed once a request went out (invariant 6).
+"""A campaign's mapping is fixed once a request went out (docs/design.md, invariant 6).
 
 The mapping (phone column, region, params, constants, recipient key) decides who a row's
 person is and what they are sent. The ledger stores the one requests went out with; a run

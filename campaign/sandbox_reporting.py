@@ -3,7 +3,7 @@
     GET /api/v1/agents/{agent_id}/sms/report.json?from_timetoken=&to_timetoken=&page=N
     access-token: TOKEN
 
-Like the real one (DESIGN.md, "Delivery reports"): 25 entries a page, newest first;
+Like the real one (docs/delivery-reports.md): 25 entries a page, newest first;
 `to_phone` formatted (`+1(415) 555-0101`), `created_at` up to 2 s after the request;
 `sms_status` is `sent` until `delivery_delay_s` has passed, then `delivered`, or for a
 share (`undelivered_rate`) `undelivered`/`failed` with an error text. `to_timetoken`

@@ -94,7 +94,7 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
 
 @pytest.mark.long
 def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, pg_url: str) -> None:
-    """On PostgreSQL two runs of one campaign are two workers (DESIGN invariant 7): both
+    """On PostgreSQL two runs of one campaign are two workers (docs/design.md, invariant 7): both
     finish, and together they reach each person once. The trials are independent
     campaigns (and jobs), a few at a time: every pair still starts together."""
     box = start_sandbox(tmp_path, "--latency-ms", "30")

@@ -1,4 +1,4 @@
-"""Who may call the upload service's API, and from where (DESIGN.md, "Access").
+"""Who may call the upload service's API, and from where (docs/page.md, "Access").
 
 Two ways in: `Authorization: Bearer TOKEN` (scripts), or the session cookie that
 `POST /api/session {"token"}` sets for the page. The cookie holds a random session id,

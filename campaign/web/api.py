@@ -1,4 +1,4 @@
-"""The upload service's JSON API (the routes of DESIGN.md), over `web_service.Campaigns`.
+"""The upload service's JSON API (the routes of docs/page.md), over `web_service.Campaigns`.
 
 Handlers parse the request, call the service and shape the answer; a `ServiceError`
 becomes a JSON `{"error": ...}` with its status in `web.py`'s middleware. Files are

@@ -1,4 +1,4 @@
-// The upload page: plain DOM code over the JSON API (see DESIGN.md, "The upload service").
+// The upload page: plain DOM code over the JSON API (see docs/page.md).
 // Every value from a spreadsheet is shown with textContent, never as HTML.
 "use strict";
 

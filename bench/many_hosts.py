@@ -2,7 +2,7 @@
 workers send together, and whether their shared rate stays exact.
 
 Each measure starts its own sandbox and uses one PostgreSQL server for the whole bench
-(started like the tests' one: tests/postgres.py), a fresh database per run. On 2 cores
+(started like the tests' one: tests/helpers/pg_server.py), a fresh database per run. On 2 cores
 three workers do not scale; the point is the cost per person and the exact shared rate.
 """
 
@@ -28,7 +28,7 @@ from bench.tools import (
     write_job,
     write_people,
 )
-from tests.postgres import PgServer, remove_server, start_server
+from tests.helpers.pg_server import PgServer, remove_server, start_server
 
 if TYPE_CHECKING:
     from bench.run import Result

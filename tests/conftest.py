@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Sandbox, start_sandbox
-from tests.postgres import PgServer, Unavailable, remove_server, start_server
+from tests.helpers.pg_server import PgServer, Unavailable, remove_server, start_server
 
 # Why the PostgreSQL tests skipped this session, for the summary (empty: they did not).
 _pg_skipped: list[str] = []
@@ -22,7 +22,7 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    """One PostgreSQL server for the session (tests/postgres.py); skips when there is none."""
+    """One PostgreSQL server for the session (tests/helpers/pg_server.py); skips when there is none."""
     try:
         server = start_server()
     except Unavailable as error:

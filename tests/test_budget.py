@@ -1,4 +1,4 @@
-"""The shared rate budget on a real PostgreSQL (tests/postgres.py): grants from many
+"""The shared rate budget on a real PostgreSQL (tests/helpers/pg_server.py): grants from many
 connections never overlap and are never in the past when granted, idle time is not saved
 up, the channel is stored hashed, errors name the URL without its password, and three
 processes sending to one sandbox keep to N together."""
@@ -21,7 +21,7 @@ from campaign.rate import SharedRateLimiter
 from campaign.store.budget import RateBudget, channel_key
 from campaign.store.postgres import safe_url
 from tests.helpers import CHANNEL, ROOT, start_sandbox
-from tests.postgres import READ_ONLY, PgServer, free_port
+from tests.helpers.pg_server import READ_ONLY, PgServer, free_port
 from tests.test_rate import achieved, max_in_window
 
 SEND_URL = f"http://127.0.0.1:1/sms/{CHANNEL}/send.json"

@@ -1,5 +1,5 @@
 """Many workers on one PostgreSQL campaign: the real CLI in several processes, a real
-PostgreSQL (tests/postgres.py), the sandbox's record as the count of what was sent."""
+PostgreSQL (tests/helpers/pg_server.py), the sandbox's record as the count of what was sent."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.helpers import (
     statuses,
     write_job,
 )
-from tests.postgres import READ_ONLY, PgServer
+from tests.helpers.pg_server import READ_ONLY, PgServer
 from tests.test_rate import achieved, max_in_window
 from tests.test_resume import finish, people, results, wait_for
 

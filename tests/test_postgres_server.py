@@ -1,11 +1,11 @@
-"""The test PostgreSQL itself (tests/postgres.py): real logins, real rights, real crashes."""
+"""The test PostgreSQL itself (tests/helpers/pg_server.py): real logins, real rights, real crashes."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
-from tests.postgres import READ_ONLY, PgServer
+from tests.helpers.pg_server import READ_ONLY, PgServer
 
 
 def test_a_fresh_database_per_test_over_tcp_with_a_password(pg_url: str) -> None:

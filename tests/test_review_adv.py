@@ -1,5 +1,5 @@
 """Hostile schedules against the claims and leases of a PostgreSQL campaign: the real CLI
-in subprocesses, a real PostgreSQL (tests/postgres.py), and the server's own log of
+in subprocesses, a real PostgreSQL (tests/helpers/pg_server.py), and the server's own log of
 arrivals as the count of what was sent. Each schedule is forced by events (a lock a
 backend waits for, a lease that expired, a request that arrived), not by sleeps."""
 

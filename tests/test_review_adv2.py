@@ -1,6 +1,6 @@
 """Hostile schedules against the PostgreSQL group commit (one pipeline), the claim as
 one CTE and the halting of a run while it claims: the real CLI in subprocesses, a real
-PostgreSQL (tests/postgres.py), and the sandbox's record as the count of what was sent."""
+PostgreSQL (tests/helpers/pg_server.py), and the sandbox's record as the count of what was sent."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.helpers import (
     statuses,
     write_job,
 )
-from tests.postgres import PgServer
+from tests.helpers.pg_server import PgServer
 from tests.test_resume import people, results, wait_for
 from tests.test_review_adv import lock_waiters
 

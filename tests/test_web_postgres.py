@@ -1,5 +1,5 @@
 """The upload page on a PostgreSQL store: the real `campaign serve` (one or two processes
-on one database), the real CLI beside it, a real PostgreSQL (tests/postgres.py), and the
+on one database), the real CLI beside it, a real PostgreSQL (tests/helpers/pg_server.py), and the
 sandbox's record as the count of what was sent."""
 
 from __future__ import annotations

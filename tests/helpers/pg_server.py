@@ -215,7 +215,7 @@ def _initialise(bindir: Path, root: Path, as_user: list[str]) -> PgServer:
         "logging_collector": "off",
     }
     with (server.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
-        conf.write("\n# tests/postgres.py\n")
+        conf.write("\n# tests/helpers/pg_server.py\n")
         conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
     server.start()
     try:

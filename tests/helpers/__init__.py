@@ -23,7 +23,7 @@ from aiohttp import web
 from campaign.sandbox import spawn
 from campaign.store.ledger import LEDGER_FILE, Ledger
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 CHANNEL = "11111111-2222-4333-8444-555555555555"
 
 

@@ -22,7 +22,7 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    """One PostgreSQL server for the session (tests/helpers/pg_server.py); skips when there is none."""
+    """One PostgreSQL server for the session (tests/helpers/pg_server.py); skips without one."""
     try:
         server = start_server()
     except Unavailable as error:

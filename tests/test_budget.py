@@ -22,7 +22,7 @@ from campaign.store.budget import RateBudget, channel_key
 from campaign.store.postgres import safe_url
 from tests.helpers import CHANNEL, ROOT, start_sandbox
 from tests.helpers.pg_server import READ_ONLY, PgServer, free_port
-from tests.test_rate import achieved, max_in_window
+from tests.helpers.rates import achieved, max_in_window
 
 SEND_URL = f"http://127.0.0.1:1/sms/{CHANNEL}/send.json"
 

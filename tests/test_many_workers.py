@@ -25,8 +25,8 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.pg_server import READ_ONLY, PgServer
-from tests.test_rate import achieved, max_in_window
-from tests.test_resume import finish, people, results, wait_for
+from tests.helpers.rates import achieved, max_in_window
+from tests.helpers.runs import finish, people, results, wait_for
 
 CONCURRENCY = 8
 

@@ -32,7 +32,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import people, wait_for
+from tests.helpers.runs import people, wait_for
 
 TRIALS = 20
 PG_TRIALS = 8  # more kill and race trials on PostgreSQL run in tests/test_review_*.py

@@ -20,14 +20,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_web_api import (
-    call,
-    client,
-    final_state,
-    start_serve,
-    upload,
-    wait_for_records,
-)
+from tests.helpers.web import call, client, final_state, start_serve, upload, wait_for_records
 
 # The page chooses Mobile; the job file says Phone: another person for every row.
 HEADER = ["First Name", "Phone", "Mobile"]

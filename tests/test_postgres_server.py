@@ -1,4 +1,4 @@
-"""The test PostgreSQL itself (tests/helpers/pg_server.py): real logins, real rights, real crashes."""
+"""The test PostgreSQL itself (tests/helpers/pg_server.py): real logins, rights and crashes."""
 
 from __future__ import annotations
 

@@ -6,10 +6,8 @@ import contextlib
 import datetime as dt
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +19,13 @@ from tests.helpers import (
     cli,
     open_ledger,
     phones,
-    read_results,
     spawn_cli,
     start_sandbox,
     statuses,
     write_csv,
     write_job,
 )
-
-# With a PostgreSQL ledger, a killed run's people are settled once its lease expires: a
-# short lease keeps the tests that kill a run from waiting out the default 30 s.
-LEASE_S = 3
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def people(path: Path, n: int, start: int = 0) -> Path:
-    return write_csv(
-        path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(phones(n, start))]
-    )
-
-
-def results(tmp_path: Path, campaign: str = "test") -> list[dict[str, str]]:
-    return read_results(tmp_path / "runs" / campaign / "results.csv")
-
-
-def finish(process: subprocess.Popen[str], timeout: float = 120) -> int:
-    process.communicate(timeout=timeout)
-    return process.returncode
+from tests.helpers.runs import LEASE_S, YESTERDAY, finish, people, results, wait_for
 
 
 def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path, store: str | None) -> None:
@@ -262,9 +233,6 @@ def test_one_run_at_a_time_and_a_dead_holder_does_not_block(tmp_path: Path) -> N
         assert third.returncode == 1, third.stderr  # the killed request is now unknown
         assert len(server.arrivals) == 2
     assert [r["_status"] for r in results(tmp_path)] == ["unknown", "sent"]
-
-
-YESTERDAY = f"job-{(dt.date.today() - dt.timedelta(days=1)).isoformat()}"
 
 
 def crash_yesterdays_campaign(

@@ -30,34 +30,8 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import finish, people, results, wait_for
-
-
-def in_campaign(url: str, campaign: str = "test") -> psycopg.Connection[Any]:
-    """A connection whose unqualified names are the campaign's tables."""
-    db = psycopg.connect(url, autocommit=True)
-    db.execute(f'SET search_path TO "{schema_name(campaign)}"')
-    return db
-
-
-def lock_waiters(url: str, like: str) -> list[int]:
-    """Backends of the test's database waiting for a lock, running a statement `like`."""
-    with psycopg.connect(url, autocommit=True) as db:
-        found = db.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE %s",
-            (like,),
-        ).fetchall()
-    return [pid for (pid,) in found]
-
-
-def lease_expired(url: str, run_id: int, lease_s: float) -> bool:
-    with in_campaign(url) as db:
-        found = db.execute(
-            "SELECT extract(epoch FROM clock_timestamp()) - heartbeat_at FROM runs WHERE id = %s",
-            (run_id,),
-        ).fetchone()
-    return found is not None and found[0] > lease_s * 1.5
+from tests.helpers.pg import in_campaign, lease_expired, lock_waiters, only_run
+from tests.helpers.runs import finish, people, results, wait_for
 
 
 def held_for(
@@ -77,13 +51,6 @@ def held_for(
         return "held" if body["to_phone"] == number else 200
 
     return reply, held
-
-
-def only_run(url: str) -> int:
-    with in_campaign(url) as db:
-        found = db.execute("SELECT id FROM runs").fetchall()
-    assert len(found) == 1, found
-    return int(found[0][0])
 
 
 def state_of(url: str, recipient_id: int) -> str:

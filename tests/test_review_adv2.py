@@ -25,18 +25,11 @@ from tests.helpers import (
     statuses,
     write_job,
 )
+from tests.helpers.pg import ledger_states, lock_waiters
 from tests.helpers.pg_server import PgServer
-from tests.test_resume import people, results, wait_for
-from tests.test_review_adv import lock_waiters
+from tests.helpers.runs import people, results, wait_for
 
 CONCURRENCY = 8
-
-
-def ledger_states(url: str, campaign: str = "test") -> Counter[str]:
-    with psycopg.connect(url, autocommit=True) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
-        found = db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall()
-    return Counter(dict(found))
 
 
 def check_against_record(box: Sandbox, tmp_path: Path, rows: int, in_doubt: int) -> int:

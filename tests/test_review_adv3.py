@@ -11,9 +11,8 @@ import psycopg
 
 from campaign.store.db import schema_name
 from tests.helpers import cli, spawn_cli, start_sandbox
-from tests.test_resume import wait_for
-from tests.test_review_adv2 import ledger_states
-from tests.test_review_pg import check_report_against_record, lease_job
+from tests.helpers.pg import check_report_against_record, lease_job, ledger_states
+from tests.helpers.runs import wait_for
 
 # The first claim of a person (its claim going from nobody to a run) sleeps, once: the
 # claiming transaction has checked that its run is live and holds the rows it picked.

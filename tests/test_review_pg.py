@@ -31,9 +31,23 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import YESTERDAY, finish, people, results, wait_for
-from tests.test_review_adv import in_campaign, lease_expired, only_run
-from tests.test_windows import HNL_PHONES, NY_PHONES, e164, hhmm, local_minutes, ny_open_hnl_closed
+from tests.helpers.pg import (
+    check_report_against_record,
+    in_campaign,
+    lease_expired,
+    lease_job,
+    ledger_states,
+    only_run,
+)
+from tests.helpers.runs import YESTERDAY, finish, people, results, wait_for
+from tests.helpers.windows import (
+    HNL_PHONES,
+    NY_PHONES,
+    e164,
+    hhmm,
+    local_minutes,
+    ny_open_hnl_closed,
+)
 
 
 def staff(path: Path, n: int) -> Path:
@@ -106,36 +120,6 @@ def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
         assert_no_duplicates(box)
     finally:
         box.stop()
-
-
-def check_report_against_record(box: Sandbox, tmp_path: Path, rows: int) -> dict[str, int]:
-    """Each person at most once at the sandbox; every row in the report once; every row
-    reported `sent` was received; every number received is reported sent or unknown."""
-    received = Counter(p for p in box.phones())
-    twice = sorted(p for p, n in received.items() if n > 1)
-    assert twice == [], f"{len(twice)} sent twice: {twice[:5]}"
-    lines = results(tmp_path)
-    assert len(lines) == rows, len(lines)
-    counts = statuses(lines)
-    for line in lines:
-        if line["_status"] == "sent":
-            assert line["_to_phone"] in received, f"reported sent, never received: {line}"
-        elif line["_to_phone"] in received:
-            assert line["_status"] == "unknown", f"received, reported {line['_status']}: {line}"
-    return counts
-
-
-def lease_job(
-    tmp_path: Path, box: Sandbox, url: str, rows: int, lease: float, **limits: object
-) -> Path:
-    return write_job(
-        tmp_path,
-        box.url,
-        input=people(tmp_path / "in.csv", rows),
-        ledger=url,
-        api={"timeout_s": 10},
-        limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": lease, **limits},
-    )
 
 
 def test_a_worker_stopped_longer_than_its_lease_then_continued(tmp_path: Path, pg_url: str) -> None:
@@ -223,12 +207,6 @@ def test_a_stalled_workers_late_answer_does_not_undo_a_later_send(
         again = cli("run", str(job), "--no-progress")
         assert again.returncode == 0, again.stdout + again.stderr
         assert Counter(delivered) == Counter(numbers), Counter(delivered)
-
-
-def ledger_states(url: str, campaign: str = "test") -> dict[str, int]:
-    with psycopg.connect(url) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
-        return dict(db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall())
 
 
 def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in_flight(

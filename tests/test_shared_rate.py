@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from campaign.rate import TOLERANCE_S, Granted, SharedRateLimiter
-from tests.test_rate import achieved, max_in_window, run_virtual
+from tests.helpers.rates import achieved, max_in_window, run_virtual
 
 SERVER_OFFSET = 1.7e9  # the budget's clock: epoch seconds, the loop's starts at 1000
 

@@ -25,7 +25,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import finish, people, wait_for
+from tests.helpers.runs import finish, people, wait_for
 
 
 def e164(text: str) -> str:

@@ -17,16 +17,17 @@ import pytest
 from campaign.web.access import SESSION_TTL_S, Sessions
 from campaign.web.app import _is_loopback
 from tests.helpers import Sandbox, cli, write_job
-from tests.test_web_api import (
+from tests.helpers.web import (
     TOKEN,
     XLSX,
     Served,
-    _upload_and_validate,
     call,
     client,
     final_state,
     in_process,
+    sign_in,
     start_serve,
+    upload_and_validate,
 )
 
 NOWHERE = "http://127.0.0.1:9"  # the API of tests that send nothing
@@ -38,14 +39,6 @@ def server(tmp_path: Path, sandbox: Sandbox) -> Iterator[Served]:
     served = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
     yield served
     served.stop()
-
-
-async def sign_in(http: aiohttp.ClientSession, origin: str) -> tuple[str, str]:
-    """The page's sign-in: the session cookie as a Cookie header, and the Set-Cookie line."""
-    async with http.post("/api/session", json={"token": TOKEN}, headers={"Origin": origin}) as r:
-        assert r.status == 200, await r.text()
-        set_cookie = r.headers["Set-Cookie"]
-    return set_cookie.split(";")[0], set_cookie
 
 
 def upload_form() -> aiohttp.FormData:
@@ -60,7 +53,7 @@ async def test_a_page_of_another_origin_cannot_use_the_cookie(
     port = int(server.url.rsplit(":", 1)[1])
     other = f"http://127.0.0.1:{port + 1}"  # same site (127.0.0.1), another origin
     async with client(server) as bearer:
-        campaign = await _upload_and_validate(bearer)
+        campaign = await upload_and_validate(bearer)
     start = f"/api/campaigns/{campaign}/start"
     async with client(server, token=None) as http:
         cookie, _ = await sign_in(http, server.url)
@@ -146,7 +139,7 @@ async def test_scripts_send_with_the_token_and_json_or_no_body(
     sandbox: Sandbox, server: Served
 ) -> None:
     async with client(server) as http:
-        campaign = await _upload_and_validate(http)
+        campaign = await upload_and_validate(http)
         start = f"/api/campaigns/{campaign}/start"
         as_text = {"Content-Type": "text/plain"}
         error = await call(

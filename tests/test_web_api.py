@@ -6,29 +6,15 @@ subprocess), whose record file says exactly what was delivered.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from campaign.job import load_job
-from campaign.web.app import create_app
 from tests.helpers import (
-    ROOT,
     Sandbox,
     assert_no_duplicates,
     cli,
@@ -36,121 +22,22 @@ from tests.helpers import (
     start_sandbox,
     write_job,
 )
-
-TOKEN = "test-token-7f3a-5b0e"  # at least 16 characters, or serve refuses it
-XLSX = ROOT / "sample_data" / "recipients.xlsx"
-COLUMNS = ["First Name", "Last Name", "Phone", "Employee ID"]
-# recipients.xlsx: 50 rows, 5 with unusable phones, 2 repeating an earlier phone.
-EXPECTED = {
-    "sent": 0,
-    "failed": 0,
-    "unknown": 0,
-    "pending": 43,
-    "invalid": 5,
-    "duplicate": 2,
-    "suppressed": 0,
-}
-WAIT_S = 30
-
-
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    url: str
-    log: Path
-
-    def stop(self, signum: int = signal.SIGINT) -> int:
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=WAIT_S)
-
-
-def start_serve(directory: Path, job: Path, *options: str, token: str = TOKEN) -> Served:
-    """`campaign serve JOB --port 0`, waiting for the line that says where it listens."""
-    log = directory / f"serve-{time.monotonic_ns()}.log"
-    with log.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "campaign", "serve", str(job), "--port", "0", *options],
-            env={**os.environ, "PYTHONPATH": str(ROOT), "CAMPAIGN_TOKEN": token},
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "listening on " not in line:
-        process.kill()
-        raise RuntimeError(f"serve did not start: {line}{log.read_text()}")
-    return Served(process, line.split("listening on ")[1].strip().rstrip("/"), log)
-
-
-@asynccontextmanager
-async def in_process(job: Path, **options: Any) -> AsyncIterator[tuple[str, web.Application]]:
-    """The app in the test's own process and loop, on 127.0.0.1: its URL and the app, for
-    what a subprocess cannot show (its open event streams) or be made to do (a clock 12 h
-    on). Sends run in the test's loop."""
-    app = create_app(load_job(job), TOKEN, 1024 * 1024, **options)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
-    finally:
-        await runner.cleanup()
-
-
-@asynccontextmanager
-async def client(server: Served, token: str | None = TOKEN) -> AsyncIterator[aiohttp.ClientSession]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(server.url, headers=headers) as session:
-        yield session
-
-
-async def upload(http: aiohttp.ClientSession, path: Path, **extra: str) -> dict[str, Any]:
-    form = aiohttp.FormData()
-    form.add_field("file", path.read_bytes(), filename=path.name)
-    for name, value in extra.items():
-        form.add_field(name, value)
-    async with http.post("/api/campaigns", data=form) as response:
-        body = await response.json()
-        assert response.status == 201, body
-        return body
-
-
-async def call(
-    http: aiohttp.ClientSession, method: str, path: str, status: int = 200, **kwargs: Any
-) -> Any:
-    async with http.request(method, path, **kwargs) as response:
-        body = await response.json()
-        assert response.status == status, body
-        return body
-
-
-async def final_state(http: aiohttp.ClientSession, campaign: str) -> dict[str, Any]:
-    """Follow the campaign's server-sent events until it stops running; its last state."""
-    state: dict[str, Any] = {}
-    async with http.get(f"/api/campaigns/{campaign}/events") as response:
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        event = ""
-        async for raw in response.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == "state":
-                state = json.loads(line[6:])
-                if state["state"] != "running":
-                    return state
-    raise AssertionError(f"the event stream ended without a final state: {state}")
-
-
-def wait_for_records(sandbox: Sandbox, count: int) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while len(sandbox.records()) < count:
-        assert time.monotonic() < deadline, f"the sandbox did not get {count} requests"
-        time.sleep(0.02)
-
-
-def results_rows(text: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(text)))
+from tests.helpers.web import (
+    COLUMNS,
+    EXPECTED,
+    TOKEN,
+    WAIT_S,
+    XLSX,
+    Served,
+    call,
+    client,
+    final_state,
+    results_rows,
+    start_serve,
+    upload,
+    upload_and_validate,
+    wait_for_records,
+)
 
 
 @pytest.fixture
@@ -329,21 +216,13 @@ async def test_upload_map_validate_send_download(
         again.stop()
 
 
-async def _upload_and_validate(http: aiohttp.ClientSession) -> str:
-    made = await upload(http, XLSX)
-    campaign = made["id"]
-    summary = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=made["mapping"])
-    assert summary["counts"] == EXPECTED
-    return campaign
-
-
 async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
     tmp_path: Path, slow_sandbox: Sandbox
 ) -> None:
     job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
     server = start_serve(tmp_path, job)
     async with client(server) as http:
-        campaign = await _upload_and_validate(http)
+        campaign = await upload_and_validate(http)
         await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
     wait_for_records(slow_sandbox, 3)
     assert server.stop(signal.SIGTERM) == 0  # drains like Ctrl-C: requests in flight finish
@@ -378,7 +257,7 @@ async def test_server_killed_mid_send_shows_a_resumable_campaign(
     job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
     server = start_serve(tmp_path, job)
     async with client(server) as http:
-        campaign = await _upload_and_validate(http)
+        campaign = await upload_and_validate(http)
         await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
     wait_for_records(slow_sandbox, 3)
     server.process.kill()
@@ -410,7 +289,7 @@ async def test_cli_campaign_is_continued_from_the_page(
     server = start_serve(tmp_path, job)
     try:
         async with client(server) as http:
-            campaign = await _upload_and_validate(http)
+            campaign = await upload_and_validate(http)
             upload_path = tmp_path / "runs" / campaign / "upload.xlsx"
             run = spawn_cli(
                 "run", str(job), "--campaign", campaign, "--input", str(upload_path),

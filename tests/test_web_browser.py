@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import FaultServer, write_job
-from tests.test_web_api import TOKEN, XLSX, Served, start_serve
+from tests.helpers.web import TOKEN, XLSX, Served, start_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -23,9 +23,9 @@ from tests.helpers import (
     statuses,
     write_job,
 )
-from tests.test_rate import max_in_window
-from tests.test_resume import finish, people, results
-from tests.test_web_api import (
+from tests.helpers.rates import max_in_window
+from tests.helpers.runs import finish, people, results
+from tests.helpers.web import (
     EXPECTED,
     XLSX,
     call,

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import Sandbox, cli, phones, write_csv, write_job
-from tests.test_web_api import TOKEN, call, client, start_serve
+from tests.helpers.web import TOKEN, call, client, start_serve
 
 REPORTING = {"agent_id": "1", "access_token": "sandbox-token", "settle_minutes": 0}
 

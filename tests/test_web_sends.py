@@ -19,15 +19,15 @@ from campaign.store.campaigns import open_campaign
 from campaign.web.api import SERVICE
 from campaign.web.watch import Watch
 from tests.helpers import FaultServer, Sandbox, cli, spawn_cli, write_csv, write_job
-from tests.test_rate import max_in_window
-from tests.test_web_api import (
+from tests.helpers.rates import max_in_window
+from tests.helpers.web import (
     TOKEN,
-    _upload_and_validate,
     call,
     client,
     final_state,
     in_process,
     start_serve,
+    upload_and_validate,
 )
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -42,7 +42,7 @@ async def test_page_campaigns_to_one_channel_share_its_rate(
     server = start_serve(tmp_path, job)
     try:
         async with client(server) as http:
-            campaigns = [await _upload_and_validate(http), await _upload_and_validate(http)]
+            campaigns = [await upload_and_validate(http), await upload_and_validate(http)]
             for campaign in campaigns:
                 started = await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
                 assert started["state"] == "running"
@@ -100,7 +100,7 @@ async def test_a_stream_ends_when_its_page_goes_away_though_the_send_is_stuck(
             aiohttp.ClientSession(url, headers=BEARER) as http,
         ):
             try:
-                campaign = await _upload_and_validate(http)
+                campaign = await upload_and_validate(http)
                 await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
                 await until(lambda: len(hanging.arrivals) == 1, "the first request")
                 await streams_end_with_their_pages(app, http, campaign, "progress")
@@ -120,7 +120,7 @@ async def test_a_stream_of_a_campaign_sent_from_the_command_line_ends_with_its_p
             in_process(job) as (url, app),
             aiohttp.ClientSession(url, headers=BEARER) as http,
         ):
-            campaign = await _upload_and_validate(http)
+            campaign = await upload_and_validate(http)
             upload = tmp_path / "runs" / campaign / "upload.xlsx"
             run = spawn_cli("run", str(job), "--campaign", campaign, "--input", str(upload))
             try:
@@ -166,7 +166,7 @@ async def test_two_starts_at_once_make_one_send(sandbox: Sandbox, tmp_path: Path
     server = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
     try:
         async with client(server) as http:
-            campaign = await _upload_and_validate(http)
+            campaign = await upload_and_validate(http)
 
             async def start() -> int:
                 async with http.post(f"/api/campaigns/{campaign}/start", json={}) as response:

@@ -7,8 +7,16 @@ from pathlib import Path
 
 from campaign.store.suppression import SuppressionList
 from tests.helpers import start_sandbox, write_job
-from tests.test_web_access import sign_in
-from tests.test_web_api import EXPECTED, XLSX, call, client, final_state, start_serve, upload
+from tests.helpers.web import (
+    EXPECTED,
+    XLSX,
+    call,
+    client,
+    final_state,
+    sign_in,
+    start_serve,
+    upload,
+)
 
 # recipients.xlsx's first row: 4155550101 (US).
 FIRST = "+14155550101"

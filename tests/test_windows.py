@@ -41,26 +41,18 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.test_resume import finish, wait_for
-
-NEW_YORK, HONOLULU = ZoneInfo("America/New_York"), ZoneInfo("Pacific/Honolulu")
-NY_PHONES = ["+1 212 555 0100", "+1 212 555 0101", "+1 212 555 0102"]
-HNL_PHONES = ["+1 808 555 0101", "+1 808 555 0102"]
-TOLL_FREE = ["+1 800 234 5678", "+1 888 234 5678"]
-
-
-def e164(text: str) -> str:
-    return "+" + "".join(ch for ch in text if ch.isdigit())
-
-
-def hhmm(minutes: int) -> str:
-    minutes %= 24 * 60
-    return f"{minutes // 60:02d}:{minutes % 60:02d}"
-
-
-def local_minutes(zone: ZoneInfo, at: dt.datetime | None = None) -> int:
-    local = (at or dt.datetime.now(dt.UTC)).astimezone(zone)
-    return local.hour * 60 + local.minute
+from tests.helpers.runs import finish, wait_for
+from tests.helpers.windows import (
+    HNL_PHONES,
+    HONOLULU,
+    NEW_YORK,
+    NY_PHONES,
+    TOLL_FREE,
+    e164,
+    hhmm,
+    local_minutes,
+    ny_open_hnl_closed,
+)
 
 
 def inside(window: str, zone: ZoneInfo, at: dt.datetime) -> bool:
@@ -204,12 +196,6 @@ def test_an_unquoted_yaml_deadline_is_explained(tmp_path: Path) -> None:
 
 
 # --- real runs -------------------------------------------------------------------------------
-
-
-def ny_open_hnl_closed() -> str:
-    """A window open now in New York and closed now in Honolulu (5 or 6 hours behind)."""
-    now = local_minutes(NEW_YORK)
-    return f"{hhmm(now - 60)}-{hhmm(now + 120)}"
 
 
 def test_a_run_sends_only_people_inside_their_window(tmp_path: Path, store: str | None) -> None:
@@ -397,7 +383,7 @@ async def test_a_retry_that_would_leave_outside_the_window_does_not_leave(
 
 
 async def test_the_pages_validation_says_who_is_inside_their_window(tmp_path: Path) -> None:
-    from tests.test_web_api import call, client, start_serve, upload
+    from tests.helpers.web import call, client, start_serve, upload
 
     rows = [[p, f"P{i}"] for i, p in enumerate(NY_PHONES + HNL_PHONES)]
     data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)

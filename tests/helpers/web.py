@@ -1,0 +1,166 @@
+"""Helpers for tests of the upload service: a real `campaign serve`, a signed-in client, uploads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from campaign.job import load_job
+from campaign.web.app import create_app
+from tests.helpers import (
+    ROOT,
+    Sandbox,
+)
+
+TOKEN = "test-token-7f3a-5b0e"  # at least 16 characters, or serve refuses it
+
+
+XLSX = ROOT / "sample_data" / "recipients.xlsx"
+
+
+COLUMNS = ["First Name", "Last Name", "Phone", "Employee ID"]
+
+
+# recipients.xlsx: 50 rows, 5 with unusable phones, 2 repeating an earlier phone.
+EXPECTED = {
+    "sent": 0,
+    "failed": 0,
+    "unknown": 0,
+    "pending": 43,
+    "invalid": 5,
+    "duplicate": 2,
+    "suppressed": 0,
+}
+
+
+WAIT_S = 30
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=WAIT_S)
+
+
+def start_serve(directory: Path, job: Path, *options: str, token: str = TOKEN) -> Served:
+    """`campaign serve JOB --port 0`, waiting for the line that says where it listens."""
+    log = directory / f"serve-{time.monotonic_ns()}.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "campaign", "serve", str(job), "--port", "0", *options],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CAMPAIGN_TOKEN": token},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening on " not in line:
+        process.kill()
+        raise RuntimeError(f"serve did not start: {line}{log.read_text()}")
+    return Served(process, line.split("listening on ")[1].strip().rstrip("/"), log)
+
+
+@asynccontextmanager
+async def in_process(job: Path, **options: Any) -> AsyncIterator[tuple[str, web.Application]]:
+    """The app in the test's own process and loop, on 127.0.0.1: its URL and the app, for
+    what a subprocess cannot show (its open event streams) or be made to do (a clock 12 h
+    on). Sends run in the test's loop."""
+    app = create_app(load_job(job), TOKEN, 1024 * 1024, **options)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def client(server: Served, token: str | None = TOKEN) -> AsyncIterator[aiohttp.ClientSession]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(server.url, headers=headers) as session:
+        yield session
+
+
+async def upload(http: aiohttp.ClientSession, path: Path, **extra: str) -> dict[str, Any]:
+    form = aiohttp.FormData()
+    form.add_field("file", path.read_bytes(), filename=path.name)
+    for name, value in extra.items():
+        form.add_field(name, value)
+    async with http.post("/api/campaigns", data=form) as response:
+        body = await response.json()
+        assert response.status == 201, body
+        return body
+
+
+async def call(
+    http: aiohttp.ClientSession, method: str, path: str, status: int = 200, **kwargs: Any
+) -> Any:
+    async with http.request(method, path, **kwargs) as response:
+        body = await response.json()
+        assert response.status == status, body
+        return body
+
+
+async def final_state(http: aiohttp.ClientSession, campaign: str) -> dict[str, Any]:
+    """Follow the campaign's server-sent events until it stops running; its last state."""
+    state: dict[str, Any] = {}
+    async with http.get(f"/api/campaigns/{campaign}/events") as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        event = ""
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "state":
+                state = json.loads(line[6:])
+                if state["state"] != "running":
+                    return state
+    raise AssertionError(f"the event stream ended without a final state: {state}")
+
+
+def wait_for_records(sandbox: Sandbox, count: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while len(sandbox.records()) < count:
+        assert time.monotonic() < deadline, f"the sandbox did not get {count} requests"
+        time.sleep(0.02)
+
+
+def results_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+async def sign_in(http: aiohttp.ClientSession, origin: str) -> tuple[str, str]:
+    """The page's sign-in: the session cookie as a Cookie header, and the Set-Cookie line."""
+    async with http.post("/api/session", json={"token": TOKEN}, headers={"Origin": origin}) as r:
+        assert r.status == 200, await r.text()
+        set_cookie = r.headers["Set-Cookie"]
+    return set_cookie.split(";")[0], set_cookie
+
+
+async def upload_and_validate(http: aiohttp.ClientSession) -> str:
+    made = await upload(http, XLSX)
+    campaign = made["id"]
+    summary = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=made["mapping"])
+    assert summary["counts"] == EXPECTED
+    return campaign

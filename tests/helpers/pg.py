@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import random
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from campaign.store.db import schema_name
 from tests.helpers import (
     Sandbox,
+    assert_no_duplicates,
+    cli,
+    spawn_cli,
     statuses,
     write_job,
 )
-from tests.helpers.runs import people, results
+from tests.helpers.runs import people, results, wait_for
 
 
 def in_campaign(url: str, campaign: str = "test") -> psycopg.Connection[Any]:
@@ -86,3 +92,85 @@ def ledger_states(url: str, campaign: str = "test") -> Counter[str]:
         db.execute(f'SET search_path TO "{schema_name(campaign)}"')
         found = db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall()
     return Counter(dict(found))
+
+
+CONCURRENCY = 8
+
+
+def check_against_record(box: Sandbox, tmp_path: Path, rows: int, in_doubt: int) -> int:
+    """The report after every worker ended, checked at the sandbox's record: nobody twice,
+    every `sent` person arrived, at most `in_doubt` unknown; the number unknown."""
+    received = set(assert_no_duplicates(box))
+    lines = results(tmp_path)
+    counts = statuses(lines)
+    assert set(counts) <= {"sent", "unknown"}, counts
+    assert sum(counts.values()) == rows
+    sent = {line["_to_phone"] for line in lines if line["_status"] == "sent"}
+    assert sent <= received, f"reported sent, never arrived: {sorted(sent - received)}"
+    unknown = counts.get("unknown", 0)
+    assert unknown <= in_doubt, counts
+    assert len(received) >= rows - unknown
+    return unknown
+
+
+def resend_and_check(box: Sandbox, tmp_path: Path, job: Path, rows: int, unknown: int) -> None:
+    again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert statuses(results(tmp_path)) == {"sent": rows}
+    received = Counter(box.phones())
+    assert len(received) == rows
+    assert sum(received.values()) - rows <= unknown
+
+
+def group_commits_waiting(url: str) -> list[int]:
+    """Backends waiting at the generation bump (`UPDATE meta`) of a group commit: the
+    transaction has written the attempts table. The lease sweep's settling of dead
+    workers bumps the generation with the same statement, once a lease_s / 3, and writes
+    no attempt while nobody died: matching the statement alone may pick the sweep."""
+    with psycopg.connect(url, autocommit=True) as db:
+        found = db.execute(
+            "SELECT a.pid FROM pg_stat_activity a WHERE a.datname = current_database() "
+            "AND a.wait_event_type = 'Lock' AND a.query LIKE 'UPDATE meta%%' "
+            "AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted "
+            "AND l.relation = %s::regclass AND l.mode = 'RowExclusiveLock')",
+            (f'"{schema_name("test")}".attempts',),
+        ).fetchall()
+    return [pid for (pid,) in found]
+
+
+def worker_backends(url: str) -> list[int]:
+    with psycopg.connect(url, autocommit=True) as db:
+        found = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid != pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchall()
+    return [pid for (pid,) in found]
+
+
+@pytest.mark.timeout(240)
+def worker_at_a_held_commit(
+    tmp_path: Path, box: Sandbox, pg_url: str, rows: int, lease_s: float
+) -> tuple[Path, subprocess.Popen[str], psycopg.Connection[Any]]:
+    """A worker sending `rows` people, its group commit held: after a random number of
+    requests a connection here holds the generation row, and the worker's next commit
+    waits there (its pipeline sent, its COMMIT not yet). Returns the job, the worker and
+    that connection (closing it lets the commit go on)."""
+    job = write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", rows),
+        ledger=pg_url,
+        limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": lease_s},
+    )
+    worker = spawn_cli("run", str(job), "--no-progress")
+    mark = random.randrange(20, 300)
+    wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
+    locker = psycopg.connect(pg_url)
+    try:
+        locker.execute(f'SET search_path TO "{schema_name("test")}"')
+        locker.execute("SELECT 1 FROM meta WHERE key = 'generation' FOR UPDATE")
+        wait_for(lambda: group_commits_waiting(pg_url) != [], what="the worker's commit")
+    except BaseException:
+        locker.close()
+        raise
+    return job, worker, locker

@@ -273,3 +273,29 @@ class FaultServer:
         if payload is None:
             payload = {"success": 200 <= status < 300}
         return web.json_response(payload, status=status, headers=headers)
+
+
+# --- waiting on conditions, and a run's own log ----------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def logged_events(log_file: Path) -> list[str]:
+    """The events a run has written to its campaign's `log.jsonl` so far (a line still
+    being written is left out)."""
+    if not log_file.exists():
+        return []
+    *complete, _being_written = log_file.read_bytes().split(b"\n")
+    return [json.loads(line)["event"] for line in complete if line.strip()]
+
+
+def e164(text: str) -> str:
+    """A number as the sandbox records it (`+1 415 200 0001` -> `+14152000001`)."""
+    return "+" + "".join(ch for ch in text if ch.isdigit())

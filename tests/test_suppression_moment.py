@@ -137,22 +137,37 @@ ADD_EVERY_S = 0.1
 def test_numbers_added_while_a_run_loads_its_input_are_respected_within_2_s(
     tmp_path: Path, store: str | None
 ) -> None:
-    numbers = phones(LOAD_ROWS)
-    box = start_sandbox(tmp_path)
+    for trial in range(TRIALS):
+        _load_trial(tmp_path / f"trial-{trial}", store, trial)
+
+
+def _load_trial(directory: Path, store: str | None, trial: int) -> None:
+    """Numbers near the start of a big input are added while the run loads it, checks it
+    against the list, and starts sending; each is reached seconds after its commit."""
+    directory.mkdir()
+    numbers = phones(LOAD_ROWS, start=trial * LOAD_ROWS)
+    campaign = f"load-{trial}"
+    box = start_sandbox(directory)
     job = write_job(
-        tmp_path,
+        directory,
         box.url,
-        input=people(tmp_path / "in.csv", numbers),
+        name=campaign,  # a trial stopped midway leaves its job unfinished, not the next's
+        input=people(directory / "in.csv", numbers),
+        campaign=campaign,
         limits={"rate_per_second": LOAD_RATE, "concurrency": 2},
         ledger=store,
     )
-    log_file = tmp_path / "runs" / "test" / "log.jsonl"
+    log_file = directory / "runs" / campaign / "log.jsonl"
     committed: dict[str, float] = {}
     run = spawn_cli("run", str(job), "--no-progress")
     try:
-        writer = _Writer(tmp_path / "runs", store, [numbers[i] for i in POOL], log_file)
+        writer = _Writer(directory / "runs", store, [numbers[i] for i in POOL], log_file)
         writer.start()
-        wait_until(lambda: "input mapped" in logged_events(log_file), what="`input mapped`")
+        wait_until(
+            lambda: "input mapped" in logged_events(log_file) or run.poll() is not None,
+            what="`input mapped`",
+        )
+        assert run.poll() is None, run.communicate()[1]
         added = cli("suppress", "add", str(job), numbers[BY_HAND], "--reason", "STOP")
         assert added.returncode == 0, added.stderr
         committed[e164(numbers[BY_HAND])] = time.time()
@@ -171,7 +186,7 @@ def test_numbers_added_while_a_run_loads_its_input_are_respected_within_2_s(
     # The additions spanned the load and its check, and each came well before its row.
     assert writer.before_mapped >= 5 and writer.after_mapped >= 1
     assert arrival(box, e164(numbers[POOL[0] - 1])) > max(committed.values()) + MOMENT_S
-    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    rows = read_results(directory / "runs" / campaign / "results.csv")
     reached = [rows[i] for i in (*POOL, BY_HAND) if e164(numbers[i]) in committed]
     assert {r["_status"] for r in reached} == {"suppressed"}
 

@@ -14,6 +14,7 @@ import psycopg
 
 from campaign.store.suppression import SHARED_SCHEMA, SuppressionList
 from tests.helpers import (
+    FaultServer,
     Sandbox,
     cli,
     e164,
@@ -281,3 +282,49 @@ def test_a_list_of_the_first_schema_is_migrated_and_watched_in_commit_order(
         assert listed.added_since(mark)[1] == {}
         listed.add(["+14152000002"], "new", "manual")
         assert list(listed.added_since(mark)[1]) == ["+14152000002"]
+
+
+# --- a person waiting to be retried ---------------------------------------------------------
+
+RETRY_AFTER_S = 4
+
+
+def test_a_number_added_while_its_person_waits_for_a_retry_gets_no_retry(
+    tmp_path: Path, store: str | None
+) -> None:
+    numbers = phones(3)
+    target = e164(numbers[1])
+
+    tries: list[int] = []
+
+    def reply(n: int, body: dict[str, object]) -> object:
+        if body.get("to_phone") != target:
+            return 200
+        tries.append(n)
+        return (503, {"Retry-After": str(RETRY_AFTER_S)}) if len(tries) == 1 else 200
+
+    with FaultServer(reply) as server:
+        job = write_job(
+            tmp_path, server.url, input=people(tmp_path / "in.csv", numbers), ledger=store
+        )
+        run = spawn_cli("run", str(job), "--no-progress")
+        try:
+            wait_until(lambda: target in to_phones(server), what="the first attempt")
+            added = cli("suppress", "add", str(job), target, "--reason", "STOP")
+            assert added.returncode == 0, added.stderr
+            committed = time.monotonic()
+            _, err = run.communicate(timeout=60)
+            assert run.returncode == 0, err
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        retried = [a.at - committed for a in server.arrivals if a.body.get("to_phone") == target]
+        assert [at for at in retried if at > MOMENT_S] == []
+        assert len(retried) == 1  # its retry was due RETRY_AFTER_S after the first
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert [r["_status"] for r in rows] == ["sent", "suppressed", "sent"]
+
+
+def to_phones(server: FaultServer) -> list[object]:
+    return [body.get("to_phone") for body in server.bodies()]

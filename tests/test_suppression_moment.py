@@ -5,13 +5,16 @@ moment each addition committed, with the real CLI in subprocesses and real store
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 
+from campaign.store.ledger import Transaction
 from campaign.store.suppression import SHARED_SCHEMA, SuppressionList
 from tests.helpers import (
     FaultServer,
@@ -328,3 +331,63 @@ def test_a_number_added_while_its_person_waits_for_a_retry_gets_no_retry(
 
 def to_phones(server: FaultServer) -> list[object]:
     return [body.get("to_phone") for body in server.bodies()]
+
+
+# --- the feed under many writers -----------------------------------------------------------
+
+WRITERS, WRITES = 6, 15
+
+
+def test_the_feed_returns_every_committed_number_once_under_many_slow_writers(
+    tmp_path: Path, store: str | None
+) -> None:
+    """Writers insert numbers and hold their commit for a random while (some roll back)
+    as a watcher reads the feed over and over: every committed number is read exactly
+    once, none that was rolled back is."""
+    committed: set[str] = set()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def write(writer: int) -> None:
+        rng = random.Random(writer)
+        with SuppressionList(tmp_path, store) as listed:
+            for i in range(WRITES):
+                phone = f"+1415300{writer:02d}{i:02d}"
+                keep = rng.random() > 0.2
+                with contextlib.suppress(_RolledBack), Transaction(listed.db):
+                    listed.db.execute(
+                        "INSERT INTO numbers (phone, reason, source, added_at) "
+                        "VALUES (?, 'STOP', 'manual', 0)",
+                        (phone,),
+                    )
+                    time.sleep(rng.uniform(0, 0.03 if store else 0.005))
+                    if not keep:
+                        raise _RolledBack
+                if keep:
+                    with lock:
+                        committed.add(phone)
+
+    seen: list[str] = []
+    with SuppressionList(tmp_path, store) as watcher:
+        mark = watcher.mark()
+        writers = [threading.Thread(target=write, args=(w,)) for w in range(WRITERS)]
+        for thread in writers:
+            thread.start()
+
+        def all_written() -> None:
+            for thread in writers:
+                thread.join()
+            done.set()
+
+        threading.Thread(target=all_written).start()
+        while not done.is_set():
+            mark, found = watcher.added_since(mark)
+            seen.extend(found)
+        seen.extend(watcher.added_since(mark)[1])
+    assert len(seen) == len(set(seen))
+    assert set(seen) == committed
+    assert len(committed) > WRITERS * WRITES // 2
+
+
+class _RolledBack(Exception):
+    pass

@@ -6,7 +6,7 @@ never even recorded as in flight. That order is what makes a number added to the
 get no request leaving after T + 2 s (the argument is in `store/suppression.py`): keep
 nothing slow between this check and the in-flight record. Both checks are cheap at full
 speed: the window is a pure function of the number and the clock (`windows.Schedule`), and
-the list's additions are read with one query at most every second (`suppression.Watch`).
+the list's additions are read with one query at most every half second (`suppression.Watch`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The last look before a request leaves: the suppression list and the send window.
 
-The dispatcher asks `Gate.check` for every attempt, retries included, right before the
-attempt is recorded in flight, so a person who must not be sent now is never even recorded
-as in flight. Both checks are cheap at full speed: the window is a pure function of the
-number and the clock (`windows.Schedule`), and the list is read again only when it grew,
-looked at most every second (`suppression.Watch`).
+The dispatcher asks `Gate.check` for every attempt, retries included, after its rate slot
+and right before the attempt is recorded in flight, so a person who must not be sent now is
+never even recorded as in flight. That order is what makes a number added to the list at T
+get no request leaving after T + 2 s (the argument is in `store/suppression.py`): keep
+nothing slow between this check and the in-flight record. Both checks are cheap at full
+speed: the window is a pure function of the number and the clock (`windows.Schedule`), and
+the list's additions are read with one query at most every half second (`suppression.Watch`).
 """
 
 from __future__ import annotations

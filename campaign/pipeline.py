@@ -40,7 +40,7 @@ from campaign.report import (
 )
 from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
 from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow, Target
-from campaign.store.suppression import SuppressionList, Watch, apply_to_ledger
+from campaign.store.suppression import Mark, SuppressionList, Watch, apply_to_ledger
 from campaign.windows import Schedule, make_schedule
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ class _Prepared:
     recovered: int
     suppressed: int
     run_id: int | None  # None: a dry run
+    listed_at: Mark | None  # the suppression list as the load-time check began to read it
 
 
 def _prepare(owned: OpenCampaign, job: Job, options: RunOptions, control: RunControl) -> _Prepared:
@@ -201,9 +202,9 @@ def _prepare(owned: OpenCampaign, job: Job, options: RunOptions, control: RunCon
                 "validate it when they have finished"
             )
         job = _load_input(ledger, job, options, control, owned.directory, joining=live > 0)
-        suppressed = _suppress(ledger, job)
+        suppressed, listed_at = _suppress(ledger, job)
         run_id = None if options.dry_run else ledger.start_run("run")
-    return _Prepared(job, recovered, suppressed, run_id)
+    return _Prepared(job, recovered, suppressed, run_id, listed_at)
 
 
 async def _run_owned(
@@ -273,7 +274,7 @@ async def _run_owned(
     )
     state = "crashed"
     try:
-        gate = _gate(job, schedule)
+        gate = _gate(job, schedule, prepared.listed_at)
         try:
             result = await _send(job, ledger, run_id, states, control, on_progress, gate, options)
         finally:
@@ -566,22 +567,30 @@ def _keep_lease(
     return asyncio.create_task(keep(), name="lease")
 
 
-def _gate(job: Job, schedule: Schedule | None) -> Gate | None:
+def _gate(job: Job, schedule: Schedule | None, listed_at: Mark | None) -> Gate | None:
+    """The last look before each request. Its watch of the list starts where the load-time
+    check started reading (`listed_at`): a number added while the input was loaded, or
+    while this run waited for others to load it, is seen."""
     from campaign.gate import Gate
 
-    phones = job.mapping.to_phone is not None
-    watch = Watch(job.output_dir, url=job.ledger) if phones else None
+    watch = None
+    if job.mapping.to_phone is not None and listed_at is not None:
+        watch = Watch(job.output_dir, listed_at, url=job.ledger)
     if schedule is None and watch is None:
         return None
     return Gate(schedule, watch)
 
 
-def _suppress(ledger: Ledger, job: Job) -> int:
-    """Rows whose number is on the store's suppression list become `suppressed`."""
+def _suppress(ledger: Ledger, job: Job) -> tuple[int, Mark | None]:
+    """Rows whose number is on the store's suppression list become `suppressed`. Returns
+    how many, and the list's mark taken before the check read it (None: no numbers)."""
     if job.mapping.to_phone is None:
-        return 0  # custom-auth channels: no number, not covered
+        return 0, None  # custom-auth channels: no number, not covered
     with SuppressionList(job.output_dir, job.ledger) as listed:
-        return apply_to_ledger(ledger, listed)
+        # First the mark, then the check: whatever commits between the two is seen twice,
+        # never zero times.
+        listed_at = listed.mark()
+        return apply_to_ledger(ledger, listed), listed_at
 
 
 def iso_local(timestamp: float) -> str:

@@ -2,19 +2,47 @@
 
 One list per store, shared by every campaign and the page: `{output_dir}/suppression.sqlite`
 (WAL, synchronous=FULL, schema versioned with `PRAGMA user_version`), apart from the
-campaigns' ledgers because it outlives them. Each entry: the E.164 number, why, where it
-came from (`report`: a delivery report said so; `manual`: `suppress add` or the page;
-`import`: `suppress import`) and when it was added. Adding a number already on the list
-keeps the first entry: "since when" is the first time.
+campaigns' ledgers because it outlives them, or a table of the PostgreSQL store's shared
+schema. Each entry: the E.164 number, why, where it came from (`report`: a delivery report
+said so; `manual`: `suppress add` or the page; `import`: `suppress import`) and when it was
+added. Adding a number already on the list keeps the first entry: "since when" is the first
+time.
 
 The list is read three ways:
 - when a run maps its input, every row whose number is on it becomes `suppressed`
   (and every row whose number came off it is sendable again): `apply_to_ledger`;
-- right before a request leaves, against the numbers added since the run began:
-  `Watch`, which looks for additions at most every `POLL_S` seconds with one indexed
-  query (ids only grow), so a number added by another process is respected within a
-  second or two without a query per request;
+- right before a request leaves, against the numbers added since that check began:
+  `Watch`, which reads what was added at most every `POLL_S` seconds with one indexed
+  query, so a number added by another process is respected within two seconds without a
+  query per request;
 - by `campaign suppress list` and the page.
+
+The moment invariant: a number whose addition committed at time T gets no request that
+leaves after T + 2 s, from a run sending at T or starting later. Why it holds:
+- Nothing committed is missed. A `Mark` is taken before the load-time check reads the
+  list: what committed before it, that check sees (its reads come later); what commits
+  after it, the watch returns, because each poll returns exactly the entries its snapshot
+  sees that the previous one did not (`added_since`), in commit order on either store.
+  SQLite: one writer at a time (`BEGIN IMMEDIATE` holds the write lock from before the
+  insert until the commit), so ids are committed in the order they are handed out and
+  "ids above the last one seen" is that difference. PostgreSQL hands ids out at insert
+  and commits in any order, so there the watch reads by transaction instead: each entry
+  carries the id of the transaction that added it (`txid`), and a poll keeps the
+  snapshot it read with; an entry is new when its transaction was not visible in the last
+  poll's snapshot (`pg_visible_in_snapshot`). A transaction still running at one poll is
+  read by a later one, however long it held its commit.
+- What is seen is fresh. A poll's time is taken before its query, so its snapshot is never
+  older than that time, and a check reads the list again when that time is `POLL_S` or
+  more ago: the snapshot a check uses was taken less than `POLL_S` (0.5 s) before it.
+- The check is the last step before the request: the dispatcher checks each attempt
+  (retries too) after its rate slot, right before recording it in flight, and the request
+  leaves once that record is committed and the rate lets it (`confirm`). So a request
+  leaving at L was checked at L - c, against a snapshot taken after L - c - 0.5 s, where c
+  is that commit and pacing. The one assumption: c is under about 1.5 s. A group commit
+  takes milliseconds; the pacing after it waits only when a commit was slow (the local
+  limiter about as long as that commit; the shared one for a fresh slot behind this
+  process's other workers, at most concurrency / rate seconds). Then a request leaving
+  after T + 2 s used a snapshot taken after T, which sees the number.
 
 Removals are not watched during a run: a number taken off the list while a run goes is
 sendable from the next run on (the safe side).
@@ -33,10 +61,10 @@ from campaign.store.db import Database
 from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
 
 SUPPRESSION_FILE = "suppression.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: PostgreSQL entries carry the transaction that added them
 SHARED_SCHEMA = "campaign_shared"  # PostgreSQL: what every campaign of the store shares
 SOURCES = ("report", "manual", "import")
-POLL_S = 1.0
+POLL_S = 0.5  # one indexed query per run every half second, at most
 _LOOKUP_BATCH = 500  # numbers per `IN (...)` query, below SQLite's variable limit
 _WRITE_BATCH = 10_000
 
@@ -48,6 +76,12 @@ CREATE TABLE IF NOT EXISTS numbers (
     source TEXT NOT NULL,
     added_at REAL NOT NULL
 );
+"""
+# PostgreSQL: the transaction that added each entry, for a watch in commit order (see the
+# module's docstring). Existing entries get the migration's own transaction.
+_PG_TXID = """
+ALTER TABLE numbers ADD COLUMN IF NOT EXISTS txid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX IF NOT EXISTS numbers_txid ON numbers (txid);
 """
 
 
@@ -82,15 +116,22 @@ class SuppressionList:
         try:
             if self.db.version() < SCHEMA_VERSION:
                 with Transaction(self.db):
-                    if self.db.postgres:  # hosts starting together: one creates it
-                        self.db.execute(
-                            "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("suppression",)
-                        )
-                    self.db.execute(self.db.ddl(_SCHEMA))
-                    self.db.set_version(SCHEMA_VERSION)
+                    self._migrate()
         except LedgerError:
             self.db.close()
             raise
+
+    def _migrate(self) -> None:
+        if self.db.postgres:  # hosts starting together: one migrates, the others see it done
+            self.db.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("suppression",)
+            )
+            if self.db.version() >= SCHEMA_VERSION:
+                return
+        self.db.execute(self.db.ddl(_SCHEMA))
+        if self.db.postgres:
+            self.db.script(_PG_TXID)
+        self.db.set_version(SCHEMA_VERSION)
 
     def close(self) -> None:
         self.db.close()
@@ -168,12 +209,32 @@ class SuppressionList:
                 found[row[0]] = Entry(*row)
         return found
 
-    def last_id(self) -> int:
-        """The id of the latest addition ever (ids are never reused)."""
-        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM numbers").fetchone()[0])
+    def mark(self) -> Mark:
+        """Where a watch of what is added from now on starts (see `added_since`)."""
+        if self.db.postgres:
+            return Mark(snapshot=str(self.db.execute(_PG_SNAPSHOT).fetchone()[0]))
+        return Mark(last_id=int(self.db.execute(_SQLITE_LAST_ID).fetchone()[0]))
 
-    def added_since(self, last_id: int) -> tuple[int, dict[str, Entry]]:
-        """(the new last id, the entries added after `last_id`)."""
+    def added_since(self, mark: Mark) -> tuple[Mark, dict[str, Entry]]:
+        """(the mark to read from next time, the entries that committed after `mark` and
+        are still on the list), by number. Every entry is returned once, whatever the
+        order in which writers commit."""
+        if not self.db.postgres:
+            return self._added_after_id(mark.last_id)
+        assert mark.snapshot is not None
+        found: dict[str, Entry] = {}
+        snapshot = mark.snapshot
+        for now, *row in self.db.execute(_PG_ADDED_SINCE, (mark.snapshot, mark.snapshot)):
+            snapshot = now
+            if row[0] is not None:
+                found[row[0]] = Entry(*row)
+        return Mark(snapshot=snapshot), found
+
+    def _added_after_id(self, last_id: int) -> tuple[Mark, dict[str, Entry]]:
+        # SQLite commits ids in the order it hands them out: one writer at a time, and a
+        # writer holds the lock from before its insert until its commit (`BEGIN
+        # IMMEDIATE`). A reader's snapshot holds every id up to the largest it sees, and
+        # any id committed later is larger (AUTOINCREMENT never reuses a committed one).
         found = {}
         newest = last_id
         for rowid, *row in self.db.execute(
@@ -182,7 +243,30 @@ class SuppressionList:
         ):
             found[row[0]] = Entry(*row)
             newest = rowid
-        return newest, found
+        return Mark(last_id=newest), found
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A point in the list's history: SQLite, the last id seen; PostgreSQL, the snapshot
+    (`pg_snapshot` as text) of the last read. Entries committed after it are new."""
+
+    last_id: int = 0
+    snapshot: str | None = None
+
+
+_SQLITE_LAST_ID = "SELECT coalesce(max(id), 0) FROM numbers"
+_PG_SNAPSHOT = "SELECT pg_current_snapshot()::text"
+# One statement, so one snapshot: the rows it sees and the snapshot it returns are the
+# same. New: added by a transaction the last snapshot did not see as finished. Every
+# transaction below that snapshot's xmin had finished, so the index range starts there.
+_PG_ADDED_SINCE = """
+SELECT pg_current_snapshot()::text, n.phone, n.reason, n.source, n.added_at
+FROM (SELECT 1) AS one
+LEFT JOIN numbers AS n
+  ON n.txid >= pg_snapshot_xmin(?::pg_snapshot)
+ AND NOT pg_visible_in_snapshot(n.txid, ?::pg_snapshot)
+"""
 
 
 def suppress_numbers(
@@ -195,35 +279,40 @@ def suppress_numbers(
 
 
 class Watch:
-    """The list as a running dispatcher sees it: what was on it when the input was mapped
-    (those rows are already `suppressed` in the ledger), plus what was added since, looked
-    for at most every `POLL_S` seconds."""
+    """The list as a running dispatcher sees it: what was on it at `mark` (taken before the
+    load-time check: those rows are already `suppressed` in the ledger), plus what was
+    added since, read again when the last read is `POLL_S` seconds old or more."""
 
     def __init__(
         self,
         output_dir: Path | str,
+        mark: Mark,
         clock: Callable[[], float] = time.monotonic,
         url: str | None = None,
     ) -> None:
         self._list = SuppressionList(output_dir, url)
-        self._last_id = self._list.last_id()
+        self._mark = mark
         self._added: dict[str, Entry] = {}
         self._clock = clock
-        self._polled = self._clock()
+        self._polled: float | None = None  # None: not read since `mark`
         self._lock = asyncio.Lock()
 
+    def _stale(self) -> bool:
+        return self._polled is None or self._clock() - self._polled >= POLL_S
+
     async def check(self, phone: str | None) -> Entry | None:
-        """The entry for `phone` if it was added to the list since the run began."""
+        """The entry for `phone` if it was added to the list since the mark, as the list
+        was less than `POLL_S` seconds ago."""
         if phone is None:
             return None
-        if self._clock() - self._polled >= POLL_S:
+        if self._stale():
             async with self._lock:
-                if self._clock() - self._polled >= POLL_S:
-                    self._last_id, added = await asyncio.to_thread(
-                        self._list.added_since, self._last_id
-                    )
+                if self._stale():
+                    # Before the query: its snapshot is taken later, never earlier.
+                    started = self._clock()
+                    self._mark, added = await asyncio.to_thread(self._list.added_since, self._mark)
                     self._added.update(added)
-                    self._polled = self._clock()
+                    self._polled = started
         return self._added.get(phone)
 
     def close(self) -> None:

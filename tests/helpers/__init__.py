@@ -273,3 +273,20 @@ class FaultServer:
         if payload is None:
             payload = {"success": 200 <= status < 300}
         return web.json_response(payload, status=status, headers=headers)
+
+
+# --- waiting on conditions, and a run's own log ----------------------------------------------
+
+
+def logged_events(log_file: Path) -> list[str]:
+    """The events a run has written to its campaign's `log.jsonl` so far (a line still
+    being written is left out)."""
+    if not log_file.exists():
+        return []
+    *complete, _being_written = log_file.read_bytes().split(b"\n")
+    return [json.loads(line)["event"] for line in complete if line.strip()]
+
+
+def e164(text: str) -> str:
+    """A number as the sandbox records it (`+1 415 200 0001` -> `+14152000001`)."""
+    return "+" + "".join(ch for ch in text if ch.isdigit())

@@ -15,10 +15,6 @@ HNL_PHONES = ["+1 808 555 0101", "+1 808 555 0102"]
 TOLL_FREE = ["+1 800 234 5678", "+1 888 234 5678"]
 
 
-def e164(text: str) -> str:
-    return "+" + "".join(ch for ch in text if ch.isdigit())
-
-
 def hhmm(minutes: int) -> str:
     minutes %= 24 * 60
     return f"{minutes // 60:02d}:{minutes % 60:02d}"

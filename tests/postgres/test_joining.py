@@ -16,6 +16,7 @@ from campaign.store.db import schema_name
 from tests.helpers import (
     assert_no_duplicates,
     cli,
+    e164,
     phones,
     spawn_cli,
     start_sandbox,
@@ -28,9 +29,6 @@ from tests.helpers.pg import (
     lease_job,
 )
 from tests.helpers.runs import YESTERDAY, finish, people, results, wait_for
-from tests.helpers.windows import (
-    e164,
-)
 
 
 def staff(path: Path, n: int) -> Path:

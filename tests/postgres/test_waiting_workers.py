@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from tests.helpers import (
     Sandbox,
     cli,
+    e164,
     spawn_cli,
     start_sandbox,
     statuses,
@@ -23,14 +24,7 @@ from tests.helpers.pg import (
     only_run,
 )
 from tests.helpers.runs import finish, people, results, wait_for
-from tests.helpers.windows import (
-    HNL_PHONES,
-    NY_PHONES,
-    e164,
-    hhmm,
-    local_minutes,
-    ny_open_hnl_closed,
-)
+from tests.helpers.windows import HNL_PHONES, NY_PHONES, hhmm, local_minutes, ny_open_hnl_closed
 
 WAITING = "waiting for send windows"
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from campaign.matching import (
     AMBIGUOUS,
@@ -241,6 +244,73 @@ def test_requests_going_on_past_those_loaded_decide_nothing() -> None:
     what = entries(*[(10 + i, A, at + 1, "x") for i, (_, _, at, _) in enumerate(chain)])
     said = verdicts(who, what)
     assert said[1][0] == AMBIGUOUS and "beyond the time looked at" in said[1][1]
+
+
+OURS, THEIRS = "+18005550100", "+18005550199"  # reporting.from_phone, another sender
+
+
+@dataclass
+class World:
+    """What really happened: every request of the store (person -1: another campaign's),
+    whether it truly arrived, its kind as its answer says, and every report entry with
+    the sender's number."""
+
+    requests: pd.DataFrame  # person, phone, at, kind, arrived
+    entries: pd.DataFrame  # ENTRY_COLUMNS + from_phone
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> World:
+    numbers = draw(st.lists(st.sampled_from([A, B, A + 7]), min_size=1, max_size=3, unique=True))
+    phone_of = draw(st.lists(st.sampled_from(numbers), min_size=1, max_size=6))
+    rows, entries = [], []
+    for _ in range(draw(st.integers(1, 14))):
+        person = draw(st.integers(-1, len(phone_of) - 1))
+        phone = draw(st.sampled_from(numbers)) if person < 0 else phone_of[person]
+        at = T + draw(st.integers(0, 2400))
+        arrived = draw(st.booleans())
+        if arrived:  # answered 200, or its answer lost (timeout, dropped, 504 after it)
+            kind = draw(st.sampled_from([ARRIVED, MAYBE]))
+            # Created up to 15 min after the request, or up to 2 min before (clocks).
+            entries.append((phone, at + draw(st.integers(-int(SKEW_S), int(MATCH_S))), OURS))
+        else:  # refused (connect, 408/429/503, 4xx), or a 504 that forwarded nothing
+            kind = draw(st.sampled_from([NOT_ARRIVED, MAYBE]))
+        rows.append((person, phone, at, kind, arrived))
+    for _ in range(draw(st.integers(0, 4))):  # another sender's texts to the same numbers
+        entries.append((draw(st.sampled_from(numbers)), T + draw(st.integers(0, 3300)), THEIRS))
+    found = pd.DataFrame(rows, columns=[*REQUEST_COLUMNS, "arrived"])
+    report = pd.DataFrame(
+        [
+            (i, phone, at, "delivered", None, sender)
+            for i, (phone, at, sender) in enumerate(entries)
+        ],
+        columns=[*ENTRY_COLUMNS, "from_phone"],
+    )
+    return World(found, report)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(worlds())
+def test_no_confirmation_without_an_arrival_and_no_not_found_with_one(world: World) -> None:
+    """With the entries of `reporting.from_phone` only (the stated assumption: nobody
+    else texts these numbers through it), complete and settled: nobody is confirmed whose
+    request did not truly arrive, nobody is not_found whose request did, and every
+    request answered 200 gets an entry."""
+    ours = world.entries[world.entries["from_phone"] == OURS][ENTRY_COLUMNS]
+    who = world.requests[REQUEST_COLUMNS]
+    now = T + 2400 + MATCH_S + 60
+    where = Scope([(T - 3600, now, True, now)], 60, now, reach_of(T, T + 2400))
+    judged = judge(who, ours, where)
+    said = by_person(judged, who.groupby("person")["at"].max())
+    truly = world.requests.groupby("person")["arrived"].any()
+    answered = world.requests[world.requests["kind"] == ARRIVED].groupby("person").size()
+    confirmed = said.matched.loc[~said.matched["person"].isin(answered.index), "person"]
+    assert truly.reindex(confirmed).all(), "confirmed, but none of their requests arrived"
+    assert not truly.reindex(said.not_found["person"]).any(), "not_found, but one arrived"
+    known = judged[judged["kind"] == ARRIVED]
+    assert (known["verdict"] == "matched").all(), "a request answered 200 got no entry"
+    assert said.matched["entry"].is_unique
+    assert judged["entry"].dropna().is_unique
 
 
 def test_span_and_windows() -> None:

@@ -236,6 +236,7 @@ class _Reconcile:
             max_attempts=limits.max_attempts,
             region=region,
             concurrency=fetchers,
+            from_phone=reporting.from_phone,
         )
         states = [_Window(start, end) for start, end in fetch]
         queue: asyncio.Queue[tuple[_Window, int]] = asyncio.Queue()

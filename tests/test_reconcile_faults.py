@@ -297,3 +297,27 @@ def test_a_refused_reconcile_leaves_resend_unknown_as_it_was(
     result = cli("run", str(job), "--no-progress", "--resend-unknown")
     assert result.returncode == 0, result.stderr
     assert sorted(sandbox.phones()) == sorted("+" + "".join(filter(str.isdigit, p)) for p in PEOPLE)
+
+
+def test_from_phone_asks_the_reporting_api_for_the_channels_entries_only(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    with FaultServer(lambda n, q: page([])) as api:
+        job = campaign(tmp_path, sandbox, api.url, from_phone="+1 800 555 0100")
+        result = cli("reconcile", str(job))
+    assert result.returncode == 0, result.stderr
+    assert {query.get("from_phone") for query in api.bodies()} == {"+18005550100"}
+
+
+def test_a_from_phone_that_is_not_a_number_is_one_line_naming_the_key(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = campaign(tmp_path, sandbox, "http://127.0.0.1:9")
+    text = job.read_text(encoding="utf-8").replace(
+        "reporting:\n", "reporting:\n  from_phone: '12'\n"
+    )
+    job.write_text(text, encoding="utf-8")
+    result = cli("reconcile", str(job))
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "from_phone" in line and "E.164" in line

@@ -178,6 +178,17 @@ def _spare(found: pd.DataFrame, groups: pd.DataFrame) -> Any:
     return entries - known - (maybes - own)
 
 
+def extent(requests: pd.DataFrame) -> Window | None:
+    """(first, last) request of the groups holding a request of the campaign's people
+    (`requests` as for `judge`); None when there is none."""
+    found = _grouped(requests[requests["kind"] != NOT_ARRIVED])
+    mine = found.loc[found["person"] >= 0, "group"].unique()
+    theirs = found[found["group"].isin(mine)]
+    if theirs.empty:
+        return None
+    return float(theirs["at"].min()), float(theirs["at"].max())
+
+
 def _grouped(requests: pd.DataFrame) -> pd.DataFrame:
     """The requests by number and time, each with its group: the requests to one number
     whose match windows overlap, directly or through others (a connected group)."""

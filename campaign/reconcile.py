@@ -149,6 +149,8 @@ class _Reconcile:
         self.worker = worker
         self.tally = Tally()
         self.run_id = 0
+        # The store's other campaigns with requests in a reach, and whether all were read.
+        self._others: dict[tuple[float, float], tuple[list[str], bool]] = {}
 
     async def _call(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.worker, call, *args)
@@ -169,6 +171,8 @@ class _Reconcile:
             log.warning("in-flight recipients of an earlier run marked unknown", count=recovered)
         region = await self._call(self._phone_region)
         span = await self._call(ledger.request_span)
+        if span is not None:
+            span = await self._call(self._widened, span)
         now = time.time()
         settle_s = self.reporting.settle_minutes * 60
         whole = matching.request_span(*span, settle_s, now) if span else None
@@ -360,9 +364,31 @@ class _Reconcile:
         tally.suppress_candidates = len(candidates)
         return candidates
 
+    def _widened(self, span: tuple[float, float]) -> tuple[float, float]:
+        """The span of the campaign's requests widened to the groups they are in: another
+        campaign's request to the same number minutes before the first (or after the
+        last) shares its entries, and a group is judged only once read whole."""
+        from campaign import matching
+
+        own = self.ledger.attempt_span()
+        if own is None:
+            return span
+        reach = matching.reach_of(*own)
+        others, _ = self._other_campaigns(reach)
+        if not others:
+            return span
+        first, last = span
+        for share in range(MATCH_SHARES):
+            found = matching.extent(self._requests(reach, share, others))
+            if found is not None:
+                first, last = min(first, found[0]), max(last, found[1])
+        return first, last
+
     def _other_campaigns(self, reach: tuple[float, float]) -> tuple[list[str], bool]:
         """The store's other campaigns with a request in `reach` (report entries carry no
         campaign: theirs are judged with ours), and whether every one could be read."""
+        if reach in self._others:
+            return self._others[reach]
         store = store_of(self.job.output_dir, self.job.ledger)
         found, whole = [], True
         for campaign in sorted(set(store.campaign_ids()) - {self.directory.name}):
@@ -377,6 +403,7 @@ class _Reconcile:
                 continue
             if span is not None and span[0] <= reach[1] and span[1] >= reach[0]:
                 found.append(campaign)
+        self._others[reach] = (found, whole)
         return found, whole
 
     def _requests(self, reach: tuple[float, float], share: int, others: list[str]) -> Any:

@@ -67,20 +67,24 @@ def settled(rows: list[dict[str, str]]) -> bool:
     return all(row["_delivery"] in SETTLED for row in rows)
 
 
+@pytest.mark.parametrize("b_first", [False, True], ids=["b-after", "b-before"])
 def test_another_campaigns_entry_never_confirms_a_request_that_never_arrived(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, b_first: bool
 ) -> None:
     """Campaign a's request to X never arrives (504, nothing forwarded); campaign b texts
-    X seconds later. b's entry is not a's: a's person is not_found, and --resend-unknown
-    sends them a's SMS. Before, reconcile of a took b's entry for a's: `sent`, never
-    resent, X never got a's message."""
+    X seconds later (or earlier). b's entry is not a's: a's person is not_found, and
+    --resend-unknown sends them a's SMS. Before, reconcile of a took b's entry for a's:
+    `sent`, never resent, X never got a's message."""
     box = start_sandbox(tmp_path, "--delivery-delay-s", "0")
+    b = job(tmp_path, "b", box.url, box.url, ["Bea"], store)
     try:
+        if b_first:
+            assert cli("run", str(b), "--no-progress").returncode == 0
         with Gateway(box.url, lambda body: BLOCK) as gateway:
             a = job(tmp_path, "a", gateway.url, box.url, ["Ann"], store)
             assert cli("run", str(a), "--no-progress").returncode == 1
-        b = job(tmp_path, "b", box.url, box.url, ["Bea"], store)
-        assert cli("run", str(b), "--no-progress").returncode == 0
+        if not b_first:
+            assert cli("run", str(b), "--no-progress").returncode == 0
 
         rows = by_name(reconcile_until(a, "a", settled))
         assert (rows["Ann"]["_status"], rows["Ann"]["_delivery"]) == ("unknown", "not_found")

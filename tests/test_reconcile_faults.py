@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FaultServer, Sandbox, phones, read_results, write_csv, write_job
+from tests.helpers import (
+    FaultServer,
+    Sandbox,
+    phones,
+    read_results,
+    start_sandbox,
+    write_csv,
+    write_job,
+)
 from tests.helpers import cli as run_cli
 
 TOKEN = "tok-7c1e-SECRET-91aa-d00d"
@@ -25,7 +33,12 @@ def cli(*args: str, timeout: float = 120) -> Any:
 
 
 def campaign(
-    tmp_path: Path, sandbox: Sandbox, report_url: str, store: str | None = None, **reporting: Any
+    tmp_path: Path,
+    sandbox: Sandbox,
+    report_url: str,
+    store: str | None = None,
+    expect: int = 0,
+    **reporting: Any,
 ) -> Path:
     """A campaign of 3 people sent through the sandbox, on `store`; its delivery reports
     at `report_url`."""
@@ -39,7 +52,7 @@ def campaign(
         limits={"max_attempts": 2},
         ledger=store,
     )
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert cli("run", str(job), "--no-progress").returncode == expect
     return job
 
 
@@ -321,3 +334,23 @@ def test_a_from_phone_that_is_not_a_number_is_one_line_naming_the_key(
     assert result.returncode == 2
     line = one_line_error(result)
     assert "from_phone" in line and "E.164" in line
+
+
+def test_a_person_a_reconcile_could_not_judge_is_not_resent_blind(tmp_path: Path) -> None:
+    """Every answer lost (unknown), and the Reporting API busy for every page: nothing
+    read whole, so the report can tell nothing of them. They are `ambiguous` and
+    --resend-unknown holds them back; before, a campaign with no window read whole
+    resent its unknown people blind even after a reconcile had looked."""
+    box = start_sandbox(tmp_path, "--drop-after-accept", "1")
+    try:
+        with FaultServer(lambda n, q: 503) as api:
+            job = campaign(tmp_path, box, api.url, expect=1)
+            checked = cli("reconcile", str(job))
+        assert checked.returncode == 1, checked.stderr
+        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+        assert {(r["_status"], r["_delivery"]) for r in rows} == {("unknown", "ambiguous")}
+        assert all("not read whole" in r["_delivery_error"] for r in rows)
+        cli("run", str(job), "--no-progress", "--resend-unknown")
+        assert len(box.records()) == len(PEOPLE)  # nobody twice
+    finally:
+        box.stop()

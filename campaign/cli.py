@@ -541,7 +541,7 @@ def _reconcile(args: argparse.Namespace, state: dict[str, Any]) -> int:
         print(
             f"  read {tally.windows_read} of {tally.windows} windows ({tally.windows_kept} "
             f"final from before), {tally.pages} pages: {tally.entries} entries, "
-            f"{tally.matched} matched, {tally.unmatched_entries} of other campaigns or senders"
+            f"{tally.matched} matched, {tally.unmatched_entries} owned by no request of this store"
         )
     if tally.bad_entries or tally.repeated_entries:
         print(

@@ -226,6 +226,8 @@ class Reporting(_Strict):
     rate_per_second: float = Field(default=5, gt=0, le=1000, allow_inf_nan=False)
     settle_minutes: float = Field(default=30, ge=0, le=7 * 24 * 60, allow_inf_nan=False)
     suppress_on: list[str] = Field(default_factory=lambda: list(SUPPRESS_ON))
+    # The channel's sending number: the Reporting API is asked for its entries only.
+    from_phone: str | None = None
 
     @field_validator("agent_id")
     @classmethod
@@ -248,6 +250,22 @@ class Reporting(_Strict):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else Api._http_url(value)
+
+    @field_validator("from_phone", mode="before")
+    @classmethod
+    def _e164(cls, value: object) -> object:
+        import phonenumbers
+
+        if value is None:
+            return None
+        text = str(value).strip()
+        try:
+            number = phonenumbers.parse(text, None)
+        except phonenumbers.NumberParseException:
+            number = None
+        if not text.startswith("+") or number is None or not phonenumbers.is_valid_number(number):
+            raise ValueError("must be the sending number in E.164, with its country code (+...)")
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
     @field_validator("suppress_on")
     @classmethod

@@ -10,9 +10,10 @@ it), settles what a dead run left in flight, then:
    (`reporting.ReportingClient`), and stores each page's entries in the ledger as it
    arrives, so a killed reconcile loses nothing and the next one goes on from there;
    a window is marked read whole when every entry it promised was read;
-3. matches the stored entries of the span to the people who had a request (pandas,
-   `matching.match`), and records per person what the report says: the entry's status,
-   or `not_found`; an `unknown` person with an entry is `sent`;
+3. judges the stored entries against every request the store knows to their numbers,
+   this campaign's and every other campaign's (pandas, `matching.judge`), and records
+   per person what the report says: the entry's status, `not_found` or `ambiguous`; an
+   `unknown` person whose request the entries confirm is `sent`;
 4. keeps the numbers whose delivery error names a `suppress_on` phrase for the
    suppression list, and rewrites results.csv and summary.json.
 
@@ -39,7 +40,7 @@ from campaign.job import Job, Reporting
 from campaign.logs import log_to_file
 from campaign.report import iso_utc, write_report
 from campaign.store.campaigns import LOG_FILE, store_of
-from campaign.store.ledger import Ledger
+from campaign.store.ledger import Ledger, LedgerError
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +65,9 @@ class Tally:
     bad_entries: int = 0  # skipped: no usable to_phone, created_at or sms_status
     repeated_entries: int = 0  # the same entry on another page of the same reading
     matched: int = 0
-    unmatched_entries: int = 0  # other campaigns, other senders
+    unmatched_entries: int = 0  # owned by no request of the store: other senders
     not_found: int = 0
+    ambiguous: int = 0  # unknown people the report can neither confirm nor rule out
     confirmed_unknown: int = 0  # unknown people the report shows did reach the API
     suppress_candidates: int = 0
     problems: list[str] = field(default_factory=list)
@@ -147,6 +149,8 @@ class _Reconcile:
         self.worker = worker
         self.tally = Tally()
         self.run_id = 0
+        # The store's other campaigns with requests in a reach, and whether all were read.
+        self._others: dict[tuple[float, float], tuple[list[str], bool]] = {}
 
     async def _call(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.worker, call, *args)
@@ -167,6 +171,8 @@ class _Reconcile:
             log.warning("in-flight recipients of an earlier run marked unknown", count=recovered)
         region = await self._call(self._phone_region)
         span = await self._call(ledger.request_span)
+        if span is not None:
+            span = await self._call(self._widened, span)
         now = time.time()
         settle_s = self.reporting.settle_minutes * 60
         whole = matching.request_span(*span, settle_s, now) if span else None
@@ -234,6 +240,7 @@ class _Reconcile:
             max_attempts=limits.max_attempts,
             region=region,
             concurrency=fetchers,
+            from_phone=reporting.from_phone,
         )
         states = [_Window(start, end) for start, end in fetch]
         queue: asyncio.Queue[tuple[_Window, int]] = asyncio.Queue()
@@ -309,57 +316,127 @@ class _Reconcile:
     def _match_and_record(
         self, planned: list[tuple[float, float]], settle_s: float, now: float
     ) -> list[tuple[str, str, str]]:
-        """In the ledger's thread: the stored entries of the span matched to the people,
-        and what that says recorded. Returns the suppression candidates."""
+        """In the ledger's thread: the stored entries judged against every request the
+        store knows to their numbers (`matching.judge`), and what that says of each person
+        recorded. Returns the suppression candidates."""
         from campaign import matching
 
         ledger = self.ledger
-        start, end = planned[0][0], planned[-1][1]
-        windows = ledger.report_windows()
-        checked_at = iso_utc(now) or ""
         tally = self.tally
+        checked_at = iso_utc(now) or ""
         tally.checked_at = checked_at
-        tally.entries = tally.matched = tally.unmatched_entries = tally.not_found = 0
+        tally.entries = tally.matched = tally.unmatched_entries = 0
+        tally.not_found = tally.ambiguous = 0
         candidates: list[tuple[str, str, str]] = []
-        # People and entries only ever match by number: one share of the numbers at a
-        # time keeps memory to a share of the campaign's.
+        span = ledger.attempt_span()
+        if span is None:
+            return candidates
+        reach = matching.reach_of(*span)
+        others, whole = self._other_campaigns(reach)
+        scope = matching.Scope(ledger.report_windows(), settle_s, now, reach, whole)
+        # Every entry a request of the reach could own.
+        start, end = reach[0] - matching.SKEW_S, reach[1] + matching.MATCH_S
+        # Requests and entries only ever match by number: one share of the numbers at a
+        # time keeps memory to a share of the campaign's (and of the store's beside it).
         for share in range(MATCH_SHARES):
-            people = _frame(
-                ledger.requested_people(share, MATCH_SHARES), matching.PEOPLE_COLUMNS
-            ).astype({"id": "int64", "phone": "int64", "at": "float64", "first": "float64"})
+            requests = self._requests(reach, share, others)
             entries = _frame(
                 ledger.report_entries(start, end, share, MATCH_SHARES), matching.ENTRY_COLUMNS
             )
             entries = entries.astype({"entry": "int64", "phone": "int64", "created_at": "float64"})
-            entries["status"] = entries["status"].astype("category")
-            entries["error"] = entries["error"].astype("category")
-            found = matching.match(people, entries)
-            missing = matching.not_found(people, found["id"], windows, settle_s, now)
+            judged = matching.judge(requests, entries, scope)
+            mine = requests[requests["person"] >= 0]
+            verdicts = matching.by_person(judged, mine.groupby("person")["at"].max())
+            owned = judged["entry"].notna() & judged["verdict"].isin(
+                [matching.MATCHED, matching.CONFIRMED]
+            )
             tally.entries += len(entries)
-            tally.matched += len(found)
-            tally.unmatched_entries += len(entries) - len(found)
-            tally.not_found += len(missing)
-            # With the request each verdict is about: a later one is not covered by it.
-            at = people.loc[missing.index, ["id", "at"]]
-            missing_at = [(int(rid), float(t)) for rid, t in at.itertuples(index=False)]
-            self._record_matches(found, missing_at, checked_at)
-            candidates += suppress_candidates(found, people, self.reporting.suppress_on, checked_at)
+            tally.unmatched_entries += len(entries) - int(owned.sum())
+            tally.matched += len(verdicts.matched)
+            tally.not_found += len(verdicts.not_found)
+            tally.ambiguous += len(verdicts.ambiguous)
+            self._record_matches(verdicts, checked_at)
+            candidates += suppress_candidates(
+                verdicts.matched, self.reporting.suppress_on, checked_at
+            )
         candidates.sort()
         queue_for_suppression(ledger, self.directory.parent, candidates, self.job.ledger)
         tally.suppress_candidates = len(candidates)
         return candidates
 
-    def _record_matches(
-        self, found: Any, missing: list[tuple[int, float]], checked_at: str
-    ) -> None:
+    def _widened(self, span: tuple[float, float]) -> tuple[float, float]:
+        """The span of the campaign's requests widened to the groups they are in: another
+        campaign's request to the same number minutes before the first (or after the
+        last) shares its entries, and a group is judged only once read whole."""
+        from campaign import matching
+
+        own = self.ledger.attempt_span()
+        if own is None:
+            return span
+        reach = matching.reach_of(*own)
+        others, _ = self._other_campaigns(reach)
+        if not others:
+            return span
+        first, last = span
+        for share in range(MATCH_SHARES):
+            found = matching.extent(self._requests(reach, share, others))
+            if found is not None:
+                first, last = min(first, found[0]), max(last, found[1])
+        return first, last
+
+    def _other_campaigns(self, reach: tuple[float, float]) -> tuple[list[str], bool]:
+        """The store's other campaigns with a request in `reach` (report entries carry no
+        campaign: theirs are judged with ours), and whether every one could be read."""
+        if reach in self._others:
+            return self._others[reach]
+        store = store_of(self.job.output_dir, self.job.ledger)
+        found, whole = [], True
+        for campaign in sorted(set(store.campaign_ids()) - {self.directory.name}):
+            try:
+                with store.reader(campaign) as other:
+                    span = None if other is None else other.attempt_span()
+            except LedgerError as exc:
+                # Its requests could own any entry: nothing is confirmed or not_found.
+                whole = False
+                self.tally.problems.append(f"campaign {campaign} could not be read: {exc}")
+                log.warning("another campaign's requests could not be read", other=campaign)
+                continue
+            if span is not None and span[0] <= reach[1] and span[1] >= reach[0]:
+                found.append(campaign)
+        self._others[reach] = (found, whole)
+        return found, whole
+
+    def _requests(self, reach: tuple[float, float], share: int, others: list[str]) -> Any:
+        """Every request of the store in `reach` to a number of `share`: this campaign's,
+        then the other campaigns' (person -1: nobody of this campaign)."""
+        from campaign import matching
+
+        columns = matching.REQUEST_COLUMNS
+        frames = [_frame(self.ledger.requests(*reach, share, MATCH_SHARES), columns)]
+        store = store_of(self.job.output_dir, self.job.ledger)
+        for campaign in others:
+            with store.reader(campaign) as other:
+                if other is None:
+                    continue
+                theirs = _frame(other.requests(*reach, share, MATCH_SHARES), columns)
+            theirs = theirs[theirs["kind"] != matching.NOT_ARRIVED]
+            frames.append(theirs.assign(person=-1))
         import pandas as pd
 
-        for offset in range(0, max(len(found), len(missing), 1), RECORD_BATCH):
-            chunk = found.iloc[offset : offset + RECORD_BATCH]
-            matched = [
+        found = pd.concat(frames, ignore_index=True)
+        types = {"person": "int64", "phone": "int64", "at": "float64", "kind": "int64"}
+        return found.astype(types)
+
+    def _record_matches(self, verdicts: Any, checked_at: str) -> None:
+        import pandas as pd
+
+        matched, missing, unsure = verdicts.matched, verdicts.not_found, verdicts.ambiguous
+        for offset in range(0, max(len(matched), len(missing), len(unsure), 1), RECORD_BATCH):
+            chunk = matched.iloc[offset : offset + RECORD_BATCH]
+            found = [
                 (int(rid), str(status), None if pd.isna(error) else str(error), int(entry), at)
                 for rid, status, error, entry, at in zip(
-                    chunk["id"],
+                    chunk["person"],
                     chunk["status"],
                     chunk["error"],
                     chunk["entry"],
@@ -367,26 +444,32 @@ class _Reconcile:
                     strict=True,
                 )
             ]
-            nobody = missing[offset : offset + RECORD_BATCH]
+            nobody = [
+                (int(rid), float(at))
+                for rid, at in missing.iloc[offset : offset + RECORD_BATCH].itertuples(index=False)
+            ]
+            why = [
+                (int(rid), str(reason))
+                for rid, reason in unsure.iloc[offset : offset + RECORD_BATCH].itertuples(
+                    index=False
+                )
+            ]
             self.tally.confirmed_unknown += self.ledger.record_deliveries(
-                matched, nobody, checked_at
+                found, nobody, checked_at, why
             )
 
 
 def suppress_candidates(
-    found: Any, people: Any, phrases: list[str], seen_at: str
+    matched: Any, phrases: list[str], seen_at: str
 ) -> list[tuple[str, str, str]]:
     """(E.164 number, reason, seen at) for every matched person whose delivery error
     contains a `suppress_on` phrase (any case)."""
     wanted = [phrase.casefold() for phrase in phrases]
-    errors = found["error"].dropna()
+    errors = matched["error"].dropna()
     hits = errors[errors.map(lambda e: any(p in str(e).casefold() for p in wanted)).astype(bool)]
-    if hits.empty:
-        return []
-    phone = people.set_index("id")["phone"]
     return sorted(
         {
-            (f"+{phone[found.at[i, 'id']]}", f"delivery report: {error}", seen_at)
+            (f"+{int(matched.at[i, 'phone'])}", f"delivery report: {error}", seen_at)
             for i, error in hits.items()
         }
     )

@@ -150,8 +150,10 @@ class ReportingClient:
         max_attempts: int,
         region: str,
         concurrency: int,
+        from_phone: str | None = None,
     ) -> None:
         self.url = report_url(base_url, agent_id)
+        self.from_phone = from_phone  # only the entries of this sender (the API's filter)
         self._token = access_token
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
@@ -186,6 +188,8 @@ class ReportingClient:
             "to_timetoken": f"{end:.3f}",
             PAGE_PARAM: str(number),
         }
+        if self.from_phone:
+            params["from_phone"] = self.from_phone
         attempt = 0
         while True:
             await self._limiter.acquire()

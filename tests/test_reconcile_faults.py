@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FaultServer, Sandbox, phones, read_results, write_csv, write_job
+from tests.helpers import (
+    FaultServer,
+    Sandbox,
+    phones,
+    read_results,
+    start_sandbox,
+    write_csv,
+    write_job,
+)
 from tests.helpers import cli as run_cli
 
 TOKEN = "tok-7c1e-SECRET-91aa-d00d"
@@ -25,7 +33,12 @@ def cli(*args: str, timeout: float = 120) -> Any:
 
 
 def campaign(
-    tmp_path: Path, sandbox: Sandbox, report_url: str, store: str | None = None, **reporting: Any
+    tmp_path: Path,
+    sandbox: Sandbox,
+    report_url: str,
+    store: str | None = None,
+    expect: int = 0,
+    **reporting: Any,
 ) -> Path:
     """A campaign of 3 people sent through the sandbox, on `store`; its delivery reports
     at `report_url`."""
@@ -39,7 +52,7 @@ def campaign(
         limits={"max_attempts": 2},
         ledger=store,
     )
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert cli("run", str(job), "--no-progress").returncode == expect
     return job
 
 
@@ -297,3 +310,47 @@ def test_a_refused_reconcile_leaves_resend_unknown_as_it_was(
     result = cli("run", str(job), "--no-progress", "--resend-unknown")
     assert result.returncode == 0, result.stderr
     assert sorted(sandbox.phones()) == sorted("+" + "".join(filter(str.isdigit, p)) for p in PEOPLE)
+
+
+def test_from_phone_asks_the_reporting_api_for_the_channels_entries_only(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    with FaultServer(lambda n, q: page([])) as api:
+        job = campaign(tmp_path, sandbox, api.url, from_phone="+1 800 555 0100")
+        result = cli("reconcile", str(job))
+    assert result.returncode == 0, result.stderr
+    assert {query.get("from_phone") for query in api.bodies()} == {"+18005550100"}
+
+
+def test_a_from_phone_that_is_not_a_number_is_one_line_naming_the_key(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    job = campaign(tmp_path, sandbox, "http://127.0.0.1:9")
+    text = job.read_text(encoding="utf-8").replace(
+        "reporting:\n", "reporting:\n  from_phone: '12'\n"
+    )
+    job.write_text(text, encoding="utf-8")
+    result = cli("reconcile", str(job))
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "from_phone" in line and "E.164" in line
+
+
+def test_a_person_a_reconcile_could_not_judge_is_not_resent_blind(tmp_path: Path) -> None:
+    """Every answer lost (unknown), and the Reporting API busy for every page: nothing
+    read whole, so the report can tell nothing of them. They are `ambiguous` and
+    --resend-unknown holds them back; before, a campaign with no window read whole
+    resent its unknown people blind even after a reconcile had looked."""
+    box = start_sandbox(tmp_path, "--drop-after-accept", "1")
+    try:
+        with FaultServer(lambda n, q: 503) as api:
+            job = campaign(tmp_path, box, api.url, expect=1)
+            checked = cli("reconcile", str(job))
+        assert checked.returncode == 1, checked.stderr
+        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+        assert {(r["_status"], r["_delivery"]) for r in rows} == {("unknown", "ambiguous")}
+        assert all("not read whole" in r["_delivery_error"] for r in rows)
+        cli("run", str(job), "--no-progress", "--resend-unknown")
+        assert len(box.records()) == len(PEOPLE)  # nobody twice
+    finally:
+        box.stop()

@@ -201,13 +201,27 @@ _LIVE = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running'
 _LIVE_HELD = _LIVE.removesuffix(")") + " FOR SHARE)"
 
 # An `unknown` person may be sent again (--resend-unknown) blind, before any delivery
-# report was read, or once the report does not know their latest request: a `not_found`
-# about an earlier request says nothing of a later one, which may have arrived.
+# report was read (and none found them ambiguous), or once the report does not know their
+# latest request: a `not_found` about an earlier request says nothing of a later one,
+# which may have arrived. An `ambiguous` person is never sent again.
 _RESENDABLE = """(r.state != 'unknown'
-    OR NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
+    OR (NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
+        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
+                        AND d.status = 'ambiguous'))
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
                AND d.status = 'not_found' AND d.request_at >= (SELECT max(a.started_at)
                FROM attempts a WHERE a.recipient_id = r.id)))"""
+
+
+# How far a request's answer says it reached the API (`matching`: NOT_ARRIVED, MAYBE,
+# ARRIVED). Certainly not: the connection never opened (policy's "could not connect"),
+# 408/429/503, or another refusal (3xx/4xx); the server did not act. Known: 200 with
+# success. Anything else may have arrived: a timeout, a dropped connection, 500/502/504,
+# in flight when a run died, a 2xx that was not success (when in doubt, a possible owner).
+_REQUEST_KIND = """CASE WHEN a.state = 'sent' THEN 2
+    WHEN a.http_status IN (408, 429, 503) OR (a.http_status >= 300 AND a.http_status < 500)
+        OR (a.http_status IS NULL AND a.error LIKE 'could not connect%') THEN 0
+    ELSE 1 END"""
 
 
 def _unclaimed(states: tuple[str, ...]) -> str:
@@ -1042,20 +1056,26 @@ class Ledger:
         ).fetchone()
         return None if found[0] is None else (found[0], found[1])
 
-    def requested_people(
-        self, share: int = 0, shares: int = 1, batch: int = 100_000
+    def attempt_span(self) -> tuple[float, float] | None:
+        """(first, last) start time of every request of the campaign, whatever came of it."""
+        found = self.db.execute("SELECT min(started_at), max(started_at) FROM attempts").fetchone()
+        return None if found[0] is None else (found[0], found[1])
+
+    def requests(
+        self, start: float, end: float, share: int = 0, shares: int = 1, batch: int = 100_000
     ) -> Iterator[list[tuple[Any, ...]]]:
-        """(recipient id, phone as E.164 digits, last request's start, first request's
-        start), a batch at a time, for every person with a phone who had a request that
-        may have arrived (`sent` or `unknown`) and whose number is in `share` of `shares`
-        (number modulo shares)."""
+        """(recipient id, or -1 for a person a delivery report says nothing of; phone as
+        E.164 digits; start; kind) of every request started in [start, end] to a number in
+        `share` of `shares` (number modulo shares), a batch at a time. The kind, from its
+        answer (`matching`): 2 known to have arrived, 0 certainly not, 1 maybe."""
         phone = "CAST(substr(r.to_phone, 2) AS BIGINT)"
         yield from _batched(
             self.db.stream(
-                f"SELECT r.id, {phone}, max(a.started_at), min(a.started_at) FROM recipients r "
-                f"JOIN attempts a ON a.recipient_id = r.id WHERE r.state IN {REQUESTED} "
-                f"AND r.to_phone IS NOT NULL AND {phone} % ? = ? GROUP BY r.id",
-                (shares, share),
+                f"SELECT CASE WHEN r.state IN {REQUESTED} THEN r.id ELSE -1 END, {phone}, "
+                f"a.started_at, {_REQUEST_KIND} FROM attempts a "
+                f"JOIN recipients r ON r.id = a.recipient_id WHERE r.to_phone IS NOT NULL "
+                f"AND a.started_at BETWEEN ? AND ? AND {phone} % ? = ?",
+                (start, end, shares, share),
                 batch,
             ),
             batch,
@@ -1130,12 +1150,14 @@ class Ledger:
         matched: list[tuple[int, str, str | None, int, str]],
         not_found: list[tuple[int, float]],
         checked_at: str,
+        ambiguous: list[tuple[int, str]] | None = None,
     ) -> int:
         """What the report says, in one transaction: `matched` (recipient id, status,
-        error, entry id, entry time as ISO) and `not_found` (recipient id, start of the
-        request the report does not know). An `unknown` recipient with an entry did reach
-        the API: it becomes `sent`. A `not_found` never replaces an entry seen before.
-        Returns how many unknown recipients were confirmed."""
+        error, entry id, entry time as ISO), `not_found` (recipient id, start of their
+        latest request) and `ambiguous` (recipient id, why). An `unknown` recipient with an
+        entry did reach the API: it becomes `sent`. Neither not_found nor ambiguous ever
+        replaces an entry seen before (once confirmed, always sent). Returns how many
+        unknown recipients were confirmed."""
         with self.transaction():
             self.db.executemany(
                 "INSERT INTO deliveries (recipient_id, status, error, checked_at, entry) "
@@ -1144,12 +1166,17 @@ class Ledger:
                 "checked_at = excluded.checked_at, entry = excluded.entry",
                 [(rid, status, error, checked_at, key) for rid, status, error, key, _ in matched],
             )
+            unowned: list[tuple[int, str, str | None, str, float | None]] = [
+                (rid, "not_found", None, checked_at, at) for rid, at in not_found
+            ]
+            unowned += [(rid, "ambiguous", why, checked_at, None) for rid, why in ambiguous or []]
             self.db.executemany(
-                "INSERT INTO deliveries (recipient_id, status, checked_at, request_at) "
-                "VALUES (?, 'not_found', ?, ?) ON CONFLICT (recipient_id) DO UPDATE SET "
+                "INSERT INTO deliveries (recipient_id, status, error, checked_at, request_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_id) DO UPDATE SET "
+                "status = excluded.status, error = excluded.error, "
                 "checked_at = excluded.checked_at, request_at = excluded.request_at "
                 "WHERE deliveries.entry IS NULL",
-                [(rid, checked_at, at) for rid, at in not_found],
+                unowned,
             )
             return max(
                 self.db.executemany(

@@ -290,3 +290,111 @@ def logged_events(log_file: Path) -> list[str]:
 def e164(text: str) -> str:
     """A number as the sandbox records it (`+1 415 200 0001` -> `+14152000001`)."""
     return "+" + "".join(ch for ch in text if ch.isdigit())
+
+
+# --- a gateway in front of the sandbox: requests that never arrive, answers that are lost ---
+
+BLOCK, LOSE, PASS = "block", "lose", "pass"
+Route = Callable[[dict[str, Any]], str]
+
+
+@dataclass
+class Gateway:
+    """An aiohttp proxy on 127.0.0.1 in front of `upstream` (the sandbox) for the Send API:
+    `route(body)` says per request BLOCK (answer 504, forward nothing: it never arrived),
+    LOSE (forward, then answer 504 whatever came back: it arrived, its answer was lost) or
+    PASS (forward, answer what came back)."""
+
+    upstream: str
+    route: Route
+    url: str = ""
+    routed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Gateway:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(ready),), daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("gateway did not start")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._loop is not None and self._stop is not None and self._thread is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _main(self, ready: threading.Event) -> None:
+        import aiohttp
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            app = web.Application()
+
+            async def handle(request: web.Request) -> web.Response:
+                return await self._handle(request, session)
+
+            app.router.add_post("/sms/{channel}/send.json", handle)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+    async def _handle(self, request: web.Request, session: Any) -> web.Response:
+        raw = await request.read()
+        body = json.loads(raw)
+        how = self.route(body)
+        self.routed.append((how, body))
+        if how == BLOCK:
+            return web.json_response({"success": False, "error": "gateway timeout"}, status=504)
+        async with session.post(
+            self.upstream + request.path,
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        ) as answer:
+            status, text = answer.status, await answer.text()
+        if how == LOSE:
+            return web.json_response({"success": False, "error": "gateway timeout"}, status=504)
+        return web.Response(status=status, text=text, content_type="application/json")
+
+
+def first_time(chosen: Callable[[dict[str, Any]], bool], how: str = BLOCK) -> Route:
+    """A route: `how` for the first request of each chosen person (by their whole body),
+    PASS for every other request."""
+    seen: set[str] = set()
+
+    def route(body: dict[str, Any]) -> str:
+        key = json.dumps(body, sort_keys=True)
+        if not chosen(body) or key in seen:
+            return PASS
+        seen.add(key)
+        return how
+
+    return route
+
+
+def reached(sandbox: Sandbox, *keys: str) -> collections.Counter[tuple[Any, ...]]:
+    """How many SMS the sandbox accepted per person (the body's `keys`)."""
+    return collections.Counter(tuple(r["body"].get(k) for k in keys) for r in sandbox.records())
+
+
+def reconcile_until(
+    job: Path, campaign: str, done: Callable[[list[dict[str, str]]], bool], deadline_s: float = 60
+) -> list[dict[str, str]]:
+    """Reconcile `campaign` again until `done(rows)`: entries appear and settle on the
+    sandbox's clock (a bounded wait on the condition, not a sleep)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = cli("reconcile", str(job), "--campaign", campaign)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        rows = read_results(job.parent / "runs" / campaign / "results.csv")
+        if done(rows) or time.monotonic() > deadline:
+            return rows

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const STATUSES = ["sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed"];
-const DELIVERY = ["delivered", "sent", "undelivered", "failed", "not_found"];
+const DELIVERY = ["delivered", "sent", "undelivered", "failed", "not_found", "ambiguous"];
 let canReconcile = false; // the job file has a reporting: section
 const PAGE = 50;
 let current = null; // the open campaign, as GET /api/campaigns/{id} describes it

@@ -47,6 +47,37 @@ def cli(
     )
 
 
+_PEAK_RSS = (
+    "import resource, sys\n"
+    "from campaign.cli import main\n"
+    "try:\n"
+    "    code = main(sys.argv[1:])\n"
+    "finally:\n"
+    "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "    print(f'peak_rss_kb={peak}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def cli_peak_rss_kb(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """The real command line like `cli`, and its peak resident memory in KiB."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, *args],
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    lines = result.stderr.splitlines()
+    peak = [int(line.split("=", 1)[1]) for line in lines if line.startswith("peak_rss_kb=")]
+    assert peak, result.stderr[-2000:]
+    result.stderr = "\n".join(line for line in lines if not line.startswith("peak_rss_kb="))
+    return result, peak[-1]
+
+
 def spawn_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:

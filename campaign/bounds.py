@@ -58,7 +58,7 @@ def load_json(raw: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH)
     except RecursionError:
         raise JsonRefused(f"nested deeper than {max_depth} levels") from None
     except ValueError:  # UnicodeDecodeError is one
-        raise JsonRefused("not valid JSON") from None
+        raise JsonRefused("not JSON") from None
     _check_shape(value, max_depth)
     return value
 

@@ -33,6 +33,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TypeGuard
 
 import aiohttp
 import phonenumbers
@@ -188,7 +189,7 @@ def parse_page(raw: bytes, number: int, region: str) -> Page:
     return page
 
 
-def _count(value: object) -> bool:
+def _count(value: object) -> TypeGuard[int]:
     """A whole number of 0 or more; JSON's true is no count, though Python's bool is an int."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

@@ -403,7 +403,7 @@ def load_job(path: Path | str, *overrides: Override) -> Job:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         kind = "" if isinstance(exc, _KeyProblem) else "YAML syntax error: "
         raise JobError(path, f"{kind}{where}{problem}") from None
     if raw is None:

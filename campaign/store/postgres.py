@@ -49,10 +49,12 @@ _QUERY_PASSWORD = re.compile(r"([?&])password=[^&]*", re.IGNORECASE)
 _QUOTED = re.compile(r'"([^"]*)"')
 
 
-def _shares(quoted: str, secrets: list[str]) -> bool:
-    """Whether `quoted` holds 3 characters in a row of a secret (or a whole short one)."""
+def _shares(text: str, secrets: list[str], run: int = 3) -> bool:
+    """Whether `text` holds `run` characters in a row of a secret (or a whole short one)."""
     return any(
-        secret[i : i + 3] in quoted for secret in secrets for i in range(max(1, len(secret) - 2))
+        secret[i : i + run] in text
+        for secret in secrets
+        for i in range(max(1, len(secret) - run + 1))
     )
 
 
@@ -86,6 +88,11 @@ def _reason(url: str, error: BaseException) -> str:
         # libpq quotes the part of a URL it could not parse, which may be a piece of the
         # password (`"x@y@127.0.0.1/db"` of `bob:S3C#RET?x@y@...`): such a quote goes.
         text = _QUOTED.sub(lambda m: '"[hidden]"' if _shares(m[1], secrets) else m[0], text)
+        if _shares(text.replace(safe_url(url), ""), secrets, 4):
+            return (
+                "the server cannot be used with this URL (the reason is not shown: it "
+                "quotes part of the password)"
+            )
     return text.removeprefix("connection failed: ")
 
 

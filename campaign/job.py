@@ -146,7 +146,7 @@ class Mapping(_Strict):
 
 
 class Limits(_Strict):
-    rate_per_second: float = Field(default=10, gt=0, le=100_000, allow_inf_nan=False)
+    rate_per_second: float = Field(default=10, gt=0, allow_inf_nan=False)
     concurrency: int = Field(default=10, gt=0, le=1000)
     max_attempts: int = Field(default=5, ge=1, le=100)
     abort_after_fatal: int = Field(default=3, ge=1, le=1_000_000)

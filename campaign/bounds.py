@@ -6,7 +6,7 @@ API answers (Send API and Reporting API):
     MAX_SEND_ANSWER_BYTES   64 KiB read of a Send API answer (the rest is ignored)
     MAX_PAGE_BYTES          8 MiB read of a Reporting API page (a page holds 25 entries)
     MAX_JSON_DEPTH          32 levels of nested lists/objects; deeper is refused
-    MAX_REPORT_PAGES        10,000 pages in one window (250,000 entries); total_pages is
+    MAX_REPORT_PAGES        400,000 pages in one window (10 million entries); total_pages is
                             also never more than ceil(total_entries / per_page)
     PAGES_QUEUED            pages of one reading asked for ahead of the fetchers
     MAX_STATUS_DETAIL_CHARS 200 characters of sms_status_response kept and shown
@@ -30,7 +30,7 @@ from typing import Any
 MAX_SEND_ANSWER_BYTES = 64 * 1024
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 MAX_JSON_DEPTH = 32
-MAX_REPORT_PAGES = 10_000
+MAX_REPORT_PAGES = 400_000
 PAGES_QUEUED = 64
 MAX_STATUS_DETAIL_CHARS = 200
 MAX_RETRY_AFTER_S = 120.0

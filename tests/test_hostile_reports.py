@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from campaign.bounds import MAX_STATUS_DETAIL_CHARS
+from campaign.bounds import LOUD_WAIT_S, MAX_REPORT_PAGES, MAX_STATUS_DETAIL_CHARS, PAGES_QUEUED
+from campaign.reporting import Page
 from tests.helpers import (
     FaultServer,
     Sandbox,
@@ -242,3 +243,56 @@ def test_a_redirect_is_described_once(tmp_path: Path) -> None:
         sent_campaign(tmp_path, api.url, api.url)
     errors = {r["_error"] for r in read_results(tmp_path / "runs" / "test" / "results.csv")}
     assert errors == {"HTTP 302: Found"}, errors
+
+
+def test_pages_are_asked_for_a_few_at_a_time_when_every_count_is_huge(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    now = time.time()
+    huge = {"total_pages": 10_000_000, "total": 250_000_000}
+
+    def reply(n: int, query: dict[str, str]) -> Any:
+        if query["page"] == "1":
+            return page([entry(p, now) for p in PEOPLE], **huge)
+        return page([], **huge)  # the API has nothing more, whatever it promised
+
+    with FaultServer(reply) as api:
+        job = sent_campaign(tmp_path, sandbox.url, api.url)
+        result, peak_kb = cli_peak_rss_kb(
+            "reconcile", str(job), env={"REPORT_TOKEN": TOKEN}, timeout=60
+        )
+        asked = len(api.arrivals)
+    no_traceback(result)
+    assert result.returncode == 1
+    assert "promised 250000000 entries and gave 3" in result.stdout
+    assert asked <= 1 + PAGES_QUEUED
+    assert peak_kb < 300 * 1024, f"peak {peak_kb} KB"
+
+
+def test_total_pages_never_exceed_the_hard_cap() -> None:
+    assert Page(1, 10**12, 10**15).last_page == MAX_REPORT_PAGES
+    assert Page(1, 10**12, 26).last_page == 2
+    assert Page(1, 1, 10**15).last_page == 1
+
+
+def test_a_wait_longer_than_ten_seconds_says_so_in_the_log(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    now = time.time()
+    wait_s = int(LOUD_WAIT_S) + 1
+
+    def reply(n: int, query: dict[str, str]) -> Any:
+        if n == 0:
+            return (429, {"Retry-After": str(wait_s)})
+        return page([entry(p, now) for p in PEOPLE])
+
+    with FaultServer(reply) as api:
+        job = sent_campaign(tmp_path, sandbox.url, api.url)
+        result = cli("reconcile", str(job), "--log-format", "json")
+    assert result.returncode == 0, result.stdout
+    said = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and "waiting before the next attempt" in line
+    ]
+    assert len(said) == 1 and said[0]["wait_s"] == wait_s, result.stderr

@@ -308,6 +308,9 @@ class _Reconcile:
                 f"{_when(window)}: the Reporting API promised {window.promised} entries and "
                 f"gave {window.read}"
             )
+        if window.bad:
+            # Until a window reads whole, --resend-unknown must not take these for "none".
+            await self._call(self.ledger.note_unusable_report, window.bad)
         if not window.failed and window.bad:
             window.failed = (
                 f"{_when(window)}: {window.bad} unusable entries (no usable number, time or "

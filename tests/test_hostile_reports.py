@@ -36,7 +36,9 @@ def cli(*args: str, timeout: float = 120) -> Any:
     return run_cli(*args, env={"REPORT_TOKEN": TOKEN}, timeout=timeout)
 
 
-def sent_campaign(tmp_path: Path, send_url: str, report_url: str, **limits: Any) -> Path:
+def sent_campaign(
+    tmp_path: Path, send_url: str, report_url: str, store: str | None = None, **limits: Any
+) -> Path:
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
     job = write_job(
         tmp_path,
@@ -49,6 +51,7 @@ def sent_campaign(tmp_path: Path, send_url: str, report_url: str, **limits: Any)
             "settle_minutes": 0,
         },
         limits={"max_attempts": 2, **limits},
+        ledger=store,
     )
     cli("run", str(job), "--no-progress")
     return job
@@ -103,6 +106,28 @@ def test_entries_with_iso_times_confirm_lost_answers_and_resend_sends_nobody_twi
         cli("run", str(job), "--no-progress", "--resend-unknown")
         assert sorted(assert_no_duplicates(box)) == sorted(box.phones())
         assert len(box.phones()) == 3
+    finally:
+        box.stop()
+
+
+def test_after_only_unusable_entries_resend_unknown_sends_nobody_a_second_sms(
+    tmp_path: Path, store: str | None
+) -> None:
+    box = start_sandbox(tmp_path, "--drop-after-accept", "1")
+    try:
+        now = time.time()
+        unusable = [{k: v for k, v in entry(p, now).items() if k != "sms_status"} for p in PEOPLE]
+        with FaultServer(lambda n, q: page(unusable)) as api:
+            job = sent_campaign(tmp_path, box.url, api.url, store)
+            result = cli("reconcile", str(job))
+        no_traceback(result)
+        assert result.returncode == 1
+        assert "3 unusable entries" in result.stdout
+        resend = cli("run", str(job), "--no-progress", "--resend-unknown")
+        no_traceback(resend)
+        assert len(assert_no_duplicates(box)) == 3
+        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+        assert [r["_status"] for r in rows] == ["unknown"] * 3
     finally:
         box.stop()
 

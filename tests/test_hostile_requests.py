@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import (
     ROOT,
+    FaultServer,
     Sandbox,
     Served,
     cli,
@@ -160,3 +161,33 @@ def test_suppress_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     assert errors == ""
     assert process.returncode == 141
     assert not list(tmp_path.glob("**/crash-*"))
+
+
+async def test_the_page_checks_delivery_through_a_retry_after_of_unicode_digits(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    people = phones(2)
+
+    def reply(n: int, query: dict[str, str]) -> object:
+        if n == 0:
+            return (429, {"Retry-After": "²"})
+        return (200, None, {"total_pages": 1, "total_entries": 0, "entries": []})
+
+    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in people])
+    with FaultServer(reply) as api:
+        reporting = {"agent_id": "7", "access_token": "t", "base_url": api.url}
+        job = write_job(tmp_path, sandbox.url, input=data, reporting=reporting)
+        assert cli("run", str(job), "--no-progress").returncode == 0
+        served = serve(tmp_path, job, TOKEN)
+        try:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with (
+                aiohttp.ClientSession(served.url, headers=headers) as http,
+                http.post("/api/campaigns/test/reconcile") as response,
+            ):
+                body = await response.json()
+            assert response.status == 200, body
+            assert len(api.arrivals) == 2
+            clean_log(served)
+        finally:
+            served.stop()

@@ -52,6 +52,14 @@ def _share(text: str) -> float:
     return float(_number(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1"))
 
 
+MAX_UPLOAD_MB = 10_240.0  # 10 GB: beyond any spreadsheet, within what a byte count holds
+
+
+def _upload_mb(text: str) -> float:
+    wanted = f"a number greater than 0 and at most {MAX_UPLOAD_MB:g}"
+    return float(_number(text, float, lambda v: 0 < v <= MAX_UPLOAD_MB, wanted))
+
+
 def _port(text: str) -> int:
     return int(_number(text, int, lambda v: 0 <= v <= 65535, "a whole number from 0 to 65535"))
 
@@ -256,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-upload-mb",
-        type=_positive_float,
+        type=_upload_mb,
         default=50.0,
         metavar="N",
         help="upload size cap (default 50)",
@@ -280,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except BrokenPipeError:
+        # `campaign suppress list JOB | head`: the reader has all it wanted. Whatever is
+        # still buffered goes nowhere, quietly, instead of failing again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     except Exception:
         import tempfile
 

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import gc
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,17 @@ from typing import TYPE_CHECKING, TypeVar
 import aiohttp
 import structlog
 
+from campaign.bounds import MAX_SEND_ANSWER_BYTES, JsonRefused, load_json
 from campaign.job import Api, Limits
-from campaign.policy import Answer, Decision, Transport, decide, parse_retry_after
+from campaign.policy import (
+    Answer,
+    Decision,
+    Transport,
+    answer_detail,
+    decide,
+    parse_retry_after,
+    wait,
+)
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import Limiter, RateLimiter
 from campaign.report import iso_utc
@@ -38,7 +46,7 @@ log = structlog.get_logger(__name__)
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _DETAIL_CHARS = 200
-MAX_ANSWER_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = MAX_SEND_ANSWER_BYTES
 _SUCCESS_BODIES = frozenset({b'{"success": true}', b'{"success":true}'})
 _SENT = Answer(http_status=200, success=True)
 # Shorter than the idle timeout of common servers (5 s): a connection the server closed
@@ -287,7 +295,7 @@ class Dispatcher:
                 self._busy[task] = False
             if decision.retry_in_s is None or self.halt.is_set():
                 return
-            await asyncio.sleep(decision.retry_in_s)
+            await wait(decision.retry_in_s, "send retry", row=target.row)
 
     async def _held(self, target: Target) -> bool:
         """Whether the gate keeps `target` from leaving now (its hold is recorded)."""
@@ -511,8 +519,8 @@ def _is_success(raw: bytes) -> bool:
     if raw in _SUCCESS_BODIES:
         return True
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = load_json(raw, MAX_ANSWER_BYTES)
+    except JsonRefused:
         return False
     return isinstance(body, dict) and body.get("success") is True
 
@@ -521,6 +529,4 @@ def _detail(status: int, reason: str | None, raw: bytes) -> str:
     if 200 <= status < 300:
         text = raw.decode("utf-8", "replace").strip()
         return f"answer was not success: {text[:_DETAIL_CHARS]}" if text else "empty answer"
-    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
-    text = text[:_DETAIL_CHARS] if text and not text.lstrip().startswith("<") else ""
-    return " ".join(part for part in (reason or "", text) if part)
+    return answer_detail(status, reason, raw, _DETAIL_CHARS)

@@ -7,6 +7,7 @@ can print a single line and exit 2.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import os
 import re
@@ -27,6 +28,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from campaign.bounds import MAX_JOB_FILE_BYTES, MAX_YAML_ALIASES
 from campaign.errors import JobError, OptionError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -147,7 +149,7 @@ class Limits(_Strict):
     rate_per_second: float = Field(default=10, gt=0, allow_inf_nan=False)
     concurrency: int = Field(default=10, gt=0, le=1000)
     max_attempts: int = Field(default=5, ge=1, le=100)
-    abort_after_fatal: int = Field(default=3, ge=1)
+    abort_after_fatal: int = Field(default=3, ge=1, le=1_000_000)
     retry_ambiguous: bool = False
     # With a PostgreSQL ledger: a worker without a heartbeat this long is taken for dead,
     # and its people in flight become `unknown` (see store/ledger.py).
@@ -163,6 +165,10 @@ class Limits(_Strict):
     def _text(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, dt.datetime) and info.field_name == "deadline":
             return value.isoformat()  # YAML reads an unquoted ISO time as a datetime
+        if info.field_name == "timezone" and value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"must be a time zone name (like America/New_York), not {_yaml_kind(value)}"
+            )
         if isinstance(value, int) and not isinstance(value, bool):
             # YAML 1.1 reads an unquoted 18:00 as the number 1080 (base 60).
             raise ValueError('YAML read this as a number: write the time in quotes, like "18:00"')
@@ -184,8 +190,13 @@ class Limits(_Strict):
     def _zone(cls, value: str | None) -> str | None:
         from campaign.windows import parse_zone
 
-        if value is not None:
-            parse_zone(value)
+        if value is None:
+            return value
+        parse_zone(value)
+        # ZoneInfo also takes the system's "localtime" file and tzdata's "Factory": they
+        # name no place, so a window or deadline in them would mean nothing definite.
+        if value.strip() not in _iana_zones():
+            raise ValueError(f"{value!r} is not an IANA time zone name (like America/New_York)")
         return value
 
     @field_validator("deadline")
@@ -211,6 +222,13 @@ class Limits(_Strict):
                 f"{self.deadline}?)"
             )
         return self
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    import zoneinfo
+
+    return frozenset(zoneinfo.available_timezones() - {"Factory", "localtime", "posixrules"})
 
 
 # Phrases of a delivery error that put the number on the suppression list (any case).
@@ -385,7 +403,11 @@ def load_job(path: Path | str, *overrides: Override) -> Job:
     """Read and check a job file, with `overrides` in place of the keys they name."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_JOB_FILE_BYTES + 1)
+        if len(data) > MAX_JOB_FILE_BYTES:
+            raise JobError(path, f"is larger than {MAX_JOB_FILE_BYTES // 1024} KB: not a job file")
+        text = data.decode("utf-8-sig")
     except FileNotFoundError:
         raise JobError(path, "job file not found") from None
     except IsADirectoryError:
@@ -394,17 +416,22 @@ def load_job(path: Path | str, *overrides: Override) -> Job:
         raise JobError(path, f"cannot read job file ({exc})") from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no objects
+    except RecursionError:
+        raise JobError(path, "nested too deeply to be a job file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         kind = "" if isinstance(exc, _KeyProblem) else "YAML syntax error: "
         raise JobError(path, f"{kind}{where}{problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise JobError(path, "must be a YAML mapping of keys (campaign, input, api, mapping...)")
-    raw = expand_vars(raw, path)
+    try:
+        raw = expand_vars(raw, path)
+    except RecursionError:
+        raise JobError(path, "nested too deeply to be a job file") from None
     for override in overrides:
         *sections, name = override.key.split(".")
         into = raw
@@ -472,6 +499,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _KeyProblem(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # An alias is read as a reference, but `expand_vars` and the checks walk it as a
+        # copy: a few nested aliases ("billion laughs") would cost minutes and gigabytes.
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise _KeyProblem(
+                    None, None, f"more than {MAX_YAML_ALIASES} aliases (*name): refused", mark
+                )
+        return super().compose_node(parent, index)
 
 
 def _yaml_kind(value: object) -> str:

@@ -7,11 +7,20 @@ get two SMS.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+
+import structlog
+
+from campaign.bounds import LOUD_WAIT_S, MAX_RETRY_AFTER_S
+
+log = structlog.get_logger(__name__)
 
 # The server says it did not act on the request: sending again is safe.
 RETRY_STATUSES = frozenset({408, 429, 503})
@@ -22,7 +31,9 @@ FATAL_STATUSES = frozenset({401, 403, 404})
 
 BACKOFF_BASE_S = 0.5  # first retry waits up to this long (full jitter)...
 BACKOFF_CAP_S = 30.0  # ...doubling per attempt, never more than this
-RETRY_AFTER_CAP_S = 600.0  # a Retry-After longer than this is treated as this
+RETRY_AFTER_CAP_S = MAX_RETRY_AFTER_S  # a Retry-After longer than this is treated as this
+# RFC 9110 delay-seconds: ASCII digits only (str.isdigit also takes "²" and "٣").
+_DELAY_SECONDS = re.compile(r"[0-9]{1,12}")
 
 
 class Transport(StrEnum):
@@ -125,19 +136,39 @@ def backoff_s(attempt: int, retry_after_s: float | None, rng: random.Random | No
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds (RFC 9110: delay-seconds or an HTTP date); None if absent/bad."""
-    if not value:
+    """Retry-After as seconds (RFC 9110: delay-seconds or an HTTP date); None if absent or
+    anything else (the default backoff applies). Never raises: the value is the peer's."""
+    if not value or not isinstance(value, str):
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELAY_SECONDS.fullmatch(value):
         return float(value)
+    if not value.isascii() or len(value) > 64:
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+async def wait(seconds: float, why: str, **context: object) -> None:
+    """Sleep `seconds`; a wait long enough to look like a hang says so in the log first."""
+    if seconds > LOUD_WAIT_S:
+        log.warning("waiting before the next attempt", wait_s=round(seconds, 1), why=why, **context)
+    await asyncio.sleep(seconds)
+
+
+def answer_detail(status: int, reason: str | None, raw: bytes, chars: int) -> str:
+    """The reason phrase and the start of a non-HTML body, once: aiohttp's own error bodies
+    (`302: Found`) repeat the reason and are left out."""
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    if not text or text.lstrip().startswith("<") or text == f"{status}: {reason}":
+        text = ""
+    return " ".join(part for part in (reason or "", text[:chars]) if part)
 
 
 def _client_error(status: int | None) -> bool:

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from campaign.bounds import PAGES_QUEUED, PROGRESS_EVERY_PAGES
 from campaign.errors import ReportingRefused, UsageError
 from campaign.job import Job, Reporting
 from campaign.logs import log_to_file
@@ -277,31 +278,50 @@ class _Reconcile:
                 except PageUnreadable as exc:
                     window.failed = window.failed or f"{_when(window)}: {exc}"
                     continue
-                self.tally.pages += 1
+                self._count_page()
                 repeated = 0
                 if page.entries:
                     store = self.ledger.store_entries
                     repeated = await self._call(store, page.entries, self.run_id)
                 self.tally.bad_entries += page.bad
                 self.tally.repeated_entries += repeated
+                window.bad += page.bad
                 window.read += page.received - repeated
                 if number == 1:
                     window.promised = page.total_entries
-                    window.last_page = page.total_pages
-                    for later in range(2, page.total_pages + 1):
-                        queue.put_nowait((window, later))
+                    window.last_page = page.last_page
                 elif page.received == 0 or repeated == page.received:
                     # Past the end of what the API really has (its total_pages said more,
                     # or it gives the same entries again): no later page is asked for.
                     window.last_page = min(window.last_page, number)
+                # Pages are asked for a few at a time: a window that claims millions of
+                # pages must not have them all queued at once (memory).
+                want = PAGES_QUEUED if number == 1 else 1
+                while want and not window.failed and window.queued < window.last_page:
+                    window.queued += 1
+                    want -= 1
+                    queue.put_nowait((window, window.queued))
             finally:
                 queue.task_done()
+
+    def _count_page(self) -> None:
+        self.tally.pages += 1
+        if self.tally.pages % PROGRESS_EVERY_PAGES == 0:
+            log.info("still reading delivery reports", pages=self.tally.pages)
 
     async def _finish(self, window: _Window) -> None:
         if not window.failed and window.read < window.promised:
             window.failed = (
                 f"{_when(window)}: the Reporting API promised {window.promised} entries and "
                 f"gave {window.read}"
+            )
+        if window.bad:
+            # Until a window reads whole, --resend-unknown must not take these for "none".
+            await self._call(self.ledger.note_unusable_report, window.bad)
+        if not window.failed and window.bad:
+            window.failed = (
+                f"{_when(window)}: {window.bad} unusable entries (no usable number, time or "
+                "status): nobody in this window is taken for not_found"
             )
         if window.failed:
             self.tally.windows_unread += 1
@@ -502,6 +522,8 @@ class _Window:
     promised: int = 0
     read: int = 0
     last_page: int = 1
+    queued: int = 1  # pages put in the queue so far (1 to `queued`)
+    bad: int = 0  # unusable entries: the window is not read whole
     failed: str = ""
 
 

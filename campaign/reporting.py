@@ -13,8 +13,13 @@ retry policy, but as what it is, a GET: timeouts and 5xx are retried too (retryi
 read sends nobody an SMS); 401/403/404 end the reconcile (`ReportingRefused`, exit 3).
 
 Entries come back with formatted numbers (`+1(415) 555-0101`): `phone_digits` turns
-them into E.164 digits. An entry without a usable number, time or status is counted
-(`Page.bad`) and skipped, never a reason to drop its page.
+them into E.164 digits. An entry without a usable number, time (epoch seconds) or status
+(one of `STATUSES`) is counted (`Page.bad`) and skipped; its window is then not read
+whole, so nobody in it is taken for `not_found` on the strength of it.
+
+An answer is refused (`PageUnreadable`) when it is not JSON within `bounds`' size and
+depth, or its counts are not counts; `total_pages` is only believed up to what
+`total_entries` needs and `bounds.MAX_REPORT_PAGES` (`Page.last_page`).
 
 The access token is sent in a header and nowhere else: no message or log line of this
 module holds it (`_scrub`), and the CLI hides it from every log line as well.
@@ -22,26 +27,45 @@ module holds it (`_scrub`), and the CLI hides it from every log line as well.
 
 from __future__ import annotations
 
-import asyncio
-import json
+import datetime as dt
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TypeGuard
 
 import aiohttp
 import phonenumbers
 
+from campaign.bounds import (
+    MAX_PAGE_BYTES,
+    MAX_REPORT_PAGES,
+    MAX_STATUS_DETAIL_CHARS,
+    JsonRefused,
+    load_json,
+)
 from campaign.dispatch import _read_capped
 from campaign.errors import ReportingRefused
-from campaign.policy import Answer, Transport, backoff_s, decide, parse_retry_after
+from campaign.policy import (
+    Answer,
+    Transport,
+    answer_detail,
+    backoff_s,
+    decide,
+    parse_retry_after,
+    wait,
+)
 from campaign.rate import RateLimiter
 
 PER_PAGE = 25
 PAGE_PARAM = "page"  # not documented by the provider: assumed, and only here
 TOKEN_HEADER = "access-token"
-MAX_PAGE_BYTES = 8 * 1024 * 1024
-_DETAIL_CHARS = 200
+# The API's sms_status values; anything else (even "not_found") is not a report of ours.
+STATUSES = frozenset({"sent", "failed", "delivered", "undelivered"})
+_DETAIL_CHARS = MAX_STATUS_DETAIL_CHARS
+_YEAR_10000 = 253_402_300_800  # epoch seconds: later is no time a date can show
+_KEY_CHARS = 128  # a longer uuid is kept as its hash
 _FAST_E164 = re.compile(r"\+\d[\d\s().-]*")
 Entry = tuple[str, int, float, str, str | None]  # key, phone digits, created_at, status, error
 
@@ -54,6 +78,14 @@ class Page:
     entries: list[Entry] = field(default_factory=list)
     received: int = 0  # entries in the answer, usable or not
     bad: int = 0  # entries skipped: no usable to_phone, created_at or sms_status
+    per_page: int = PER_PAGE
+
+    @property
+    def last_page(self) -> int:
+        """The last page worth asking for: total_pages as far as total_entries bears it
+        out, never more than the hard cap."""
+        needed = math.ceil(self.total_entries / self.per_page)
+        return max(0, min(self.total_pages, needed, MAX_REPORT_PAGES))
 
 
 class PageUnreadable(Exception):
@@ -90,42 +122,64 @@ def parse_entry(raw: object, region: str) -> Entry | None:
     phone = phone_digits(raw.get("to_phone"), region)
     created = _epoch(raw.get("created_at"))
     status = raw.get("sms_status")
-    if phone is None or created is None or not isinstance(status, str) or not status.strip():
+    status = status.strip() if isinstance(status, str) else None
+    if phone is None or created is None or status not in STATUSES:
         return None
     error = raw.get("sms_status_response")
     error = error.strip()[:_DETAIL_CHARS] or None if isinstance(error, str) else None
-    uuid = raw.get("uuid")
-    key = uuid.strip() if isinstance(uuid, str) and uuid.strip() else f"{phone}@{created!r}"
-    return key, phone, created, status.strip(), error
+    return _key(raw.get("uuid"), phone, created), phone, created, status, error
+
+
+def _key(uuid: object, phone: int, created: float) -> str:
+    if not isinstance(uuid, str) or not uuid.strip():
+        return f"{phone}@{created!r}"
+    uuid = uuid.strip()
+    if len(uuid) <= _KEY_CHARS:
+        return uuid
+    return "sha256:" + hashlib.sha256(uuid.encode("utf-8", "replace")).hexdigest()
 
 
 def _epoch(value: object) -> float | None:
+    """Epoch seconds as the API documents them (a number, or one written as text); an ISO
+    8601 time with its UTC offset is the same instant. Anything else: None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        return None
+        value = _text_time(value.strip()) if len(value) <= 40 else None
+    if not isinstance(value, int | float) or not 0 < value < _YEAR_10000:
+        return None  # NaN fails the comparison too
     return float(value)
+
+
+def _text_time(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    # Without an offset the instant is anybody's guess (the API's zone is not documented).
+    return when.timestamp() if when.tzinfo is not None else None
 
 
 def parse_page(raw: bytes, number: int, region: str) -> Page:
     """A page's answer; `PageUnreadable` when it is not a report page."""
     try:
-        body = json.loads(raw)
-    except ValueError:
-        raise PageUnreadable(f"page {number}: the answer is not JSON") from None
+        body = load_json(raw, MAX_PAGE_BYTES)
+    except JsonRefused as exc:
+        raise PageUnreadable(f"page {number}: the answer is {_refusal(exc)}") from None
     if not isinstance(body, dict) or not isinstance(body.get("entries"), list):
         raise PageUnreadable(f"page {number}: the answer has no list of entries")
     total_pages, total_entries = body.get("total_pages"), body.get("total_entries")
-    if not isinstance(total_pages, int) or not isinstance(total_entries, int):
+    if not _count(total_pages) or not _count(total_entries):
         raise PageUnreadable(f"page {number}: total_pages or total_entries is not a count")
-    if isinstance(total_pages, bool) or total_pages < 0 or total_entries < 0:
-        raise PageUnreadable(f"page {number}: total_pages or total_entries is not a count")
+    per_page = body.get("per_page", PER_PAGE)
+    if not _count(per_page) or per_page == 0:
+        raise PageUnreadable(f"page {number}: per_page is not a count")
     page = Page(number, total_pages, total_entries, received=len(body["entries"]))
+    page.per_page = max(per_page, len(body["entries"]))
     for item in body["entries"]:
         entry = parse_entry(item, region)
         if entry is None:
@@ -133,6 +187,16 @@ def parse_page(raw: bytes, number: int, region: str) -> Page:
         else:
             page.entries.append(entry)
     return page
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """A whole number of 0 or more; JSON's true is no count, though Python's bool is an int."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _refusal(exc: JsonRefused) -> str:
+    text = str(exc)
+    return text if text.startswith("not ") else f"JSON {text}"
 
 
 class ReportingClient:
@@ -204,14 +268,14 @@ class ReportingClient:
                     # A proxy's error page in a 200 is usually passing: try again.
                     if attempt >= self.max_attempts:
                         raise PageUnreadable(f"{exc} (after {attempt} attempts)") from None
-                    await asyncio.sleep(backoff_s(attempt, None))
+                    await wait(backoff_s(attempt, None), "unreadable page", page=number)
                     continue
             decision = decide(answer, attempt, max_attempts=self.max_attempts, retry_ambiguous=True)
             if decision.fatal:
                 raise ReportingRefused(_refused(answer))
             if decision.retry_in_s is None:
                 raise PageUnreadable(f"page {number}: {self._scrub(decision.error or '')}")
-            await asyncio.sleep(decision.retry_in_s)
+            await wait(decision.retry_in_s, "Reporting API", page=number)
 
     async def _get(self, params: dict[str, str]) -> tuple[Answer | None, bytes]:
         """(None, body) for a 200; else what went wrong as the send policy's `Answer`."""
@@ -224,7 +288,7 @@ class ReportingClient:
                 return Answer(
                     http_status=resp.status,
                     retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-                    detail=self._scrub(_detail(resp.reason, raw)),
+                    detail=self._scrub(answer_detail(resp.status, resp.reason, raw, _DETAIL_CHARS)),
                 ), b""
         except aiohttp.ClientConnectorError as exc:
             return Answer(transport=Transport.CONNECT, detail=self._exc_text(exc)), b""
@@ -242,12 +306,6 @@ class ReportingClient:
     def _scrub(self, text: str) -> str:
         """The text without the access token, should a server or a library echo it."""
         return text.replace(self._token, "[access token]") if self._token else text
-
-
-def _detail(reason: str | None, raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
-    text = text[:_DETAIL_CHARS] if text and not text.startswith("<") else ""
-    return " ".join(part for part in (reason or "", text) if part)
 
 
 def _refused(answer: Answer) -> str:

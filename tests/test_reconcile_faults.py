@@ -124,7 +124,7 @@ def test_the_query_carries_both_timetokens_the_page_and_the_token_header(
     assert query["page"] == "1"
 
 
-def test_entries_without_a_usable_number_or_time_are_counted_and_skipped(
+def test_entries_without_a_usable_number_or_time_are_counted_and_leave_the_window_partial(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     now = time.time()
@@ -137,12 +137,13 @@ def test_entries_without_a_usable_number_or_time_are_counted_and_skipped(
     with FaultServer(lambda n, q: page([good, *bad])) as api:
         job = campaign(tmp_path, sandbox, api.url, store)
         result = cli("reconcile", str(job))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "skipped 3 unusable entries" in result.stdout
     summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
     assert summary["last_reconcile"]["bad_entries"] == 3
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")
-    assert [r["_delivery"] for r in rows] == ["delivered", "not_found", "not_found"]
+    # An unusable entry may be anybody's: nobody in its window is not_found.
+    assert [r["_delivery"] for r in rows] == ["delivered", "", ""]
 
 
 def test_a_page_that_is_not_json_leaves_its_window_unread(
@@ -191,9 +192,8 @@ def test_total_pages_that_gives_the_same_entries_again_stops_early(
         result = cli("reconcile", str(job))
         asked = len(api.arrivals)
     assert result.returncode == 0, result.stderr
-    assert asked < 100  # not ten thousand pages
+    assert asked == 1  # 3 entries fit one page, whatever total_pages says
     summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
-    assert summary["last_reconcile"]["repeated_entries"] > 0
     assert summary["delivery"] == {"delivered": 3}
 
 

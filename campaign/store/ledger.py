@@ -203,9 +203,13 @@ _LIVE_HELD = _LIVE.removesuffix(")") + " FOR SHARE)"
 # An `unknown` person may be sent again (--resend-unknown) blind, before any delivery
 # report was read (and none found them ambiguous), or once the report does not know their
 # latest request: a `not_found` about an earlier request says nothing of a later one,
-# which may have arrived. An `ambiguous` person is never sent again.
-_RESENDABLE = """(r.state != 'unknown'
+# which may have arrived. An `ambiguous` person is never sent again. A report that gave
+# entries reconcile could not use (`UNUSABLE_REPORT` in meta) is not "none read": those
+# entries may be theirs, so nobody is sent blind until a window reads whole.
+UNUSABLE_REPORT = "report_unusable_entries"
+_RESENDABLE = f"""(r.state != 'unknown'
     OR (NOT EXISTS (SELECT 1 FROM report_windows WHERE complete = 1)
+        AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{UNUSABLE_REPORT}')
         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
                         AND d.status = 'ambiguous'))
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.recipient_id = r.id
@@ -441,6 +445,10 @@ class Ledger:
 
     def set_meta(self, **values: Any) -> None:
         self._set_meta(values, changes=True)
+
+    def note_unusable_report(self, count: int) -> None:
+        """The report gave `count` entries reconcile could not use (`_RESENDABLE`)."""
+        self._set_meta({UNUSABLE_REPORT: count}, changes=False)
 
     def set_report_stamp(self, stamp: Any) -> None:
         """Recording what the report shows changes nothing the report shows."""

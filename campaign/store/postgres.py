@@ -8,11 +8,13 @@ cleaned the same way before they reach an operator.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from campaign.errors import StoreFailed, StoreUnavailable
 
@@ -24,43 +26,73 @@ _KEYWORD_PASSWORD = re.compile(r"\bpassword\s*=\s*(?:'(?:[^'\\]|\\.)*'|\S+)\s*",
 
 def safe_url(url: str) -> str:
     """`url` without its password: postgresql://user:secret@host/db -> postgresql://user@host/db,
-    also a ?password= parameter and a key=value string's password=."""
+    also a ?password= parameter and a key=value string's password=.
+
+    A password may hold any character (`#`, `?`, `/`, `@`, percent-escapes), so the
+    URL is not split the standard way (a `#` would start a fragment and leave the rest of
+    the password in it): everything between the user name and the last `@` goes."""
     if "://" not in url:
         return _KEYWORD_PASSWORD.sub("", url).strip()
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(a malformed PostgreSQL URL)"
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.partition(':')[0]}@{hostport}" if at else hostport
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, v) for k, v in pairs if k.lower() != "password"])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    scheme, _, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if at and ":" in userinfo:  # no `:` before the last `@`: no password in the userinfo
+        rest = f"{userinfo.partition(':')[0]}@{after}"
+    base, question, query = rest.partition("?")
+    kept = [p for p in query.split("&") if p.partition("=")[0].lower() != "password"]
+    return f"{scheme}://{base}{question if any(kept) else ''}{'&'.join(kept)}"
 
 
-def _password(url: str) -> str | None:
-    try:
-        if "://" in url:
-            parts = urlsplit(url)
-            found = parts.password or dict(parse_qsl(parts.query)).get("password")
-            return found or None
-    except ValueError:
-        return None
-    match = _KEYWORD_PASSWORD.search(url)
-    if match is None:
-        return None
-    return match.group().split("=", 1)[1].strip().strip("'") or None
+# ?password=... or &password=... up to the next `&` (or the end)
+_QUERY_PASSWORD = re.compile(r"([?&])password=[^&]*", re.IGNORECASE)
+
+
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _shares(text: str, secrets: list[str], run: int = 3) -> bool:
+    """Whether `text` holds `run` characters in a row of a secret (or a whole short one)."""
+    return any(
+        secret[i : i + run] in text
+        for secret in secrets
+        for i in range(max(1, len(secret) - run + 1))
+    )
+
+
+def _password(url: str) -> list[str]:
+    """Every form the password may take in a message: as written, percent-decoded, and
+    as libpq reads it."""
+    found: list[str] = []
+    if "://" in url:
+        userinfo, at, _ = url.partition("://")[2].rpartition("@")
+        if at and ":" in userinfo:
+            found.append(userinfo.partition(":")[2])
+        found += [m.group().split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(url)]
+    else:
+        match = _KEYWORD_PASSWORD.search(url)
+        if match is not None:
+            found.append(match.group().split("=", 1)[1].strip().strip("'"))
+    with contextlib.suppress(Exception):  # a URL libpq cannot read has nothing more to give
+        found.append(str(conninfo_to_dict(url).get("password") or ""))
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
 
 
 def _reason(url: str, error: BaseException) -> str:
     """psycopg's message on one line, with neither the raw URL nor the password in it."""
     text = " ".join(str(error).split()) or type(error).__name__
     text = text.replace(url, safe_url(url))
-    secret = _password(url)
-    if secret:
+    secrets = _password(url)
+    for secret in secrets:
         text = text.replace(secret, "[hidden]")
+    if secrets:
+        # libpq quotes the part of a URL it could not parse, which may be a piece of the
+        # password (`"x@y@127.0.0.1/db"` of `bob:S3C#RET?x@y@...`): such a quote goes.
+        text = _QUOTED.sub(lambda m: '"[hidden]"' if _shares(m[1], secrets) else m[0], text)
+        if _shares(text.replace(safe_url(url), ""), secrets, 4):
+            return (
+                "the server cannot be used with this URL (the reason is not shown: it "
+                "quotes part of the password)"
+            )
     return text.removeprefix("connection failed: ")
 
 

@@ -26,10 +26,12 @@ import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from yarl import URL
 
+from campaign.bounds import MAX_JSON_BODY_BYTES, JsonRefused, load_json
 from campaign.web.service import ServiceError
 
 SESSION_COOKIE = "campaign_session"
@@ -119,9 +121,7 @@ def _credential(request: web.Request) -> str | None:
     """Which valid credential the request carries: "bearer", "cookie", or None."""
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        token = request.app[TOKEN]
-        given = header[7:].strip()
-        return "bearer" if hmac.compare_digest(given.encode(), token.encode()) else None
+        return "bearer" if same_token(header[7:].strip(), request.app[TOKEN]) else None
     session = request.cookies.get(SESSION_COOKIE, "")
     return "cookie" if session and request.app[SESSIONS].valid(session) else None
 
@@ -159,14 +159,47 @@ def _cross_origin() -> ServiceError:
     )
 
 
+def same_token(given: object, token: str) -> bool:
+    """Whether `given` is the token, in constant time. A header or JSON string may hold
+    what UTF-8 cannot encode (a lone surrogate, a byte the header decoding escaped): that
+    is simply not the token."""
+    if not isinstance(given, str):
+        return False
+    try:
+        encoded = given.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(encoded, token.encode("utf-8"))
+
+
+async def json_body(request: web.Request, *, empty_ok: bool = False) -> Any:
+    """A request's JSON body within `bounds` (size, depth, valid Unicode); one clear 400
+    (413 when too large) instead of anything else."""
+    if (request.content_length or 0) > MAX_JSON_BODY_BYTES:
+        raise ServiceError(413, f"the request body is larger than {MAX_JSON_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_JSON_BODY_BYTES and (chunk := await request.content.readany()):
+        chunks.append(chunk)
+        size += len(chunk)
+    raw = b"".join(chunks)
+    if size > MAX_JSON_BODY_BYTES:
+        raise ServiceError(413, f"the request body is larger than {MAX_JSON_BODY_BYTES} bytes")
+    if empty_ok and not raw.strip():
+        return {}
+    try:
+        return load_json(raw, MAX_JSON_BODY_BYTES)
+    except JsonRefused as exc:
+        raise ServiceError(400, f"the request body must be JSON: it is {exc}") from None
+
+
 async def login(request: web.Request) -> web.Response:
     try:
-        body = await request.json()
-    except ValueError:
+        body = await json_body(request)
+    except ServiceError:
         body = None
     given = body.get("token") if isinstance(body, dict) else None
-    token = request.app[TOKEN]
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+    if not same_token(given, request.app[TOKEN]):
         raise ServiceError(401, "wrong token")
     sessions = request.app[SESSIONS]
     if earlier := request.cookies.get(SESSION_COOKIE):

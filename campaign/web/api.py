@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from aiohttp import BodyPartReader, web
 
+from campaign.web.access import json_body
 from campaign.web.service import Campaigns, ServiceError
 
 SERVICE = web.AppKey("service", Campaigns)
@@ -254,10 +255,4 @@ async def _event(response: web.StreamResponse, name: str, data: dict[str, Any]) 
 
 
 async def _json_body(request: web.Request, empty_ok: bool = False) -> Any:
-    text = await request.text()
-    if not text.strip() and empty_ok:
-        return {}
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise ServiceError(400, "the request body must be JSON") from None
+    return await json_body(request, empty_ok=empty_ok)

@@ -122,6 +122,7 @@ def serve_web(args: argparse.Namespace) -> int:
             "(or leave it unset, and serve makes one up)"
         )
     job = load_job(args.job)
+    _ledger_reachable(job.ledger)
     logs.masker.hide(job.api.channel_uuid)
     if job.reporting is not None:
         logs.masker.hide(job.reporting.access_token, keep=0)
@@ -135,6 +136,16 @@ def serve_web(args: argparse.Namespace) -> int:
     )
     asyncio.run(_serve(app, args.host, args.port, token if generated else None))
     return 0
+
+
+def _ledger_reachable(url: str | None) -> None:
+    """A page server on a database it cannot reach would answer every request 503: it
+    refuses to start instead (StoreUnavailable, exit 2, the URL without its password)."""
+    if url is None:
+        return
+    from campaign.store.db import Database
+
+    Database.postgresql(url, None).close()
 
 
 async def _serve(app: web.Application, host: str, port: int, shown_token: str | None) -> None:

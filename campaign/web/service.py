@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import shutil
 import socket
@@ -37,6 +36,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from campaign.bounds import MAX_JSON_BODY_BYTES, JsonRefused, load_json
 from campaign.errors import (
     CampaignBusy,
     CampaignError,
@@ -124,9 +124,9 @@ class Campaigns:
             mapping, source = look.mapping, look.mapping_source
             if mapping_json:
                 try:
-                    raw = json.loads(mapping_json)
-                except ValueError:
-                    raise ServiceError(400, "mapping: not valid JSON") from None
+                    raw = load_json(mapping_json, MAX_JSON_BODY_BYTES)
+                except JsonRefused as exc:
+                    raise ServiceError(400, f"mapping: not usable JSON ({exc})") from None
                 mapping = self._check_mapping(raw, upload, look.columns).model_dump()
                 source = "request"
             if self.job.ledger is not None:

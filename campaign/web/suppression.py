@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
 from typing import Any
 
 from aiohttp import web
 
 from campaign.escape import escape
 from campaign.store.suppression import SuppressionList, normalize_phones
+from campaign.web.access import json_body
 from campaign.web.api import SERVICE
 from campaign.web.service import ServiceError
 
@@ -61,10 +61,7 @@ async def listing(request: web.Request) -> web.Response:
 
 
 async def _phones(request: web.Request) -> tuple[list[str], dict[str, Any]]:
-    try:
-        body = json.loads(await request.text())
-    except ValueError:
-        raise ServiceError(400, "the request body must be JSON") from None
+    body = await json_body(request)
     given = body.get("phones") if isinstance(body, dict) else None
     if not isinstance(given, list) or not given or not all(isinstance(p, str) for p in given):
         raise ServiceError(400, 'phones: a list of phone numbers, like {"phones": ["+1..."]}')

@@ -47,6 +47,37 @@ def cli(
     )
 
 
+_PEAK_RSS = (
+    "import resource, sys\n"
+    "from campaign.cli import main\n"
+    "try:\n"
+    "    code = main(sys.argv[1:])\n"
+    "finally:\n"
+    "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "    print(f'peak_rss_kb={peak}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def cli_peak_rss_kb(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """The real command line like `cli`, and its peak resident memory in KiB."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, *args],
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    lines = result.stderr.splitlines()
+    peak = [int(line.split("=", 1)[1]) for line in lines if line.startswith("peak_rss_kb=")]
+    assert peak, result.stderr[-2000:]
+    result.stderr = "\n".join(line for line in lines if not line.startswith("peak_rss_kb="))
+    return result, peak[-1]
+
+
 def spawn_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
@@ -398,3 +429,54 @@ def reconcile_until(
         rows = read_results(job.parent / "runs" / campaign / "results.csv")
         if done(rows) or time.monotonic() > deadline:
             return rows
+
+
+# --- the upload page's server, as the real CLI in a subprocess ---------------------------------
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=30)
+
+
+def serve(directory: Path, job: Path, token: str, *options: str) -> Served:
+    """`campaign serve JOB --port 0` with CAMPAIGN_TOKEN=token, once it says where it
+    listens; its log (stderr) goes to a file of `directory`."""
+    log = directory / f"serve-{time.monotonic_ns()}.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "campaign", "serve", str(job), "--port", "0", *options],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CAMPAIGN_TOKEN": token},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening on " not in line:
+        process.kill()
+        raise RuntimeError(f"serve did not start: {line}{log.read_text()}")
+    return Served(process, line.split("listening on ")[1].strip().rstrip("/"), log)
+
+
+def raw_http(url: str, head: bytes, body: bytes = b"") -> int:
+    """Send one request written byte for byte (headers no client library would send) to
+    the server at `url`; its answer's status."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1" and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as conn:
+        conn.sendall(head.rstrip(b"\r\n") + b"\r\nConnection: close\r\n")
+        conn.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        answer = b""
+        while b"\r\n" not in answer and (chunk := conn.recv(4096)):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])

@@ -7,6 +7,19 @@ whole file, and the reader streams, so memory does not grow with the file.
 Excel files are read with python-calamine: it is fast, reads .xlsx and old .xls alike,
 and hands back cell *values* (numbers, dates, booleans, cached formula results), which we
 turn into text ourselves.
+
+Limits (the one place they are set; docs/ and the README repeat them). Memory follows the
+data actually in the file, never what it declares about itself:
+- any sheet: at most MAX_COLUMNS (16,384, Excel's own) columns in the header row;
+- CSV: one cell at most MAX_CSV_CELL_CHARS (64 Mi characters); rows stream in chunks;
+- .xlsx, checked before the Excel reader sees it (`campaign.xlsx_check`): each XML part
+  at most MAX_XLSX_PART_BYTES (1 GiB) uncompressed, all of them MAX_XLSX_TOTAL_BYTES
+  (2 GiB), no part of 1 MiB or more compressed more than MAX_XLSX_RATIO (100) to 1, at
+  most MAX_XLSX_PARTS (10,000) parts; a cell's text at most MAX_CELL_CHARS (32,767,
+  Excel's own), any other text or tag at most MAX_XLSX_TEXT_CHARS (1 Mi); cells within
+  MAX_ROWS x MAX_COLUMNS (Excel's sheet); and a sheet's grid, from its first to its last
+  cell, at most XLSX_GRID_FLOOR (2 million) cells or XLSX_GRID_PER_CELL (10) times the
+  cells present, whichever is more: the reader holds the whole grid in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from typing import Any
 
 from campaign.errors import InputError
 from campaign.escape import unescape
+from campaign.xlsx_check import Damaged, Limits, Refused, check_workbook
 
 CHUNK_ROWS = 5_000
 DELIMITERS = (",", ";", "\t", "|")
@@ -31,7 +45,34 @@ _SNIFF_BYTES = 64 * 1024
 _ZIP_MAGIC = b"PK\x03\x04"
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 
-csv.field_size_limit(64 * 1024 * 1024)
+MAX_ROWS = 1_048_576
+MAX_COLUMNS = 16_384
+MAX_CELL_CHARS = 32_767
+MAX_CSV_CELL_CHARS = 64 * 1024 * 1024
+MAX_XLSX_PART_BYTES = 1024 * 1024 * 1024
+MAX_XLSX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
+MAX_XLSX_RATIO = 100
+XLSX_RATIO_FLOOR = 1024 * 1024
+MAX_XLSX_PARTS = 10_000
+MAX_XLSX_TEXT_CHARS = 1024 * 1024
+XLSX_GRID_FLOOR = 2_000_000
+XLSX_GRID_PER_CELL = 10
+
+XLSX_LIMITS = Limits(
+    part_bytes=MAX_XLSX_PART_BYTES,
+    total_bytes=MAX_XLSX_TOTAL_BYTES,
+    ratio=MAX_XLSX_RATIO,
+    ratio_floor=XLSX_RATIO_FLOOR,
+    parts=MAX_XLSX_PARTS,
+    cell_chars=MAX_CELL_CHARS,
+    text_chars=MAX_XLSX_TEXT_CHARS,
+    rows=MAX_ROWS,
+    columns=MAX_COLUMNS,
+    grid_floor=XLSX_GRID_FLOOR,
+    grid_per_cell=XLSX_GRID_PER_CELL,
+)
+
+csv.field_size_limit(MAX_CSV_CELL_CHARS)
 
 
 @dataclass(frozen=True)
@@ -79,6 +120,12 @@ def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
 
 
 def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]]]) -> Sheet:
+    if len(header) > MAX_COLUMNS:
+        raise InputError(
+            path,
+            f"the header row has {len(header)} columns; a sheet has at most {MAX_COLUMNS} "
+            "(as in Excel)",
+        )
     keep = [i for i, name in enumerate(header) if not name.strip().startswith("_")]
     # The report escapes header cells like any other: a results CSV read back as input
     # must give the job's column names again.
@@ -255,6 +302,13 @@ def _excel_records(
 ) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     from python_calamine import CalamineWorkbook
 
+    if _is_zip(path):
+        try:
+            check_workbook(str(path), XLSX_LIMITS)
+        except Damaged as exc:
+            raise InputError(path, _unreadable_workbook(path, exc)) from None
+        except Refused as exc:
+            raise InputError(path, str(exc)) from None
     try:
         book = CalamineWorkbook.from_path(str(path))
     except Exception as exc:  # calamine raises several unrelated types for a corrupt file
@@ -294,6 +348,11 @@ def excel_text(value: Any) -> str:
         seconds = int(value.total_seconds())
         return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
     return str(value)
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
 
 
 def _unreadable_workbook(path: Path, exc: Exception) -> str:

@@ -51,7 +51,8 @@ from campaign.pipeline import RunControl, RunOptions, run_campaign
 from campaign.report import RESULTS_FILE, report_is_current, write_report
 from campaign.store import uploads
 from campaign.store.campaigns import store_of
-from campaign.web.guess import look_at
+from campaign.web.guess import Look, look_at
+from campaign.web.isolate import Failed, Refused, run_isolated
 from campaign.web.sends import Sends
 from campaign.web.state import (
     MAPPING_FILE,
@@ -68,6 +69,12 @@ log = structlog.get_logger(__name__)
 PART_FILE = "upload.part"
 _KINDS = ((b"PK\x03\x04", ".xlsx"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
 PAGE_ROWS = 50
+# The child process that reads an upload's first rows (web/isolate.py): the memory it may
+# map beyond the interpreter's own, and how long it may take. Both leave room for a
+# workbook of the largest upload (--max-upload-mb, 50 MB by default) that the loader's
+# limits let through.
+READ_MEMORY_BYTES = 3 * 1024 * 1024 * 1024
+READ_TIMEOUT_S = 300.0
 
 
 class ServiceError(Exception):
@@ -117,10 +124,7 @@ class Campaigns:
         try:
             upload = await asyncio.to_thread(_name_by_content, directory / PART_FILE)
             shown = _display_name(filename) or upload.name
-            try:
-                look = await asyncio.to_thread(look_at, upload, None, self.job.mapping)
-            except InputError as exc:
-                raise ServiceError(400, _shown(exc, shown)) from None
+            look = await self._look(upload, shown)
             mapping, source = look.mapping, look.mapping_source
             if mapping_json:
                 try:
@@ -139,6 +143,7 @@ class Campaigns:
             "upload": upload.name,
             "uploaded_at": time.time(),
             "columns": look.columns,
+            "columns_total": look.columns_total,
             "preview": look.preview,
             "mapping_source": source,
             "validated": False,
@@ -150,10 +155,28 @@ class Campaigns:
             "id": campaign,
             "filename": shown,
             "columns": look.columns,
+            "columns_total": look.columns_total,
             "preview": look.preview,
             "mapping": mapping,
             "mapping_source": source,
         }
+
+    async def _look(self, upload: Path, shown: str) -> Look:
+        """The upload's first look, read in a child process: a file that would crash or
+        exhaust the reader costs that upload a 400, not the server and its sends."""
+        try:
+            return await asyncio.to_thread(
+                run_isolated,
+                look_at,
+                (upload, None, self.job.mapping),
+                memory_bytes=READ_MEMORY_BYTES,
+                timeout_s=READ_TIMEOUT_S,
+            )
+        except Refused as exc:
+            raise ServiceError(400, _shown(exc, shown)) from None
+        except Failed as exc:
+            log.warning("upload not readable", reason=str(exc))
+            raise ServiceError(400, f"{shown}: cannot be read: {exc}") from None
 
     # --- mapping and validation ------------------------------------------------------------
 
@@ -417,7 +440,7 @@ def _display_name(filename: str) -> str:
     return "".join(ch for ch in name if ch.isprintable())[:200]
 
 
-def _shown(exc: UsageError, shown: str) -> str:
+def _shown(exc: UsageError | Refused, shown: str) -> str:
     """The error's message with the server's path replaced by the name the operator knows."""
     path = getattr(exc, "path", None)
     return str(exc).replace(path, shown, 1) if path else str(exc)

@@ -30,7 +30,7 @@ import datetime as dt
 import io
 import itertools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,17 @@ class Sheet:
     chunks: Iterator[list[Row]] = field(repr=False)
 
 
-def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
-    """Open a spreadsheet; raises `InputError` for anything that is not a usable one."""
+def open_sheet(
+    path: Path | str,
+    sheet: str | None = None,
+    *,
+    first_row_is_data: Callable[[list[str]], bool] | None = None,
+) -> Sheet:
+    """Open a spreadsheet; raises `InputError` for anything that is not a usable one.
+
+    `first_row_is_data` says of the first row whether it is data rather than a header:
+    then the sheet has no header, its columns are named `column 1`, `column 2`, ... and
+    the first row is a row like the others (its number is 0: `_row` + 1 is its line)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(path, "is a directory, not a spreadsheet")
@@ -116,6 +125,9 @@ def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
         if sheet is not None:
             raise InputError(path, "`sheet:` is set, but a CSV file has no sheets")
         header, records = _csv_records(path, head)
+    if first_row_is_data is not None and first_row_is_data(header):
+        records = itertools.chain([(0, header)], records)
+        header = [f"column {i + 1}" for i in range(len(header))]
     return _sheet(path, header, records)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Sandbox, start_sandbox
+from tests.helpers import Sandbox, sparse_xlsx, start_sandbox, zip_bomb_xlsx
 from tests.postgres import PgServer, Unavailable, remove_server, start_server
 
 # Why the PostgreSQL tests skipped this session, for the summary (empty: they did not).
@@ -18,6 +18,17 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     box = start_sandbox(tmp_path)
     yield box
     box.stop()
+
+
+@pytest.fixture(scope="session")
+def hostile_workbooks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The .xlsx files built to take a reader's memory, made once a session: a 1.5 KB sheet
+    with a cell at XFD1048576, and a 1.5 MB zip holding a 1.5 GB cell."""
+    directory = tmp_path_factory.mktemp("hostile")
+    return {
+        "sparse": sparse_xlsx(directory / "sparse.xlsx"),
+        "bomb": zip_bomb_xlsx(directory / "bomb.xlsx"),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ Excel files are read with python-calamine: it is fast, reads .xlsx and old .xls 
 and hands back cell *values* (numbers, dates, booleans, cached formula results), which we
 turn into text ourselves.
 
-Limits (the one place they are set; docs/ and the README repeat them). Memory follows the
-data actually in the file, never what it declares about itself:
+Limits (the one place they are set; the README repeats them). Memory follows the data
+actually in the file, never what it declares about itself:
 - any sheet: at most MAX_COLUMNS (16,384, Excel's own) columns in the header row;
-- CSV: one cell at most MAX_CSV_CELL_CHARS (64 Mi characters); rows stream in chunks;
+- CSV: one cell at most MAX_CSV_CELL_CHARS (64 Mi characters); rows stream in chunks
+  of CHUNK_ROWS rows, fewer when a sheet is wide (CHUNK_CELLS cells at most);
 - .xlsx, checked before the Excel reader sees it (`campaign.xlsx_check`): each XML part
   at most MAX_XLSX_PART_BYTES (1 GiB) uncompressed, all of them MAX_XLSX_TOTAL_BYTES
   (2 GiB), no part of 1 MiB or more compressed more than MAX_XLSX_RATIO (100) to 1, at
@@ -19,7 +20,9 @@ data actually in the file, never what it declares about itself:
   Excel's own), any other text or tag at most MAX_XLSX_TEXT_CHARS (1 Mi); cells within
   MAX_ROWS x MAX_COLUMNS (Excel's sheet); and a sheet's grid, from its first to its last
   cell, at most XLSX_GRID_FLOOR (2 million) cells or XLSX_GRID_PER_CELL (10) times the
-  cells present, whichever is more: the reader holds the whole grid in memory.
+  cells present, whichever is more: the reader holds the whole grid in memory. A zip
+  that is an .xlsb or .ods is refused: the reader would take its cells from parts
+  the check does not read.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from campaign.escape import unescape
 from campaign.xlsx_check import Damaged, Limits, Refused, check_workbook
 
 CHUNK_ROWS = 5_000
+CHUNK_CELLS = 500_000
 DELIMITERS = (",", ";", "\t", "|")
 _SNIFF_BYTES = 64 * 1024
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -164,7 +168,9 @@ def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]
     first = next(stream, None)
     if first is None:
         raise InputError(path, "has a header row but no data rows under it")
-    return Sheet(path, columns, _chunked(itertools.chain([first], stream), CHUNK_ROWS))
+    # A chunk holds CHUNK_ROWS rows, or fewer of a wide sheet: its memory is by cells.
+    size = max(1, min(CHUNK_ROWS, CHUNK_CELLS // max(len(columns), 1)))
+    return Sheet(path, columns, _chunked(itertools.chain([first], stream), size))
 
 
 def _chunked(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:

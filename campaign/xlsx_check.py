@@ -32,6 +32,7 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, ext
 _DIGITS = "0123456789"
 # Parts the reader parses as XML: every one is checked, whatever the workbook says.
 _XML_SUFFIXES = (".xml", ".rels")
+_LINK_PARTS = ("xl/workbook.xml", "xl/_rels/workbook.xml.rels")
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,32 @@ def check_workbook(path: str, limits: Limits) -> None:
             )
         names = {m.filename.lower() for m in members}
         _check_kind(names)
-        total = 0
+        total, links = 0, _Links()
         for member in members:
             if not member.filename.lower().endswith(_XML_SUFFIXES):
                 continue  # images, printer settings, macros: the reader never opens them
-            total += _check_part(handle, member, limits)
+            total += _check_part(handle, member, limits, links)
             if total > limits.total_bytes:
                 raise Refused(
                     f"is refused: its XML parts hold more than {limits.total_bytes // 2**20} "
                     "MB uncompressed, more than any workbook this tool reads"
                 )
+        links.check()
+
+
+class _Links:
+    """Which parts hold the sheets: every XML part is checked above, so a sheet kept in
+    a part of another name would be the one the reader reads unchecked."""
+
+    def __init__(self) -> None:
+        self.sheets: list[str] = []  # the relationship ids of xl/workbook.xml's <sheet>s
+        self.targets: dict[str, str] = {}  # xl/_rels/workbook.xml.rels: id -> target
+
+    def check(self) -> None:
+        for number, sheet in enumerate(self.sheets, start=1):
+            target = self.targets.get(sheet, "")
+            if target and not target.lower().endswith(".xml"):
+                raise Refused(f"is refused: sheet {number} is kept in a part that is not XML")
 
 
 def _check_kind(names: set[str]) -> None:
@@ -95,7 +112,7 @@ def _check_kind(names: set[str]) -> None:
         raise Damaged("a zip archive without xl/workbook.xml")
 
 
-def _check_part(handle: BinaryIO, member: zipfile.ZipInfo, limits: Limits) -> int:
+def _check_part(handle: BinaryIO, member: zipfile.ZipInfo, limits: Limits, links: _Links) -> int:
     name = member.filename
     if member.flag_bits & 0x1:
         raise Damaged(f"part {name} is encrypted")
@@ -103,7 +120,7 @@ def _check_part(handle: BinaryIO, member: zipfile.ZipInfo, limits: Limits) -> in
         raise Damaged(f"part {name} uses a compression Excel does not write")
     if member.file_size > limits.part_bytes:
         raise Refused(_too_big(name, limits))
-    scan = _Scan(name, limits)
+    scan = _Scan(name, limits, links if name.lower() in _LINK_PARTS else None)
     size = 0
     for data in _inflated(handle, member):
         size += len(data)
@@ -164,8 +181,8 @@ class _Scan:
     on its own. A parser that reports nothing while it is fed more than `text_chars`
     bytes is holding one huge tag (or comment) in its buffer: refused."""
 
-    def __init__(self, name: str, limits: Limits) -> None:
-        self.name, self.limits = name, limits
+    def __init__(self, name: str, limits: Limits, links: _Links | None = None) -> None:
+        self.name, self.limits, self.links = name, limits, links
         parser = expat.ParserCreate()
         parser.buffer_text = True
         parser.buffer_size = 64 * 1024
@@ -225,6 +242,8 @@ class _Scan:
             self.in_sheet = 1
         elif tag == "si":
             self.item += 1
+        elif self.links is not None:
+            self._link(tag, attributes)
         if not self.item:
             self.chars = 0
 
@@ -245,6 +264,14 @@ class _Scan:
             self.item -= 1
         if not self.item:
             self.chars = 0
+
+    def _link(self, tag: str, attributes: dict[str, str]) -> None:
+        assert self.links is not None
+        if tag == "sheet":
+            ids = [v for k, v in attributes.items() if k.rpartition(":")[2] == "id"]
+            self.links.sheets.extend(ids[:1])
+        elif tag == "Relationship" and "Id" in attributes:
+            self.links.targets[attributes["Id"]] = attributes.get("Target", "")
 
     def _text(self, text: str) -> None:
         self.events += 1

@@ -21,14 +21,15 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="session")
-def hostile_workbooks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The .xlsx files built to take a reader's memory, made once a session: a 1.5 KB sheet
-    with a cell at XFD1048576, and a 1.5 MB zip holding a 1.5 GB cell."""
-    directory = tmp_path_factory.mktemp("hostile")
-    return {
-        "sparse": sparse_xlsx(directory / "sparse.xlsx"),
-        "bomb": zip_bomb_xlsx(directory / "bomb.xlsx"),
-    }
+def sparse_workbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 KB of .xlsx with a cell at XFD1048576: a grid of 17 billion cells to a reader."""
+    return sparse_xlsx(tmp_path_factory.mktemp("hostile") / "sparse.xlsx")
+
+
+@pytest.fixture(scope="session")
+def bomb_workbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 MB of .xlsx holding one 1.5 GB cell (made once a session: it takes seconds)."""
+    return zip_bomb_xlsx(tmp_path_factory.mktemp("hostile") / "bomb.xlsx")
 
 
 @pytest.fixture(scope="session")

@@ -55,10 +55,11 @@ def one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("kind", ["sparse", "bomb"])
 def test_validate_refuses_a_workbook_built_to_exhaust_memory_in_bounded_memory(
-    tmp_path: Path, hostile_workbooks: dict[str, Path], kind: str
+    tmp_path: Path, request: pytest.FixtureRequest, kind: str
 ) -> None:
-    source = hostile_workbooks[kind]
-    job = write_job(tmp_path, "http://127.0.0.1:9")
+    source: Path = request.getfixturevalue(f"{kind}_workbook")
+    # A mapping the files fit: what stops them must be their size, not a missing column.
+    job = write_job(tmp_path, "http://127.0.0.1:9", mapping={"params": {}})
     done, peak = cli_peak_memory("validate", str(job), "--input", str(source))
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     line = one_line(done.stderr)
@@ -67,10 +68,10 @@ def test_validate_refuses_a_workbook_built_to_exhaust_memory_in_bounded_memory(
 
 
 def test_suppress_import_of_a_sparse_workbook_is_exit_2_and_adds_nothing(
-    tmp_path: Path, hostile_workbooks: dict[str, Path]
+    tmp_path: Path, sparse_workbook: Path
 ) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9")
-    done = cli("suppress", "import", str(job), str(hostile_workbooks["sparse"]))
+    done = cli("suppress", "import", str(job), str(sparse_workbook))
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert "XFD1048576" not in one_line(done.stderr)  # positions, never cells, are named
     assert cli("suppress", "list", str(job)).stdout.strip() == "phone,reason,source,added_at"
@@ -194,6 +195,28 @@ def test_a_part_whose_zip_directory_understates_its_size_is_measured_by_inflatin
         open_sheet(path)
 
 
+def test_a_sheet_kept_in_a_part_not_named_xml_is_refused_not_read_unchecked(
+    tmp_path: Path, sparse_workbook: Path
+) -> None:
+    # The sparse sheet again, moved to a part the reader finds through the workbook's
+    # relationships only: a check of the .xml parts alone would never see it.
+    path = tmp_path / "hidden.xlsx"
+    with (
+        zipfile.ZipFile(sparse_workbook) as source,
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as hidden,
+    ):
+        for member in source.infolist():
+            data = source.read(member)
+            if member.filename == "xl/_rels/workbook.xml.rels":
+                data = data.replace(b"worksheets/sheet1.xml", b"worksheets/sheet1.bin")
+            name = member.filename.replace("sheet1.xml", "sheet1.bin")
+            hidden.writestr(name, data)
+    job = write_job(tmp_path, "http://127.0.0.1:9", mapping={"params": {}})
+    done = cli("validate", str(job), "--input", str(path))
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "sheet 1 is kept in a part that is not XML" in one_line(done.stderr)
+
+
 # --- the reader's child process ------------------------------------------------------------------
 
 
@@ -239,7 +262,7 @@ async def _until_done(http: aiohttp.ClientSession, campaign: str) -> dict[str, A
 
 
 async def test_serve_survives_hostile_uploads_while_a_campaign_sends(
-    tmp_path: Path, hostile_workbooks: dict[str, Path]
+    tmp_path: Path, sparse_workbook: Path, bomb_workbook: Path
 ) -> None:
     # The API answers the first 5 requests, then holds every other one until the hostile
     # uploads are answered: the campaign is certainly sending while they are read.
@@ -265,7 +288,7 @@ async def test_serve_survives_hostile_uploads_while_a_campaign_sends(
                     assert time.monotonic() < deadline, "the send did not start"
                     await asyncio.sleep(0.02)
 
-                for kind, path in hostile_workbooks.items():
+                for kind, path in (("sparse", sparse_workbook), ("bomb", bomb_workbook)):
                     status, body, _ = await _post_file(http, f"{kind}.xlsx", path.read_bytes())
                     assert status == 400, (kind, body)
                     assert body["error"].startswith(f"{kind}.xlsx: "), body

@@ -4,7 +4,7 @@ The job file's mapping is the default when its columns are all in the sheet; oth
 phone column is guessed from header names and from cells that parse as phone numbers, and
 every other column is offered as a param. The operator edits the guess on the page.
 
-What goes back to the page is bounded whatever the file holds (docs/upload-page.md): the
+What goes back to the page is bounded whatever the file holds (the README says so): the
 preview is at most PREVIEW_ROWS rows of PREVIEW_COLUMNS cells, each cut to PREVIEW_CHARS;
 the page lists (and maps) the first PAGE_COLUMNS columns, their names cut the same way,
 and says how many there are in all.

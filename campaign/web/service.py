@@ -75,6 +75,7 @@ PAGE_ROWS = 50
 # limits let through.
 READ_MEMORY_BYTES = 3 * 1024 * 1024 * 1024
 READ_TIMEOUT_S = 300.0
+READ_AT_ONCE = 2  # uploads read at the same time; others wait their turn
 
 
 class ServiceError(Exception):
@@ -96,6 +97,7 @@ class Campaigns:
         self.sends = Sends()
         self.busy: dict[str, str] = {}  # campaign -> what this server is doing with it
         self.watches = Watches(self.store, job.limits.lease_s)
+        self.readers = asyncio.Semaphore(READ_AT_ONCE)
         # How other page servers on the database name this one, where its uploads are.
         self.server = f"{socket.gethostname()} (data directory {self.root.resolve()})"
 
@@ -165,13 +167,14 @@ class Campaigns:
         """The upload's first look, read in a child process: a file that would crash or
         exhaust the reader costs that upload a 400, not the server and its sends."""
         try:
-            return await asyncio.to_thread(
-                run_isolated,
-                look_at,
-                (upload, None, self.job.mapping),
-                memory_bytes=READ_MEMORY_BYTES,
-                timeout_s=READ_TIMEOUT_S,
-            )
+            async with self.readers:
+                return await asyncio.to_thread(
+                    run_isolated,
+                    look_at,
+                    (upload, None, self.job.mapping),
+                    memory_bytes=READ_MEMORY_BYTES,
+                    timeout_s=READ_TIMEOUT_S,
+                )
         except Refused as exc:
             raise ServiceError(400, _shown(exc, shown)) from None
         except Failed as exc:

@@ -413,8 +413,10 @@ def _load(path: Path) -> None:
     assert rows and all(len(row.cells) == len(sheet.columns) for row in rows)
 
 
+# `make soak` (CAMPAIGN_SOAK_TRIALS) runs the fuzz tests that many times longer.
+TRIALS = int(os.environ.get("CAMPAIGN_SOAK_TRIALS", "1"))
 FUZZ = settings(
-    max_examples=60,
+    max_examples=60 * TRIALS,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -450,4 +452,27 @@ def test_loader_gives_rows_or_one_input_error_for_damaged_workbooks(
         data[at * 7 % len(data)] = value
     path = tmp_path / "damaged.xlsx"
     path.write_bytes(bytes(data))
+    _load(path)
+
+
+_csv_cells = st.one_of(
+    st.sampled_from(['"', '""', "=1+1", "١٢٣", "²", "\x00", "\r", "NaN", "", " ", "+14155550101"]),
+    st.text(max_size=8),
+    st.integers(0, 70_000).map(lambda n: "w" * n),
+)
+
+
+@FUZZ
+@given(
+    st.integers(1, MAX_COLUMNS + 50),
+    st.lists(st.lists(_csv_cells, max_size=5), max_size=4),
+    st.sampled_from([",", ";", "\t", "|"]),
+)
+def test_loader_gives_rows_or_one_input_error_for_generated_wide_csv(
+    tmp_path: Path, width: int, rows: list[list[str]], delimiter: str
+) -> None:
+    path = tmp_path / "fuzz.csv"
+    lines = [delimiter.join(f"h{i}" for i in range(width))]
+    lines += [delimiter.join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
     _load(path)

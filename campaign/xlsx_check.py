@@ -201,6 +201,8 @@ class _Scan:
         self.row = 0  # 0-based, as the reader counts
         self.column = 0
         self.cells = 0
+        self.strings = 0  # <si> elements
+        self.declared = 0  # what <sst uniqueCount> says there are
         self.top = self.left = 1 << 31
         self.bottom = self.right = -1
 
@@ -218,6 +220,12 @@ class _Scan:
         self._parse(b"", final=True)
         if self.cells:
             self._check_grid()
+        allowed = max(self.limits.grid_floor, self.limits.grid_per_cell * self.strings)
+        if self.declared > allowed:
+            raise Refused(
+                f"is refused: part {self.name} says it holds {self.declared} strings but "
+                f"holds {self.strings}: reading it would reserve memory for them all"
+            )
 
     def _parse(self, data: bytes, final: bool) -> None:
         try:
@@ -242,6 +250,10 @@ class _Scan:
             self.in_sheet = 1
         elif tag == "si":
             self.item += 1
+            self.strings += 1
+        elif tag == "sst":
+            # The reader reserves room for this many shared strings before reading one.
+            self.declared = _declared_count(attributes.get("uniqueCount", ""))
         elif self.links is not None:
             self._link(tag, attributes)
         if not self.item:
@@ -337,6 +349,12 @@ class _Scan:
                 f"cells (at most {allowed} for this many); delete the empty rows and "
                 "columns between them, or copy the data to a new sheet"
             )
+
+
+def _declared_count(text: str) -> int:
+    """A count as the reader takes it (an unsigned number, a `+` allowed), else 0."""
+    digits = text[1:] if text.startswith("+") else text
+    return int(digits) if digits.isascii() and digits.isdigit() else 0
 
 
 def _row_of(digits: str) -> int:

@@ -217,6 +217,26 @@ def test_a_sheet_kept_in_a_part_not_named_xml_is_refused_not_read_unchecked(
     assert "sheet 1 is kept in a part that is not XML" in one_line(done.stderr)
 
 
+def test_shared_strings_that_claim_billions_are_refused_before_the_reader_reserves_them(
+    tmp_path: Path,
+) -> None:
+    # A sheet of two people, and a shared strings part that says it has 4 billion: the
+    # reader would reserve 96 GB for them (and abort) before reading the one it has.
+    base = write_xlsx(tmp_path / "base.xlsx", _people(b"<row>" + xlsx_cell("A2", "1") + b"</row>"))
+    path = tmp_path / "strings.xlsx"
+    with zipfile.ZipFile(base) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as book:
+        for member in source.infolist():
+            book.writestr(member.filename, source.read(member))
+        book.writestr(
+            "xl/sharedStrings.xml",
+            '<?xml version="1.0"?><sst xmlns="x" uniqueCount="4000000000"><si><t>a</t></si></sst>',
+        )
+    job = write_job(tmp_path, "http://127.0.0.1:9", mapping={"params": {}})
+    done = cli("validate", str(job), "--input", str(path))
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "says it holds 4000000000 strings but holds 1" in one_line(done.stderr)
+
+
 # --- the reader's child process ------------------------------------------------------------------
 
 

@@ -22,7 +22,9 @@ actually in the file, never what it declares about itself:
   cell, at most XLSX_GRID_FLOOR (2 million) cells or XLSX_GRID_PER_CELL (10) times the
   cells present, whichever is more: the reader holds the whole grid in memory. A zip
   that is an .xlsb or .ods is refused: the reader would take its cells from parts
-  the check does not read.
+  the check does not read;
+- old .xls: read first in a child process capped at XLS_PROBE_BYTES (1.5 GiB) and
+  XLS_PROBE_S (120 s), then its sheets' grids are held to the same rule.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from typing import Any
 
 from campaign.errors import InputError
 from campaign.escape import unescape
+from campaign.isolate import Failed, inside_child, run_isolated
+from campaign.isolate import Refused as ChildRefused
 from campaign.xlsx_check import Damaged, Limits, Refused, check_workbook
 
 CHUNK_ROWS = 5_000
@@ -61,6 +65,8 @@ MAX_XLSX_PARTS = 10_000
 MAX_XLSX_TEXT_CHARS = 1024 * 1024
 XLSX_GRID_FLOOR = 2_000_000
 XLSX_GRID_PER_CELL = 10
+XLS_PROBE_BYTES = 1536 * 1024 * 1024
+XLS_PROBE_S = 120.0
 
 XLSX_LIMITS = Limits(
     part_bytes=MAX_XLSX_PART_BYTES,
@@ -327,6 +333,8 @@ def _excel_records(
             raise InputError(path, _unreadable_workbook(path, exc)) from None
         except Refused as exc:
             raise InputError(path, str(exc)) from None
+    else:
+        _check_old_workbook(path)
     try:
         book = CalamineWorkbook.from_path(str(path))
     except Exception as exc:  # calamine raises several unrelated types for a corrupt file
@@ -344,6 +352,59 @@ def _excel_records(
         except Exception as exc:
             raise InputError(path, f"cannot read sheet {name!r} ({_short(exc)})") from None
     raise InputError(path, f"sheet {sheet!r} is empty" if sheet else "no sheet has any data")
+
+
+def _check_old_workbook(path: Path) -> None:
+    """An old .xls, before it is read here: the reader builds each sheet as one grid up
+    to its last cell, and a cell record may name any of 65,536 columns, so 5 KB can ask
+    for 137 GB (an abort); its strings table reserves what it claims. There is no cheap
+    look inside the container, so a child process reads it first, capped
+    (`campaign.isolate`), and says how large each sheet's grid is and how many cells it
+    holds; the grid must pass the rule of an .xlsx sheet."""
+    try:
+        if inside_child():  # already capped, and not allowed children of its own
+            sheets = _grids(str(path))
+        else:
+            sheets = run_isolated(
+                _grids, (str(path),), memory_bytes=XLS_PROBE_BYTES, timeout_s=XLS_PROBE_S
+            )
+    except (Failed, ChildRefused) as exc:
+        raise InputError(
+            path,
+            f"is refused: the Excel reader cannot read this .xls within "
+            f"{XLS_PROBE_BYTES // 2**20} MB and {XLS_PROBE_S:.0f} s ({exc}); "
+            "save it as .xlsx or CSV",
+        ) from None
+    for number, (rows, columns, cells) in enumerate(sheets, start=1):
+        allowed = max(XLSX_GRID_FLOOR, XLSX_GRID_PER_CELL * cells)
+        if rows * columns > allowed:
+            raise InputError(
+                path,
+                f"is refused: sheet {number} spreads {cells} cells over {rows} rows and "
+                f"{columns} columns: reading it would take memory for {rows * columns} "
+                f"cells (at most {allowed} for this many); delete the empty rows and "
+                "columns between them, or copy the data to a new sheet",
+            )
+
+
+def _grids(path: str) -> list[tuple[int, int, int]]:
+    """Each sheet's grid (rows, columns) and the cells in it that hold something; empty
+    when the workbook cannot be read at all (the caller's reading says why)."""
+    from python_calamine import CalamineWorkbook
+
+    try:
+        book = CalamineWorkbook.from_path(path)
+        found = []
+        for name in book.sheet_names:
+            grid = book.get_sheet_by_name(name)
+            rows, columns = grid.height, grid.width
+            cells = rows * columns
+            if cells > XLSX_GRID_FLOOR:
+                cells = sum(v not in ("", None) for row in grid.iter_rows() for v in row)
+            found.append((rows, columns, cells))
+        return found
+    except Exception:
+        return []
 
 
 def excel_text(value: Any) -> str:

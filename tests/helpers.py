@@ -425,3 +425,14 @@ def zip_bomb_xlsx(path: Path, size: int = 1_500_000_000) -> Path:
         yield b"</t></is></c></row>"
 
     return write_xlsx(path, pieces())
+
+
+def xls_with_cell_at(path: Path, row: int, column: int) -> Path:
+    """tests/data/legacy.xls with its last text cell moved to (row, column), 0-based: the
+    old format's cell records may name any of 65,536 rows and 65,536 columns."""
+    data = bytearray((ROOT / "tests" / "data" / "legacy.xls").read_bytes())
+    at = data.rfind(b"\xfd\x00\x0a\x00")  # a LABELSST record: row, column, style, string
+    assert at > 0, "legacy.xls has no text cell record"
+    data[at + 4 : at + 8] = row.to_bytes(2, "little") + column.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path

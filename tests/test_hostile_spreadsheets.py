@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from campaign.errors import InputError
+from campaign.isolate import Failed, run_isolated
 from campaign.load import MAX_CELL_CHARS, MAX_COLUMNS, XLSX_GRID_FLOOR, open_sheet
 from campaign.web.guess import PREVIEW_CHARS, PREVIEW_COLUMNS, PREVIEW_ROWS
-from campaign.web.isolate import Failed, run_isolated
 from tests.helpers import (
     ROOT,
     SERVE_TOKEN,
@@ -35,6 +35,7 @@ from tests.helpers import (
     spawn_serve,
     write_job,
     write_xlsx,
+    xls_with_cell_at,
     xlsx_cell,
 )
 
@@ -235,6 +236,26 @@ def test_shared_strings_that_claim_billions_are_refused_before_the_reader_reserv
     done = cli("validate", str(job), "--input", str(path))
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert "says it holds 4000000000 strings but holds 1" in one_line(done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "message"),
+    [
+        (65535, 255, "over 65536 rows and 256 columns"),
+        (65535, 65535, "the Excel reader cannot read this .xls within"),
+    ],
+    ids=["last-row-and-column", "column-65535"],
+)
+def test_an_old_xls_with_a_cell_far_away_is_refused_in_bounded_memory(
+    tmp_path: Path, row: int, column: int, message: str
+) -> None:
+    path = xls_with_cell_at(tmp_path / "far.xls", row, column)
+    job = write_job(tmp_path, "http://127.0.0.1:9", mapping={"params": {}})
+    done, peak = cli_peak_memory("validate", str(job), "--input", str(path))
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    line = one_line(done.stderr)
+    assert str(path) in line and message in line
+    assert peak <= PEAK_MEMORY, f"validate peaked at {peak / 2**20:.0f} MB"
 
 
 # --- the reader's child process ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from campaign.errors import (
     ReportingRefused,
     UsageError,
 )
+from campaign.isolate import Failed, Refused, preload, run_isolated
 from campaign.job import CAMPAIGN_ID, Job, Mapping, first_problem
 from campaign.load import Sheet
 from campaign.mapping import Mapper
@@ -52,7 +53,6 @@ from campaign.report import RESULTS_FILE, report_is_current, write_report
 from campaign.store import uploads
 from campaign.store.campaigns import store_of
 from campaign.web.guess import Look, look_at
-from campaign.web.isolate import Failed, Refused, run_isolated
 from campaign.web.sends import Sends
 from campaign.web.state import (
     MAPPING_FILE,
@@ -65,11 +65,12 @@ from campaign.web.state import (
 from campaign.web.watch import Watches
 
 log = structlog.get_logger(__name__)
+preload("campaign.web.guess")  # the page reads uploads with it, in child processes
 
 PART_FILE = "upload.part"
 _KINDS = ((b"PK\x03\x04", ".xlsx"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
 PAGE_ROWS = 50
-# The child process that reads an upload's first rows (web/isolate.py): the memory it may
+# The child process that reads an upload's first rows (campaign/isolate.py): the memory it may
 # map beyond the interpreter's own, and how long it may take. Both leave room for a
 # workbook of the largest upload (--max-upload-mb, 50 MB by default) that the loader's
 # limits let through.

@@ -1,21 +1,23 @@
-"""Reading an upload in a process of its own, so that no spreadsheet can take the page
-server down with it.
+"""Reading a spreadsheet in a process of its own, so that no file can take the caller
+down with it.
 
 The checks in `campaign.load` keep every known hostile file away from the Excel reader,
-but the reader is native code: an abort in it (or a parser bug nobody has found yet)
-would end the process that called it, with every campaign it is sending. So the page
-server reads an upload in a child process with a memory cap (RLIMIT_AS), a CPU cap
-(RLIMIT_CPU) and a wall-clock timeout; if the child dies, runs out of memory or time,
-only that upload fails, with one line for the operator.
+but the reader is native code: an abort in it (an allocation it cannot make, or a bug
+nobody has found yet) ends the process that called it, with every campaign it is
+sending. So what must survive runs the reader in a child process with a memory cap
+(RLIMIT_AS), a CPU cap (RLIMIT_CPU) and a wall-clock timeout; if the child dies, runs out
+of memory or time, only that read fails, with one line for the operator. The page server
+reads every upload so; the loader probes old .xls workbooks so (load.py says why).
 
-Children come from a fork server started once with the reader's modules imported, so a
-child starts in milliseconds without being a fork of the threaded page server itself.
+Children come from a fork server started once with the loader imported, so a child
+starts in milliseconds without being a fork of a threaded server.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import resource
 import signal
 from collections.abc import Callable
@@ -24,7 +26,21 @@ from typing import Any
 from campaign.errors import InputError
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["campaign.web.guess"])
+_PRELOAD = ["campaign.load"]
+_CONTEXT.set_forkserver_preload(_PRELOAD)
+_inside = False  # this process is such a child
+
+
+def preload(module: str) -> None:
+    """Import `module` in the fork server too (before its first child), so that
+    children that run its functions do not import it each time."""
+    _PRELOAD.append(module)
+    _CONTEXT.set_forkserver_preload(_PRELOAD)
+
+
+def inside_child() -> bool:
+    """True in a child of `run_isolated`: already capped, and not allowed children."""
+    return _inside
 
 
 class Failed(Exception):
@@ -91,7 +107,13 @@ def _child(
     memory_bytes: int,
     timeout_s: float,
 ) -> None:
-    # The cap is on top of what the process already maps, so it measures the upload's
+    global _inside
+    _inside = True
+    # A native abort prints its backtrace to stderr: the operator gets one line instead.
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    os.close(quiet)
+    # The cap is on top of what the process already maps, so it measures the file's
     # cost, not the interpreter's.
     resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes,) * 2)
     cpu = int(timeout_s) + 5

@@ -7,6 +7,24 @@ whole file, and the reader streams, so memory does not grow with the file.
 Excel files are read with python-calamine: it is fast, reads .xlsx and old .xls alike,
 and hands back cell *values* (numbers, dates, booleans, cached formula results), which we
 turn into text ourselves.
+
+Limits (the one place they are set; the README repeats them). Memory follows the data
+actually in the file, never what it declares about itself:
+- any sheet: at most MAX_COLUMNS (16,384, Excel's own) columns in the header row;
+- CSV: one cell at most MAX_CSV_CELL_CHARS (64 Mi characters); rows stream in chunks
+  of CHUNK_ROWS rows, fewer when a sheet is wide (CHUNK_CELLS cells at most);
+- .xlsx, checked before the Excel reader sees it (`campaign.xlsx_check`): each XML part
+  at most MAX_XLSX_PART_BYTES (1 GiB) uncompressed, all of them MAX_XLSX_TOTAL_BYTES
+  (2 GiB), no part of 1 MiB or more compressed more than MAX_XLSX_RATIO (100) to 1, at
+  most MAX_XLSX_PARTS (10,000) parts; a cell's text at most MAX_CELL_CHARS (32,767,
+  Excel's own), any other text or tag at most MAX_XLSX_TEXT_CHARS (1 Mi); cells within
+  MAX_ROWS x MAX_COLUMNS (Excel's sheet); and a sheet's grid, from its first to its last
+  cell, at most XLSX_GRID_FLOOR (2 million) cells or XLSX_GRID_PER_CELL (10) times the
+  cells present, whichever is more: the reader holds the whole grid in memory. A zip
+  that is an .xlsb or .ods is refused: the reader would take its cells from parts
+  the check does not read;
+- old .xls: read first in a child process capped at XLS_PROBE_BYTES (1.5 GiB) and
+  XLS_PROBE_S (120 s), then its sheets' grids are held to the same rule.
 """
 
 from __future__ import annotations
@@ -17,21 +35,54 @@ import datetime as dt
 import io
 import itertools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from campaign.errors import InputError
 from campaign.escape import unescape
+from campaign.isolate import Failed, inside_child, run_isolated
+from campaign.isolate import Refused as ChildRefused
+from campaign.xlsx_check import Damaged, Limits, Refused, check_workbook
 
 CHUNK_ROWS = 5_000
+CHUNK_CELLS = 500_000
 DELIMITERS = (",", ";", "\t", "|")
 _SNIFF_BYTES = 64 * 1024
 _ZIP_MAGIC = b"PK\x03\x04"
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 
-csv.field_size_limit(64 * 1024 * 1024)
+MAX_ROWS = 1_048_576
+MAX_COLUMNS = 16_384
+MAX_CELL_CHARS = 32_767
+MAX_CSV_CELL_CHARS = 64 * 1024 * 1024
+MAX_XLSX_PART_BYTES = 1024 * 1024 * 1024
+MAX_XLSX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
+MAX_XLSX_RATIO = 100
+XLSX_RATIO_FLOOR = 1024 * 1024
+MAX_XLSX_PARTS = 10_000
+MAX_XLSX_TEXT_CHARS = 1024 * 1024
+XLSX_GRID_FLOOR = 2_000_000
+XLSX_GRID_PER_CELL = 10
+XLS_PROBE_BYTES = 1536 * 1024 * 1024
+XLS_PROBE_S = 120.0
+
+XLSX_LIMITS = Limits(
+    part_bytes=MAX_XLSX_PART_BYTES,
+    total_bytes=MAX_XLSX_TOTAL_BYTES,
+    ratio=MAX_XLSX_RATIO,
+    ratio_floor=XLSX_RATIO_FLOOR,
+    parts=MAX_XLSX_PARTS,
+    cell_chars=MAX_CELL_CHARS,
+    text_chars=MAX_XLSX_TEXT_CHARS,
+    rows=MAX_ROWS,
+    columns=MAX_COLUMNS,
+    grid_floor=XLSX_GRID_FLOOR,
+    grid_per_cell=XLSX_GRID_PER_CELL,
+)
+
+csv.field_size_limit(MAX_CSV_CELL_CHARS)
 
 
 @dataclass(frozen=True)
@@ -48,8 +99,17 @@ class Sheet:
     chunks: Iterator[list[Row]] = field(repr=False)
 
 
-def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
-    """Open a spreadsheet; raises `InputError` for anything that is not a usable one."""
+def open_sheet(
+    path: Path | str,
+    sheet: str | None = None,
+    *,
+    first_row_is_data: Callable[[list[str]], bool] | None = None,
+) -> Sheet:
+    """Open a spreadsheet; raises `InputError` for anything that is not a usable one.
+
+    `first_row_is_data` says of the first row whether it is data rather than a header:
+    then the sheet has no header, its columns are named `column 1`, `column 2`, ... and
+    the first row is a row like the others (its number is 0: `_row` + 1 is its line)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(path, "is a directory, not a spreadsheet")
@@ -75,10 +135,19 @@ def open_sheet(path: Path | str, sheet: str | None = None) -> Sheet:
         if sheet is not None:
             raise InputError(path, "`sheet:` is set, but a CSV file has no sheets")
         header, records = _csv_records(path, head)
+    if first_row_is_data is not None and first_row_is_data(header):
+        records = itertools.chain([(0, header)], records)
+        header = [f"column {i + 1}" for i in range(len(header))]
     return _sheet(path, header, records)
 
 
 def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]]]) -> Sheet:
+    if len(header) > MAX_COLUMNS:
+        raise InputError(
+            path,
+            f"the header row has {len(header)} columns; a sheet has at most {MAX_COLUMNS} "
+            "(as in Excel)",
+        )
     keep = [i for i, name in enumerate(header) if not name.strip().startswith("_")]
     # The report escapes header cells like any other: a results CSV read back as input
     # must give the job's column names again.
@@ -105,7 +174,9 @@ def _sheet(path: Path, header: list[str], records: Iterator[tuple[int, list[str]
     first = next(stream, None)
     if first is None:
         raise InputError(path, "has a header row but no data rows under it")
-    return Sheet(path, columns, _chunked(itertools.chain([first], stream), CHUNK_ROWS))
+    # A chunk holds CHUNK_ROWS rows, or fewer of a wide sheet: its memory is by cells.
+    size = max(1, min(CHUNK_ROWS, CHUNK_CELLS // max(len(columns), 1)))
+    return Sheet(path, columns, _chunked(itertools.chain([first], stream), size))
 
 
 def _chunked(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -255,6 +326,15 @@ def _excel_records(
 ) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     from python_calamine import CalamineWorkbook
 
+    if _is_zip(path):
+        try:
+            check_workbook(str(path), XLSX_LIMITS)
+        except Damaged as exc:
+            raise InputError(path, _unreadable_workbook(path, exc)) from None
+        except Refused as exc:
+            raise InputError(path, str(exc)) from None
+    else:
+        _check_old_workbook(path)
     try:
         book = CalamineWorkbook.from_path(str(path))
     except Exception as exc:  # calamine raises several unrelated types for a corrupt file
@@ -272,6 +352,59 @@ def _excel_records(
         except Exception as exc:
             raise InputError(path, f"cannot read sheet {name!r} ({_short(exc)})") from None
     raise InputError(path, f"sheet {sheet!r} is empty" if sheet else "no sheet has any data")
+
+
+def _check_old_workbook(path: Path) -> None:
+    """An old .xls, before it is read here: the reader builds each sheet as one grid up
+    to its last cell, and a cell record may name any of 65,536 columns, so 5 KB can ask
+    for 137 GB (an abort); its strings table reserves what it claims. There is no cheap
+    look inside the container, so a child process reads it first, capped
+    (`campaign.isolate`), and says how large each sheet's grid is and how many cells it
+    holds; the grid must pass the rule of an .xlsx sheet."""
+    try:
+        if inside_child():  # already capped, and not allowed children of its own
+            sheets = _grids(str(path))
+        else:
+            sheets = run_isolated(
+                _grids, (str(path),), memory_bytes=XLS_PROBE_BYTES, timeout_s=XLS_PROBE_S
+            )
+    except (Failed, ChildRefused) as exc:
+        raise InputError(
+            path,
+            f"is refused: the Excel reader cannot read this .xls within "
+            f"{XLS_PROBE_BYTES // 2**20} MB and {XLS_PROBE_S:.0f} s ({exc}); "
+            "save it as .xlsx or CSV",
+        ) from None
+    for number, (rows, columns, cells) in enumerate(sheets, start=1):
+        allowed = max(XLSX_GRID_FLOOR, XLSX_GRID_PER_CELL * cells)
+        if rows * columns > allowed:
+            raise InputError(
+                path,
+                f"is refused: sheet {number} spreads {cells} cells over {rows} rows and "
+                f"{columns} columns: reading it would take memory for {rows * columns} "
+                f"cells (at most {allowed} for this many); delete the empty rows and "
+                "columns between them, or copy the data to a new sheet",
+            )
+
+
+def _grids(path: str) -> list[tuple[int, int, int]]:
+    """Each sheet's grid (rows, columns) and the cells in it that hold something; empty
+    when the workbook cannot be read at all (the caller's reading says why)."""
+    from python_calamine import CalamineWorkbook
+
+    try:
+        book = CalamineWorkbook.from_path(path)
+        found = []
+        for name in book.sheet_names:
+            grid = book.get_sheet_by_name(name)
+            rows, columns = grid.height, grid.width
+            cells = rows * columns
+            if cells > XLSX_GRID_FLOOR:
+                cells = sum(v not in ("", None) for row in grid.iter_rows() for v in row)
+            found.append((rows, columns, cells))
+        return found
+    except Exception:
+        return []
 
 
 def excel_text(value: Any) -> str:
@@ -294,6 +427,11 @@ def excel_text(value: Any) -> str:
         seconds = int(value.total_seconds())
         return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
     return str(value)
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
 
 
 def _unreadable_workbook(path: Path, exc: Exception) -> str:

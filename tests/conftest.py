@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Sandbox, start_sandbox
+from tests.helpers import Sandbox, sparse_xlsx, start_sandbox, zip_bomb_xlsx
 from tests.helpers.pg_server import PgServer, Unavailable, remove_server, start_server
 
 # Why the PostgreSQL tests skipped this session, for the summary (empty: they did not).
@@ -18,6 +18,18 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     box = start_sandbox(tmp_path)
     yield box
     box.stop()
+
+
+@pytest.fixture(scope="session")
+def sparse_workbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 KB of .xlsx with a cell at XFD1048576: a grid of 17 billion cells to a reader."""
+    return sparse_xlsx(tmp_path_factory.mktemp("hostile") / "sparse.xlsx")
+
+
+@pytest.fixture(scope="session")
+def bomb_workbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 MB of .xlsx holding one 1.5 GB cell (made once a session: it takes seconds)."""
+    return zip_bomb_xlsx(tmp_path_factory.mktemp("hostile") / "bomb.xlsx")
 
 
 @pytest.fixture(scope="session")

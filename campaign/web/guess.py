@@ -3,6 +3,11 @@
 The job file's mapping is the default when its columns are all in the sheet; otherwise the
 phone column is guessed from header names and from cells that parse as phone numbers, and
 every other column is offered as a param. The operator edits the guess on the page.
+
+What goes back to the page is bounded whatever the file holds (the README says so): the
+preview is at most PREVIEW_ROWS rows of PREVIEW_COLUMNS cells, each cut to PREVIEW_CHARS;
+the page lists (and maps) the first PAGE_COLUMNS columns, their names cut the same way,
+and says how many there are in all.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from campaign.load import Row, Sheet, open_sheet
 from campaign.mapping import Mapper, normalize_phone
 
 PREVIEW_ROWS = 10
+PREVIEW_COLUMNS = 50
+PREVIEW_CHARS = 300
+PAGE_COLUMNS = 1000
 SAMPLE_ROWS = 200
+_CUT = "…"
 # A column whose sample cells are mostly valid numbers is the phone, even without a name.
 PHONE_SHARE = 0.6
 _PHONE_WORDS = frozenset(
@@ -30,7 +39,8 @@ _PHONE_WORDS = frozenset(
 
 @dataclass
 class Look:
-    columns: list[str]
+    columns: list[str]  # the first PAGE_COLUMNS header names, cut to PREVIEW_CHARS
+    columns_total: int
     preview: list[dict[str, Any]]
     rows_sampled: int
     mapping: dict[str, Any]
@@ -45,14 +55,23 @@ def look_at(path: Path, sheet_name: str | None, job_mapping: Mapping) -> Look:
         raise InputError(path, "has no columns to read")
     if not sample:
         raise InputError(path, "has a header row but no data rows under it")
-    preview = [{"row": r.number, "cells": r.cells} for r in sample[:PREVIEW_ROWS]]
+    columns = [cut(name) for name in sheet.columns[:PAGE_COLUMNS]]
+    preview = [
+        {"row": r.number, "cells": [cut(c) for c in r.cells[:PREVIEW_COLUMNS]]}
+        for r in sample[:PREVIEW_ROWS]
+    ]
     try:
         Mapper.compile(job_mapping, Sheet(path, sheet.columns, iter(())))
     except InputError:
-        mapping, source = guess_mapping(sheet.columns, sample, job_mapping), "guessed"
+        mapping, source = guess_mapping(columns, sample, job_mapping), "guessed"
     else:
-        mapping, source = expand_all(job_mapping, sheet.columns), "job"
-    return Look(sheet.columns, preview, len(sample), mapping, source)
+        mapping, source = expand_all(job_mapping, columns), "job"
+    return Look(columns, len(sheet.columns), preview, len(sample), mapping, source)
+
+
+def cut(text: str) -> str:
+    """A cell or a name as the page shows it: at most PREVIEW_CHARS characters."""
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + _CUT
 
 
 def expand_all(mapping: Mapping, columns: list[str]) -> dict[str, Any]:

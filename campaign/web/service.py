@@ -44,6 +44,7 @@ from campaign.errors import (
     ReportingRefused,
     UsageError,
 )
+from campaign.isolate import Failed, Refused, preload, run_isolated
 from campaign.job import CAMPAIGN_ID, Job, Mapping, first_problem
 from campaign.load import Sheet
 from campaign.mapping import Mapper
@@ -51,7 +52,7 @@ from campaign.pipeline import RunControl, RunOptions, run_campaign
 from campaign.report import RESULTS_FILE, report_is_current, write_report
 from campaign.store import uploads
 from campaign.store.campaigns import store_of
-from campaign.web.guess import look_at
+from campaign.web.guess import Look, look_at
 from campaign.web.sends import Sends
 from campaign.web.state import (
     MAPPING_FILE,
@@ -64,10 +65,18 @@ from campaign.web.state import (
 from campaign.web.watch import Watches
 
 log = structlog.get_logger(__name__)
+preload("campaign.web.guess")  # the page reads uploads with it, in child processes
 
 PART_FILE = "upload.part"
 _KINDS = ((b"PK\x03\x04", ".xlsx"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
 PAGE_ROWS = 50
+# The child process that reads an upload's first rows (campaign/isolate.py): the memory it may
+# map beyond the interpreter's own, and how long it may take. Both leave room for a
+# workbook of the largest upload (--max-upload-mb, 50 MB by default) that the loader's
+# limits let through.
+READ_MEMORY_BYTES = 3 * 1024 * 1024 * 1024
+READ_TIMEOUT_S = 300.0
+READ_AT_ONCE = 2  # uploads read at the same time; others wait their turn
 
 
 class ServiceError(Exception):
@@ -89,6 +98,7 @@ class Campaigns:
         self.sends = Sends()
         self.busy: dict[str, str] = {}  # campaign -> what this server is doing with it
         self.watches = Watches(self.store, job.limits.lease_s)
+        self.readers = asyncio.Semaphore(READ_AT_ONCE)
         # How other page servers on the database name this one, where its uploads are.
         self.server = f"{socket.gethostname()} (data directory {self.root.resolve()})"
 
@@ -117,10 +127,7 @@ class Campaigns:
         try:
             upload = await asyncio.to_thread(_name_by_content, directory / PART_FILE)
             shown = _display_name(filename) or upload.name
-            try:
-                look = await asyncio.to_thread(look_at, upload, None, self.job.mapping)
-            except InputError as exc:
-                raise ServiceError(400, _shown(exc, shown)) from None
+            look = await self._look(upload, shown)
             mapping, source = look.mapping, look.mapping_source
             if mapping_json:
                 try:
@@ -139,6 +146,7 @@ class Campaigns:
             "upload": upload.name,
             "uploaded_at": time.time(),
             "columns": look.columns,
+            "columns_total": look.columns_total,
             "preview": look.preview,
             "mapping_source": source,
             "validated": False,
@@ -150,10 +158,29 @@ class Campaigns:
             "id": campaign,
             "filename": shown,
             "columns": look.columns,
+            "columns_total": look.columns_total,
             "preview": look.preview,
             "mapping": mapping,
             "mapping_source": source,
         }
+
+    async def _look(self, upload: Path, shown: str) -> Look:
+        """The upload's first look, read in a child process: a file that would crash or
+        exhaust the reader costs that upload a 400, not the server and its sends."""
+        try:
+            async with self.readers:
+                return await asyncio.to_thread(
+                    run_isolated,
+                    look_at,
+                    (upload, None, self.job.mapping),
+                    memory_bytes=READ_MEMORY_BYTES,
+                    timeout_s=READ_TIMEOUT_S,
+                )
+        except Refused as exc:
+            raise ServiceError(400, _shown(exc, shown)) from None
+        except Failed as exc:
+            log.warning("upload not readable", reason=str(exc))
+            raise ServiceError(400, f"{shown}: cannot be read: {exc}") from None
 
     # --- mapping and validation ------------------------------------------------------------
 
@@ -417,7 +444,7 @@ def _display_name(filename: str) -> str:
     return "".join(ch for ch in name if ch.isprintable())[:200]
 
 
-def _shown(exc: UsageError, shown: str) -> str:
+def _shown(exc: UsageError | Refused, shown: str) -> str:
     """The error's message with the server's path replaced by the name the operator knows."""
     path = getattr(exc, "path", None)
     return str(exc).replace(path, shown, 1) if path else str(exc)

@@ -19,6 +19,7 @@ from campaign.job import Limits
 from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write, iso_utc
 from campaign.store.campaigns import MAPPING_FILE, WEB_FILE, CampaignInfo, Store
 from campaign.store.ledger import SENDABLE, LedgerError
+from campaign.web.guess import PREVIEW_COLUMNS, cut
 
 
 def campaign_view(
@@ -76,6 +77,7 @@ def campaign_view(
     }
     if detail:
         view["columns"] = info.get("columns", [])
+        view["columns_total"] = info.get("columns_total", len(view["columns"]))
         view["preview"] = info.get("preview", [])
         # The ledger's mapping is the one requests went out with; the page's file is what
         # the page last saved (the same once validated).
@@ -91,8 +93,13 @@ def rows_page(store: Store, campaign: str, status: str, offset: int, limit: int)
             return {"total": 0, "offset": offset, "columns": [], "rows": []}
         total, found = ledger.rows_with_status(status, offset, limit)
         columns = ledger.get_meta("columns") or []
-    rows = [{"row": r, "error": e, "cells": c} for r, e, c in found]
-    return {"total": total, "offset": offset, "columns": columns, "rows": rows}
+    # Shown as the upload's preview is: a few hundred characters of the first columns.
+    rows = [{"row": r, "error": e, "cells": _shown_cells(c)} for r, e, c in found]
+    return {"total": total, "offset": offset, "columns": _shown_cells(columns), "rows": rows}
+
+
+def _shown_cells(cells: list[str]) -> list[str]:
+    return [cut(cell) for cell in cells[:PREVIEW_COLUMNS]]
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,35 +49,34 @@ def cli(
     )
 
 
-_PEAK_RSS = (
-    "import resource, sys\n"
-    "from campaign.cli import main\n"
-    "try:\n"
-    "    code = main(sys.argv[1:])\n"
-    "finally:\n"
-    "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "    print(f'peak_rss_kb={peak}', file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
-
-
-def cli_peak_rss_kb(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+def cli_peak_memory(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> tuple[subprocess.CompletedProcess[str], int]:
-    """The real command line like `cli`, and its peak resident memory in KiB."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, *args],
-        env=full_env,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
-    lines = result.stderr.splitlines()
-    peak = [int(line.split("=", 1)[1]) for line in lines if line.startswith("peak_rss_kb=")]
-    assert peak, result.stderr[-2000:]
-    result.stderr = "\n".join(line for line in lines if not line.startswith("peak_rss_kb="))
-    return result, peak[-1]
+    """Run the real command line like `cli`; also its peak resident memory in bytes (the
+    child's own, from wait4, not the largest of every child this process ever had)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "campaign", *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            text=True,
+            stdout=out,
+            stderr=err,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"campaign {' '.join(args)} ran over {timeout} s")
+            time.sleep(0.05)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    return done, usage.ru_maxrss * 1024
 
 
 def spawn_cli(
@@ -480,3 +481,98 @@ def raw_http(url: str, head: bytes, body: bytes = b"") -> int:
         while b"\r\n" not in answer and (chunk := conn.recv(4096)):
             answer += chunk
     return int(answer.split(b" ", 2)[1])
+
+
+# --- workbooks written part by part, for the loader's limits ------------------------------------
+
+_XLSX_PARTS = {
+    "[Content_Types].xml": (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="rels" '
+        'ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+        '<Default Extension="xml" ContentType="application/xml"/>'
+        '<Override PartName="/xl/workbook.xml" ContentType="application/'
+        'vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
+        '<Override PartName="/xl/worksheets/sheet1.xml" ContentType="application/'
+        'vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>'
+    ),
+    "_rels/.rels": (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+        '<Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/'
+        'relationships/officeDocument" Target="xl/workbook.xml"/></Relationships>'
+    ),
+    "xl/workbook.xml": (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<workbook xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" '
+        'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships">'
+        '<sheets><sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>'
+    ),
+    "xl/_rels/workbook.xml.rels": (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+        '<Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/'
+        'relationships/worksheet" Target="worksheets/sheet1.xml"/></Relationships>'
+    ),
+}
+SHEET_HEAD = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+)
+
+
+def write_xlsx(path: Path, sheet_data: Iterable[bytes], *, head: bytes = SHEET_HEAD) -> Path:
+    """A one-sheet .xlsx whose sheet XML is `head`, then `<sheetData>` + the pieces of
+    `sheet_data` + `</sheetData></worksheet>`, deflated as it is written (so a huge sheet
+    never sits in the test's memory)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as book:
+        for name, text in _XLSX_PARTS.items():
+            book.writestr(name, text)
+        with book.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as sheet:
+            sheet.write(head + b"<sheetData>")
+            for piece in sheet_data:
+                sheet.write(piece)
+            sheet.write(b"</sheetData></worksheet>")
+    return path
+
+
+def xlsx_cell(ref: str, text: str) -> bytes:
+    return f'<c r="{ref}" t="inlineStr"><is><t>{text}</t></is></c>'.encode()
+
+
+def sparse_xlsx(path: Path) -> Path:
+    """Two people in A1:A3 and one more cell at XFD1048576, Excel's last: 1.5 KB that asks
+    a reader building the grid for 17 billion cells."""
+    rows = [
+        b'<row r="1">' + xlsx_cell("A1", "Phone") + b"</row>",
+        b'<row r="2">' + xlsx_cell("A2", "+14155550101") + b"</row>",
+        b'<row r="3">' + xlsx_cell("A3", "+14155550102") + b"</row>",
+        b'<row r="1048576">' + xlsx_cell("XFD1048576", "x") + b"</row>",
+    ]
+    return write_xlsx(path, rows)
+
+
+def zip_bomb_xlsx(path: Path, size: int = 1_500_000_000) -> Path:
+    """A header, then one cell of `size` times "A": about 1.5 MB on disk for 1.5 GB."""
+
+    def pieces() -> Iterator[bytes]:
+        yield b'<row r="1">' + xlsx_cell("A1", "Phone") + b"</row>"
+        yield b'<row r="2"><c r="A2" t="inlineStr"><is><t>'
+        block = b"A" * (1 << 20)
+        for _ in range(size // len(block)):
+            yield block
+        yield b"</t></is></c></row>"
+
+    return write_xlsx(path, pieces())
+
+
+def xls_with_cell_at(path: Path, row: int, column: int) -> Path:
+    """tests/data/legacy.xls with its last text cell moved to (row, column), 0-based: the
+    old format's cell records may name any of 65,536 rows and 65,536 columns."""
+    data = bytearray((ROOT / "tests" / "data" / "legacy.xls").read_bytes())
+    at = data.rfind(b"\xfd\x00\x0a\x00")  # a LABELSST record: row, column, style, string
+    assert at > 0, "legacy.xls has no text cell record"
+    data[at + 4 : at + 8] = row.to_bytes(2, "little") + column.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path

@@ -125,11 +125,17 @@ function renderMapping(c) {
     job: "The mapping comes from the job file; change it below if this file differs.",
     guessed: "The mapping was guessed from the column names and contents: check it below.",
   };
-  $("mapping-source").textContent = source[c.mapping_source] || "The mapping as last set on this page.";
+  const total = c.columns_total || c.columns.length;
+  const more = total > c.columns.length
+    ? ` The file has ${total} columns: the page maps the first ${c.columns.length}; name the others in the job file's mapping.`
+    : "";
+  $("mapping-source").textContent = (source[c.mapping_source] || "The mapping as last set on this page.") + more;
   const preview = $("preview");
   preview.replaceChildren();
+  // The server sends the first rows' first columns only, each cell cut to a few hundred characters.
+  const width = Math.max(0, ...c.preview.map((row) => row.cells.length));
   const head = el("tr");
-  head.append(el("th", "Row"), ...c.columns.map((name) => el("th", name)));
+  head.append(el("th", "Row"), ...c.columns.slice(0, width).map((name) => el("th", name)));
   preview.append(el("thead"));
   preview.tHead.append(head);
   const body = el("tbody");

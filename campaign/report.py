@@ -103,6 +103,9 @@ def write_summary(
         with atomic_write(directory / SUMMARY_FILE) as out:
             json.dump(summary, out, indent=2)
             out.write("\n")
+        from campaign.report_html import write_report_html  # it builds on this module
+
+        write_report_html(ledger, directory, campaign, summary)
     return summary
 
 

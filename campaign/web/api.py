@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from aiohttp import BodyPartReader, web
 
+from campaign.story import stored_story
 from campaign.web.access import json_body
 from campaign.web.service import Campaigns, ServiceError
 
@@ -44,6 +45,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/campaigns/{id}/results.csv", results)
     app.router.add_get("/api/campaigns/{id}/rows", rows)
     app.router.add_get("/api/campaigns/{id}/events", events)
+    app.router.add_get("/api/campaigns/{id}/story", story)
     app.router.add_post("/api/campaigns/{id}/reconcile", reconcile)
 
 
@@ -200,6 +202,17 @@ async def rows(request: web.Request) -> web.Response:
         request.match_info["id"], query.get("status", "invalid"), offset, limit
     )
     return web.json_response(page)
+
+
+async def story(request: web.Request) -> web.Response:
+    """The aggregates the campaign's charts draw (campaign/story.py), as report.html has them."""
+    service = request.app[SERVICE]
+    campaign = request.match_info["id"]
+    await service.directory(campaign)
+    found = await asyncio.to_thread(stored_story, service.store, campaign)
+    if found is None:
+        raise ServiceError(404, f"campaign {campaign} has nothing to show yet: validate it first")
+    return web.json_response(found, headers={"Cache-Control": "no-store"})
 
 
 async def events(request: web.Request) -> web.StreamResponse:

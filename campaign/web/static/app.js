@@ -10,6 +10,10 @@ const PAGE = 50;
 let current = null; // the open campaign, as GET /api/campaigns/{id} describes it
 let invalidOffset = 0;
 let events = null;
+// The charts are fetched again while a campaign sends, at most this often (and never more
+// often than five times as long as the last fetch took: a big ledger is not read in a loop).
+const STORY_EVERY_MS = 2000;
+const story = { timer: null, loading: false, again: false, next: 0 };
 
 class ApiError extends Error {
   constructor(message, status) { super(message); this.status = status; }
@@ -117,7 +121,35 @@ function renderCampaign(c) {
   $("send-card").hidden = !validated;
   if (validated) renderCounts(c.counts);
   renderSend(c);
+  if (validated) loadStory(c.id); else $("charts-card").hidden = true;
   if (c.state === "running") listen(c.id);
+}
+
+// --- charts (static/story.js draws them) -----------------------------------------------------
+
+async function loadStory(id) {
+  if (story.loading) { story.again = true; return; }
+  story.loading = true;
+  const began = Date.now();
+  try {
+    const data = await api("GET", `/api/campaigns/${encodeURIComponent(id)}/story`);
+    if (!current || current.id !== id) return;
+    $("charts-error").textContent = "";
+    $("charts-card").hidden = false;
+    drawStory($("charts"), data);
+    $("charts").dataset.generatedAt = String(data.generated_at);
+  } catch (error) {
+    if (current && current.id === id) $("charts-error").textContent = error.message;
+  } finally {
+    story.loading = false;
+    story.next = Date.now() + Math.max(STORY_EVERY_MS, 5 * (Date.now() - began));
+    if (story.again) { story.again = false; scheduleStory(id); }
+  }
+}
+
+function scheduleStory(id) {
+  if (story.timer) return;
+  story.timer = setTimeout(() => { story.timer = null; loadStory(id); }, Math.max(0, story.next - Date.now()));
 }
 
 function renderMapping(c) {
@@ -427,15 +459,17 @@ function listen(id) {
     if (!current || current.id !== id) return;
     $("progress-block").hidden = false;
     renderProgress(JSON.parse(e.data));
+    scheduleStory(id);
   });
   events.addEventListener("state", async (e) => {
     const state = JSON.parse(e.data);
     if (!current || current.id !== id) return;
     current = { ...current, ...state };
-    if (state.state === "running") { renderSend(current); return; }
+    if (state.state === "running") { renderSend(current); scheduleStory(id); return; }
     closeEvents();
     renderCounts(current.counts);
     renderSend(current);
+    loadStory(id);
     refreshList();
   });
   events.onerror = () => { if (events && events.readyState === EventSource.CLOSED) closeEvents(); };

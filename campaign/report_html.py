@@ -55,7 +55,7 @@ def write_report_html(
     written (the results and summary, already written, are what counts: a failure here
     is a warning, never a failed run)."""
     try:
-        story = campaign_story(ledger, campaign)
+        story = campaign_story(ledger, campaign, summary.get("counts"))
         text = render(story, summary)
         with atomic_write(directory / REPORT_HTML) as out:
             out.write(text)

@@ -52,10 +52,17 @@ _NUMBER = re.compile(r"\*+\d{1,4}")
 _masker = Masker()
 
 
-def campaign_story(ledger: Ledger, campaign: str, now: float | None = None) -> dict[str, Any]:
-    """The aggregates of one campaign, JSON-ready, with a plain-text line per chart."""
+def campaign_story(
+    ledger: Ledger,
+    campaign: str,
+    counts: dict[str, int] | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The aggregates of one campaign, JSON-ready, with a plain-text line per chart.
+    `counts`: the report's lines per status, when the caller has just counted them."""
     now = time.time() if now is None else now
-    statuses, funnel, delivery = _statuses(ledger)
+    statuses = {**dict.fromkeys(STATUSES, 0), **(counts if counts is not None else ledger.counts())}
+    funnel, delivery = _funnel(ledger, statuses)
     rate, progress = _timeline(ledger, statuses, now)
     reasons = _reasons(ledger)
     waiting = _waiting(ledger)
@@ -84,30 +91,32 @@ def stored_story(store: Store, campaign: str) -> dict[str, Any] | None:
 # --- statuses and the delivery funnel --------------------------------------------------------
 
 
-def _statuses(ledger: Ledger) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """Counts per status (the report's lines), the delivery funnel, and counts per
-    delivery state. The funnel follows the `sent` people to what the delivery report
-    says of them (`sent_at_carrier`: the report's `sent`, not delivered yet;
-    `not_checked`: no report read for them); `not_found` and `ambiguous` also count the
-    `unknown` people the report could not place."""
-    statuses = dict.fromkeys(STATUSES, 0)
+def _funnel(ledger: Ledger, statuses: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """The delivery funnel, and counts per delivery state. The funnel follows the `sent`
+    people to what the delivery report says of them (`sent_at_carrier`: the report's
+    `sent`, not delivered yet; `not_checked`: no report read for them); `not_found` and
+    `ambiguous` also count the `unknown` people the report could not place. Every person
+    who may have been reached is on exactly one line of the report, so the recipients
+    with a delivery state are the report's lines with one."""
     funnel = dict.fromkeys(FUNNEL, 0)
     delivery: Counter[str] = Counter()
     found = ledger.db.execute(
-        "SELECT status, delivery, count(*) FROM results GROUP BY status, delivery"
+        "SELECT r.state, d.status, count(*) FROM deliveries d "
+        "JOIN recipients r ON r.id = d.recipient_id GROUP BY r.state, d.status"
     ).fetchall()
-    for status, state, count in found:
-        statuses[status] = statuses.get(status, 0) + count
-        if state:
-            delivery[state] += count
-        if status == "sent":
-            funnel["sent"] += count
-            stage = {"sent": "sent_at_carrier", None: "not_checked"}.get(state, state)
+    checked = 0
+    for state, status, count in found:
+        delivery[status] += count
+        if state == "sent":
+            checked += count
+            stage = "sent_at_carrier" if status == "sent" else status
             if stage in funnel:
                 funnel[stage] += count
-        elif state in ("not_found", "ambiguous"):
-            funnel[state] += count
-    return statuses, funnel, dict(delivery)
+        elif status in ("not_found", "ambiguous"):
+            funnel[status] += count
+    funnel["sent"] = statuses.get("sent", 0)
+    funnel["not_checked"] = max(funnel["sent"] - checked, 0)
+    return funnel, dict(sorted(delivery.items()))
 
 
 # --- requests over time, and progress --------------------------------------------------------

@@ -164,3 +164,28 @@ async def upload_and_validate(http: aiohttp.ClientSession) -> str:
     summary = await call(http, "PUT", f"/api/campaigns/{campaign}/mapping", json=made["mapping"])
     assert summary["counts"] == EXPECTED
     return campaign
+
+
+# --- Chromium (Debian's package, driven by Playwright) -----------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Per chart (figure[data-chart]) of a page: how many of its canvas's pixels are painted.
+CHART_INK_JS = """() => Object.fromEntries([...document.querySelectorAll("figure[data-chart]")]
+  .map((figure) => {
+    const canvas = figure.querySelector("canvas");
+    if (!canvas || !canvas.width || !canvas.height) return [figure.dataset.chart, 0];
+    const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    let painted = 0;
+    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted += 1;
+    return [figure.dataset.chart, painted];
+  }))"""
+CHARTS = ("rate", "progress", "statuses", "funnel", "reasons", "waiting")

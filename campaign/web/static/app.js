@@ -13,7 +13,7 @@ let events = null;
 // The charts are fetched again while a campaign sends, at most this often (and never more
 // often than five times as long as the last fetch took: a big ledger is not read in a loop).
 const STORY_EVERY_MS = 2000;
-const story = { timer: null, loading: false, again: false, next: 0 };
+const story = { timer: null, poll: null, loading: false, again: false, next: 0 };
 
 class ApiError extends Error {
   constructor(message, status) { super(message); this.status = status; }
@@ -455,6 +455,8 @@ async function start(onlyFailed) {
 function listen(id) {
   closeEvents();
   events = new EventSource(`/api/campaigns/${encodeURIComponent(id)}/events`);
+  // Also between events: answers recorded after the last change of the counts still show.
+  story.poll = setInterval(() => scheduleStory(id), STORY_EVERY_MS);
   events.addEventListener("progress", (e) => {
     if (!current || current.id !== id) return;
     $("progress-block").hidden = false;
@@ -478,6 +480,7 @@ function listen(id) {
 function closeEvents() {
   if (events) events.close();
   events = null;
+  clearInterval(story.poll);
 }
 
 // --- past campaigns ----------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""report.html: written with every report, holds no phone number or param value, stays
+small for a million people; the story behind it is bounded and the same for the page."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaign.report_html import REPORT_HTML, render
+from campaign.story import MAX_POINTS, bucket_width, campaign_story, clean_reason
+from tests.helpers import FaultServer, cli, e164, phones, write_csv, write_job
+from tests.helpers.big import big_ledger
+
+MAX_BYTES = 1_000_000
+# An answer that quotes the person back: their number and their first and last name.
+REFUSED = "number {to_phone} of {first_name} {last_name} ({emp_id}) is not allowed"
+
+
+def people(path: Path, n: int) -> tuple[Path, list[list[str]]]:
+    rows = [
+        [f"Zorvath{i:02d}", f"Quillby{i:02d}", phone, f"EMP-{7300 + i}"]
+        for i, phone in enumerate(phones(n, start=4321))
+    ]
+    return write_csv(path, ["First Name", "Last Name", "Phone", "Employee ID"], rows), rows
+
+
+def refuse_every_other(_n: int, body: dict[str, Any]) -> Any:
+    """Every other person is refused with an answer that quotes them."""
+    if int(body["to_phone"][-1]) % 2 == 0:
+        return (400, None, {"error": REFUSED.format(**body)})
+    return 200
+
+
+def story_of(page: str) -> dict[str, Any]:
+    found = re.search(r'<script type="application/json" id="story">(.*?)</script>', page, re.S)
+    assert found is not None, "report.html carries no story"
+    story: dict[str, Any] = json.loads(found.group(1))
+    return story
+
+
+def test_every_report_writes_report_html_without_numbers_or_params(
+    tmp_path: Path, store: str | None
+) -> None:
+    source, rows = people(tmp_path / "people.csv", 20)
+    with FaultServer(refuse_every_other) as api:
+        job = write_job(
+            tmp_path,
+            api.url,
+            input=source,
+            mapping={
+                "params": {
+                    "first_name": "First Name",
+                    "last_name": "Last Name",
+                    "emp_id": "Employee ID",
+                }
+            },
+            **({"ledger": store} if store else {}),
+        )
+        ran = cli("run", str(job), "--no-progress")
+    assert ran.returncode == 1, ran.stderr
+    report = tmp_path / "runs" / "test" / REPORT_HTML
+    page = report.read_text(encoding="utf-8")
+
+    for first, last, typed, emp_id in rows:
+        number = e164(typed)
+        for form in (number, number[1:], number[2:], typed, first, last, emp_id):
+            assert form not in page, f"report.html holds {form!r}"
+    story = story_of(page)
+    assert story["statuses"]["sent"] == 10 and story["statuses"]["failed"] == 10
+    # The ten refusals differ only in what they quote: once that is blanked, one reason.
+    assert story["reasons"][0]["count"] == 10
+    assert "[number]" in story["reasons"][0]["reason"]
+    assert story["reasons"][0]["reason"].count("[value]") == 3
+    assert sum(story["rate"]["series"]["sent"]) * story["rate"]["step"] == pytest.approx(10)
+
+    # `campaign report` writes it again from the ledger alone.
+    report.unlink()
+    rebuilt = cli("report", str(job))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert story_of(report.read_text(encoding="utf-8"))["statuses"] == story["statuses"]
+
+
+@pytest.mark.long
+def test_a_million_people_make_a_report_under_one_megabyte(tmp_path: Path) -> None:
+    ledger = big_ledger(tmp_path, "big", 1_000_000)
+    began = time.monotonic()
+    story = campaign_story(ledger, "big")
+    took = time.monotonic() - began
+    page = render(story, {})
+
+    assert len(page.encode()) <= MAX_BYTES
+    series = story["rate"]["series"]
+    assert all(len(points) <= MAX_POINTS for points in series.values())
+    assert len(story["progress"]["settled"]) <= MAX_POINTS
+    # Every request is in some bucket, whatever the bucket's width.
+    requests = sum(sum(points) for points in series.values()) * story["rate"]["step"]
+    assert requests == pytest.approx(1_000_000 - 5000 + 99_500)
+    # 19,900 refusals quoting 19,900 different people: one reason once they are blanked.
+    assert story["reasons"][0] == {
+        "kind": "send",
+        "reason": 'HTTP 400: Bad Request {"error": "[number] ([value]) refused"}',
+        "count": 19_900,
+    }
+    shown = json.dumps(story)
+    assert "+1415" not in shown and "(P1" not in shown
+    assert story["waiting"] == [
+        {"opens": f"{hour:02d}:00 America/New_York", "people": 1000} for hour in range(8, 13)
+    ]
+    assert took < 60, f"the story of a million people took {took:.1f} s"
+
+
+@pytest.mark.parametrize("span_s", [0.5, 1, 1999, 2000, 3600, 86_400, 30 * 86_400, 400 * 86_400])
+def test_time_buckets_stay_under_the_bound(span_s: float) -> None:
+    step = bucket_width(span_s)
+    assert span_s / step < MAX_POINTS
+    # ...and are no coarser than they need be.
+    assert step == 1 or span_s / step > MAX_POINTS / 3
+
+
+def test_reasons_lose_numbers_and_the_values_they_quote() -> None:
+    text = "HTTP 400: +1 (415) 200-4321 rejected: Zorvath01 Quillby01 emp 7300, code AB"
+    cleaned = clean_reason(text, ["Zorvath01", "Quillby01", "7300", "AB", "x"])
+    assert cleaned == "HTTP 400: [number] rejected: [value] [value] emp [value], code [value]"
+    # A short value is blanked only as a word of its own.
+    assert clean_reason("ABBA said AB", ["AB"]) == "ABBA said [value]"

@@ -62,9 +62,10 @@ def campaign_story(
     `counts`: the report's lines per status, when the caller has just counted them."""
     now = time.time() if now is None else now
     statuses = {**dict.fromkeys(STATUSES, 0), **(counts if counts is not None else ledger.counts())}
+    running = _in_flight(ledger, statuses)
     funnel, delivery = _funnel(ledger, statuses)
-    rate, progress = _timeline(ledger, statuses, now)
-    reasons = _reasons(ledger)
+    rate, progress = _timeline(ledger, statuses, running, now)
+    reasons = _reasons(ledger, running)
     waiting = _waiting(ledger)
     story: dict[str, Any] = {
         "campaign": campaign,
@@ -130,16 +131,29 @@ def bucket_width(span_s: float, max_points: int = MAX_POINTS) -> int:
     return math.ceil(span_s / max_points / 86400) * 86400
 
 
+def _in_flight(ledger: Ledger, statuses: dict[str, int]) -> bool:
+    """Whether a run is sending; if so, its requests still open are `in_flight`, not
+    `unknown` as the report calls them (a report is read when no run holds them)."""
+    db = ledger.db
+    if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
+        return False
+    found = db.execute("SELECT count(*) FROM recipients WHERE state = 'inflight'").fetchone()
+    moved = min(int(found[0]), statuses.get("unknown", 0))
+    if moved:
+        statuses["unknown"] -= moved
+        statuses["in_flight"] = moved
+    return True
+
+
 def _timeline(
-    ledger: Ledger, statuses: dict[str, int], now: float
+    ledger: Ledger, statuses: dict[str, int], running: bool, now: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Requests per second by outcome, per bucket; and the people settled over time
     (their last request answered for good), with an ETA while a run is sending."""
     db = ledger.db
     first, last = db.execute("SELECT min(started_at), max(started_at) FROM attempts").fetchone()
-    total = sum(statuses.get(s, 0) for s in ("sent", "failed", "unknown", "pending"))
+    total = sum(statuses.get(s, 0) for s in ("sent", "failed", "unknown", "pending", "in_flight"))
     settled_now = sum(statuses.get(s, 0) for s in ("sent", "failed", "unknown"))
-    running = db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone()
     if first is None:
         empty: dict[str, Any] = {"start": None, "step": 1, "series": {o: [] for o in OUTCOMES}}
         nothing: dict[str, Any] = {
@@ -148,7 +162,7 @@ def _timeline(
             "settled": [],
             "total": total,
             "settled_now": settled_now,
-            "running": bool(running),
+            "running": running,
             "eta_at": None,
         }
         return empty, nothing
@@ -200,7 +214,7 @@ def _timeline(
         "settled": cumulative,
         "total": total,
         "settled_now": settled_now,
-        "running": bool(running),
+        "running": running,
         "eta_at": eta_at,
     }
     return rate, progress
@@ -243,15 +257,17 @@ def _payload_values(payload: str | None) -> list[str]:
     return [str(v).strip() for v in found.values() if v is not None and str(v).strip()]
 
 
-def _reasons(ledger: Ledger) -> list[dict[str, Any]]:
+def _reasons(ledger: Ledger, running: bool) -> list[dict[str, Any]]:
     """The most frequent failure reasons, with counts: why people are `failed` or
     `unknown` (`_error`), and why their SMS was not delivered (`_delivery_error`)."""
     db = ledger.db
+    # A request in flight is no failure while its run sends; left by a dead run, it is.
+    dead = "" if running else ", 'inflight'"
     groups: list[tuple[str, str | None, int, int]] = [
         ("send", error, count, rid)
         for error, count, rid in db.execute(
             "SELECT error, count(*), min(id) FROM recipients "
-            "WHERE state IN ('failed', 'unknown', 'inflight') "
+            f"WHERE state IN ('failed', 'unknown'{dead}) "
             "GROUP BY error ORDER BY count(*) DESC LIMIT ?",
             (MAX_REASON_GROUPS,),
         ).fetchall()
@@ -273,7 +289,7 @@ def _reasons(ledger: Ledger) -> list[dict[str, Any]]:
         reason = clean_reason(error or "(no reason given)", payloads.get(rid, []))
         merged[(kind, reason)] += count
     known = sum(merged.values())
-    everyone = _failing_people(ledger)
+    everyone = _failing_people(ledger, dead)
     top: list[dict[str, Any]] = [
         {"kind": kind, "reason": reason, "count": count}
         for (kind, reason), count in merged.most_common(TOP_REASONS)
@@ -296,10 +312,10 @@ def _payloads(ledger: Ledger, ids: list[int]) -> dict[int, list[str]]:
     return found
 
 
-def _failing_people(ledger: Ledger) -> int:
+def _failing_people(ledger: Ledger, dead: str) -> int:
     found = ledger.db.execute(
-        "SELECT (SELECT count(*) FROM recipients WHERE state IN ('failed', 'unknown', "
-        "'inflight')), (SELECT count(*) FROM deliveries WHERE status IN "
+        "SELECT (SELECT count(*) FROM recipients WHERE state IN ('failed', 'unknown'"
+        f"{dead})), (SELECT count(*) FROM deliveries WHERE status IN "
         "('undelivered', 'failed', 'ambiguous'))"
     ).fetchone()
     return int(found[0]) + int(found[1])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiohttp import web
+from aiohttp import web as aioweb  # not `web`: importing tests.helpers.web rebinds it here
 
 from campaign.sandbox import spawn
 from campaign.store.ledger import LEDGER_FILE, Ledger
@@ -224,14 +224,14 @@ class Arrival:
 class FaultServer:
     """An aiohttp app whose answer to the n-th request is `reply(n, body)` (for the
     Reporting API's GET, `body` is the query):
-    an int status, a (status, headers) or (status, headers, json) tuple, a web.Response,
+    an int status, a (status, headers) or (status, headers, json) tuple, an aiohttp Response,
     "reset" (close the connection without an answer), or "hang" (never answer)."""
 
     reply: Reply
     arrivals: list[Arrival] = field(default_factory=list)
     url: str = ""
     # reply names -> handlers for answers that need a stream (e.g. a trickle)
-    streams: dict[str, Callable[[web.Request], Any]] = field(default_factory=dict)
+    streams: dict[str, Callable[[aioweb.Request], Any]] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _release: asyncio.Event | None = None
@@ -268,19 +268,19 @@ class FaultServer:
     async def _main(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._release = asyncio.Event()
-        app = web.Application()
+        app = aioweb.Application()
         app.router.add_post("/sms/{channel}/send.json", self._handle)
         app.router.add_get("/api/v1/agents/{agent}/sms/report.json", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        runner = aioweb.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = aioweb.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         ready.set()
         await self._release.wait()
         await runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: aioweb.Request) -> aioweb.StreamResponse:
         body = dict(request.query) if request.method == "GET" else await request.json()
         with self._lock:
             n = len(self.arrivals)
@@ -289,22 +289,22 @@ class FaultServer:
         if answer == "hang":
             assert self._release is not None
             await self._release.wait()
-            return web.Response(status=503)
+            return aioweb.Response(status=503)
         if answer == "reset":
             assert request.transport is not None
             request.transport.abort()
-            return web.Response(status=500)
-        if isinstance(answer, web.StreamResponse):
+            return aioweb.Response(status=500)
+        if isinstance(answer, aioweb.StreamResponse):
             return answer
         if isinstance(answer, str) and answer in self.streams:
-            result: web.StreamResponse = await self.streams[answer](request)
+            result: aioweb.StreamResponse = await self.streams[answer](request)
             return result
         if isinstance(answer, int):
             answer = (answer,)
         status, headers, payload = (*answer, None, None)[:3]
         if payload is None:
             payload = {"success": 200 <= status < 300}
-        return web.json_response(payload, status=status, headers=headers)
+        return aioweb.json_response(payload, status=status, headers=headers)
 
 
 # --- waiting on conditions, and a run's own log ----------------------------------------------
@@ -364,28 +364,28 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-            app = web.Application()
+            app = aioweb.Application()
 
-            async def handle(request: web.Request) -> web.Response:
+            async def handle(request: aioweb.Request) -> aioweb.Response:
                 return await self._handle(request, session)
 
             app.router.add_post("/sms/{channel}/send.json", handle)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+            runner = aioweb.AppRunner(app, access_log=None, shutdown_timeout=0.1)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = aioweb.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
             ready.set()
             await self._stop.wait()
             await runner.cleanup()
 
-    async def _handle(self, request: web.Request, session: Any) -> web.Response:
+    async def _handle(self, request: aioweb.Request, session: Any) -> aioweb.Response:
         raw = await request.read()
         body = json.loads(raw)
         how = self.route(body)
         self.routed.append((how, body))
         if how == BLOCK:
-            return web.json_response({"success": False, "error": "gateway timeout"}, status=504)
+            return aioweb.json_response({"success": False, "error": "gateway timeout"}, status=504)
         async with session.post(
             self.upstream + request.path,
             data=raw,
@@ -393,8 +393,8 @@ class Gateway:
         ) as answer:
             status, text = answer.status, await answer.text()
         if how == LOSE:
-            return web.json_response({"success": False, "error": "gateway timeout"}, status=504)
-        return web.Response(status=status, text=text, content_type="application/json")
+            return aioweb.json_response({"success": False, "error": "gateway timeout"}, status=504)
+        return aioweb.Response(status=status, text=text, content_type="application/json")
 
 
 def first_time(chosen: Callable[[dict[str, Any]], bool], how: str = BLOCK) -> Route:

@@ -55,7 +55,9 @@
 
   function rateChart(story) {
     const rate = story.rate;
-    const points = (values) => values.map((y, i) => ({ x: rate.start + i * rate.step, y }));
+    // A bucket's value holds from its start to the next one's; the last one's to its end.
+    const points = (values) => values.map((y, i) => ({ x: rate.start + i * rate.step, y }))
+      .concat(values.length ? [{ x: rate.start + values.length * rate.step, y: values[values.length - 1] }] : []);
     const shown = OUTCOMES.filter((o, i) => i === 0 || (rate.series[o] || []).some((v) => v > 0));
     const end = rate.start === null ? 1 : rate.start + Math.max(rate.series.sent.length, 1) * rate.step;
     return {
@@ -88,13 +90,15 @@
     const times = p.settled.map((_, i) => p.start + (i + 1) * p.step);
     const datasets = [{
       label: "people settled",
-      data: p.start === null ? [] : [{ x: p.start, y: 0 }, ...p.settled.map((y, i) => ({ x: times[i], y }))],
+      data: p.start === null ? [] : [{ x: p.start, y: 0 }, ...p.settled.map((y, i) => ({ x: times[i], y }))]
+        .concat(p.running && times.length ? [{ x: Math.max(story.generated_at, times[times.length - 1]), y: p.settled_now }] : []),
       borderColor: COLORS.sent,
       backgroundColor: COLORS.sent + "33",
       fill: true,
       pointRadius: 0,
     }];
     let end = times.length ? times[times.length - 1] : 1;
+    if (p.running) end = Math.max(end, story.generated_at);
     if (p.eta_at && times.length) {
       datasets.push({
         label: "at the recent rate (ETA)",

@@ -13,8 +13,9 @@ import pytest
 
 from campaign.report_html import REPORT_HTML, render
 from campaign.story import MAX_POINTS, bucket_width, campaign_story, clean_reason
-from tests.helpers import FaultServer, cli, e164, phones, write_csv, write_job
+from tests.helpers import FaultServer, Sandbox, cli, e164, phones, write_csv, write_job
 from tests.helpers.big import big_ledger
+from tests.helpers.windows import HNL_PHONES, NY_PHONES, ny_open_hnl_closed
 
 MAX_BYTES = 1_000_000
 # An answer that quotes the person back: their number and their first and last name.
@@ -128,3 +129,25 @@ def test_reasons_lose_numbers_and_the_values_they_quote() -> None:
     assert cleaned == "HTTP 400: [number] rejected: [value] [value] emp [value], code [value]"
     # A short value is blanked only as a word of its own.
     assert clean_reason("ABBA said AB", ["AB"]) == "ABBA said [value]"
+
+
+def test_people_waiting_for_their_window_are_counted_per_opening(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    rows = [[f"W{i}", phone] for i, phone in enumerate(NY_PHONES + HNL_PHONES)]
+    source = write_csv(tmp_path / "people.csv", ["First Name", "Phone"], rows)
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        input=source,
+        limits={"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"},
+    )
+    ran = cli("run", str(job), "--no-progress")
+    assert ran.returncode == 1, ran.stderr
+    story = story_of((tmp_path / "runs" / "test" / REPORT_HTML).read_text(encoding="utf-8"))
+
+    assert story["statuses"]["sent"] == len(NY_PHONES)
+    [opening] = story["waiting"]
+    assert opening["people"] == len(HNL_PHONES)
+    assert opening["opens"].endswith(" Pacific/Honolulu")
+    assert story["text"]["waiting"].startswith(f"{len(HNL_PHONES)} people wait for their window")

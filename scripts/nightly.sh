@@ -7,9 +7,29 @@ set -u
 bin=${BIN:-.venv/bin}
 job=${1:-jobs/nightly.yaml}
 
+# The charts of a campaign for the mail: runs/<campaign>/report.html, once it is written.
+print_report() {
+  "$bin/python" - "$job" "${1:-}" <<'PY'
+import sys
+from pathlib import Path
+
+from campaign.errors import CampaignError
+from campaign.job import load_job
+
+try:
+    job = load_job(sys.argv[1])
+except CampaignError:
+    sys.exit(0)
+report = Path(job.output_dir) / (sys.argv[2] or job.campaign_id()) / "report.html"
+if report.is_file():
+    print(f"report: {report}")
+PY
+}
+
 "$bin/campaign" run "$job"
 sent=$?
 [ "$sent" -eq 130 ] && exit 130
+print_report
 
 previous=$("$bin/python" - "$job" <<'PY'
 import sys
@@ -34,4 +54,5 @@ PY
 ) || exit "$sent"
 
 "$bin/campaign" reconcile "$job" --campaign "$previous" || echo "warning: reconcile of $previous ended with exit $?" >&2
+print_report "$previous"
 exit "$sent"

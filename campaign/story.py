@@ -347,7 +347,7 @@ def describe(story: dict[str, Any]) -> dict[str, str]:
     """One plain sentence per chart, shown beside it (screen readers, e-mail previews)."""
     return {
         "rate": _describe_rate(story["rate"]),
-        "progress": _describe_progress(story["progress"]),
+        "progress": _describe_progress(story["progress"], story["generated_at"]),
         "statuses": _describe_counts(story["statuses"], "No rows yet."),
         "funnel": _describe_funnel(story["funnel"]),
         "reasons": _describe_reasons(story["reasons"]),
@@ -370,13 +370,13 @@ def _describe_rate(rate: dict[str, Any]) -> str:
     )
 
 
-def _describe_progress(progress: dict[str, Any]) -> str:
+def _describe_progress(progress: dict[str, Any], now: float) -> str:
     total, done = progress["total"], progress.get("settled_now", 0)
     if not total:
         return "Nobody to send."
     text = f"{done} of {total} people settled ({100 * done / total:.0f}%)."
     if progress.get("eta_at"):
-        left = max(progress["eta_at"] - time.time(), 0)
+        left = max(progress["eta_at"] - now, 0)
         text += f" About {_duration(left)} to go at the recent rate."
     elif done < total:
         text += f" {total - done} not settled yet (pending)."

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from campaign.logs import Masker
+from campaign.logs import masker
 from campaign.store.campaigns import Store
 from campaign.store.ledger import STATUSES, Ledger
 
@@ -49,7 +49,8 @@ ETA_WINDOW_S = 60.0
 _WINDOW_WAIT = "waiting for the send window "
 _DATED = re.compile(r"\d{4}-\d\d-\d\d ")
 _NUMBER = re.compile(r"\*+\d{1,4}")
-_masker = Masker()
+# A channel uuid (or any other) in an answer quoted back.
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
 
 
 def campaign_story(
@@ -234,9 +235,11 @@ def _recent_rate(cumulative: list[int], step: int, start: float, now: float) -> 
 
 
 def clean_reason(text: str, values: list[str]) -> str:
-    """A reason as it may be shown: every number replaced (all its digits), and the given
-    param values (those of a person who got this text) blanked."""
-    text = _NUMBER.sub("[number]", _masker.clean(text))
+    """A reason as it may be shown: every number replaced (all its digits), a uuid (the
+    channel's, say) replaced, and the given param values (those of a person who got this
+    text) blanked."""
+    text = masker.clean(_UUID.sub("[id]", text))
+    text = _NUMBER.sub("[number]", text)
     for value in sorted(values, key=len, reverse=True):
         if len(value) < 2 or value not in text:
             continue

@@ -127,6 +127,8 @@ def test_reasons_lose_numbers_and_the_values_they_quote() -> None:
     text = "HTTP 400: +1 (415) 200-4321 rejected: Zorvath01 Quillby01 emp 7300, code AB"
     cleaned = clean_reason(text, ["Zorvath01", "Quillby01", "7300", "AB", "x"])
     assert cleaned == "HTTP 400: [number] rejected: [value] [value] emp [value], code [value]"
+    channel = "11111111-2222-4333-8444-555555555555"
+    assert clean_reason(f"HTTP 404: no channel {channel}", []) == "HTTP 404: no channel [id]"
     # A short value is blanked only as a word of its own.
     assert clean_reason("ABBA said AB", ["AB"]) == "ABBA said [value]"
 

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from campaign.report_html import REPORT_HTML, render
 from campaign.story import MAX_POINTS, bucket_width, campaign_story, clean_reason
 from tests.helpers import FaultServer, Sandbox, cli, e164, phones, write_csv, write_job
 from tests.helpers.big import big_ledger
+from tests.helpers.web import TOKEN, in_process
 from tests.helpers.windows import HNL_PHONES, NY_PHONES, ny_open_hnl_closed
 
 MAX_BYTES = 1_000_000
@@ -153,3 +155,14 @@ def test_people_waiting_for_their_window_are_counted_per_opening(
     assert opening["people"] == len(HNL_PHONES)
     assert opening["opens"].endswith(" Pacific/Honolulu")
     assert story["text"]["waiting"].startswith(f"{len(HNL_PHONES)} people wait for their window")
+
+
+async def test_the_story_route_needs_the_token_and_a_campaign(tmp_path: Path) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9")
+    async with in_process(job) as (url, _app), aiohttp.ClientSession(url) as http:
+        async with http.get("/api/campaigns/web-x/story") as anonymous:
+            assert anonymous.status == 401
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.get("/api/campaigns/web-x/story", headers=headers) as missing:
+            assert missing.status == 404
+            assert "no campaign" in (await missing.json())["error"]

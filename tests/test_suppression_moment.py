@@ -218,6 +218,10 @@ class _Writer(threading.Thread):
             events: list[str] = []
             for phone in self.pool:
                 events = logged_events(self.log)
+                if self.before_mapped >= len(self.pool) // 2 and "input mapped" not in events:
+                    # A slow load (a busy machine): keep half the pool for its check and start.
+                    wait_for(lambda: "input mapped" in logged_events(self.log), 120, "mapping")
+                    events = logged_events(self.log)
                 listed.add([e164(phone)], "STOP", "manual")
                 self.committed[e164(phone)] = time.time()
                 if "sending" in events:

@@ -117,7 +117,7 @@ class Database:
             if schema is not None:
                 name = sql.Identifier(schema)
                 if create:
-                    raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(name))
+                    _create_schema(raw, schema)
                 raw.execute(sql.SQL("SET search_path TO {}").format(name))
         except psycopg.errors.InsufficientPrivilege as exc:
             raw.close()
@@ -323,3 +323,17 @@ class _NoRows:
 
 
 _NO_ROWS = _NoRows()
+
+
+def _create_schema(raw: Any, schema: str) -> None:
+    """CREATE SCHEMA IF NOT EXISTS, safe when hosts start together: two of them creating
+    it at the same moment make the second fail on PostgreSQL's catalog (a unique
+    violation), so the creation is serialized by an advisory lock on its name."""
+    from psycopg import sql
+
+    exists = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+    if raw.execute(exists, (schema,)).fetchone() is not None:
+        return
+    with raw.transaction():
+        raw.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"schema:{schema}",))
+        raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -43,6 +43,9 @@ from campaign.report import write_report
 from campaign.store.campaigns import LOG_FILE, store_of
 from campaign.store.ledger import Ledger, LedgerError
 from campaign.times import iso_utc
+
+if TYPE_CHECKING:
+    from campaign.avaamo import ReportingClient  # aiohttp: only once pages are read
 
 log = structlog.get_logger(__name__)
 
@@ -261,7 +264,9 @@ class _Reconcile:
         for window in states:
             await self._finish(window)
 
-    async def _fetcher(self, client: Any, queue: asyncio.Queue[tuple[_Window, int]]) -> None:
+    async def _fetcher(
+        self, client: ReportingClient, queue: asyncio.Queue[tuple[_Window, int]]
+    ) -> None:
         while True:
             window, number = await queue.get()
             try:

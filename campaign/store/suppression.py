@@ -17,8 +17,9 @@ The list is read three ways:
   query per request;
 - by `campaign suppress list` and the page.
 
-The moment invariant (docs/design.md, 8): a number whose addition committed at time T
-gets no request that leaves after T + 2 s, from a run sending at T or starting later. Why it holds:
+The moment invariant (docs/design.md, invariant 8): a number whose addition committed at
+time T gets no request that leaves after T + 2 s, from a run sending at T or starting
+later. Why it holds:
 - Nothing committed is missed. A `Mark` is taken before the load-time check reads the
   list: what committed before it, that check sees (its reads come later); what commits
   after it, the watch returns, because each poll returns exactly the entries its snapshot

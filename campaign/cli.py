@@ -464,7 +464,7 @@ class _ProgressView:
         counts = {k: progress.by_state.get(k, 0) for k in ("sent", "failed", "unknown")}
         waiting = ""
         if progress.waiting:
-            from campaign.pipeline import iso_local
+            from campaign.times import iso_local
 
             first = f", first at {iso_local(progress.opens_at)}" if progress.opens_at else ""
             waiting = f"  waiting {progress.waiting}{first}"
@@ -481,7 +481,7 @@ class _ProgressView:
 
             held: dict[str, object] = {"waiting": progress.waiting} if progress.waiting else {}
             if progress.opens_at:
-                from campaign.pipeline import iso_local
+                from campaign.times import iso_local
 
                 held["first_opens"] = iso_local(progress.opens_at)
             structlog.get_logger("campaign.cli").info(
@@ -510,7 +510,7 @@ def _print_outcome(outcome: RunOutcome) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from campaign.errors import UsageError
-    from campaign.pipeline import RunOptions, campaign_id_for, rebuild_report
+    from campaign.pipeline import rebuild_report
     from campaign.store.campaigns import store_of
 
     target = Path(args.target)
@@ -521,7 +521,7 @@ def _report(args: argparse.Namespace) -> int:
     else:
         job = _load(args, args.target)
         store = store_of(job.output_dir, job.ledger)
-        campaign = campaign_id_for(job, RunOptions(campaign=args.campaign))
+        campaign = job.campaign_for(args.campaign)
         if args.campaign is None and not store.exists(campaign):
             # Today's id has no campaign yet: the job's latest one is meant.
             mine = [c for c in store.list_campaigns() if c.job == job.name]

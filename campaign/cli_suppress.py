@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, job: Any) -> int:
 def _normalized(given: list[str], region: str) -> list[str]:
     """Every PHONE as E.164, or one error naming the arguments that are not numbers (and
     nothing changes)."""
-    from campaign.store.suppression import normalize_phones
+    from campaign.phones import normalize_phones
 
     phones, problems = normalize_phones(given, region, "PHONE #{}", first=1)
     if problems:

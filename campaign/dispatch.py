@@ -6,7 +6,7 @@ recorded outcome. The order for one request is the contract's: take the rate-lim
 have the ledger commit the attempt as in flight, then send. Attempts that start together
 share one commit (`LedgerWriter`), made in a thread of its own on a connection of its
 own: while one fsync runs, the loop goes on answering and queueing the next batch, and no
-request leaves before its record is on disk.
+request leaves before its record is on disk. The request itself is `avaamo.SendClient`'s.
 """
 
 from __future__ import annotations
@@ -20,45 +20,22 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-import aiohttp
 import structlog
 
-from campaign.bounds import MAX_SEND_ANSWER_BYTES, JsonRefused, load_json
+from campaign.avaamo import SendClient
 from campaign.job import Api, Limits
-from campaign.policy import (
-    Answer,
-    Decision,
-    Transport,
-    answer_detail,
-    decide,
-    parse_retry_after,
-    wait,
-)
+from campaign.policy import Answer, Decision, Transport, decide, wait
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import Limiter, RateLimiter
-from campaign.report import iso_utc
 from campaign.store.ledger import Ledger, Outcome, Target
+from campaign.times import iso_utc
 
 if TYPE_CHECKING:
     from campaign.gate import Gate
 
 log = structlog.get_logger(__name__)
 
-_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-_DETAIL_CHARS = 200
-MAX_ANSWER_BYTES = MAX_SEND_ANSWER_BYTES
-_SUCCESS_BODIES = frozenset({b'{"success": true}', b'{"success":true}'})
-_SENT = Answer(http_status=200, success=True)
-# Shorter than the idle timeout of common servers (5 s): a connection the server closed
-# while idle would fail a request that it never received, and that failure looks the same
-# as a request that arrived: `unknown`.
-KEEPALIVE_S = 2.0
 T = TypeVar("T")
-
-
-def send_url(api: Api) -> str:
-    """The channel's Send API address: what one rate budget is for."""
-    return f"{api.base_url}/sms/{api.channel_uuid}/send.json"
 
 
 class LedgerWriter:
@@ -169,7 +146,6 @@ class Dispatcher:
         limiter: Limiter | None = None,
         gate: Gate | None = None,
     ) -> None:
-        self.url = send_url(api)
         self.gate = gate
         self.held_for_window: set[int] = set()  # recipients whose window opens later
         self.api = api
@@ -184,7 +160,7 @@ class Dispatcher:
         self._crash: BaseException | None = None
         # A limiter shared with other runs to the same channel (the server's), else our own.
         self._limiter = limiter or RateLimiter(limits.rate_per_second)
-        self._session: aiohttp.ClientSession | None = None
+        self._client = SendClient(api, limits.concurrency)  # its session opens in `run`
         self._busy: dict[asyncio.Task[None], bool] = {}
         self._iso_second, self._iso_text = -1, ""
 
@@ -215,31 +191,17 @@ class Dispatcher:
     async def run(self, batches: AsyncIterator[list[Target]]) -> DispatchResult:
         if self.halt.is_set():
             return self.result
-        # sock_read restarts with every byte: the overall deadline stops a trickle. It is
-        # longer than sock_connect, so a connection that cannot be opened is told apart.
-        timeout = aiohttp.ClientTimeout(
-            total=self.api.timeout_s * 2,
-            sock_connect=self.api.timeout_s,
-            sock_read=self.api.timeout_s,
-        )
-        connector = aiohttp.TCPConnector(
-            limit=self.limits.concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
-        )
         # Workers take the next target from the ledger's claims: in input order, never more
         # than a batch held in memory beyond the ones being sent.
         targets = _Feed(batches, low=self.limits.concurrency)
         with _collecting_less():
-            await self._send(targets, connector, timeout)
+            await self._send(targets)
         if self._crash is not None:
             raise self._crash
         return self.result
 
-    async def _send(
-        self, targets: _Feed, connector: aiohttp.TCPConnector, timeout: aiohttp.ClientTimeout
-    ) -> None:
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=_HEADERS, raise_for_status=False
-        ) as self._session:
+    async def _send(self, targets: _Feed) -> None:
+        async with self._client:
             tasks = [
                 asyncio.create_task(self._worker(targets), name=f"worker-{i}")
                 for i in range(self.limits.concurrency)
@@ -281,7 +243,7 @@ class Dispatcher:
                     return  # already sent (by an earlier run): never send again
                 await self._limiter.confirm()
                 self.progress.requests += 1
-                answer = await self._post(target.payload)
+                answer = await self._client.send(target.payload)
                 decision = decide(
                     answer,
                     attempt,
@@ -379,34 +341,6 @@ class Dispatcher:
         log.error("aborting", reason=kind, http_status=answer.http_status)
         self._halt()
 
-    async def _post(self, body: bytes) -> Answer:
-        assert self._session is not None
-        try:
-            async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
-                raw = await _read_capped(resp.content, MAX_ANSWER_BYTES)
-                if resp.status == 200 and raw in _SUCCESS_BODIES:
-                    return _SENT
-                return Answer(
-                    http_status=resp.status,
-                    success=_is_success(raw),
-                    retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-                    detail=_detail(resp.status, resp.reason, raw),
-                )
-        except aiohttp.ClientConnectorError as exc:
-            return Answer(transport=Transport.CONNECT, detail=self._exc_text(exc))
-        except aiohttp.ConnectionTimeoutError:
-            return Answer(transport=Transport.CONNECT, detail="connect timed out")
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return Answer(transport=Transport.TIMEOUT, detail=f"{self.api.timeout_s:g} s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Answer(transport=Transport.DROPPED, detail=self._exc_text(exc))
-
-    def _exc_text(self, exc: BaseException) -> str:
-        """The error's text, without the channel uuid (it is as good as a password)."""
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        uuid = self.api.channel_uuid
-        return text.replace(uuid, uuid[:8] + "…")[:_DETAIL_CHARS]
-
 
 _GC_THRESHOLD_WHILE_SENDING = 20_000  # allocations between collections (Python's: 700)
 _sending = 0  # dispatchers sending now in this process (`campaign serve` runs several)
@@ -434,17 +368,6 @@ def _collecting_less() -> Iterator[None]:
         if _sending == 0:
             gc.set_threshold(*_thresholds)
             gc.unfreeze()
-
-
-async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
-    """The whole answer, or its first `cap` bytes: an answer is a few bytes of JSON, and a
-    huge one must not fill the memory."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < cap and (chunk := await stream.read(cap - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 class _Feed:
@@ -513,20 +436,3 @@ def _streak_of(answer: Answer, decision: Decision) -> str | None:
     if decision.final and answer.transport is Transport.CONNECT:
         return "unreachable"
     return None
-
-
-def _is_success(raw: bytes) -> bool:
-    if raw in _SUCCESS_BODIES:
-        return True
-    try:
-        body = load_json(raw, MAX_ANSWER_BYTES)
-    except JsonRefused:
-        return False
-    return isinstance(body, dict) and body.get("success") is True
-
-
-def _detail(status: int, reason: str | None, raw: bytes) -> str:
-    if 200 <= status < 300:
-        text = raw.decode("utf-8", "replace").strip()
-        return f"answer was not success: {text[:_DETAIL_CHARS]}" if text else "empty answer"
-    return answer_detail(status, reason, raw, _DETAIL_CHARS)

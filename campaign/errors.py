@@ -11,11 +11,22 @@
      ├── StoreFailed              exit 1: PostgreSQL failed mid-run (names the URL)
      └── ReportingRefused         exit 3: the Reporting API refused the job's agent or token
 
+    PageUnreadable                a page of an Avaamo API could not be read after its retries:
+                                  not a CampaignError, it never ends a command by itself (its
+                                  window is left unread, exit 1)
+    LedgerError                   a tuple, not a class: (sqlite3.Error, StoreFailed), what any
+                                  ledger call may raise, for `except LedgerError` whichever store
+
+SQLite's own errors are not wrapped into the tree: one that nobody catches is a crash to
+report (exit 1 and a crash file with its traceback: a full disk, a damaged file), which a
+CampaignError would cut to one line. `StoreFailed` is the PostgreSQL side of the tuple.
+
 A bad *row* is not an exception: it becomes an `invalid` row in the results.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 
@@ -93,3 +104,10 @@ class StoreFailed(CampaignError):
     def __init__(self, url: str, message: str) -> None:
         self.url = url
         super().__init__(f"PostgreSQL at {url}: {message}")
+
+
+class PageUnreadable(Exception):
+    """A page that could not be read after the retries the policy allows; one line."""
+
+
+LedgerError: tuple[type[Exception], ...] = (sqlite3.Error, StoreFailed)

@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from campaign.bounds import MAX_JOB_FILE_BYTES, MAX_YAML_ALIASES
-from campaign.errors import JobError, OptionError
+from campaign.errors import JobError, OptionError, UsageError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -355,9 +355,13 @@ class Job(_Strict):
         day = (today or dt.date.today()).isoformat()
         return self.campaign.replace("{job}", self.name).replace("{date}", day)
 
-    @property
-    def campaign_has_date(self) -> bool:
-        return "{date}" in self.campaign
+    def campaign_for(self, given: str | None) -> str:
+        """`--campaign` when given, else today's campaign of this job."""
+        # `--campaign ""` (an unset variable) is refused, not read as "the default campaign".
+        campaign = self.campaign_id() if given is None else given
+        if not CAMPAIGN_ID.fullmatch(campaign):
+            raise UsageError(f"--campaign {campaign!r}: use letters, digits, '.', '_' and '-' only")
+        return campaign
 
 
 def expand_vars(

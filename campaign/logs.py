@@ -16,6 +16,8 @@ from typing import IO, Any
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from campaign.times import compact_stamp
+
 # Seven or more digits with at most two separators between them, but not an ISO date.
 _DIGIT_RUN = re.compile(r"(?<![\w-])(?!\d{4}-\d\d-\d\d)\+?\d(?:[\s().-]{0,2}\d){6,}")
 # Keys whose values are person data: never logged, whatever they hold.
@@ -116,11 +118,10 @@ def log_to_file(campaign: str, path: Path | None) -> None:
 def save_traceback(*folders: Path | None) -> Path | None:
     """Write the current exception's traceback, masked like every log line, to a crash log
     in the first folder that takes it; return its path."""
-    import time
     import traceback
 
     text = masker.clean(traceback.format_exc())
-    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    name = f"crash-{compact_stamp()}-{os.getpid()}.log"
     for folder in folders:
         if folder is None:
             continue

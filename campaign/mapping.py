@@ -7,68 +7,16 @@ sheet's header (a missing or doubled column) are raised once, up front, as `Inpu
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import phonenumbers
-from phonenumbers import NumberParseException
 
 from campaign.errors import InputError
 from campaign.header import about_data, about_missing, looks_like_names
 from campaign.job import Mapping
 from campaign.load import Row, Sheet
+from campaign.phones import normalize_phone
 from campaign.store.ledger import MappedRow
-
-# Excel shows a long number in a General cell as 4.15555E+09 and saves it that way to CSV.
-_SCIENTIFIC = re.compile(r"[0-9](?:[.,][0-9]+)?E\+?[0-9]+", re.IGNORECASE)
-# A phone that went through a float on its way (pandas, some exports): 4155550101.0
-_FLOAT_TAIL = re.compile(r"(\+?[0-9]{6,})\.0+")
-
-_PARSE_REASONS = {
-    NumberParseException.INVALID_COUNTRY_CODE: "has no valid country code",
-    NumberParseException.NOT_A_NUMBER: "does not look like a phone number",
-    NumberParseException.TOO_SHORT_AFTER_IDD: "is too short",
-    NumberParseException.TOO_SHORT_NSN: "is too short",
-    NumberParseException.TOO_LONG: "is too long",
-}
-
-
-def normalize_phone(text: str, region: str) -> tuple[str | None, str | None]:
-    """(E.164 number, None) or (None, reason it cannot be sent to)."""
-    if _SCIENTIFIC.fullmatch(text):
-        return None, (
-            "phone was saved by Excel in scientific notation (like 4.15555E+09), which lost "
-            "its digits; format the column as Text and export again"
-        )
-    if found := _FLOAT_TAIL.fullmatch(text):
-        text = found.group(1)
-    try:
-        number = phonenumbers.parse(text, region)
-    except NumberParseException as exc:
-        if _several_numbers(text, region):
-            return None, _SEVERAL
-        why = _PARSE_REASONS.get(exc.error_type, "does not look like a phone number")
-        return None, f"phone {why}"
-    if number.extension:
-        return None, "phone has an extension; an SMS needs a number of its own"
-    if not phonenumbers.is_valid_number(number):
-        if _several_numbers(text, region):
-            return None, _SEVERAL
-        reason = phonenumbers.is_possible_number_with_reason(number)
-        if reason == phonenumbers.ValidationResult.TOO_SHORT:
-            return None, "phone is too short"
-        if reason == phonenumbers.ValidationResult.TOO_LONG:
-            return None, "phone is too long"
-        if text.lstrip().startswith("+"):
-            return None, "phone is not a valid number for its country code"
-        return (
-            None,
-            f"phone is not a valid number (written without +country code: {region} assumed)",
-        )
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
 def _missing(columns: list[str], key: str, name: str = "") -> str:
@@ -79,16 +27,6 @@ def _missing(columns: list[str], key: str, name: str = "") -> str:
             "results of an earlier run and are ignored on load; rename the column"
         )
     return f"no such column (mapping.{key}); {about_missing(columns, name)}"
-
-
-_SEVERAL = "phone cell holds more than one number; give each number a row of its own"
-
-
-def _several_numbers(text: str, region: str) -> bool:
-    if len(text) > 120:  # the matcher is slow on long text; no phone cell is this long
-        return False
-    matches = phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID)
-    return sum(1 for _ in itertools.islice(matches, 2)) > 1
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import structlog
 from campaign import __version__
 from campaign.errors import CampaignBusy, UsageError
 from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
-from campaign.job import CAMPAIGN_ID, Job, Limits
+from campaign.job import Job, Limits
 from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
@@ -41,6 +41,7 @@ from campaign.report import (
 from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
 from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow, Target
 from campaign.store.suppression import Mark, SuppressionList, Watch, apply_to_ledger
+from campaign.times import iso_instant, iso_local
 from campaign.windows import Schedule, make_schedule
 
 if TYPE_CHECKING:
@@ -133,14 +134,6 @@ class Interrupted(Exception):
     """Stopped before sending started (e.g. Ctrl-C while the input was being read)."""
 
 
-def campaign_id_for(job: Job, options: RunOptions) -> str:
-    # `--campaign ""` (an unset variable) is refused, not read as "the default campaign".
-    campaign = job.campaign_id() if options.campaign is None else options.campaign
-    if not CAMPAIGN_ID.fullmatch(campaign):
-        raise UsageError(f"--campaign {campaign!r}: use letters, digits, '.', '_' and '-' only")
-    return campaign
-
-
 async def run_campaign(
     job: Job,
     options: RunOptions,
@@ -148,7 +141,7 @@ async def run_campaign(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunOutcome:
     control = control or RunControl()
-    campaign = campaign_id_for(job, options)
+    campaign = job.campaign_for(options.campaign)
     if not (options.input or job.input or options.reuse_rows or options.campaign):
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
     with contextlib.ExitStack() as hold:
@@ -286,7 +279,7 @@ async def _run_owned(
             state = "aborted" if result.aborted else "finished"
         if result.deadline:
             assert schedule is not None and schedule.deadline is not None
-            passed = f"deadline passed ({schedule.deadline.isoformat()})"
+            passed = f"deadline passed ({iso_instant(schedule.deadline)})"
             await asyncio.to_thread(ledger.note_pending, passed)
             notes.append(f"{passed}: no new requests were sent after it")
         elif progress.waiting:
@@ -443,7 +436,7 @@ async def _set_aside_elsewhere(ledger: Ledger, run_id: int) -> bool:
 async def _shared_limiter(job: Job) -> tuple[SharedRateLimiter, RateBudget]:
     """On PostgreSQL the channel's rate is one budget for every worker on every host: its
     slots are granted by the database (store/budget.py)."""
-    from campaign.dispatch import send_url
+    from campaign.avaamo import send_url
     from campaign.rate import SharedRateLimiter
     from campaign.store.budget import RateBudget
 
@@ -593,10 +586,6 @@ def _suppress(ledger: Ledger, job: Job) -> tuple[int, Mark | None]:
         return apply_to_ledger(ledger, listed), listed_at
 
 
-def iso_local(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="minutes")
-
-
 def _waiting_note(progress: Progress) -> str:
     first = f"; the first opens {iso_local(progress.opens_at)}" if progress.opens_at else ""
     return f"{progress.waiting} waiting for their send window{first}; run again then, or use --wait"
@@ -612,7 +601,8 @@ def window_note(ledger: Ledger, schedule: Schedule, states: tuple[str, ...]) -> 
         for target in batch:
             verdict = schedule.verdict(target.to_phone, now)
             if verdict.deadline:
-                return f"deadline passed ({schedule.deadline}): nothing would be sent"
+                assert schedule.deadline is not None
+                return f"deadline passed ({iso_instant(schedule.deadline)}): nothing would be sent"
             if verdict.send:
                 inside += 1
                 continue
@@ -621,7 +611,7 @@ def window_note(ledger: Ledger, schedule: Schedule, states: tuple[str, ...]) -> 
                 first = verdict.until
     text = f"{inside} inside their send window now, {outside} outside"
     if first is not None:
-        text += f" (the first opens {first.astimezone().isoformat(timespec='minutes')})"
+        text += f" (the first opens {iso_local(first)})"
     return text
 
 

@@ -24,8 +24,6 @@ log = structlog.get_logger(__name__)
 
 # The server says it did not act on the request: sending again is safe.
 RETRY_STATUSES = frozenset({408, 429, 503})
-# The server may have acted before failing: the outcome is unknown.
-AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
 # The job is wrong (bad channel, no access): every other row will fail the same way.
 FATAL_STATUSES = frozenset({401, 403, 404})
 

@@ -31,17 +31,21 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
 from campaign.bounds import PAGES_QUEUED, PROGRESS_EVERY_PAGES
-from campaign.errors import ReportingRefused, UsageError
+from campaign.errors import PageUnreadable, ReportingRefused, UsageError
 from campaign.job import Job, Reporting
 from campaign.logs import log_to_file
-from campaign.report import iso_utc, write_report
+from campaign.report import write_report
 from campaign.store.campaigns import LOG_FILE, store_of
 from campaign.store.ledger import Ledger, LedgerError
+from campaign.times import iso_utc
+
+if TYPE_CHECKING:
+    from campaign.avaamo import ReportingClient  # aiohttp: only once pages are read
 
 log = structlog.get_logger(__name__)
 
@@ -82,16 +86,13 @@ class ReconcileOutcome:
     tally: Tally
     exit_code: int
     message: str
-    suppress_candidates: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def campaign_to_reconcile(job: Job, campaign: str | None) -> str:
     """`--campaign`, else the job's latest campaign that has a ledger."""
-    from campaign.pipeline import RunOptions, campaign_id_for
-
     store = store_of(job.output_dir, job.ledger)
     where = store.where
-    chosen = campaign_id_for(job, RunOptions(campaign=campaign))
+    chosen = job.campaign_for(campaign)
     if campaign is None and not store.exists(chosen):
         mine = [c for c in store.list_campaigns() if c.job == job.name]
         if not mine:
@@ -192,7 +193,7 @@ class _Reconcile:
             self.tally.windows_kept = len(planned) - len(fetch)
             log.info("reading delivery reports", windows=len(fetch), kept=self.tally.windows_kept)
             await self._read(fetch, region)
-            candidates = await self._call(self._match_and_record, planned, settle_s, now)
+            await self._call(self._match_and_record, planned, settle_s, now)
             state = "finished"
         except ReportingRefused:
             state = "aborted"
@@ -210,9 +211,7 @@ class _Reconcile:
             else "delivery reports read"
         )
         log.info("reconcile ended", **{k: v for k, v in asdict(tally).items() if k != "problems"})
-        return ReconcileOutcome(
-            campaign, self.directory, summary, tally, code, message, suppress_candidates=candidates
-        )
+        return ReconcileOutcome(campaign, self.directory, summary, tally, code, message)
 
     def _phone_region(self) -> str:
         """The campaign's default region (for report numbers written without "+"); a
@@ -228,7 +227,7 @@ class _Reconcile:
     # --- reading ------------------------------------------------------------------------
 
     async def _read(self, fetch: list[tuple[float, float]], region: str) -> None:
-        from campaign.reporting import ReportingClient
+        from campaign.avaamo import ReportingClient
 
         reporting, limits = self.reporting, self.job.limits
         fetchers = min(MAX_FETCHERS, max(4, math.ceil(reporting.rate_per_second * 2)))
@@ -265,9 +264,9 @@ class _Reconcile:
         for window in states:
             await self._finish(window)
 
-    async def _fetcher(self, client: Any, queue: asyncio.Queue[tuple[_Window, int]]) -> None:
-        from campaign.reporting import PageUnreadable
-
+    async def _fetcher(
+        self, client: ReportingClient, queue: asyncio.Queue[tuple[_Window, int]]
+    ) -> None:
         while True:
             window, number = await queue.get()
             try:
@@ -335,10 +334,10 @@ class _Reconcile:
 
     def _match_and_record(
         self, planned: list[tuple[float, float]], settle_s: float, now: float
-    ) -> list[tuple[str, str, str]]:
+    ) -> None:
         """In the ledger's thread: the stored entries judged against every request the
         store knows to their numbers (`matching.judge`), and what that says of each person
-        recorded. Returns the suppression candidates."""
+        recorded; the suppression candidates queued."""
         from campaign import matching
 
         ledger = self.ledger
@@ -350,7 +349,7 @@ class _Reconcile:
         candidates: list[tuple[str, str, str]] = []
         span = ledger.attempt_span()
         if span is None:
-            return candidates
+            return
         reach = matching.reach_of(*span)
         others, whole = self._other_campaigns(reach)
         scope = matching.Scope(ledger.report_windows(), settle_s, now, reach, whole)
@@ -382,7 +381,6 @@ class _Reconcile:
         candidates.sort()
         queue_for_suppression(ledger, self.directory.parent, candidates, self.job.ledger)
         tally.suppress_candidates = len(candidates)
-        return candidates
 
     def _widened(self, span: tuple[float, float]) -> tuple[float, float]:
         """The span of the campaign's requests widened to the groups they are in: another

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from campaign.escape import escape
 from campaign.store.ledger import STATUSES, Ledger
+from campaign.times import iso_utc
 
 RESULT_COLUMNS = [
     "_row",
@@ -168,10 +169,3 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def iso_utc(timestamp: float | None) -> str | None:
-    """A Unix time as ISO 8601 UTC (seconds), the form of every time we show."""
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

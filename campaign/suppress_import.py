@@ -21,9 +21,8 @@ from pathlib import Path
 from campaign.errors import InputError
 from campaign.header import about_missing
 from campaign.load import open_sheet
-from campaign.mapping import normalize_phone
+from campaign.phones import SAMPLE_ROWS, guess_phone_column, normalize_phone
 from campaign.store.suppression import SuppressionList
-from campaign.web.guess import SAMPLE_ROWS, guess_phone_column
 
 SHOWN_PROBLEMS = 1000  # rows named one by one; beyond, only counted
 _NUMBER = re.compile(r"[-+]?[0-9][0-9.,]*")

@@ -23,9 +23,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 from phonenumbers import timezone as phone_zones
 
+from campaign.times import clock_in, iso_instant
+
 MAX_SPREAD_H = 3
 LEAVE_MARGIN_S = 30
-_DAY = 24 * 60
 _WINDOW = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 _CLOCK = re.compile(r"([0-9]{2}):([0-9]{2})")
 _UNKNOWN_ZONE = "Etc/Unknown"
@@ -196,8 +197,7 @@ def describe_opening(zones: tuple[ZoneInfo, ...], when: dt.datetime, at: dt.date
     zone = zones[0]
     local = when.astimezone(zone)
     today = local.date() == at.astimezone(zone).date()
-    day = "" if today else f"{local.date().isoformat()} "
-    return f"{day}{local.strftime('%H:%M')} {zone.key}"
+    return clock_in(zone.key, local, day_shown=not today)
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class Schedule:
     def verdict(self, phone: str | None, at: dt.datetime) -> Verdict:
         if self.deadline is not None and at >= self.deadline:
             return Verdict(
-                False, error=f"deadline passed ({self.deadline.isoformat()})", deadline=True
+                False, error=f"deadline passed ({iso_instant(self.deadline)})", deadline=True
             )
         if self.window is None:
             return Verdict(True)

@@ -25,10 +25,10 @@ from campaign.bounds import (
     JsonRefused,
     load_json,
 )
-from campaign.errors import UsageError
+from campaign.errors import PageUnreadable, UsageError
 from campaign.job import load_job
 from campaign.policy import parse_retry_after
-from campaign.reporting import STATUSES, PageUnreadable, parse_page
+from campaign.reporting import STATUSES, parse_page
 from campaign.store.postgres import _reason, safe_url
 from tests.helpers import Served, raw_http, serve, write_job
 

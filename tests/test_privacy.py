@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from aiohttp import web
 
 from tests.helpers import FaultServer, cli, write_csv, write_job
 
@@ -184,3 +185,39 @@ def test_a_file_without_a_header_row_is_not_quoted(
     for where, text in [("log.jsonl", log)] + [(f"output {i}", o) for i, o in enumerate(outputs)]:
         leaked = [v for v in values if v in text]
         assert leaked == [], f"{where} holds {leaked}"
+
+
+@pytest.mark.parametrize("status", [404, 400, 200])
+def test_an_answer_that_echoes_the_channel_uuid_keeps_it_out_of_every_file(
+    tmp_path: Path, status: int
+) -> None:
+    """A server that quotes the address it was sent to (an error page naming the route)
+    gets its words into `_error`, but never the channel uuid whole."""
+    echo = f"no such channel {CHANNEL} at /sms/{CHANNEL}/send.json"
+
+    def reply(_n: int, _body: dict[str, Any]) -> Any:
+        return web.Response(status=status, text=echo, content_type="text/plain")
+
+    data = write_csv(tmp_path / "in.csv", ["Phone"], [["+1 415 555 0123"]])
+    with FaultServer(reply) as server:
+        job = write_job(
+            tmp_path,
+            server.url,
+            input=data,
+            api={"channel_uuid": CHANNEL, "timeout_s": 1},
+            mapping={"params": {}},
+            limits={"max_attempts": 1},
+        )
+        done = cli("run", str(job), "--log-format", "json", "--no-progress")
+        assert len(server.bodies()) == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    directory = tmp_path / "runs" / "test"
+    with (directory / "results.csv").open(encoding="utf-8", newline="") as rows:
+        (row,) = list(csv.DictReader(rows))
+    # Not vacuous: the server's words are kept, the uuid shown by its start alone.
+    assert "no such channel" in row["_error"] and CHANNEL[:8] + "…" in row["_error"]
+    written = [done.stdout, done.stderr] + [
+        (directory / name).read_text(encoding="utf-8")
+        for name in ("results.csv", "summary.json", "log.jsonl")
+    ]
+    assert [text for text in written if CHANNEL in text or CHANNEL[8:] in text] == []

@@ -38,6 +38,7 @@ from typing import IO, Any
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
 from campaign.store.db import Database
 from campaign.store.ledger import LEASE_S, LEDGER_FILE, Ledger, LedgerError, RunInfo
+from campaign.times import local_stamp
 
 LOCK_FILE = ".lock"
 LIVE_FILE = ".live"
@@ -189,8 +190,7 @@ def _same_file(handle: IO[str], path: Path) -> bool:
 def _write_holder(lock: IO[str]) -> None:
     lock.seek(0)
     lock.truncate()
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {local_stamp()}")
     lock.flush()
 
 

@@ -21,12 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from campaign.errors import StoreFailed, StoreUnavailable
+from campaign.errors import LedgerError as LedgerError  # the store's callers take it from here
+from campaign.errors import StoreUnavailable
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-
-
-LedgerError: tuple[type[Exception], ...] = (sqlite3.Error, StoreFailed)
 
 
 class Cursor(Protocol):

@@ -17,8 +17,9 @@ The list is read three ways:
   query per request;
 - by `campaign suppress list` and the page.
 
-The moment invariant: a number whose addition committed at time T gets no request that
-leaves after T + 2 s, from a run sending at T or starting later. Why it holds:
+The moment invariant (docs/design.md, invariant 8): a number whose addition committed at
+time T gets no request that leaves after T + 2 s, from a run sending at T or starting
+later. Why it holds:
 - Nothing committed is missed. A `Mark` is taken before the load-time check reads the
   list: what committed before it, that check sees (its reads come later); what commits
   after it, the watch returns, because each poll returns exactly the entries its snapshot
@@ -56,9 +57,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from campaign.report import iso_utc
 from campaign.store.db import Database
 from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
+from campaign.times import iso_utc
 
 SUPPRESSION_FILE = "suppression.sqlite"
 SCHEMA_VERSION = 2  # 2: PostgreSQL entries carry the transaction that added them
@@ -338,20 +339,3 @@ def apply_to_ledger(ledger: Ledger, listed: SuppressionList) -> int:
                 cleared.append(row)
     ledger.set_suppressed(marks, cleared)
     return suppressed
-
-
-def normalize_phones(
-    given: list[str], region: str, where: str, first: int = 0
-) -> tuple[list[str], list[str]]:
-    """(every number as E.164, one problem per entry that is not a number, placed by
-    `where.format(position)`), for the command and the page that add numbers by hand."""
-    from campaign.mapping import normalize_phone
-
-    phones, problems = [], []
-    for i, text in enumerate(given, start=first):
-        phone, why = normalize_phone(text.strip(), region)
-        if phone is None:
-            problems.append(f"{where.format(i)}: {why}")
-        else:
-            phones.append(phone)
-    return phones, problems

@@ -22,19 +22,14 @@ from typing import Any
 from campaign.errors import InputError
 from campaign.job import Mapping, param_name_problem
 from campaign.load import Row, Sheet, open_sheet
-from campaign.mapping import Mapper, normalize_phone
+from campaign.mapping import Mapper
+from campaign.phones import SAMPLE_ROWS, guess_phone_column
 
 PREVIEW_ROWS = 10
 PREVIEW_COLUMNS = 50
 PREVIEW_CHARS = 300
 PAGE_COLUMNS = 1000
-SAMPLE_ROWS = 200
 _CUT = "…"
-# A column whose sample cells are mostly valid numbers is the phone, even without a name.
-PHONE_SHARE = 0.6
-_PHONE_WORDS = frozenset(
-    {"phone", "mobile", "cell", "cellphone", "tel", "telephone", "msisdn", "whatsapp", "sms"}
-)
 
 
 @dataclass
@@ -105,35 +100,6 @@ def guess_mapping(columns: list[str], sample: list[Row], job_mapping: Mapping) -
         "constants": dict(job_mapping.constants),
         "recipient_key": ["to_phone"] if phone is not None else list(params)[:1],
     }
-
-
-def guess_phone_column(columns: list[str], sample: list[Row], region: str) -> int | None:
-    shares = [_phone_share(sample, i, region) for i in range(len(columns))]
-    named = [i for i, name in enumerate(columns) if _sounds_like_phone(name)]
-    if named:
-        return max(named, key=lambda i: shares[i])
-    best = max(range(len(columns)), key=lambda i: shares[i], default=None)
-    if best is not None and shares[best] >= PHONE_SHARE:
-        return best
-    return None
-
-
-def _sounds_like_phone(header: str) -> bool:
-    words = set(re.findall(r"[a-z]+", header.lower()))
-    return bool(words & _PHONE_WORDS) or "phone" in header.lower()
-
-
-def _phone_share(sample: list[Row], column: int, region: str) -> float:
-    cells = [r.cells[column].strip() for r in sample if r.cells[column].strip()]
-    if not cells:
-        return 0.0
-    # Short digit runs (ids, zip codes) are never phones, whatever the region's rules say.
-    valid = sum(
-        1
-        for cell in cells
-        if len(re.sub(r"\D", "", cell)) >= 7 and normalize_phone(cell, region)[0] is not None
-    )
-    return valid / len(cells)
 
 
 def param_name(column: str, index: int) -> str:

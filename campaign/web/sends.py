@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from campaign.dispatch import send_url
+from campaign.avaamo import send_url
 from campaign.errors import CampaignError
 from campaign.job import Job
 from campaign.logs import masker, save_traceback

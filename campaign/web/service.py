@@ -52,6 +52,7 @@ from campaign.pipeline import RunControl, RunOptions, run_campaign
 from campaign.report import RESULTS_FILE, report_is_current, write_report
 from campaign.store import uploads
 from campaign.store.campaigns import store_of
+from campaign.times import compact_stamp
 from campaign.web.guess import Look, look_at
 from campaign.web.sends import Sends
 from campaign.web.state import (
@@ -107,7 +108,7 @@ class Campaigns:
     def begin_upload(self) -> tuple[str, Path]:
         """A new campaign directory and the path to stream the upload into."""
         self.root.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = compact_stamp()
         while True:
             campaign = f"web-{stamp}-{secrets.token_hex(2)}"
             with contextlib.suppress(FileExistsError):

@@ -21,7 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from campaign.escape import escape
-from campaign.store.suppression import SuppressionList, normalize_phones
+from campaign.phones import normalize_phones
+from campaign.store.suppression import SuppressionList
 from campaign.web.access import json_body
 from campaign.web.api import SERVICE
 from campaign.web.service import ServiceError

@@ -16,7 +16,11 @@ def test_connections_creating_one_schema_at_once_all_succeed(pg_url: str) -> Non
         start = threading.Barrier(8)
         errors: list[BaseException] = []
 
-        def connect(schema: str = schema, start: threading.Barrier = start) -> None:
+        def connect(
+            schema: str = schema,
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
             start.wait()
             try:
                 Database.postgresql(pg_url, schema).close()

@@ -87,3 +87,29 @@ def test_a_rerun_that_changes_a_row_or_the_list_rewrites_the_report(
         )
     finally:
         box.stop()
+
+
+def test_a_suppression_list_made_anew_is_applied_again(tmp_path: Path) -> None:
+    """The list is skipped only while it is the one last applied: a list file removed and
+    made again with another number (the same ids and count) is read again."""
+    box = start_sandbox(tmp_path)
+    try:
+        data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows_with(phones(1)[0], 4))
+        job = write_job(tmp_path, box.url, input=data)
+        first, second = phones(4)[2], phones(4)[3]
+        assert cli("suppress", "add", str(job), first, "--reason", "STOP").returncode == 0
+        assert cli("run", str(job), "--no-progress").returncode == 0
+        assert [r["_status"] for r in results(tmp_path)] == ["sent", "sent", "suppressed", "sent"]
+        for leftover in (tmp_path / "runs").glob("suppression.sqlite*"):
+            leftover.unlink()
+        assert cli("suppress", "add", str(job), second, "--reason", "STOP").returncode == 0
+        again = cli("run", str(job), "--no-progress")
+        assert again.returncode == 0, again.stdout + again.stderr
+        rows = results(tmp_path)
+        assert [r["_status"] for r in rows] == ["sent", "sent", "sent", "sent"], rows
+        assert "STOP" in rows[3]["_error"], rows[3]
+        assert sorted(r["body"]["to_phone"] for r in box.records()) == sorted(
+            e164(p) for p in phones(4)
+        )
+    finally:
+        box.stop()

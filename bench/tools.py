@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import datetime as dt
 import json
 import os
 import shutil
@@ -151,6 +152,70 @@ def run_campaign(job: Path, *options: str) -> Finished:
         [*campaign_command(), "run", str(job), "--no-progress", "--log-format", "json", *options],
         job.parent,
     )
+
+
+@dataclass
+class Phases:
+    """Where a run's time went, from its JSON log: reading and mapping the input (to
+    "input mapped"), sending (from "sending" to "run ended"), and the rest (start, the
+    count of people to send, the report)."""
+
+    total_s: float
+    mapped_s: float | None
+    send_s: float | None
+
+    @property
+    def other_s(self) -> float | None:
+        if self.mapped_s is None or self.send_s is None:
+            return None
+        return max(self.total_s - self.mapped_s - self.send_s, 0.0)
+
+    def details(self) -> dict[str, float | None]:
+        return {
+            "mapped_s": _rounded(self.mapped_s),
+            "send_s": _rounded(self.send_s),
+            "other_s": _rounded(self.other_s),
+        }
+
+    def summary(self) -> str:
+        if self.other_s is None:
+            return "phases not logged"
+        return (
+            f"input {self.mapped_s:.1f} s, sending {self.send_s:.1f} s, rest {self.other_s:.1f} s"
+        )
+
+    def why(self, rows: int) -> str:
+        """One line for a missed target: the phases, and the send rate alone."""
+        if self.send_s and rows:
+            return f"{self.summary()}; the send alone {rows / self.send_s:.0f} rows/s"
+        return self.summary()
+
+
+def phases(done: Finished) -> Phases:
+    at: dict[str, float] = {}
+    mapped = None
+    for line in done.output.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        name = event.get("event")
+        if name in ("sending", "run ended") and "timestamp" in event:
+            at[name] = _seconds(event["timestamp"])
+        if name == "input mapped":
+            mapped = float(event.get("seconds", 0.0))
+    send = at["run ended"] - at["sending"] if len(at) == 2 else None
+    return Phases(done.seconds, mapped, send)
+
+
+def _seconds(timestamp: str) -> float:
+    return dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def count_lines(path: Path) -> int:

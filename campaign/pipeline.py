@@ -32,12 +32,7 @@ from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
 from campaign.progress import DispatchResult, Progress
-from campaign.report import (
-    RESULTS_FILE,
-    report_is_current,
-    write_report,
-    write_summary,
-)
+from campaign.report import RESULTS_FILE, current_summary, write_report
 from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
 from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow, Target
 from campaign.store.suppression import Mark, SuppressionList, Watch, apply_to_ledger
@@ -227,7 +222,10 @@ async def _run_owned(
         log.warning(
             "in-flight recipients of an earlier run marked unknown", count=prepared.recovered
         )
-    counts = await asyncio.to_thread(_counts, ledger)
+    # A report that is current holds the counts: no scan of the campaign (a rerun of a
+    # finished campaign reads nothing more).
+    current = await asyncio.to_thread(current_summary, ledger, directory)
+    counts = await asyncio.to_thread(_counts, ledger, current)
     log.info("input mapped", seconds=round(time.monotonic() - started, 2), **counts)
     schedule = make_schedule(
         job.limits.send_window,
@@ -240,7 +238,7 @@ async def _run_owned(
     if options.dry_run:
         if schedule is not None:
             notes.append(await asyncio.to_thread(window_note, ledger, schedule, SENDABLE))
-        summary = await asyncio.to_thread(write_report, ledger, directory, campaign)
+        summary = await asyncio.to_thread(_report, ledger, directory)
         code = EXIT_INCOMPLETE if summary["counts"]["invalid"] else EXIT_OK
         return RunOutcome(
             campaign,
@@ -257,7 +255,7 @@ async def _run_owned(
         states += ("unknown",)
     run_id = prepared.run_id
     assert run_id is not None
-    total = await asyncio.to_thread(ledger.count_targets, states)
+    total = await asyncio.to_thread(_count_targets, ledger, states, counts, current)
     progress = control.progress = Progress(total=total)
     log.info(
         "sending",
@@ -616,11 +614,10 @@ def window_note(ledger: Ledger, schedule: Schedule, states: tuple[str, ...]) -> 
 
 
 def _report(ledger: Ledger, directory: Path) -> dict[str, Any]:
-    """Rewrite the report, unless the results.csv there is the one written from this very
-    ledger state (a no-op rerun of a big campaign should not rewrite an identical file)."""
-    if report_is_current(ledger, directory):
-        return write_summary(ledger, directory, directory.name)
-    return write_report(ledger, directory, directory.name)
+    """Rewrite the report, unless the one there was written from the ledger as it is now
+    (a rerun that changed nobody leaves results.csv and summary.json untouched)."""
+    current = current_summary(ledger, directory)
+    return current if current is not None else write_report(ledger, directory, directory.name)
 
 
 def _load_input(
@@ -699,8 +696,21 @@ def invalid_examples(ledger: Ledger, limit: int = INVALID_EXAMPLES) -> list[tupl
     return [(row, error) for row, error, _ in ledger.rows_with_status("invalid", 0, limit)[1]]
 
 
-def _counts(ledger: Ledger) -> dict[str, int]:
-    return {k: v for k, v in ledger.counts().items() if v}
+def _counts(ledger: Ledger, current: dict[str, Any] | None) -> dict[str, int]:
+    """Lines of the report per status (those with any): from the current summary if there
+    is one, else from the ledger."""
+    counts = current["counts"] if current is not None else ledger.counts()
+    return {k: v for k, v in counts.items() if v}
+
+
+def _count_targets(
+    ledger: Ledger, states: tuple[str, ...], counts: dict[str, int], current: object
+) -> int:
+    """People to send now. Nobody, without a look at the ledger, when the current report
+    shows no line in those states (its `unknown` lines include those in flight)."""
+    if current is not None and not any(counts.get(state) for state in states):
+        return 0
+    return ledger.count_targets(states)
 
 
 def rebuild_report(store: Store, campaign: str) -> dict[str, Any]:

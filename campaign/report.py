@@ -4,9 +4,12 @@ Both are written to a temporary file beside the target, fsynced and renamed over
 directory is fsynced too), so a reader never sees half a file, not even after a power cut.
 Rows stream from SQLite to the CSV: memory does not grow with the campaign.
 
-Every results.csv written is stamped in the ledger with the ledger's generation and the
-file's size and time, whoever wrote it (run, validate, report, the page); a later run may
-skip rewriting it only when that stamp still matches (`report_is_current`).
+Every report written is stamped in the ledger with the ledger's generation and both files'
+size and time, whoever wrote it (run, validate, report, the page). The generation moves
+only when what the report shows changes (people, rows, deliveries; not a run's own
+bookkeeping), so a rerun that changes nobody finds the stamp matching and leaves both
+files alone, bytes and times (`current_summary`). A summary written while another worker
+was still running is never taken as current: that worker's end must rewrite it.
 """
 
 from __future__ import annotations
@@ -72,24 +75,47 @@ def _write_report(ledger: Ledger, directory: Path, campaign: str) -> dict[str, A
             values.extend(results)
             # escape() changes only cells starting with one of these: test that first.
             writer.writerow([escape(v) if v[:1] in _MAYBE_FORMULA else v for v in values])
-    ledger.set_report_stamp(_stamp(directory, generation))
     counts = {**dict.fromkeys(STATUSES, 0), **statuses}
-    return write_summary(ledger, directory, campaign, counts, dict(sorted(deliveries.items())))
+    summary = write_summary(ledger, directory, campaign, counts, dict(sorted(deliveries.items())))
+    # Stamped last: a report cut off halfway is never taken for a current one.
+    settled = summary.get("last_run", {}).get("state") != "running"
+    ledger.set_report_stamp(_stamp(directory, generation) if settled else None)
+    return summary
 
 
 def report_is_current(ledger: Ledger, directory: Path) -> bool:
-    """Whether results.csv shows the ledger as it is: nothing changed in the ledger since it
-    was written, and the file is the one written then."""
+    """Whether results.csv and summary.json show the ledger as it is: nothing they show
+    changed in the ledger since they were written, and the files are the ones written
+    then."""
     stamp = _stamp(directory, ledger.generation())
     return stamp is not None and ledger.get_meta("report_stamp") == stamp
 
 
+def current_summary(ledger: Ledger, directory: Path) -> dict[str, Any] | None:
+    """The summary in summary.json when the report is current (`report_is_current`): its
+    counts are the ledger's, read without a scan of the campaign. None: not current."""
+    if not report_is_current(ledger, directory):
+        return None
+    try:
+        found = json.loads((directory / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("counts"), dict) else None
+
+
 def _stamp(directory: Path, generation: int) -> list[int] | None:
     try:
-        found = (directory / RESULTS_FILE).stat()
+        results = (directory / RESULTS_FILE).stat()
+        summary = (directory / SUMMARY_FILE).stat()
     except OSError:
         return None
-    return [generation, found.st_size, found.st_mtime_ns]
+    return [
+        generation,
+        results.st_size,
+        results.st_mtime_ns,
+        summary.st_size,
+        summary.st_mtime_ns,
+    ]
 
 
 def write_summary(

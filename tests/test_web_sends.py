@@ -151,7 +151,10 @@ async def test_a_watch_reads_the_ledger_again_only_when_the_campaign_changed(
 
     every_time = Watch(directory, every_s=0)
     assert [await look(every_time), await look(every_time)] == [1, 1]  # nothing changed
-    assert cli("validate", str(job)).returncode == 0  # the ledger is written again
+    assert cli("validate", str(job)).returncode == 0  # the same input: nothing is written
+    assert [await look(every_time), await look(every_time)] == [1, 1]
+    write_csv(people, ["Phone", "First Name"], [["+14155550101", "B"]])
+    assert cli("validate", str(job)).returncode == 0  # a fixed row: the ledger is written
     assert [await look(every_time), await look(every_time)] == [2, 2]
     with open_campaign(directory.parent, directory.name, "job"):  # a process takes it
         assert await look(every_time) == 3

@@ -30,8 +30,11 @@ commit is on disk before it returns and an in-flight record survives a power cut
 only a killed process. The dispatcher batches the attempts that start together into one
 commit (one fsync).
 
-Every committed change bumps `meta.generation`; a report stamped with the generation it
-was written at is known to be current (`report.report_is_current`).
+Every committed change to what the report shows (people's states and attempts, the input's
+rows, delivery reports, campaign facts) bumps `meta.generation`; a report stamped with the
+generation it was written at is known to be current (`report.report_is_current`). A run's
+own bookkeeping (registering, its lease, ending, releasing claims) does not: a rerun that
+changes nobody leaves the report as it is.
 """
 
 from __future__ import annotations
@@ -186,6 +189,9 @@ SELECT status, delivery FROM row_results UNION ALL SELECT status, delivery FROM 
 _DROP_RESULTS_VIEWS = tuple(
     f"DROP VIEW IF EXISTS {name}" for name in ("results", "row_results", "gone_results")
 )
+
+# The suppression list's version as last applied to the rows (`Ledger.set_suppressed`).
+_APPLIED = "suppression_applied"
 
 # An `unknown` recipient is sent again (with --resend-unknown) blind when the campaign's
 # delivery reports were never read whole; once they were, only when the report does not
@@ -456,11 +462,15 @@ class Ledger:
 
     def _set_meta(self, values: dict[str, Any], changes: bool) -> None:
         with self.transaction(changes):
-            self.db.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [(k, json.dumps(v, ensure_ascii=False)) for k, v in values.items()],
-            )
+            self._put_meta(values)
+
+    def _put_meta(self, values: dict[str, Any]) -> None:
+        """Inside a transaction."""
+        self.db.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v, ensure_ascii=False)) for k, v in values.items()],
+        )
 
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)
@@ -478,7 +488,9 @@ class Ledger:
         caller's run, never settled by its own sweep (woken from a stop longer than its
         lease, it may still renew it, unless another worker settled it first)."""
         db = self.db
-        with self.transaction():
+        # Settling runs and releasing claims changes nothing the report shows: only people
+        # turned `unknown` bump the generation.
+        with self.transaction(changes=False):
             if wait_s is not None and db.postgres:
                 # `wait_s`: give up (an error) rather than wait longer for rows a stopped
                 # worker still holds.
@@ -500,10 +512,10 @@ class Ledger:
                     "UPDATE recipients SET state = 'unknown', error = ? WHERE state = 'inflight'",
                     (_DIED_IN_FLIGHT,),
                 ).rowcount
-                db.execute(
+                attempts = db.execute(
                     "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
                     "WHERE state IS NULL"
-                )
+                ).rowcount
             else:
                 recovered = (
                     db.executemany(
@@ -514,10 +526,14 @@ class Ledger:
                     if dead
                     else 0
                 )
-                db.executemany(
-                    "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
-                    "WHERE state IS NULL AND run_id = ?",
-                    [(run,) for run in dead],
+                attempts = (
+                    db.executemany(
+                        "UPDATE attempts SET state = 'unknown', error = 'run stopped in flight' "
+                        "WHERE state IS NULL AND run_id = ?",
+                        [(run,) for run in dead],
+                    ).rowcount
+                    if dead
+                    else 0
                 )
             db.executemany(
                 "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?)",
@@ -530,6 +546,8 @@ class Ledger:
                 recovered = max(recovered, 0) + self._settle_orphans()
             if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
                 db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
+            if recovered > 0 or max(attempts, 0) > 0:
+                _bump_generation(db)
         return max(recovered, 0)
 
     def _settle_orphans(self) -> int:
@@ -601,7 +619,8 @@ class Ledger:
         return found[0], int(found[1])
 
     def start_run(self, command: str) -> int:
-        with self.transaction():
+        # Bookkeeping: a new run changes nothing the report shows (see the module's notes).
+        with self.transaction(changes=False):
             now = self.db.now()
             found = self.db.execute(
                 "INSERT INTO runs (command, started_at, state, heartbeat_at, host, pid) "
@@ -627,8 +646,9 @@ class Ledger:
         so do those left `unknown`, for a `--resend-unknown` run to see (a person that
         failed stays with it: another worker does not retry it right away). A run that
         other workers settled as `crashed` (its lease expired) stays so: that is when its
-        people in flight became `unknown`."""
-        with self.transaction():
+        people in flight became `unknown`. Nothing the report shows changes: a run that
+        changed nobody leaves the report current."""
+        with self.transaction(changes=False):
             self.db.execute(
                 "UPDATE runs SET state = CASE WHEN state = 'crashed' THEN state ELSE ? END, "
                 "finished_at = ?, "
@@ -717,14 +737,9 @@ class Ledger:
             else:
                 db.execute("ALTER TABLE rows_new RENAME TO rows")
                 self._create_views()
-            db.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [
-                    ("columns", json.dumps(columns, ensure_ascii=False)),
-                    ("input_fingerprint", json.dumps(fingerprint)),
-                ],
-            )
+            self._put_meta({"columns": columns, "input_fingerprint": fingerprint})
+            # New rows: none of them is marked from the suppression list yet.
+            db.execute("DELETE FROM meta WHERE key = ?", (_APPLIED,))
 
     def has_rows(self) -> bool:
         return self.db.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is not None
@@ -1000,16 +1015,25 @@ class Ledger:
             after = found[-1][0]
             yield found
 
-    def set_suppressed(self, marks: list[tuple[int, str]], cleared: list[int]) -> None:
+    def set_suppressed(
+        self, marks: list[tuple[int, str]], cleared: list[int], applied: Any = None
+    ) -> None:
         """Rows whose number is on the suppression list (row, why), and rows whose number
-        came off it (sendable again, and so is their person, if a run had held them)."""
+        came off it (sendable again, and so is their person, if a run had held them).
+        `applied`: the list's version and how many rows it suppresses, kept (not shown in
+        the report) so that the next run skips an unchanged list (`suppression_applied`)."""
         held = self.db.execute(
             "SELECT 1 FROM recipients WHERE state = 'suppressed' "
             "AND key IN (SELECT key FROM rows WHERE status = 'ok') LIMIT 1"
         ).fetchone()
         if not (marks or cleared or held):
-            return  # nothing changes: the report stays current
+            # Nothing changes: the report stays current (no generation bump).
+            if applied is not None and applied != self.suppression_applied():
+                self._set_meta({_APPLIED: applied}, changes=False)
+            return
         with self.transaction():
+            if applied is not None:
+                self._put_meta({_APPLIED: applied})
             self.db.executemany(
                 "UPDATE rows SET status = 'suppressed', error = ? WHERE row = ?",
                 [(error, row) for row, error in marks],
@@ -1022,6 +1046,11 @@ class Ledger:
                 "UPDATE recipients SET state = 'pending', error = NULL WHERE state = 'suppressed' "
                 "AND key IN (SELECT key FROM rows WHERE status = 'ok')"
             )
+
+    def suppression_applied(self) -> Any:
+        """[the suppression list's version, rows it suppressed] as last applied to these
+        rows; None when not applied since they were last replaced."""
+        return self.get_meta(_APPLIED)
 
     # --- report ------------------------------------------------------------------------
 
@@ -1250,11 +1279,15 @@ class Transaction:
             self.db.rollback()
             return
         if self.changes:
-            self.db.execute(
-                "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
-                "WHERE key = 'generation'"
-            )
+            _bump_generation(self.db)
         self.db.commit()
+
+
+def _bump_generation(db: Database) -> None:
+    """Inside a transaction: what the report shows may have changed."""
+    db.execute(
+        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'"
+    )
 
 
 def _waves(outcomes: list[Outcome]) -> list[list[Outcome]]:

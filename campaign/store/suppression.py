@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from campaign.store.db import Database
 from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
@@ -210,6 +211,17 @@ class SuppressionList:
                 found[row[0]] = Entry(*row)
         return found
 
+    def version(self) -> list[Any] | None:
+        """What the list holds, in one statement (one snapshot), as a value that differs
+        whenever an entry was added or removed since: an addition raises the largest id
+        (AUTOINCREMENT never hands one out twice), removals alone lower the count, and the
+        sum of the entries' times tells a list made anew from scratch. None on PostgreSQL,
+        whose ids do not commit in order."""
+        if self.db.postgres:
+            return None
+        found = self.db.execute(_SQLITE_VERSION).fetchone()
+        return [int(found[0]), int(found[1]), float(found[2])]
+
     def mark(self) -> Mark:
         """Where a watch of what is added from now on starts (see `added_since`)."""
         if self.db.postgres:
@@ -257,6 +269,7 @@ class Mark:
 
 
 _SQLITE_LAST_ID = "SELECT coalesce(max(id), 0) FROM numbers"
+_SQLITE_VERSION = "SELECT coalesce(max(id), 0), count(*), total(added_at) FROM numbers"
 _PG_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 # One statement, so one snapshot: the rows it sees and the snapshot it returns are the
 # same. New: added by a transaction the last snapshot did not see as finished. Every
@@ -323,7 +336,17 @@ class Watch:
 def apply_to_ledger(ledger: Ledger, listed: SuppressionList) -> int:
     """Mark the input's rows whose number is on the list `suppressed` (with why and since
     when), and make sendable again those whose number came off it. Returns how many rows
-    are suppressed. Streams the rows: memory does not grow with the input."""
+    are suppressed. Streams the rows: memory does not grow with the input.
+
+    Skipped when neither the list nor the input's rows changed since it was last applied
+    (`SuppressionList.version`, read before the rows: a number added while they are read
+    makes the next run apply the list again, never miss it). The ledger forgets the
+    version when its rows are replaced."""
+    version = listed.version()
+    if version is not None:
+        applied = ledger.suppression_applied()
+        if applied is not None and applied[0] == version:
+            return int(applied[1])
     marks: list[tuple[int, str]] = []
     cleared: list[int] = []
     suppressed = 0
@@ -337,5 +360,5 @@ def apply_to_ledger(ledger: Ledger, listed: SuppressionList) -> int:
                     marks.append((row, entry.why()))
             elif status == "suppressed":
                 cleared.append(row)
-    ledger.set_suppressed(marks, cleared)
+    ledger.set_suppressed(marks, cleared, None if version is None else [version, suppressed])
     return suppressed

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from campaign.avaamo import SendClient
+from campaign.gate import LATE_S
 from campaign.job import Api, Limits
 from campaign.policy import Answer, Decision, Transport, decide, wait
 from campaign.progress import DispatchResult, Progress
@@ -236,12 +237,15 @@ class Dispatcher:
             # Looked at again right before it leaves: the slot may have taken a while.
             if await self._held(target):
                 return
+            checked = time.monotonic()
             self._busy[task] = True
             try:
                 attempt += 1
                 if not await self.writer.begin(target.id, attempt):
                     return  # already sent (by an earlier run): never send again
                 await self._limiter.confirm()
+                if time.monotonic() - checked > LATE_S and await self._late(target, attempt):
+                    return
                 self.progress.requests += 1
                 answer = await self._client.send(target.payload)
                 decision = decide(
@@ -258,6 +262,18 @@ class Dispatcher:
             if decision.retry_in_s is None or self.halt.is_set():
                 return
             await wait(decision.retry_in_s, "send retry", row=target.row)
+
+    async def _late(self, target: Target, attempt: int) -> bool:
+        """Whether a request recorded in flight, late past its check, must not leave now
+        (the list grew meanwhile): its attempt is recorded as never sent."""
+        hold = await self.gate.late_check(target) if self.gate is not None else None
+        if hold is None or hold.state is None:
+            return False
+        self.writer.finish(Outcome(target.id, attempt, hold.state, None, hold.error, None))
+        self.progress.add(hold.state)
+        log.info("not sent", row=target.row, state=hold.state)
+        self.on_progress(self.progress)
+        return True
 
     async def _held(self, target: Target) -> bool:
         """Whether the gate keeps `target` from leaving now (its hold is recorded)."""

@@ -3,8 +3,10 @@
 The dispatcher asks `Gate.check` for every attempt, retries included, after its rate slot
 and right before the attempt is recorded in flight, so a person who must not be sent now is
 never even recorded as in flight. That order is what makes a number added to the list at T
-get no request leaving after T + 2 s (the argument is in `store/suppression.py`): keep
-nothing slow between this check and the in-flight record. Both checks are cheap at full
+get no request leaving after T + 2 s (the argument is in `store/suppression.py`). When the
+in-flight commit or the rate's pacing after it took longer than `LATE_S`, the dispatcher
+asks `late_check` once more before the request leaves, so a slow commit or a shared rate
+that made the request wait cannot stretch that moment. Both checks are cheap at full
 speed: the window is a pure function of the number and the clock (`windows.Schedule`), and
 the list's additions are read with one query at most every half second (`suppression.Watch`).
 """
@@ -31,6 +33,9 @@ class Hold:
     final: bool = False  # the deadline passed: no request may leave any more
 
 
+LATE_S = 0.5  # a request this long past its check looks at the list again before it leaves
+
+
 class Gate:
     def __init__(
         self,
@@ -54,6 +59,14 @@ class Gate:
                 until = verdict.until.timestamp() if verdict.until is not None else None
                 return Hold(None, verdict.error or "not now", until, verdict.deadline)
         return None
+
+    async def late_check(self, target: Target) -> Hold | None:
+        """The list only, for a request recorded in flight that waited since `check`: a
+        number added meanwhile keeps it from leaving (the attempt never left)."""
+        if self.watch is None:
+            return None
+        entry = await self.watch.check(target.to_phone)
+        return None if entry is None else Hold("suppressed", f"{entry.why()}; not sent")
 
     def close(self) -> None:
         if self.watch is not None:

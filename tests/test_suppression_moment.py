@@ -29,6 +29,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.helpers.pg import in_campaign, lock_waiters
 from tests.helpers.runs import wait_for
 
 # `make soak` raises it (20 trials there); one trial here keeps the suite quick.
@@ -395,3 +396,52 @@ def test_the_feed_returns_every_committed_number_once_under_many_slow_writers(
 
 class _RolledBack(Exception):
     pass
+
+
+# --- a request held up after its check: the in-flight commit waits on a lock ---------------
+
+STALL_S = 3.0  # the in-flight commit is held this long: past the moment, not only past LATE_S
+
+
+def test_a_request_held_up_after_its_check_looks_at_the_list_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The check before the in-flight record is the list's moment only while that record's
+    commit is quick. Here the commit waits on a lock held by another session for 3 s, and
+    every number of the campaign is added to the list meanwhile: the request that waited
+    must not leave after its number's moment (it is recorded as not sent, `suppressed`)."""
+    numbers = phones(40)
+    box = start_sandbox(tmp_path)
+    job = write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", numbers),
+        limits={"rate_per_second": 10, "concurrency": 1},
+        ledger=pg_url,
+    )
+    run = spawn_cli("run", str(job), "--no-progress")
+    try:
+        wait_for(lambda: len(box.records()) >= 3, what="the run to start sending")
+        committed: dict[str, float] = {}
+        with in_campaign(pg_url) as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute("LOCK TABLE attempts IN EXCLUSIVE MODE")
+            wait_for(lambda: bool(lock_waiters(pg_url, "%attempts%")), what="a blocked commit")
+            with SuppressionList(tmp_path / "runs", pg_url) as listed:
+                listed.add([e164(p) for p in numbers], "STOP", "manual")
+            listed_at = time.time()
+            committed.update(dict.fromkeys((e164(p) for p in numbers), listed_at))
+            time.sleep(STALL_S)  # the length of the stall, not an ordering
+            blocker.execute("COMMIT")
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        box.stop()
+    assert sent_after(box, committed) == []
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    late = [r for r in rows if r["_status"] == "suppressed" and "not sent" in r["_error"]]
+    assert len(late) == 1, [r["_error"] for r in rows if r["_status"] == "suppressed"][:3]
+    assert len(box.records()) + sum(r["_status"] == "suppressed" for r in rows) == len(numbers)

@@ -228,7 +228,8 @@ _RESENDABLE = f"""(r.state != 'unknown'
 # 408/429/503, or another refusal (3xx/4xx); the server did not act. Known: 200 with
 # success. Anything else may have arrived: a timeout, a dropped connection, 500/502/504,
 # in flight when a run died, a 2xx that was not success (when in doubt, a possible owner).
-_REQUEST_KIND = """CASE WHEN a.state = 'sent' THEN 2
+# An attempt recorded `suppressed` was held back after its in-flight record: it never left.
+_REQUEST_KIND = """CASE WHEN a.state = 'sent' THEN 2 WHEN a.state = 'suppressed' THEN 0
     WHEN a.http_status IN (408, 429, 503) OR (a.http_status >= 300 AND a.http_status < 500)
         OR (a.http_status IS NULL AND a.error LIKE 'could not connect%') THEN 0
     ELSE 1 END"""

@@ -37,13 +37,14 @@ later. Why it holds:
   more ago: the snapshot a check uses was taken less than `POLL_S` (0.5 s) before it.
 - The check is the last step before the request: the dispatcher checks each attempt
   (retries too) after its rate slot, right before recording it in flight, and the request
-  leaves once that record is committed and the rate lets it (`confirm`). So a request
-  leaving at L was checked at L - c, against a snapshot taken after L - c - 0.5 s, where c
-  is that commit and pacing. The one assumption: c is under about 1.5 s. A group commit
-  takes milliseconds; the pacing after it waits only when a commit was slow (the local
-  limiter about as long as that commit; the shared one for a fresh slot behind this
-  process's other workers, at most concurrency / rate seconds). Then a request leaving
-  after T + 2 s used a snapshot taken after T, which sees the number.
+  leaves once that record is committed and the rate lets it (`confirm`). When that commit
+  and pacing took longer than `gate.LATE_S` (0.5 s), the list is checked once more right
+  before the request leaves (`Gate.late_check`; a number found then makes the attempt one
+  that never left). So a request leaving at L used a snapshot taken after L - 1 s (0.5 s
+  of commit and pacing at most unchecked, plus the snapshot's 0.5 s of age), and a request
+  leaving after T + 2 s used a snapshot taken after T, which sees the number. The one
+  assumption: a poll's query and the step from the last check to the socket take under
+  about a second.
 
 Removals are not watched during a run: a number taken off the list while a run goes is
 sendable from the next run on (the safe side).

@@ -423,3 +423,36 @@ def test_hosts_syncing_at_once_neither_lose_nor_double_entries(tmp_path: Path, p
     assert added == len(numbers), outputs
     found = listed(job, pg_url)
     assert sorted(found) == numbers and set(found.values()) == {"avaamo"}
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+async def test_the_page_shows_the_last_sync_and_syncs_now(tmp_path: Path) -> None:
+    from tests.helpers.web import call, client, sign_in, start_serve
+
+    status = OptStatus()
+    opted = [e164(p) for p in phones(3, start=900)]
+    status.set(opted, "opt-out", at=time.time() - 60)
+    with serving(status) as server:
+        settings = {"agent_id": "7", "access_token": TOKEN, "base_url": server.url}
+        job = opt_job(tmp_path, server.url, reporting=settings)
+        served = start_serve(tmp_path, job)
+        try:
+            async with client(served) as http:
+                before = await call(http, "GET", "/api/suppression")
+                assert before["avaamo"] == {"enabled": True, "synced_at": None, "count": 0}
+                done = await call(http, "POST", "/api/suppression/sync")
+                assert (done["added"], done["removed"], done["unread"]) == (3, 0, 0)
+                after = await call(http, "GET", "/api/suppression")
+                assert after["avaamo"]["count"] == 3 and after["avaamo"]["synced_at"]
+                assert {e["phone"] for e in after["entries"]} == set(opted)
+            async with client(served, token=None) as http:
+                cookie, _ = await sign_in(http, served.url)
+                foreign = {"Cookie": cookie, "Origin": "http://127.0.0.1:1"}
+                await call(http, "POST", "/api/suppression/sync", 403, json={}, headers=foreign)
+            asked = len(opt_queries(server))
+        finally:
+            served.stop()
+    assert asked == 1  # the refused request read nothing
+    assert TOKEN not in served.log.read_text()

@@ -79,3 +79,8 @@ def opt_page(
 
 def is_opt_query(body: dict[str, Any]) -> bool:
     return "current_status" in body
+
+
+# `reporting:` keys for tests of delivery reports: their servers answer no opt status, and
+# a run with a token syncs Avaamo's opt-outs first (tests/test_opt_outs.py covers that).
+OFF: dict[str, str] = {"opt_status": "off"}

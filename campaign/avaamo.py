@@ -348,6 +348,7 @@ class OptStatusClient(_PagedReader):
         max_attempts: int,
         concurrency: int,
         from_phone: str | None = None,
+        region: str = "US",
     ) -> None:
         super().__init__(
             opt_status_url(base_url),
@@ -358,6 +359,7 @@ class OptStatusClient(_PagedReader):
             concurrency=concurrency,
         )
         self.from_phone = from_phone
+        self.region = region  # for a number written without its country code
 
     async def page(
         self,
@@ -385,7 +387,10 @@ class OptStatusClient(_PagedReader):
         if self.from_phone:
             params["from_phone"] = self.from_phone
         return await self._page(
-            params, number, lambda raw: parse_opt_page(raw, number), "SMS Opt Status API"
+            params,
+            number,
+            lambda raw: parse_opt_page(raw, number, self.region),
+            "SMS Opt Status API",
         )
 
     def _refused(self, answer: Answer) -> str:

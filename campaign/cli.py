@@ -267,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="those who START again do so this long after their STOP (default 60)",
     )
+    sandbox.add_argument(
+        "--opted-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more numbers opted out an hour before it started (+1630...: for benchmarks)",
+    )
 
     serve = commands.add_parser("serve", help="the upload web page and its API")
     serve.add_argument(

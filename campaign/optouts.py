@@ -98,7 +98,7 @@ class OptPage:
         return max(0, min(math.ceil(self.total_entries / self.per_page), MAX_REPORT_PAGES))
 
 
-def parse_opt_page(raw: bytes, number: int) -> OptPage:
+def parse_opt_page(raw: bytes, number: int, region: str = "US") -> OptPage:
     """A page of the SMS Opt Status API; `PageUnreadable` when it is not one."""
     from campaign.reporting import phone_digits
 
@@ -118,7 +118,7 @@ def parse_opt_page(raw: bytes, number: int) -> OptPage:
     page = OptPage(number, total_pages, total_entries, max(per_page, len(entries)))
     page.received = len(entries)
     for item in entries:
-        digits = phone_digits(item.get("to_phone"), "US") if isinstance(item, dict) else None
+        digits = phone_digits(item.get("to_phone"), region) if isinstance(item, dict) else None
         current = item.get("current_status") if isinstance(item, dict) else None
         if digits is None or current not in (OPT_OUT, OPT_IN):
             page.bad += 1
@@ -268,6 +268,7 @@ class _Sync:
             max_attempts=self.job.limits.max_attempts,
             concurrency=PAGES_AHEAD,
             from_phone=reporting.from_phone,
+            region=self.job.mapping.default_region,
         )
         async with client:
             for current, span in readings:

@@ -135,6 +135,7 @@ def serve_sandbox(args: argparse.Namespace) -> int:
             report_rate=args.report_rate,
             opt_out_rate=args.opt_out_rate,
             opt_in_after_s=args.opt_in_after_s,
+            opted_out=args.opted_out,
         ),
     )
 

@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 demo: install
 	@mkdir -p runs
 	@scripts/with-sandbox.sh --latency-ms 20 --fail-rate 0.05 --drop-after-accept 0.05 \
-		--undelivered-rate 0.1 --delivery-delay-s 1 --record $(RECORD) -- \
+		--undelivered-rate 0.1 --delivery-delay-s 1 --opt-out-rate 0.1 --record $(RECORD) -- \
 		sh -c '$(BIN)/campaign run jobs/demo.yaml --no-progress; sleep 3; \
-			echo; echo "delivery reports:"; $(BIN)/campaign reconcile jobs/demo.yaml'
+			echo; echo "delivery reports:"; $(BIN)/campaign reconcile jobs/demo.yaml; \
+			echo; echo "people who replied STOP:"; $(BIN)/campaign suppress sync jobs/demo.yaml'
 	@echo "summary: $$(ls -td runs/demo-*/ | head -1)summary.json"
 	@echo "requests the sandbox accepted so far: $$(wc -l < $(RECORD)) (in $(RECORD))"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -58,6 +59,8 @@ MILLION_TARGET_S = 320.0  # end to end, 1,000,000 rows on this machine
 DONE_RESUME_TARGET_S = 5.0  # a rerun of a done 1,000,000-row campaign
 RECONCILE_ROWS = 20_000
 REPORT_RATE = 40  # the sandbox's Reporting API answers 429 above this
+OPT_OUTS = 100_000
+OPT_STATUS_RATE = 40  # the sandbox answers 429 above this many queries a second
 TMPFS = "/dev/shm"  # memory-backed: an fsync there costs nothing
 
 
@@ -366,6 +369,48 @@ def reconcile_memory(work: Path, rows: int) -> Result:
     )
 
 
+def opt_out_sync(work: Path, numbers: int = OPT_OUTS, rate: int = OPT_STATUS_RATE) -> Result:
+    """A full sync of Avaamo's opt-outs is bound by the API's rate: every page, writing the
+    list included, in at most 1.2 x pages / rate."""
+    directory = fresh(work / "opt-outs")
+    box = start_sandbox(
+        directory, "--opted-out", str(numbers), "--report-rate", str(rate), record=False
+    )
+    try:
+        people = write_people(directory / "in.csv", 1)
+        job = write_job(directory, box.url, people, rate, 1)
+        settings = json.loads(job.read_text(encoding="utf-8"))
+        settings["reporting"] = {
+            "agent_id": "1",
+            "access_token": "sandbox-token",
+            "rate_per_second": rate,
+        }
+        job.write_text(json.dumps(settings), encoding="utf-8")
+        done = run_measured([*campaign_command(), "suppress", "sync", str(job)], directory)
+    finally:
+        box.stop()
+    pages = math.ceil(numbers / 100)
+    bound = 1.2 * pages / rate
+    added = f"added {numbers}," in done.output
+    ok = done.code == 0 and added and done.seconds <= bound
+    return Result(
+        f"full sync of {numbers:,} opted-out numbers at {rate} pages/s",
+        "wall <= 1.2 x pages / rate, every number on the list",
+        f"{done.seconds:.1f} s for {pages} pages (bound {bound:.1f} s); "
+        f"{done.peak_rss_mb:.0f} MB peak",
+        ok,
+        {
+            "numbers": numbers,
+            "exit": done.code,
+            "pages": pages,
+            "seconds": round(done.seconds, 2),
+            "bound_s": round(bound, 2),
+            "peak_rss_mb": round(done.peak_rss_mb, 1),
+        },
+        "" if ok else done.output.strip().splitlines()[-1][:200],
+    )
+
+
 def resume(work: Path, rows: int = RESUME_ROWS) -> Result:
     """Rerun a campaign whose every row is sent: time, and requests the server saw."""
     directory = fresh(work / "resume")
@@ -450,7 +495,7 @@ def main() -> int:
         nargs="+",
         metavar="NAME",
         help="rate, overhead, speed, million, resume, startup, reconcile, reconcile-million, "
-        "postgresql",
+        "opt-outs, postgresql",
     )
     parser.add_argument("--million-rows", type=int, default=1_000_000, metavar="N")
     args = parser.parse_args()
@@ -464,6 +509,7 @@ def main() -> int:
         "million": lambda w: million(w, args.million_rows),
         "reconcile": lambda w: [reconcile_rate(w)],
         "reconcile-million": lambda w: [reconcile_memory(w, args.million_rows)],
+        "opt-outs": lambda w: [opt_out_sync(w)],
         "postgresql": many_hosts.measures,
     }
     slow = ("million", "reconcile-million")

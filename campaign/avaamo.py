@@ -4,6 +4,9 @@
     GET  {base_url}/api/v1/agents/{agent_id}/sms/report.json        (`ReportingClient`)
          ?from_timetoken=EPOCH&to_timetoken=EPOCH&page=N
          access-token: TOKEN
+    GET  {base_url}/api/v2/sms/opt-status.json                       (`OptStatusClient`)
+         ?current_status=opt-out|opt-in[&start_time=MS&end_time=MS]&page=N&per_page=100
+         access-token: TOKEN
 
 What every endpoint shares is here once: the timeouts, an answer read up to a cap, a
 transport failure (no connection, no answer in time, a dropped connection) turned into
@@ -21,10 +24,14 @@ dispatcher's decision (`policy.decide`), after the answer is recorded.
 Reporting: both timetokens are always sent (with `to_timetoken` alone the API returns
 only the latest 3 entries). The page parameter's name is not documented: `page` is
 assumed, here only. What a page holds is `reporting`'s.
+
+Opt status: times are epoch milliseconds, and both are sent or neither (with
+`start_time` alone the API returns only the latest 3). What a page holds is `optouts`'s.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TypeVar
@@ -40,6 +47,7 @@ from campaign.bounds import (
 )
 from campaign.errors import PageUnreadable, ReportingRefused
 from campaign.job import Api
+from campaign.optouts import OptPage, parse_opt_page
 from campaign.policy import (
     Answer,
     Transport,
@@ -77,6 +85,13 @@ def send_url(api: Api) -> str:
 
 def report_url(base_url: str, agent_id: str) -> str:
     return f"{base_url.rstrip('/')}/api/v1/agents/{agent_id}/sms/report.json"
+
+
+def opt_status_url(base_url: str) -> str:
+    return f"{base_url.rstrip('/')}/api/v2/sms/opt-status.json"
+
+
+OPT_STATUS_PER_PAGE = 100  # the API's maximum
 
 
 class _Secrets:
@@ -318,6 +333,73 @@ class ReportingClient(_PagedReader):
             404: "check reporting.agent_id and reporting.base_url",
         }.get(answer.http_status or 0, "check the reporting: section")
         return f"the Reporting API refused the request (HTTP {answer.http_status}): {fix}"
+
+
+class OptStatusClient(_PagedReader):
+    """Pages of the SMS Opt Status API: who is opted out (or back in) at Avaamo."""
+
+    def __init__(
+        self,
+        base_url: str,
+        access_token: str,
+        *,
+        rate_per_second: float,
+        timeout_s: float,
+        max_attempts: int,
+        concurrency: int,
+        from_phone: str | None = None,
+        region: str = "US",
+    ) -> None:
+        super().__init__(
+            opt_status_url(base_url),
+            access_token,
+            rate_per_second=rate_per_second,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            concurrency=concurrency,
+        )
+        self.from_phone = from_phone
+        self.region = region  # for a number written without its country code
+
+    async def page(
+        self,
+        current_status: str,
+        number: int,
+        span: tuple[float, float] | None = None,
+        *,
+        status: str | None = None,
+        to_phone: str | None = None,
+    ) -> OptPage:
+        """Page `number` of the numbers whose current status is `current_status`; with
+        `span` (epoch seconds), only those whose status changed within it."""
+        params = {
+            "current_status": current_status,
+            PAGE_PARAM: str(number),
+            "per_page": str(OPT_STATUS_PER_PAGE),
+        }
+        if span is not None:
+            params["start_time"] = str(math.floor(span[0] * 1000))
+            params["end_time"] = str(math.ceil(span[1] * 1000))
+        if status:
+            params["status"] = status
+        if to_phone:
+            params["to_phone"] = to_phone
+        if self.from_phone:
+            params["from_phone"] = self.from_phone
+        return await self._page(
+            params,
+            number,
+            lambda raw: parse_opt_page(raw, number, self.region),
+            "SMS Opt Status API",
+        )
+
+    def _refused(self, answer: Answer) -> str:
+        fix = {
+            401: "check reporting.access_token",
+            403: "check reporting.access_token (it has no access to opt status)",
+            404: "check reporting.base_url",
+        }.get(answer.http_status or 0, "check the reporting: section")
+        return f"the SMS Opt Status API refused the request (HTTP {answer.http_status}): {fix}"
 
 
 async def read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:

@@ -253,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="answer 429 + Retry-After above N Reporting API queries per second",
     )
+    sandbox.add_argument(
+        "--opt-out-rate",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of numbers delivered to that reply STOP soon after (0..1); some START later",
+    )
+    sandbox.add_argument(
+        "--opt-in-after-s",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="S",
+        help="those who START again do so this long after their STOP (default 60)",
+    )
+    sandbox.add_argument(
+        "--opted-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more numbers opted out an hour before it started (+1630...: for benchmarks)",
+    )
 
     serve = commands.add_parser("serve", help="the upload web page and its API")
     serve.add_argument(
@@ -357,6 +378,8 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     logs.configure(args.log_format)
     job = _load(args)
     logs.masker.hide(job.api.channel_uuid)
+    if job.reporting is not None:
+        logs.masker.hide(job.reporting.access_token, keep=0)
     options = RunOptions(
         campaign=args.campaign,
         new=getattr(args, "new", False),

@@ -1,7 +1,7 @@
-"""`campaign suppress add|remove|list|import`: the store's suppression list by hand.
+"""`campaign suppress add|remove|list|import|sync`: the store's suppression list.
 
 Parsing and printing only; the list is `suppression.SuppressionList`, the import
-`suppress_import.import_numbers`.
+`suppress_import.import_numbers`, the sync of Avaamo's opt-outs `optouts.sync_opt_outs`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,22 @@ def add_parser(commands: Any) -> None:
     imports.add_argument("file", metavar="FILE", help="a CSV or Excel file")
     imports.add_argument("--column", metavar="NAME", help="the phone column's header")
     imports.add_argument("--reason", metavar="TEXT", help="why (shown in _error)")
+    sync = actions.add_parser(
+        "sync",
+        help="read Avaamo's own opt-outs (people who replied STOP) into the list",
+        description="Read the SMS Opt Status API into the list: the first sync (or --full) "
+        "every number opted out; later ones what changed since the last. Exit 0 read whole, "
+        "1 some windows unread (what was read is kept), 2 unusable job, 3 refused.",
+    )
+    sync.add_argument("job", metavar="JOB.yaml", help="the job file (reporting:, output_dir)")
+    sync.add_argument("--full", action="store_true", help="read every current opt-out again")
 
 
 def run(args: argparse.Namespace, job: Any) -> int:
     from campaign.store.suppression import SuppressionList
+
+    if args.action == "sync":
+        return _sync(args, job)
 
     with SuppressionList(job.output_dir, job.ledger) as listed:
         if args.action == "list":
@@ -61,6 +73,22 @@ def run(args: argparse.Namespace, job: Any) -> int:
             removed = listed.remove(phones)
             print(f"removed {removed}; {len(set(phones)) - removed} were not on the list")
     return 0
+
+
+def _sync(args: argparse.Namespace, job: Any) -> int:
+    import asyncio
+
+    from campaign import logs
+    from campaign.optouts import reporting_for_sync, sync_opt_outs
+
+    reporting = reporting_for_sync(job)
+    logs.configure()
+    logs.masker.hide(reporting.access_token, keep=0)
+    result = asyncio.run(sync_opt_outs(job, full=args.full))
+    print(result.line())
+    for problem in result.problems[:5]:
+        print(f"  not read: {problem}")
+    return 1 if result.unread else 0
 
 
 def _normalized(given: list[str], region: str) -> list[str]:

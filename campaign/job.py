@@ -246,6 +246,10 @@ class Reporting(_Strict):
     suppress_on: list[str] = Field(default_factory=lambda: list(SUPPRESS_ON))
     # The channel's sending number: the Reporting API is asked for its entries only.
     from_phone: str | None = None
+    # Avaamo's own opt-outs, read into the suppression list before every send: `required`
+    # stops a run whose sync failed unless the last whole one is younger than the age.
+    opt_status: Literal["required", "off"] = "required"
+    opt_status_max_age_hours: float = Field(default=24, ge=0, le=24 * 365, allow_inf_nan=False)
 
     @field_validator("agent_id")
     @classmethod

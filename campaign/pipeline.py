@@ -139,12 +139,19 @@ async def run_campaign(
     campaign = job.campaign_for(options.campaign)
     if not (options.input or job.input or options.reuse_rows or options.campaign):
         raise UsageError(f"{job.path}: no input: set `input:` in the job file or pass --input")
+    warning = None
+    if not options.dry_run:
+        # Before anything is created or sent: Avaamo's opt-outs onto the list, so the
+        # load-time check sees them (a failure here is exit 3, nothing sent).
+        from campaign.optouts import sync_before_send
+
+        warning = await sync_before_send(job)
     with contextlib.ExitStack() as hold:
         owned = await asyncio.to_thread(_take, hold, job, options, campaign)
         log_to_file(campaign, owned.directory / LOG_FILE)
         structlog.contextvars.bind_contextvars(campaign=campaign)
         try:
-            return await _run_owned(job, options, control, on_progress, owned)
+            return await _run_owned(job, options, control, on_progress, owned, warning)
         except UsageError:
             if owned.fresh and not owned.ledger.total_requests():
                 owned.discard()  # an unusable input leaves no empty campaign behind
@@ -201,6 +208,7 @@ async def _run_owned(
     control: RunControl,
     on_progress: Callable[[Progress], None] | None,
     owned: OpenCampaign,
+    warning: str | None = None,
 ) -> RunOutcome:
     ledger, directory = owned.ledger, owned.directory
     campaign = directory.name
@@ -234,8 +242,13 @@ async def _run_owned(
         dt.datetime.now(dt.UTC),
     )
     notes = [f"{suppressed} on the suppression list: not sent"] if suppressed else []
+    if warning:
+        notes.append(warning)
 
     if options.dry_run:
+        if suppressed and job.reporting is not None:
+            opted_out = await asyncio.to_thread(_opted_out_at_avaamo, ledger)
+            notes.append(f"{opted_out} of them opted out at Avaamo (STOP)")
         if schedule is not None:
             notes.append(await asyncio.to_thread(window_note, ledger, schedule, SENDABLE))
         summary = await asyncio.to_thread(_report, ledger, directory)
@@ -266,9 +279,14 @@ async def _run_owned(
     state = "crashed"
     try:
         gate = _gate(job, schedule, prepared.listed_at)
+        synced = _keep_synced(job, control)
         try:
             result = await _send(job, ledger, run_id, states, control, on_progress, gate, options)
         finally:
+            if synced is not None:
+                synced.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await synced
             if gate is not None:
                 gate.close()
         if result.cut_off or result.interrupted:
@@ -570,6 +588,29 @@ def _gate(job: Job, schedule: Schedule | None, listed_at: Mark | None) -> Gate |
     if schedule is None and watch is None:
         return None
     return Gate(schedule, watch)
+
+
+def _keep_synced(job: Job, control: RunControl) -> asyncio.Task[None] | None:
+    """Avaamo's opt-outs read again every few minutes while this run sends; the gate's
+    watch of the list then holds back whoever they add."""
+    from campaign.optouts import keep_synced, wanted
+
+    if not wanted(job.reporting) or job.mapping.to_phone is None:
+        return None
+    return asyncio.create_task(keep_synced(job, control.cut_off), name="opt-status")
+
+
+def _opted_out_at_avaamo(ledger: Ledger) -> int:
+    """Rows suppressed because their number is on the list from Avaamo's opt-outs."""
+    from campaign.optouts import SOURCE
+
+    marker = f"({SOURCE}): "
+    return sum(
+        1
+        for chunk in ledger.phone_rows()
+        for _, _, status, error in chunk
+        if status == "suppressed" and error is not None and marker in error
+    )
 
 
 def _suppress(ledger: Ledger, job: Job) -> tuple[int, Mark | None]:

@@ -2,6 +2,7 @@
 
     POST /sms/{channel_uuid}/send.json  {"to_phone": "+1...", ...}  ->  200 {"success": true}
     GET  /api/v1/agents/{agent_id}/sms/report.json   delivery reports (sandbox_reporting)
+    GET  /api/v2/sms/opt-status.json                  who replied STOP (sandbox_reporting)
 
 Faults on demand: a rate cap answered 429 + Retry-After, a share of 503s, latency, and
 a share of requests accepted and recorded whose connection is then closed without an
@@ -108,6 +109,7 @@ def create_app(config: SandboxConfig) -> web.Application:
     app.router.add_post("/sms/{channel}/send.json", send)
     app.router.add_get("/stats", stats)
     app.router.add_get("/api/v1/agents/{agent}/sms/report.json", reports.handle)
+    app.router.add_get("/api/v2/sms/opt-status.json", reports.opt_status)
     app.on_startup.append(open_record)
     app.on_cleanup.append(close_record)
     return app
@@ -131,6 +133,9 @@ def serve_sandbox(args: argparse.Namespace) -> int:
             delivery_delay_s=args.delivery_delay_s,
             undelivered_rate=args.undelivered_rate,
             report_rate=args.report_rate,
+            opt_out_rate=args.opt_out_rate,
+            opt_in_after_s=args.opt_in_after_s,
+            opted_out=args.opted_out,
         ),
     )
 

@@ -14,6 +14,12 @@ Entries of other senders are mixed in, so that matching is exercised: every seco
 request brings an entry to another number at the same moment, every fifth an earlier
 entry to the same number (another campaign, minutes before). The outcome of each
 accepted request is written in the sandbox's record, so a test knows the truth.
+
+The SMS Opt Status API (`opt_status`): with `opt_out_rate`, a share of the numbers the
+sandbox delivered to reply STOP 0-1 s after delivery, and a third of those START again
+`opt_in_after_s` later; the record says when (`opt_out`, `opt_in`). 100 entries a page at
+most, times in epoch milliseconds (`start_time` without `end_time`: the latest 3),
+`created_at` in seconds, one entry per number (its latest change).
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ class ReportConfig:
     delivery_delay_s: float = 2.0
     undelivered_rate: float = 0.0
     report_rate: float | None = None
+    opt_out_rate: float = 0.0
+    opt_in_after_s: float = 60.0
+    opted_out: int = 0  # numbers opted out an hour before the sandbox started (bench)
+
+
+OPT_PER_PAGE = 100
+OPT_IN_SHARE = 1 / 3
 
 
 @dataclass
@@ -72,6 +85,17 @@ class Reports:
     _sorted: bool = True
     _accepted: int = 0
     _recent: deque[float] = field(default_factory=deque)
+    # number -> its changes of opt status, (time, "opt-out" | "opt-in"), in time order
+    _opt: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    _change_times: list[float] = field(default_factory=list)  # sorted
+    # (current, span) -> (the entries, accepted count and next change they hold until)
+    _opt_cache: dict[Any, tuple[list[dict[str, Any]], int, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        before = time.time() - 3600
+        for i in range(self.config.opted_out):
+            self._opt[f"+1630{i:07d}"] = [(before + i * 1e-6, "opt-out")]
+            self._change_times.append(before + i * 1e-6)
 
     def accept(self, phone: str, arrived: float) -> dict[str, Any]:
         """A request the Send API accepted: its entry (and maybe others' entries); returns
@@ -97,7 +121,102 @@ class Reports:
         if self._accepted % 5 == 0:
             earlier = arrived - self.rng.uniform(300, 600)
             self._add(_Entry(earlier, str(uuid.uuid4()), phone, SENDER, "delivered", None))
-        return {"uuid": entry.uuid, "created_at": entry.created_at, "status": final, "error": error}
+        said: dict[str, Any] = {
+            "uuid": entry.uuid,
+            "created_at": entry.created_at,
+            "status": final,
+            "error": error,
+        }
+        if final == "delivered" and self.rng.random() < self.config.opt_out_rate:
+            said.update(self._opts_out(phone, entry.created_at + self.config.delivery_delay_s))
+        return said
+
+    def _opts_out(self, phone: str, delivered: float) -> dict[str, float]:
+        stop = delivered + self.rng.uniform(0, 1)
+        changes = self._opt.setdefault(phone, [])
+        changes.append((stop, "opt-out"))
+        bisect.insort(self._change_times, stop)
+        if self.rng.random() >= OPT_IN_SHARE:
+            return {"opt_out": stop}
+        start = stop + self.config.opt_in_after_s
+        changes.append((start, "opt-in"))
+        bisect.insort(self._change_times, start)
+        return {"opt_out": stop, "opt_in": start}
+
+    def _opt_cached(
+        self, current: str, span: tuple[float, float] | None, now: float
+    ) -> list[dict[str, Any]]:
+        """`_opt_entries`, computed again only when a request was accepted or a change
+        came due since: a reading of many pages costs one scan, not one a page."""
+        held = self._opt_cache.get((current, span))
+        if held is not None and held[1] == self._accepted and now < held[2]:
+            return held[0]
+        entries = self._opt_entries(current, span, now)
+        due = bisect.bisect_right(self._change_times, now)
+        until = self._change_times[due] if due < len(self._change_times) else math.inf
+        self._opt_cache[(current, span)] = (entries, self._accepted, until)
+        return entries
+
+    def _opt_entries(
+        self, current: str, span: tuple[float, float] | None, now: float
+    ) -> list[dict[str, Any]]:
+        """One entry per number whose status now is `current` (and, with `span`, changed
+        within it), newest first."""
+        found: list[tuple[float, str, str]] = []
+        for phone, changes in self._opt.items():
+            seen = [c for c in changes if c[0] <= now]
+            if not seen or seen[-1][1] != current:
+                continue
+            if span is not None and not any(span[0] <= t <= span[1] for t, _ in seen):
+                continue
+            found.append((seen[-1][0], phone, seen[-1][1]))
+        found.sort(key=lambda e: (-e[0], e[1]))
+        return [
+            {
+                "to_phone": phone,
+                "from_phone": SENDER,
+                "created_at": round(at, 3),
+                "status": status,
+                "current_status": current,
+            }
+            for at, phone, status in found
+        ]
+
+    async def opt_status(self, request: web.Request) -> web.Response:
+        if request.headers.get("access-token") != self.config.access_token:
+            return _error(401, "invalid access token")
+        wait = self._limited()
+        if wait is not None:
+            return _error(429, "too many requests", {"Retry-After": str(wait)})
+        query = request.query
+        current = query.get("current_status")
+        if current not in ("opt-out", "opt-in"):
+            return _error(400, "current_status must be opt-out or opt-in")
+        try:
+            start = int(query["start_time"]) / 1000 if "start_time" in query else None
+            end = int(query["end_time"]) / 1000 if "end_time" in query else None
+            number = int(query.get("page", "1"))
+            per_page = min(OPT_PER_PAGE, max(1, int(query.get("per_page", "25"))))
+        except ValueError:
+            return _error(400, "start_time, end_time, page and per_page must be whole numbers")
+        now = time.time()
+        if start is not None and end is None:
+            entries = self._opt_entries(current, (start, now), now)[:LATEST_WITHOUT_FROM]
+        else:
+            span = None if start is None or end is None else (start, end)
+            entries = self._opt_cached(current, span, now)
+        total = len(entries)
+        shown = entries[(number - 1) * per_page : number * per_page] if number >= 1 else []
+        return web.json_response(
+            {
+                "current_page": number,
+                "per_page": per_page,
+                "total_entries": total,
+                "total_pages": math.ceil(total / per_page),
+                "time_token": round(now, 2),
+                "entries": shown,
+            }
+        )
 
     def _add(self, entry: _Entry) -> None:
         self._entries.append(entry)

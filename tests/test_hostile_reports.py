@@ -27,6 +27,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers import cli as run_cli
+from tests.helpers.optouts import OFF
 
 TOKEN = "tok-51ab-SECRET-77cd"
 PEOPLE = phones(3)
@@ -49,6 +50,7 @@ def sent_campaign(
             "access_token": "${REPORT_TOKEN}",
             "base_url": report_url,
             "settle_minutes": 0,
+            **OFF,
         },
         limits={"max_attempts": 2, **limits},
         ledger=store,

@@ -24,6 +24,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.helpers.optouts import OFF
 
 TOKEN = "a-token-of-thirty-two-characters-x"
 DEEP = b"[" * 100_000
@@ -175,7 +176,7 @@ async def test_the_page_checks_delivery_through_a_retry_after_of_unicode_digits(
 
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in people])
     with FaultServer(reply) as api:
-        reporting = {"agent_id": "7", "access_token": "t", "base_url": api.url}
+        reporting = {"agent_id": "7", "access_token": "t", "base_url": api.url, **OFF}
         job = write_job(tmp_path, sandbox.url, input=data, reporting=reporting)
         assert cli("run", str(job), "--no-progress").returncode == 0
         served = serve(tmp_path, job, TOKEN)

@@ -20,6 +20,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers import cli as run_cli
+from tests.helpers.optouts import OFF
 
 TOKEN = "tok-7c1e-SECRET-91aa-d00d"
 # The job file names the token's variable, as an operator's would: the token is in the
@@ -43,7 +44,7 @@ def campaign(
     """A campaign of 3 people sent through the sandbox, on `store`; its delivery reports
     at `report_url`."""
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
-    settings = {"agent_id": "7", "access_token": TOKEN_VAR, "settle_minutes": 0, **reporting}
+    settings = {"agent_id": "7", "access_token": TOKEN_VAR, "settle_minutes": 0, **OFF, **reporting}
     job = write_job(
         tmp_path,
         sandbox.url,
@@ -273,7 +274,7 @@ def test_a_custom_auth_campaign_cannot_be_matched(tmp_path: Path) -> None:
                 "params": {"emp_id": "Employee ID"},
                 "recipient_key": ["emp_id"],
             },
-            reporting={"agent_id": "1", "access_token": TOKEN_VAR},
+            reporting={"agent_id": "1", "access_token": TOKEN_VAR, **OFF},
         )
         assert cli("run", str(job), "--no-progress").returncode == 0
         result = cli("reconcile", str(job))
@@ -300,7 +301,7 @@ def test_a_refused_reconcile_leaves_resend_unknown_as_it_was(
             api.url,
             name="lost",
             input=data,
-            reporting={"agent_id": "7", "access_token": TOKEN_VAR},
+            reporting={"agent_id": "7", "access_token": TOKEN_VAR, **OFF},
             ledger=store,
         )
         assert cli("run", str(lost), "--no-progress").returncode == 1  # all unknown

@@ -4,9 +4,10 @@ One list per store, shared by every campaign and the page: `{output_dir}/suppres
 (WAL, synchronous=FULL, schema versioned with `PRAGMA user_version`), apart from the
 campaigns' ledgers because it outlives them, or a table of the PostgreSQL store's shared
 schema. Each entry: the E.164 number, why, where it came from (`report`: a delivery report
-said so; `manual`: `suppress add` or the page; `import`: `suppress import`) and when it was
-added. Adding a number already on the list keeps the first entry: "since when" is the first
-time.
+said so; `manual`: `suppress add` or the page; `import`: `suppress import`; `avaamo`:
+Avaamo's own opt-out list, `optouts`) and when it was added. Adding a number already on
+the list keeps the first entry: "since when" is the first time. The list also keeps when
+each sync from outside last read its source whole (`syncs`).
 
 The list is read three ways:
 - when a run maps its input, every row whose number is on it becomes `suppressed`
@@ -64,9 +65,11 @@ from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
 from campaign.times import iso_utc
 
 SUPPRESSION_FILE = "suppression.sqlite"
-SCHEMA_VERSION = 2  # 2: PostgreSQL entries carry the transaction that added them
+SCHEMA_VERSION = 3  # 2: PostgreSQL entries carry the transaction that added them; 3: syncs
 SHARED_SCHEMA = "campaign_shared"  # PostgreSQL: what every campaign of the store shares
-SOURCES = ("report", "manual", "import")
+SOURCES = ("report", "manual", "import", "avaamo")
+# Entries an opt-in at Avaamo takes off again: what a person put on the list stays.
+OPT_IN_REMOVES = ("avaamo", "report")
 POLL_S = 0.5  # one indexed query per run every half second, at most
 _LOOKUP_BATCH = 500  # numbers per `IN (...)` query, below SQLite's variable limit
 _WRITE_BATCH = 10_000
@@ -78,6 +81,10 @@ CREATE TABLE IF NOT EXISTS numbers (
     reason TEXT NOT NULL,
     source TEXT NOT NULL,
     added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS syncs (
+    name TEXT PRIMARY KEY,
+    synced_at REAL NOT NULL
 );
 """
 # PostgreSQL: the transaction that added each entry, for a watch in commit order (see the
@@ -131,7 +138,9 @@ class SuppressionList:
             )
             if self.db.version() >= SCHEMA_VERSION:
                 return
-        self.db.execute(self.db.ddl(_SCHEMA))
+        for statement in self.db.ddl(_SCHEMA).split(";"):
+            if statement.strip():
+                self.db.execute(statement)
         if self.db.postgres:
             self.db.script(_PG_TXID)
         self.db.set_version(SCHEMA_VERSION)
@@ -174,6 +183,58 @@ class SuppressionList:
                 ).rowcount,
                 0,
             )
+
+    def add_each(self, entries: list[tuple[str, str]], source: str) -> int:
+        """Put (E.164 phone, reason) `entries` on the list in one transaction; returns how
+        many were not on it yet (an entry already there keeps its first reason)."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+        if not entries:
+            return 0
+        now = time.time()
+        with Transaction(self.db):
+            return max(
+                self.db.executemany(
+                    "INSERT INTO numbers (phone, reason, source, added_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (phone) DO NOTHING",
+                    [(phone, reason, source, now) for phone, reason in entries],
+                ).rowcount,
+                0,
+            )
+
+    def remove_opted_in(self, phones: list[str]) -> int:
+        """Take `phones` off the list where an opt-in may lift them (`OPT_IN_REMOVES`)."""
+        if not phones:
+            return 0
+        marks = ",".join("?" * len(OPT_IN_REMOVES))
+        with Transaction(self.db):
+            return max(
+                self.db.executemany(
+                    f"DELETE FROM numbers WHERE phone = ? AND source IN ({marks})",
+                    [(p, *OPT_IN_REMOVES) for p in phones],
+                ).rowcount,
+                0,
+            )
+
+    def synced_at(self, name: str) -> float | None:
+        """When the sync `name` last read its source whole (epoch seconds), or None."""
+        found = self.db.execute("SELECT synced_at FROM syncs WHERE name = ?", (name,)).fetchone()
+        return None if found is None else float(found[0])
+
+    def set_synced(self, name: str, at: float) -> None:
+        """Record a whole sync that began at `at`; never moves the time back (another host
+        may have recorded a later one meanwhile)."""
+        with Transaction(self.db):
+            self.db.execute(
+                "INSERT INTO syncs (name, synced_at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                "SET synced_at = CASE WHEN syncs.synced_at > excluded.synced_at "
+                "THEN syncs.synced_at ELSE excluded.synced_at END",
+                (name, at),
+            )
+
+    def count_from(self, source: str) -> int:
+        found = self.db.execute("SELECT count(*) FROM numbers WHERE source = ?", (source,))
+        return int(found.fetchone()[0])
 
     def remove(self, phones: Iterable[str]) -> int:
         """Take `phones` off the list; returns how many were on it."""

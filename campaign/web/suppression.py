@@ -1,8 +1,12 @@
 """The upload service's suppression routes: the store's list, read and changed by hand
 (the output_dir's SQLite list, or the PostgreSQL store's shared one).
 
-    GET    /api/suppression            {"count", "entries": [{phone, reason, source, added_at}]}
+    GET    /api/suppression            {"count", "entries": [{phone, reason, source, added_at}],
+                                         "avaamo": {"enabled", "synced_at", "count"}}
                                         (`?format=csv`: the CSV of `campaign suppress list`)
+    POST   /api/suppression/sync       Avaamo's opt-outs read now (`campaign suppress sync`)
+                                        -> {"added", "removed", "unchanged", "skipped",
+                                            "unread", "problems", "avaamo"}
     POST   /api/suppression            {"phones": [...], "reason"} -> {"added", "already"}
     DELETE /api/suppression            {"phones": [...]}           -> {"removed", "not_listed"}
 
@@ -23,6 +27,7 @@ from aiohttp import web
 from campaign.escape import escape
 from campaign.phones import normalize_phones
 from campaign.store.suppression import SuppressionList
+from campaign.times import iso_utc
 from campaign.web.access import json_body
 from campaign.web.api import SERVICE
 from campaign.web.service import ServiceError
@@ -35,16 +40,18 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/suppression", listing)
     app.router.add_post("/api/suppression", add)
     app.router.add_delete("/api/suppression", remove)
+    app.router.add_post("/api/suppression/sync", sync)
 
 
 async def listing(request: web.Request) -> web.Response:
     job = request.app[SERVICE].job
 
-    def read() -> list[tuple[str, str, str, str]]:
+    def read() -> tuple[list[tuple[str, str, str, str]], dict[str, Any]]:
         with SuppressionList(job.output_dir, job.ledger) as listed:
-            return [(e.phone, e.reason, e.source, e.added) for e in listed.entries()]
+            found = [(e.phone, e.reason, e.source, e.added) for e in listed.entries()]
+            return found, _avaamo(listed, job)
 
-    entries = await asyncio.to_thread(read)
+    entries, avaamo = await asyncio.to_thread(read)
     if request.query.get("format") == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -57,7 +64,54 @@ async def listing(request: web.Request) -> web.Response:
         )
     keys = ("phone", "reason", "source", "added_at")
     return web.json_response(
-        {"count": len(entries), "entries": [dict(zip(keys, e, strict=True)) for e in entries]}
+        {
+            "count": len(entries),
+            "entries": [dict(zip(keys, e, strict=True)) for e in entries],
+            "avaamo": avaamo,
+        }
+    )
+
+
+def _avaamo(listed: SuppressionList, job: Any) -> dict[str, Any]:
+    """What the card shows of Avaamo's opt-outs: when last read whole, how many numbers."""
+    from campaign.optouts import SOURCE, SYNC_NAME, wanted
+
+    synced = listed.synced_at(SYNC_NAME)
+    return {
+        "enabled": wanted(job.reporting),
+        "synced_at": iso_utc(synced) if synced is not None else None,
+        "count": listed.count_from(SOURCE),
+    }
+
+
+async def sync(request: web.Request) -> web.Response:
+    """Avaamo's opt-outs read into the list now, as `campaign suppress sync` does."""
+    from campaign.errors import ReportingRefused
+    from campaign.optouts import sync_opt_outs
+
+    await json_body(request, empty_ok=True)
+    job = request.app[SERVICE].job
+    if job.reporting is None:
+        raise ServiceError(400, "the job has no reporting: section (access_token)")
+    try:
+        result = await sync_opt_outs(job)
+    except ReportingRefused as exc:
+        raise ServiceError(502, str(exc)) from None
+
+    def card() -> dict[str, Any]:
+        with SuppressionList(job.output_dir, job.ledger) as listed:
+            return _avaamo(listed, job)
+
+    return web.json_response(
+        {
+            "added": result.added,
+            "removed": result.removed,
+            "unchanged": result.unchanged,
+            "skipped": result.skipped,
+            "unread": result.unread,
+            "problems": result.problems[:5],
+            "avaamo": await asyncio.to_thread(card),
+        }
     )
 
 

@@ -271,6 +271,7 @@ class FaultServer:
         app = aioweb.Application()
         app.router.add_post("/sms/{channel}/send.json", self._handle)
         app.router.add_get("/api/v1/agents/{agent}/sms/report.json", self._handle)
+        app.router.add_get("/api/v2/sms/opt-status.json", self._handle)
         runner = aioweb.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
         site = aioweb.TCPSite(runner, "127.0.0.1", 0)

@@ -532,6 +532,7 @@ async function loadSuppressedRows() {
 async function loadSuppression() {
   const list = await api("GET", "/api/suppression");
   $("suppression-count").textContent = `${plural(list.count, "number")} on the list.`;
+  showAvaamo(list.avaamo);
   const table = $("suppression");
   table.replaceChildren();
   const head = el("tr");
@@ -545,6 +546,29 @@ async function loadSuppression() {
     body.append(tr);
   }
   table.append(body);
+}
+
+// Avaamo's own opt-outs (people who replied STOP): when the list last read them, how many.
+function showAvaamo(avaamo) {
+  $("avaamo-sync-block").hidden = !avaamo || !avaamo.enabled;
+  if (!avaamo) return;
+  const when = avaamo.synced_at ? `last synced from Avaamo ${avaamo.synced_at}` : "not synced from Avaamo yet";
+  $("avaamo-synced").textContent = `${plural(avaamo.count, "number")} from Avaamo's opt-outs; ${when}.`;
+}
+
+async function syncAvaamo() {
+  $("suppression-error").textContent = "";
+  $("avaamo-sync-status").textContent = "Reading Avaamo's opt-outs…";
+  try {
+    const done = await api("POST", "/api/suppression/sync", {});
+    const unread = done.unread ? `; not read whole: ${done.problems.join("; ")}` : "";
+    $("avaamo-sync-status").textContent =
+      `Added ${done.added}, removed ${done.removed}, ${done.unchanged} unchanged, ${done.skipped} unusable entries skipped${unread}.`;
+    await loadSuppression();
+  } catch (error) {
+    $("avaamo-sync-status").textContent = "";
+    $("suppression-error").textContent = error.message;
+  }
 }
 
 async function changeSuppression(method) {
@@ -590,6 +614,7 @@ function wire() {
   });
   $("suppress-add").addEventListener("click", () => changeSuppression("POST"));
   $("suppress-remove").addEventListener("click", () => changeSuppression("DELETE"));
+  $("avaamo-sync").addEventListener("click", syncAvaamo);
   $("invalid-prev").addEventListener("click", () => { invalidOffset = Math.max(0, invalidOffset - PAGE); loadInvalid(); });
   $("invalid-next").addEventListener("click", () => { invalidOffset += PAGE; loadInvalid(); });
 }

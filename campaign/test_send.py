@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from campaign.errors import CampaignError, PageUnreadable, UsageError
+from campaign.errors import CampaignBusy, CampaignError, PageUnreadable, UsageError
 from campaign.fixed_mapping import made_on_page, own_mapping
 from campaign.job import Job
 from campaign.load import open_sheet
@@ -199,30 +199,60 @@ async def send_test(
     plan: Plan,
     on_wait: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_sent: Callable[[TestOutcome], None] | None = None,
 ) -> TestOutcome:
-    """Send the plan's requests, recorded in the campaign's ledger; with `reporting:`,
-    then wait for their report entries (until `stop` is set)."""
+    """Send the plan's requests, recorded in the campaign's ledger (`on_sent` is told once
+    they are answered); with `reporting:`, then wait for their report entries (until
+    `stop` is set). The campaign is held while the requests leave, not while the report
+    is waited for: a run may start meanwhile."""
     job = plan.job
     store = store_of(job.output_dir, job.ledger)
     outcome = TestOutcome(plan, [TestRequest(phone) for phone in plan.phones])
-    with contextlib.ExitStack() as hold:
-        owned = await asyncio.to_thread(
-            hold.enter_context, store.open_campaign(plan.campaign, job.name)
-        )
-        ledger = owned.ledger
-        log_to_file(plan.campaign, owned.directory / LOG_FILE)
-        hold.callback(log_to_file, plan.campaign, None)
+    with contextlib.ExitStack() as logging:
+        directory = store.output_dir / plan.campaign
         structlog.contextvars.bind_contextvars(campaign=plan.campaign)
-        hold.callback(structlog.contextvars.unbind_contextvars, "campaign")
-        await asyncio.to_thread(test_sends.ensure, ledger)
-        await _send_all(plan, ledger, outcome.requests)
-        if job.reporting is not None and any(r.state == "sent" for r in outcome.requests):
-            outcome.waited = True
-            outcome.stopped_waiting = await _wait_for_reports(
-                plan, ledger, outcome.requests, on_wait or (lambda _: None), stop
+        logging.callback(structlog.contextvars.unbind_contextvars, "campaign")
+        with contextlib.ExitStack() as hold:
+            owned = await asyncio.to_thread(
+                hold.enter_context, store.open_campaign(plan.campaign, job.name)
             )
-        await asyncio.to_thread(_refresh_summary, ledger, owned.directory, plan.campaign)
+            log_to_file(plan.campaign, directory / LOG_FILE)
+            logging.callback(log_to_file, plan.campaign, None)
+            ledger = owned.ledger
+            await asyncio.to_thread(test_sends.ensure, ledger)
+            taken = {
+                phone: await asyncio.to_thread(test_sends.claimed_keys, ledger, phone)
+                for phone in plan.phones
+            }
+            await _send_all(plan, ledger, outcome.requests)
+            await asyncio.to_thread(_refresh_summary, ledger, directory, plan.campaign)
+        if on_sent is not None:
+            on_sent(outcome)
+        if job.reporting is None or not any(r.state == "sent" for r in outcome.requests):
+            return outcome
+        outcome.waited = True
+        outcome.stopped_waiting = await _wait_for_reports(
+            plan, outcome.requests, taken, on_wait or (lambda _: None), stop
+        )
+        await asyncio.to_thread(_record_reports, store, plan, outcome.requests)
     return outcome
+
+
+def _record_reports(store: Store, plan: Plan, requests: list[TestRequest]) -> None:
+    found = [r for r in requests if r.received is not None]
+    if not found:
+        return
+    try:
+        with store.open_campaign(plan.campaign, plan.job.name) as owned:
+            for request in found:
+                assert request.received is not None
+                received = request.received
+                report = test_sends.Report(received.key, received.status, received.error)
+                test_sends.reported(owned.ledger, request.id, report, time.time())
+            _refresh_summary(owned.ledger, owned.directory, plan.campaign)
+    except CampaignBusy:
+        # A run started meanwhile: the test's answer is recorded, its report is not.
+        log.warning("the test's delivery report is not recorded: the campaign is busy now")
 
 
 async def _send_all(plan: Plan, ledger: Ledger, requests: list[TestRequest]) -> None:
@@ -293,8 +323,8 @@ async def _send_one(
 
 async def _wait_for_reports(
     plan: Plan,
-    ledger: Ledger,
     requests: list[TestRequest],
+    taken: dict[str, set[str]],
     on_wait: Callable[[str], None],
     stop: asyncio.Event | None,
 ) -> bool:
@@ -321,16 +351,9 @@ async def _wait_for_reports(
     async with client:
         while waiting:
             for request in list(waiting):
-                found = await _entry_of(client, ledger, request)
+                found = await _entry_of(client, request, taken[request.phone])
                 if found is not None:
                     request.received = found
-                    await asyncio.to_thread(
-                        test_sends.reported,
-                        ledger,
-                        request.id,
-                        test_sends.Report(found.key, found.status, found.error),
-                        time.time(),
-                    )
                     if found.status in FINAL:
                         waiting.remove(request)
             elapsed = time.monotonic() - started
@@ -346,7 +369,7 @@ async def _wait_for_reports(
     return False
 
 
-async def _entry_of(client: Any, ledger: Ledger, request: TestRequest) -> Received | None:
+async def _entry_of(client: Any, request: TestRequest, taken: set[str]) -> Received | None:
     """The entry nearest the request's time, among those no earlier test took."""
     now = time.time()
     try:
@@ -354,9 +377,6 @@ async def _entry_of(client: Any, ledger: Ledger, request: TestRequest) -> Receiv
     except PageUnreadable as exc:
         log.warning("the Reporting API's answer could not be read; trying again", error=str(exc))
         return None
-    taken = await asyncio.to_thread(test_sends.claimed_keys, ledger, request.phone)
-    if request.received is not None:
-        taken.discard(request.received.key)
     mine = [e for e in entries if e.key not in taken]
     if not mine:
         return None

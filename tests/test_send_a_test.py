@@ -287,3 +287,36 @@ def test_a_report_that_never_comes_is_waited_for_and_ctrl_c_stops_waiting(
 
     assert process.returncode == 1
     assert "no delivery report yet (stopped waiting)" in out
+
+
+def test_a_test_sends_report_entry_never_confirms_a_person_of_the_same_number(
+    tmp_path: Path, store: str | None
+) -> None:
+    """Ann's request to X never arrives (504, nothing forwarded): she is `unknown`. A test
+    to X follows. Its entry is the test's, not Ann's: she is not_found and resent, never
+    taken for `sent` on the strength of the test's SMS."""
+    from campaign.sandbox_reporting import CREATED_WITHIN_S
+    from tests.helpers import BLOCK, Gateway, reached, reconcile_until
+
+    x = "+14155550177"
+    box = start_sandbox(tmp_path, "--delivery-delay-s", "0")
+    reporting = {**REPORTING, "base_url": box.url, "settle_minutes": (CREATED_WITHIN_S + 0.5) / 60}
+    people = write_csv(tmp_path / "ann.csv", ["Phone", "First Name"], [[x, "Ann"]])
+
+    def ann_job(api_url: str) -> Path:
+        return write_job(tmp_path, api_url, input=people, reporting=reporting, ledger=store)
+
+    try:
+        with Gateway(box.url, lambda _body: BLOCK) as gateway:
+            assert cli("run", str(ann_job(gateway.url)), "--no-progress").returncode == 1
+        job = ann_job(box.url)
+        tested = cli("test", str(job), "--to", x, "--no-progress")
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        rows = reconcile_until(
+            job, "test", lambda rows: all(r["_delivery"] == "not_found" for r in rows)
+        )
+        assert [(r["_status"], r["_delivery"]) for r in rows] == [("unknown", "not_found")]
+        assert cli("run", str(job), "--no-progress", "--resend-unknown").returncode == 0
+        assert reached(box, "to_phone", "first_name") == {(x, "Ann"): 2}  # the test, then Ann's
+    finally:
+        box.stop()

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from campaign.logs import mask_phone
-from campaign.store.ledger import Ledger
+from campaign.store.ledger import TEST_SENDS, Ledger
 from campaign.times import iso_utc
 
-TABLE = "test_sends"
+TABLE = TEST_SENDS  # the ledger's matching reads it too (`Ledger.requests`)
 _SCHEMA = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sent_at REAL NOT NULL,

@@ -260,13 +260,28 @@ async def _send_all(plan: Plan, ledger: Ledger, requests: list[TestRequest]) -> 
     from campaign.rate import RateLimiter
 
     job = plan.job
-    limiter = RateLimiter(job.limits.rate_per_second)
-    async with SendClient(job.api, 1) as client:
-        for request in requests:
-            body = json.dumps({"to_phone": request.phone, **plan.payload}, ensure_ascii=False)
-            await _send_one(plan, ledger, client, limiter, request, body.encode())
-            if request.fatal:
-                return  # the channel is wrong: the other numbers would get the same
+    budget = None
+    limiter: Any = RateLimiter(job.limits.rate_per_second)
+    if job.ledger is not None:
+        # On PostgreSQL the channel's rate is one budget for every worker (store/budget.py):
+        # a test beside a run of the same channel takes its slots from it too.
+        from campaign.avaamo import send_url
+        from campaign.rate import SharedRateLimiter
+        from campaign.store.budget import RateBudget
+
+        budget = await RateBudget.connect(job.ledger, send_url(job.api))
+        limiter = SharedRateLimiter(job.limits.rate_per_second, budget.grant)
+    try:
+        async with SendClient(job.api, 1) as client:
+            for request in requests:
+                body = json.dumps({"to_phone": request.phone, **plan.payload}, ensure_ascii=False)
+                await _send_one(plan, ledger, client, limiter, request, body.encode())
+                if request.fatal:
+                    return  # the channel is wrong: the other numbers would get the same
+    finally:
+        if budget is not None:
+            await limiter.aclose()
+            await budget.close()
 
 
 async def _send_one(

@@ -108,6 +108,7 @@ def plan_test(
     row: int | None,
     campaign: str | None,
     input_path: str | None = None,
+    from_page: bool = False,
 ) -> Plan:
     """The row, its payload and the test numbers; `UsageError` (exit 2) for a number that
     is not valid, on the suppression list or outside its send window, and for a row that
@@ -115,7 +116,7 @@ def plan_test(
     campaign_id = job.campaign_for(campaign)
     phones = _test_numbers(job, given)
     store = store_of(job.output_dir, job.ledger)
-    job = _as_the_run_maps(job, store, campaign_id)
+    job = _as_the_run_maps(job, store, campaign_id, bool(input_path) or from_page)
     mapped = _pick_row(job, row, input_path)
     assert mapped.payload is not None
     payload = {k: v for k, v in json.loads(mapped.payload).items() if k != "to_phone"}
@@ -152,14 +153,22 @@ def _test_numbers(job: Job, given: list[str]) -> list[str]:
     return list(phones)
 
 
-def _as_the_run_maps(job: Job, store: Store, campaign: str) -> Job:
+def _as_the_run_maps(job: Job, store: Store, campaign: str, input_given: bool) -> Job:
     """The job with the mapping the campaign's run uses: its stored one once a request
-    went out with it (or it was made on the page), else the job file's."""
+    went out with it (or it was made on the page), else the job file's. `input_given`:
+    the spreadsheet was named (`--input`, or the page's upload)."""
     with store.reader(campaign) as ledger:
         if ledger is None:
             return job
+        page = made_on_page(ledger)
+        if page and not input_given:
+            # The job file's input is not the page's upload: its row N is another person.
+            raise UsageError(
+                f"campaign {campaign} was made on the page: send the test from the page, "
+                "or give its spreadsheet with --input"
+            )
         own = own_mapping(ledger, store.output_dir / campaign)
-        if own is not None and (made_on_page(ledger) or ledger.total_requests()):
+        if own is not None and (page or ledger.total_requests()):
             return job.with_changes(mapping=own)
     return job
 

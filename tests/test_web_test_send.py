@@ -102,3 +102,26 @@ def test_a_test_needs_the_token(served: Served, sandbox: Sandbox) -> None:
 
     asyncio.run(scenario())
     assert sandbox.records() == []
+
+
+def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadsheet(
+    tmp_path: Path, served: Served, sandbox: Sandbox
+) -> None:
+    """The job file's input is not the page's upload: its row 1 is another person."""
+    from tests.helpers import cli
+    from tests.helpers.web import XLSX
+
+    async def validated() -> str:
+        async with client(served) as http:
+            return await upload_and_validate(http)
+
+    campaign = asyncio.run(validated())
+    job = tmp_path / "job.yaml"
+    refused = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE)
+    assert refused.returncode == 2
+    assert "was made on the page: send the test from the page" in refused.stderr
+    assert sandbox.records() == []
+
+    given = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE, "--input", str(XLSX))
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert [r["body"]["first_name"] for r in sandbox.records()] == ["José"]

@@ -291,10 +291,10 @@ class Campaigns:
         the report's message is waited for in the background (`test_view`)."""
         from campaign.test_send import plan_test
 
-        job = await self._job_as_sent(campaign)
+        job, upload = await self._job_as_sent(campaign)
         async with self._exclusive(campaign, "sending a test"):
             try:
-                plan = await asyncio.to_thread(plan_test, job, to, row, campaign)
+                plan = await asyncio.to_thread(plan_test, job, to, row, campaign, None, upload)
             except CampaignError as exc:
                 raise ServiceError(400, str(exc)) from None
             view: dict[str, Any] = {"row": plan.row, "params": plan.payload}
@@ -316,18 +316,19 @@ class Campaigns:
             raise ServiceError(404, f"campaign {campaign}: no test sent from this page server")
         return view
 
-    async def _job_as_sent(self, campaign: str) -> Job:
-        """The job as the campaign's run would use it: a page campaign's upload and
-        mapping; a campaign of `campaign run`, the job file (its stored mapping applies)."""
+    async def _job_as_sent(self, campaign: str) -> tuple[Job, bool]:
+        """The job as the campaign's run would use it, and whether its input is the page's
+        upload: a page campaign's upload and mapping; a campaign of `campaign run`, the
+        job file (its stored mapping applies)."""
         directory = await self.directory(campaign)
         info = await asyncio.to_thread(read_json, directory / WEB_FILE)
         if not info:
-            return self.job
+            return self.job, False
         if not info.get("validated"):
             raise ServiceError(409, f"campaign {campaign}: validate the mapping before a test")
         upload = directory / info["upload"]
         raw = await asyncio.to_thread(read_json, directory / MAPPING_FILE)
-        return self._job_for(self._check_mapping(raw, upload, info["columns"]), upload)
+        return self._job_for(self._check_mapping(raw, upload, info["columns"]), upload), True
 
     def stop(self, campaign: str) -> None:
         if not self.sends.stop(campaign):

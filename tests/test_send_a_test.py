@@ -320,3 +320,19 @@ def test_a_test_sends_report_entry_never_confirms_a_person_of_the_same_number(
         assert reached(box, "to_phone", "first_name") == {(x, "Ann"): 2}  # the test, then Ann's
     finally:
         box.stop()
+
+
+def test_a_test_reported_undelivered_exits_1_with_the_reason(tmp_path: Path) -> None:
+    box = start_sandbox(tmp_path, "--delivery-delay-s", "0", "--undelivered-rate", "1")
+    try:
+        job = _job(tmp_path, box.url, reporting=REPORTING)
+        done = cli("test", str(job), "--to", TEST_PHONE, "--no-progress")
+        (entry,) = _report_entries(box, e164(TEST_PHONE))
+    finally:
+        box.stop()
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert entry["sms_status"] in ("undelivered", "failed")
+    status = f"{entry['sms_status']}: {entry['sms_status_response']}"
+    assert f"sms_status ({e164(TEST_PHONE)}): {status}" in done.stdout
+    assert f"This is what row 1 produces: {entry['message']}" in done.stdout

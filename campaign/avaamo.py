@@ -2,7 +2,7 @@
 
     POST {api.base_url}/sms/{channel_uuid}/send.json                 (`SendClient`)
     GET  {base_url}/api/v1/agents/{agent_id}/sms/report.json        (`ReportingClient`)
-         ?from_timetoken=EPOCH&to_timetoken=EPOCH&page=N
+         ?from_timetoken=EPOCH&to_timetoken=EPOCH&page=N[&to_phone=..]
          access-token: TOKEN
     GET  {base_url}/api/v2/sms/opt-status.json                       (`OptStatusClient`)
          ?current_status=opt-out|opt-in[&start_time=MS&end_time=MS]&page=N&per_page=100
@@ -58,7 +58,7 @@ from campaign.policy import (
     wait,
 )
 from campaign.rate import RateLimiter
-from campaign.reporting import Page, parse_page
+from campaign.reporting import Page, Received, parse_page, parse_received
 
 P = TypeVar("P")
 
@@ -325,6 +325,23 @@ class ReportingClient(_PagedReader):
         return await self._page(
             params, number, lambda raw: parse_page(raw, number, region), "Reporting API"
         )
+
+    async def received(self, to_phone: str, start: float, end: float) -> list[Received]:
+        """The entries to `to_phone` created in [start, end], with their messages: the
+        first page only (newest first), which is all a test send looks for."""
+        params = {
+            "from_timetoken": f"{start:.3f}",
+            "to_timetoken": f"{end:.3f}",
+            "to_phone": to_phone,
+            PAGE_PARAM: "1",
+        }
+        if self.from_phone:
+            params["from_phone"] = self.from_phone
+        region = self.region
+        page = await self._page(
+            params, 1, lambda raw: parse_received(raw, 1, region), "Reporting API"
+        )
+        return page[1]
 
     def _refused(self, answer: Answer) -> str:
         fix = {

@@ -48,6 +48,10 @@ def _non_negative_float(text: str) -> float:
     return float(_number(text, float, lambda v: 0 <= v < float("inf"), "a number of 0 or more"))
 
 
+def _positive_int(text: str) -> int:
+    return int(_number(text, int, lambda v: v > 0, "a whole number of 1 or more"))
+
+
 def _share(text: str) -> float:
     return float(_number(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1"))
 
@@ -185,6 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--campaign", metavar="ID", help="campaign id (default: the job's latest campaign)"
     )
     state_options(reconcile)
+
+    test = commands.add_parser(
+        "test",
+        help="send one row's SMS to your own test numbers, and show the message received",
+        description="Send one row of the input, mapped as the run maps it, to test numbers "
+        "instead of its person: one request per number, recorded apart from the campaign's "
+        "people (a later run sends everyone as before). With a reporting: section, the "
+        "message the phone received is shown. Exit 0 every test request was sent (and "
+        "reported delivered or sent), 1 some were not, 2 unusable job/row/number, 3 the API "
+        "refused (401/403/404).",
+    )
+    input_options(test)
+    test.add_argument(
+        "--to",
+        action="append",
+        metavar="PHONE",
+        help="a test number (repeat for several; default: the job's test_recipients)",
+    )
+    test.add_argument(
+        "--row",
+        type=_positive_int,
+        metavar="N",
+        help="the input's row N (1 is the first under the header; default: the first sendable row)",
+    )
+    test.add_argument("--campaign", metavar="ID", help="campaign id (default: the job's campaign:)")
 
     sandbox = commands.add_parser(
         "sandbox", help="a local stand-in for the Avaamo SMS API (never forwards anything)"
@@ -342,6 +371,8 @@ def _dispatch(args: argparse.Namespace, state: dict[str, Any]) -> int:
         from campaign.web.app import serve_web
 
         return serve_web(args)
+    if args.command == "test":
+        return _test(args, state)
     if args.command == "suppress":
         from campaign import cli_suppress
 
@@ -593,6 +624,19 @@ def _reconcile(args: argparse.Namespace, state: dict[str, Any]) -> int:
         print(f"  not read: {problem}")
     print(f"  results: {outcome.directory / 'results.csv'}")
     return outcome.exit_code
+
+
+def _test(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    from campaign import logs
+    from campaign.test_send import run_test_command
+
+    logs.configure(args.log_format)
+    job = _load(args)
+    logs.masker.hide(job.api.channel_uuid)
+    if job.reporting is not None:
+        logs.masker.hide(job.reporting.access_token, keep=0)
+    state["directory"] = Path(job.output_dir)
+    return int(run_test_command(job, args, _run_loop))
 
 
 def _error(message: str) -> None:

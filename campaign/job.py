@@ -309,6 +309,25 @@ class Job(_Strict):
     # Where the ledgers, the suppression list and the locks are: None for SQLite files
     # under output_dir, or a postgresql:// URL (many hosts).
     ledger: str | None = None
+    # `campaign test` and the page's test send: the numbers a test goes to by default.
+    test_recipients: list[str] = Field(default_factory=list, max_length=20)
+
+    @field_validator("test_recipients", mode="before")
+    @classmethod
+    def _phones(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, list):
+            return value  # pydantic names the type it wants
+        mapping = info.data.get("mapping")
+        region = mapping.default_region if isinstance(mapping, Mapping) else "US"
+        from campaign.phones import normalize_phone
+
+        phones = []
+        for i, item in enumerate(value):
+            phone, why = normalize_phone(str(item).strip(), region)
+            if phone is None:
+                raise ValueError(f"entry {i + 1}: {why}")
+            phones.append(phone)
+        return phones
 
     @field_validator("ledger")
     @classmethod

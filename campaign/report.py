@@ -157,6 +157,11 @@ def summarize(
     reconciled = ledger.get_meta("reconcile")
     if reconciled is not None:
         summary["last_reconcile"] = reconciled
+    # Test sends (`campaign test`): apart from the people, never in `counts`.
+    from campaign.store.test_sends import summary as test_sends
+
+    if tests := test_sends(ledger):
+        summary["tests"] = tests
     run = ledger.last_run(("run",))
     if run is not None:
         ended = run.finished_at or time.time()

@@ -162,3 +162,33 @@ def _count(value: object) -> TypeGuard[int]:
 def _refusal(exc: JsonRefused) -> str:
     text = str(exc)
     return text if text.startswith("not ") else f"JSON {text}"
+
+
+MESSAGE_CHARS = 2000  # an SMS is at most a few hundred characters; more is not a message
+
+
+@dataclass(frozen=True)
+class Received:
+    """One report entry with the text the phone received (a test send's preview)."""
+
+    key: str
+    created_at: float
+    status: str
+    error: str | None
+    message: str | None
+
+
+def parse_received(raw: bytes, number: int, region: str) -> tuple[Page, list[Received]]:
+    """A page's answer (`parse_page`), and its usable entries with their `message`."""
+    page = parse_page(raw, number, region)
+    body = load_json(raw, MAX_PAGE_BYTES)  # parsed once already: it is a page
+    received = []
+    for item in body["entries"]:
+        entry = parse_entry(item, region)
+        if entry is None:
+            continue
+        text = item.get("message")
+        message = text[:MESSAGE_CHARS] if isinstance(text, str) else None
+        key, _, created, status, error = entry
+        received.append(Received(key, created, status, error, message))
+    return page, received

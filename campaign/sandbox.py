@@ -83,7 +83,7 @@ def create_app(config: SandboxConfig) -> web.Application:
         dropped = bool(config.drop_after_accept) and random.random() < config.drop_after_accept
         line = {"t": arrived, "channel": request.match_info["channel"], "body": body}
         if isinstance(phone, str) and phone.startswith("+"):
-            line["report"] = reports.accept(phone, arrived)
+            line["report"] = reports.accept(phone, arrived, body)
         if dropped:
             line["dropped"] = True
         if record is not None:

@@ -20,6 +20,10 @@ sandbox delivered to reply STOP 0-1 s after delivery, and a third of those START
 `opt_in_after_s` later; the record says when (`opt_out`, `opt_in`). 100 entries a page at
 most, times in epoch milliseconds (`start_time` without `end_time`: the latest 3),
 `created_at` in seconds, one entry per number (its latest change).
+
+An entry's `message` is the greeting the agent would send, filled from the params the
+request carried (`message_for`), as a real agent's text is: a test send's preview
+(docs/commands.md, `campaign test`) can be checked end to end.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class _Entry:
     from_phone: str
     status: str  # the final one, after the delivery delay
     error: str | None
+    message: str = ""
 
 
 @dataclass
@@ -97,7 +102,9 @@ class Reports:
             self._opt[f"+1630{i:07d}"] = [(before + i * 1e-6, "opt-out")]
             self._change_times.append(before + i * 1e-6)
 
-    def accept(self, phone: str, arrived: float) -> dict[str, Any]:
+    def accept(
+        self, phone: str, arrived: float, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """A request the Send API accepted: its entry (and maybe others' entries); returns
         what the record says of it."""
         self._accepted += 1
@@ -111,6 +118,7 @@ class Reports:
             SENDER,
             final,
             error,
+            message_for(params or {}),
         )
         self._add(entry)
         if self._accepted % 2 == 0:
@@ -263,6 +271,11 @@ class Reports:
             first = max(0, last - LATEST_WITHOUT_FROM)
         else:
             first = min(bisect.bisect_left(self._times, since), last)
+        if "to_phone" in query:
+            # The API's filter: one number's entries (written any way), then paged.
+            wanted = _digits(query["to_phone"])
+            entries = [e for e in entries[first:last] if _digits(e.to_phone) == wanted]
+            first, last = 0, len(entries)
         # Newest first, a page at a time: only the page's own entries are copied, so a
         # report of a million entries costs the same per page as one of a hundred.
         end = last - (number - 1) * PER_PAGE
@@ -287,13 +300,31 @@ class Reports:
             "uuid": entry.uuid,
             "from_phone": entry.from_phone,
             "to_phone": formatted(entry.to_phone),
-            "message": "Hello! Reply to this message to start a conversation.",
+            "message": entry.message or message_for({}),
             "created_at": round(entry.created_at, 3),
             "sms_status": status,
         }
         if status in ("failed", "undelivered"):
             shown["sms_status_response"] = entry.error
         return shown
+
+
+def message_for(params: dict[str, Any]) -> str:
+    """The agent's greeting filled from a request's params: the first name greets, the
+    other params follow as `name: value`, in the order they came."""
+    name = params.get("first_name")
+    greeting = f"Hello {name}!" if isinstance(name, str) and name else "Hello!"
+    others = [
+        f"{key}: {value}"
+        for key, value in params.items()
+        if key not in ("to_phone", "first_name") and isinstance(value, str | int | float)
+    ]
+    details = f" ({', '.join(others)})" if others else ""
+    return f"{greeting}{details} Reply to this message to start a conversation."
+
+
+def _digits(phone: str) -> str:
+    return "".join(ch for ch in phone if ch.isdigit())
 
 
 def formatted(phone: str) -> str:

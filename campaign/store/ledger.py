@@ -235,6 +235,14 @@ _REQUEST_KIND = """CASE WHEN a.state = 'sent' THEN 2 WHEN a.state = 'suppressed'
     ELSE 1 END"""
 
 
+# Test sends (store/test_sends.py, a table of their own) as requests for matching: answered
+# 200 arrived; failed or waiting for a retry certainly did not; in flight or unknown, maybe.
+TEST_SENDS = "test_sends"
+_TEST_KIND = (
+    "CASE WHEN t.state = 'sent' THEN 2 WHEN t.state IN ('failed', 'pending') THEN 0 ELSE 1 END"
+)
+
+
 def _unclaimed(states: tuple[str, ...]) -> str:
     """People to send (`r`, joined to their input row `rows`): in one of `states` (one
     parameter each), held by nobody, and, if `unknown`, resendable (`_RESENDABLE`)."""
@@ -1105,19 +1113,26 @@ class Ledger:
         """(recipient id, or -1 for a person a delivery report says nothing of; phone as
         E.164 digits; start; kind) of every request started in [start, end] to a number in
         `share` of `shares` (number modulo shares), a batch at a time. The kind, from its
-        answer (`matching`): 2 known to have arrived, 0 certainly not, 1 maybe."""
+        answer (`matching`): 2 known to have arrived, 0 certainly not, 1 maybe.
+        A test send's request (`store/test_sends.py`) owns its entry like anyone's: it
+        competes as a person the report says nothing of, so its entry never confirms an
+        `unknown` person of the same number."""
         phone = "CAST(substr(r.to_phone, 2) AS BIGINT)"
-        yield from _batched(
-            self.db.stream(
-                f"SELECT CASE WHEN r.state IN {REQUESTED} THEN r.id ELSE -1 END, {phone}, "
-                f"a.started_at, {_REQUEST_KIND} FROM attempts a "
-                f"JOIN recipients r ON r.id = a.recipient_id WHERE r.to_phone IS NOT NULL "
-                f"AND a.started_at BETWEEN ? AND ? AND {phone} % ? = ?",
-                (start, end, shares, share),
-                batch,
-            ),
-            batch,
+        sql = (
+            f"SELECT CASE WHEN r.state IN {REQUESTED} THEN r.id ELSE -1 END, {phone}, "
+            f"a.started_at, {_REQUEST_KIND} FROM attempts a "
+            f"JOIN recipients r ON r.id = a.recipient_id WHERE r.to_phone IS NOT NULL "
+            f"AND a.started_at BETWEEN ? AND ? AND {phone} % ? = ?"
         )
+        params: tuple[Any, ...] = (start, end, shares, share)
+        if "to_phone" in self.db.columns(TEST_SENDS):
+            test_phone = "CAST(substr(t.to_phone, 2) AS BIGINT)"
+            sql += (
+                f" UNION ALL SELECT -1, {test_phone}, t.sent_at, {_TEST_KIND} "
+                f"FROM {TEST_SENDS} t WHERE t.sent_at BETWEEN ? AND ? AND {test_phone} % ? = ?"
+            )
+            params += params
+        yield from _batched(self.db.stream(sql, params, batch), batch)
 
     def report_windows(self) -> list[tuple[float, float, bool, float | None]]:
         """(start, end, read whole, when) of every span of the Reporting API looked at."""

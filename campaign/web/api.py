@@ -47,6 +47,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/campaigns/{id}/events", events)
     app.router.add_get("/api/campaigns/{id}/story", story)
     app.router.add_post("/api/campaigns/{id}/reconcile", reconcile)
+    app.router.add_post("/api/campaigns/{id}/test", send_test)
+    app.router.add_get("/api/campaigns/{id}/test", test_view)
 
 
 class _TooLarge(Exception):
@@ -176,6 +178,36 @@ async def reconcile(request: web.Request) -> web.Response:
     """Read the campaign's delivery reports now -> counts per delivery state."""
     service = request.app[SERVICE]
     return web.json_response(await service.reconcile(request.match_info["id"]))
+
+
+MAX_TEST_NUMBERS = 20
+
+
+async def send_test(request: web.Request) -> web.Response:
+    """A test send: {"to": ["+1..."], "row": N} -> the answers; the message follows
+    (GET .../test) once the Reporting API has it."""
+    body = await _json_body(request)
+    to = body.get("to") if isinstance(body, dict) else None
+    if isinstance(to, str):
+        to = [to]
+    if (
+        not isinstance(to, list)
+        or not 0 < len(to) <= MAX_TEST_NUMBERS
+        or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in to)
+    ):
+        raise ServiceError(400, f"to: give 1 to {MAX_TEST_NUMBERS} test numbers")
+    row = body.get("row")
+    if row is not None and (isinstance(row, bool) or not isinstance(row, int) or row < 1):
+        raise ServiceError(400, "row: a whole number of 1 or more (or leave it out)")
+    service = request.app[SERVICE]
+    return web.json_response(await service.send_test(request.match_info["id"], to, row))
+
+
+async def test_view(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    campaign = request.match_info["id"]
+    await service.directory(campaign)
+    return web.json_response(service.test_view(campaign), headers={"Cache-Control": "no-store"})
 
 
 async def results(request: web.Request) -> web.FileResponse:

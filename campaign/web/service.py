@@ -100,6 +100,9 @@ class Campaigns:
         self.busy: dict[str, str] = {}  # campaign -> what this server is doing with it
         self.watches = Watches(self.store, job.limits.lease_s)
         self.readers = asyncio.Semaphore(READ_AT_ONCE)
+        # Test sends: what each campaign's last one shows, and the waits for their reports.
+        self.tests: dict[str, dict[str, Any]] = {}
+        self._test_waits: set[asyncio.Task[None]] = set()
         # How other page servers on the database name this one, where its uploads are.
         self.server = f"{socket.gethostname()} (data directory {self.root.resolve()})"
 
@@ -283,6 +286,50 @@ class Campaigns:
         )
         return view
 
+    async def send_test(self, campaign: str, to: list[str], row: int | None) -> dict[str, Any]:
+        """`campaign test` for one campaign: answers once the test requests are answered;
+        the report's message is waited for in the background (`test_view`)."""
+        from campaign.test_send import plan_test
+
+        job, upload = await self._job_as_sent(campaign)
+        async with self._exclusive(campaign, "sending a test"):
+            try:
+                plan = await asyncio.to_thread(plan_test, job, to, row, campaign, None, upload)
+            except CampaignError as exc:
+                raise ServiceError(400, str(exc)) from None
+            view: dict[str, Any] = {"row": plan.row, "params": plan.payload}
+            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(_run_test(plan, view, sent))
+            self._test_waits.add(task)
+            task.add_done_callback(self._test_waits.discard)
+            await asyncio.wait([sent, task], return_when=asyncio.FIRST_COMPLETED)
+            if not sent.done():
+                error = task.exception() if not task.cancelled() else None
+                status = 409 if isinstance(error, CampaignBusy) else 400
+                raise ServiceError(status, str(error or "the test was stopped"))
+        self.tests[campaign] = view
+        return view
+
+    def test_view(self, campaign: str) -> dict[str, Any]:
+        view = self.tests.get(campaign)
+        if view is None:
+            raise ServiceError(404, f"campaign {campaign}: no test sent from this page server")
+        return view
+
+    async def _job_as_sent(self, campaign: str) -> tuple[Job, bool]:
+        """The job as the campaign's run would use it, and whether its input is the page's
+        upload: a page campaign's upload and mapping; a campaign of `campaign run`, the
+        job file (its stored mapping applies)."""
+        directory = await self.directory(campaign)
+        info = await asyncio.to_thread(read_json, directory / WEB_FILE)
+        if not info:
+            return self.job, False
+        if not info.get("validated"):
+            raise ServiceError(409, f"campaign {campaign}: validate the mapping before a test")
+        upload = directory / info["upload"]
+        raw = await asyncio.to_thread(read_json, directory / MAPPING_FILE)
+        return self._job_for(self._check_mapping(raw, upload, info["columns"]), upload), True
+
     def stop(self, campaign: str) -> None:
         if not self.sends.stop(campaign):
             raise ServiceError(409, f"campaign {campaign} is not sending from this server")
@@ -290,6 +337,8 @@ class Campaigns:
     async def shutdown(self) -> None:
         """Drain every send like Ctrl-C does: finish the requests in flight, save state."""
         await self.sends.shutdown()
+        for task in list(self._test_waits):
+            task.cancel()
 
     @contextlib.asynccontextmanager
     async def _exclusive(
@@ -429,6 +478,50 @@ class Campaigns:
         if send.running:
             item["state"], item["resumable"] = "running", False
             item["progress"] = send.progress()
+
+
+async def _run_test(plan: Any, view: dict[str, Any], sent: asyncio.Future[None]) -> None:
+    """A test send, its answers and then its report shown in `view` as they come."""
+    from campaign.test_send import TestOutcome, send_test
+
+    def show(outcome: TestOutcome) -> None:
+        view["requests"] = [_test_request_view(r) for r in outcome.requests]
+        view["waiting"] = plan.job.reporting is not None and any(
+            r.state == "sent" for r in outcome.requests
+        )
+
+    def answered(outcome: TestOutcome) -> None:
+        show(outcome)
+        if not sent.done():
+            sent.set_result(None)
+
+    try:
+        outcome = await send_test(plan, on_sent=answered)
+        show(outcome)
+        if not outcome.waited and any(r.state == "sent" for r in outcome.requests):
+            view["note"] = "the message can be read on the test phone"
+    except CampaignError as exc:
+        if not sent.done():
+            raise
+        view["error"] = str(exc)
+    finally:
+        view["waiting"] = False
+
+
+def _test_request_view(request: Any) -> dict[str, Any]:
+    shown: dict[str, Any] = {
+        "to": request.phone,
+        "state": request.state,
+        "http_status": request.http_status,
+        "error": request.error,
+    }
+    if request.received is not None:
+        shown.update(
+            message=request.received.message,
+            sms_status=request.received.status,
+            sms_status_response=request.received.error,
+        )
+    return shown
 
 
 def _name_by_content(part: Path) -> Path:

@@ -452,6 +452,61 @@ async function start(onlyFailed) {
   }
 }
 
+// --- a test send: one row to the operator's own phone -------------------------------------
+
+const TEST_PHONE_KEY = "campaign.testPhone"; // remembered for the browser session
+const TEST_POLL_MS = 1500;
+
+async function sendTest() {
+  const id = current.id;
+  const phone = $("test-phone").value.trim();
+  sessionStorage.setItem(TEST_PHONE_KEY, phone);
+  const body = { to: phone.split(/[,;]+/).map((p) => p.trim()).filter(Boolean) };
+  const row = $("test-row").value.trim();
+  if (row) body.row = Number(row);
+  $("test-error").textContent = "";
+  $("test-message").hidden = true;
+  $("test-params").hidden = true;
+  $("test-answer").textContent = "Sending the test…";
+  const button = $("test-send");
+  button.disabled = true;
+  try {
+    let view = await api("POST", `/api/campaigns/${encodeURIComponent(id)}/test`, body);
+    renderTest(view);
+    while (view.waiting && current && current.id === id) {
+      await new Promise((done) => setTimeout(done, TEST_POLL_MS));
+      view = await api("GET", `/api/campaigns/${encodeURIComponent(id)}/test`);
+      renderTest(view);
+    }
+  } catch (error) {
+    $("test-answer").textContent = "";
+    $("test-error").textContent = error.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function renderTest(view) {
+  const params = Object.entries(view.params || {}).map(([k, v]) => `${k}: ${v}`).join(" · ");
+  $("test-params").hidden = false;
+  $("test-params").textContent = `Row ${view.row}, params sent: ${params || "none"}`;
+  const answers = (view.requests || []).map((r) => `${r.to}: ${r.state}`
+    + (r.state === "sent" ? ` (HTTP ${r.http_status})` : ` (${r.error || "not sent"})`));
+  $("test-answer").textContent = answers.join(" · ")
+    + (view.waiting ? " · waiting for the delivery report (up to 2 minutes)…" : "");
+  const got = (view.requests || []).find((r) => r.message || r.sms_status);
+  const message = $("test-message");
+  if (got) {
+    const status = got.sms_status + (got.sms_status_response ? `: ${got.sms_status_response}` : "");
+    message.textContent = `This is what row ${view.row} produces: ${got.message || "(no text)"} (${status})`;
+    message.hidden = false;
+  } else if (!view.waiting) {
+    message.textContent = view.note ? `Sent: ${view.note}.` : "No delivery report came for the test: read the message on the phone.";
+    message.hidden = !(view.requests || []).some((r) => r.state === "sent");
+  }
+  if (view.error) $("test-error").textContent = view.error;
+}
+
 function listen(id) {
   closeEvents();
   events = new EventSource(`/api/campaigns/${encodeURIComponent(id)}/events`);
@@ -609,6 +664,8 @@ function wire() {
   $("start").addEventListener("click", () => start(false));
   $("rerun").addEventListener("click", () => start(true));
   $("reconcile").addEventListener("click", checkDelivery);
+  $("test-send").addEventListener("click", sendTest);
+  $("test-phone").value = sessionStorage.getItem(TEST_PHONE_KEY) || "";
   $("stop").addEventListener("click", async () => {
     try { await api("POST", `/api/campaigns/${encodeURIComponent(current.id)}/stop`); } catch (error) { $("send-error").textContent = error.message; }
   });

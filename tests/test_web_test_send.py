@@ -1,0 +1,127 @@
+"""The page's test send route: `POST /api/campaigns/{id}/test`, under the API's access
+rules, refusing what `campaign test` refuses, and leaving the campaign's people alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Sandbox, start_sandbox, write_job
+from tests.helpers.web import EXPECTED, Served, call, client, start_serve, upload_and_validate
+
+TEST_PHONE = "+1 415 555 0199"
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    started = start_sandbox(tmp_path, "--delivery-delay-s", "0.2")
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def served(tmp_path: Path, sandbox: Sandbox) -> Iterator[Served]:
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        mapping={"params": {"first_name": "First Name", "emp_id": "Employee ID"}},
+        reporting={"agent_id": "1", "access_token": "sandbox-token"},
+    )
+    server = start_serve(tmp_path, job)
+    yield server
+    server.stop()
+
+
+async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
+    for _ in range(200):
+        view: dict[str, Any] = await call(http, "GET", f"/api/campaigns/{campaign}/test")
+        if not view["waiting"]:
+            return view
+        await asyncio.sleep(0.1)
+    raise AssertionError("the test's report never came")
+
+
+def test_a_test_from_the_page_reaches_the_test_number_only(
+    served: Served, sandbox: Sandbox
+) -> None:
+    async def scenario() -> None:
+        async with client(served) as http:
+            campaign = await upload_and_validate(http)
+            view = await call(
+                http, "POST", f"/api/campaigns/{campaign}/test", json={"to": [TEST_PHONE]}
+            )
+            assert view["row"] == 1 and view["params"] == {"first_name": "José", "emp_id": "0"}
+            assert [r["state"] for r in view["requests"]] == ["sent"]
+            view = await _until_reported(http, campaign)
+            (request,) = view["requests"]
+            assert request["message"].startswith("Hello José!")
+            assert request["sms_status"] == "delivered"
+            state = await call(http, "GET", f"/api/campaigns/{campaign}")
+            assert state["counts"] == EXPECTED
+
+    asyncio.run(scenario())
+    assert [r["body"]["to_phone"] for r in sandbox.records()] == ["+14155550199"]
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ({"to": ["12"]}, "test number '12': phone is too short"),
+        ({"to": [TEST_PHONE], "row": 12}, "row 12 is invalid"),
+        ({"to": [TEST_PHONE], "row": 999}, "no row 999"),
+        ({"to": []}, "to: give 1 to 20 test numbers"),
+        ({"to": [TEST_PHONE], "row": "2"}, "row: a whole number"),
+    ],
+    ids=["invalid-number", "invalid-row", "no-such-row", "no-number", "row-not-a-number"],
+)
+def test_the_page_refuses_what_the_command_refuses(
+    served: Served, sandbox: Sandbox, body: dict[str, Any], said: str
+) -> None:
+    async def scenario() -> None:
+        async with client(served) as http:
+            campaign = await upload_and_validate(http)
+            answer = await call(http, "POST", f"/api/campaigns/{campaign}/test", 400, json=body)
+            assert said in answer["error"]
+
+    asyncio.run(scenario())
+    assert sandbox.records() == []
+
+
+def test_a_test_needs_the_token(served: Served, sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        async with client(served) as http:
+            campaign = await upload_and_validate(http)
+        async with client(served, token=None) as anonymous:
+            await call(
+                anonymous, "POST", f"/api/campaigns/{campaign}/test", 401, json={"to": [TEST_PHONE]}
+            )
+
+    asyncio.run(scenario())
+    assert sandbox.records() == []
+
+
+def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadsheet(
+    tmp_path: Path, served: Served, sandbox: Sandbox
+) -> None:
+    """The job file's input is not the page's upload: its row 1 is another person."""
+    from tests.helpers import cli
+    from tests.helpers.web import XLSX
+
+    async def validated() -> str:
+        async with client(served) as http:
+            return await upload_and_validate(http)
+
+    campaign = asyncio.run(validated())
+    job = tmp_path / "job.yaml"
+    refused = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE)
+    assert refused.returncode == 2
+    assert "was made on the page: send the test from the page" in refused.stderr
+    assert sandbox.records() == []
+
+    given = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE, "--input", str(XLSX))
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert [r["body"]["first_name"] for r in sandbox.records()] == ["José"]

@@ -28,7 +28,8 @@ from campaign.job import Api, Limits
 from campaign.policy import Answer, Decision, Transport, decide, wait
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import Limiter, RateLimiter
-from campaign.store.ledger import Ledger, Outcome, Target
+from campaign.records import Outcome, Target
+from campaign.store.ledger import Ledger
 from campaign.times import iso_utc
 
 if TYPE_CHECKING:

@@ -32,9 +32,10 @@ from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
 from campaign.progress import DispatchResult, Progress
+from campaign.records import SENDABLE, MappedRow, Target
 from campaign.report import RESULTS_FILE, current_summary, write_report
 from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
-from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow, Target
+from campaign.store.ledger import Ledger, LedgerError
 from campaign.store.suppression import Mark, SuppressionList, Watch, apply_to_ledger
 from campaign.times import iso_instant, iso_local
 from campaign.windows import Schedule, make_schedule

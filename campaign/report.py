@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.escape import escape
-from campaign.store.ledger import STATUSES, Ledger
+from campaign.records import STATUSES
+from campaign.store.ledger import Ledger
 from campaign.times import iso_utc
 
 RESULT_COLUMNS = [

@@ -59,8 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from campaign.store.db import Database
-from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
+from campaign.store.db import Database, LedgerError, Transaction
+from campaign.store.ledger import Ledger, connect
 from campaign.times import iso_utc
 
 SUPPRESSION_FILE = "suppression.sqlite"

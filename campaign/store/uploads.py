@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import time
 
-from campaign.store.db import Database
-from campaign.store.ledger import Transaction
+from campaign.store.db import Database, Transaction
 
 SCHEMA = "campaign_shared"
 COMPONENT = "uploads"

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from bench import many_hosts
 from bench.tools import (
     ROOT,
     Finished,
+    Result,
     body,
     campaign_command,
     count_lines,
@@ -59,16 +60,6 @@ DONE_RESUME_TARGET_S = 5.0  # a rerun of a done 1,000,000-row campaign
 RECONCILE_ROWS = 20_000
 REPORT_RATE = 40  # the sandbox's Reporting API answers 429 above this
 TMPFS = "/dev/shm"  # memory-backed: an fsync there costs nothing
-
-
-@dataclass
-class Result:
-    measure: str
-    target: str
-    result: str
-    passed: bool
-    details: dict[str, object]
-    reason: str = ""  # one line: where the time went, when the target is missed
 
 
 def exact_rate(work: Path, rate: int, seconds: float) -> Result:

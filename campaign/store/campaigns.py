@@ -47,7 +47,7 @@ LIVE_FILE = ".live"
 LOG_FILE = "log.jsonl"
 MAPPING_FILE = "mapping.json"  # a page campaign's mapping, as the page last saved it
 WEB_FILE = "web.json"  # a page campaign's upload: what the page shows of it
-# What an owner's atomic writes leave when it is killed mid-write (`report.atomic_write`).
+# What an owner's atomic writes leave when it is killed mid-write (`files.atomic_write`).
 _OWNER_TEMP_FILES = (".results.csv.*.tmp", ".summary.json.*.tmp")
 UNFINISHED = ("running", "crashed", "interrupted", "aborted")
 

@@ -330,11 +330,13 @@ def _create_schema(raw: Any, schema: str) -> None:
     violation), so the creation is serialized by an advisory lock on its name."""
     from psycopg import sql
 
+    from campaign.store.postgres import schema_lock
+
     exists = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
     if raw.execute(exists, (schema,)).fetchone() is not None:
         return
     with raw.transaction():
-        raw.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"schema:{schema}",))
+        raw.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (schema_lock(schema),))
         raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from campaign.job import Limits
-from campaign.pipeline import RunControl, _claims, _nobody_to_send
+from campaign.worker import RunControl, _claims, _nobody_to_send
 from campaign.progress import Progress
 from campaign.records import MappedRow, Outcome
 from campaign.store.ledger import Ledger

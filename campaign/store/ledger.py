@@ -70,7 +70,7 @@ from campaign.store.deliveries import DeliveryTables
 from campaign.store.schema import DROP_RESULTS_VIEWS, LEDGER_SCHEMA, RESULTS_VIEWS, ROWS_COLUMNS
 
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6  # 6: a claim set aside for a send window is `set_aside`, not negative
 LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
 REPORT_TURN_WAIT_S = 60.0  # the longest a report waits for another one being written
 
@@ -245,6 +245,9 @@ class Ledger(DeliveryTables):
             db.execute("CREATE INDEX IF NOT EXISTS recipients_claim ON recipients (claim)")
             if "request_at" not in db.columns("deliveries"):  # versions 1-4
                 db.execute(f"ALTER TABLE deliveries ADD COLUMN {db.ddl('request_at REAL')}")
+            if "set_aside" not in db.columns("recipients"):  # versions 1-5: a negative claim
+                db.execute("ALTER TABLE recipients ADD COLUMN set_aside INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE recipients SET claim = -claim, set_aside = 1 WHERE claim < 0")
             db.set_version(SCHEMA_VERSION)
 
     def close(self) -> None:
@@ -388,8 +391,8 @@ class Ledger(DeliveryTables):
                     else 0
                 )
             db.executemany(
-                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?)",
-                [(run, -run) for run in dead],
+                "UPDATE recipients SET claim = NULL, set_aside = 0 WHERE claim = ?",
+                [(run,) for run in dead],
             )
             db.executemany(
                 "UPDATE runs SET state = 'crashed' WHERE id = ?", [(run,) for run in dead]
@@ -397,7 +400,9 @@ class Ledger(DeliveryTables):
             if lease_s is not None:
                 recovered = max(recovered, 0) + self._settle_orphans()
             if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
-                db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
+                db.execute(
+                    "UPDATE recipients SET claim = NULL, set_aside = 0 WHERE claim IS NOT NULL"
+                )
             if recovered > 0 or max(attempts, 0) > 0:
                 bump_generation(db)
         return max(recovered, 0)
@@ -410,7 +415,7 @@ class Ledger(DeliveryTables):
         people had looked. Whoever settles next, in a statement of its own, sees it."""
         db = self.db
         found = db.execute(
-            "UPDATE recipients SET state = 'unknown', error = ?, claim = NULL "
+            "UPDATE recipients SET state = 'unknown', error = ?, claim = NULL, set_aside = 0 "
             "WHERE state = 'inflight' "
             "AND (claim IS NULL OR claim NOT IN (SELECT id FROM runs WHERE state = 'running')) "
             "RETURNING id, attempts",
@@ -453,7 +458,7 @@ class Ledger(DeliveryTables):
         found = self.db.execute(
             "SELECT 1 FROM rows JOIN recipients r ON r.key = rows.key "
             "WHERE rows.status = 'ok' AND r.state IN ('pending', 'unknown', 'inflight') "
-            "AND NOT (r.claim > 0 AND r.state IN ('pending', 'inflight') "
+            "AND NOT (r.claim > 0 AND r.set_aside = 0 AND r.state IN ('pending', 'inflight') "
             "AND r.claim IN (SELECT id FROM runs WHERE state = 'running')) LIMIT 1"
         ).fetchone()
         return found is not None
@@ -508,9 +513,9 @@ class Ledger(DeliveryTables):
                 (state, time.time(), run_id, run_id),
             )
             self.db.execute(
-                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?) "
+                "UPDATE recipients SET claim = NULL, set_aside = 0 WHERE claim = ? "
                 "AND state IN ('pending', 'unknown')",
-                (run_id, -run_id),
+                (run_id,),
             )
 
     def last_run(self, commands: tuple[str, ...] = ("run",)) -> RunInfo | None:
@@ -641,7 +646,8 @@ class Ledger(DeliveryTables):
                 f"WITH picked AS (SELECT r.id FROM rows CROSS JOIN recipients r "
                 f"WHERE r.key = rows.key AND rows.row > ? AND {_unclaimed(states)} "
                 f"ORDER BY rows.row LIMIT ?{lock}) "
-                f"UPDATE recipients SET claim = ? WHERE id IN (SELECT id FROM picked) "
+                f"UPDATE recipients SET claim = ?, set_aside = 0 "
+                f"WHERE id IN (SELECT id FROM picked) "
                 f"AND claim IS NULL AND {live} "
                 f"RETURNING id, row, payload, attempts, state, to_phone",
                 (after, *states, batch, run_id, run_id),
@@ -654,7 +660,7 @@ class Ledger(DeliveryTables):
         people, which stay with it until it ends but which it will not try again: two
         workers that each hold some would wait for each other for ever."""
         found = self.db.execute(
-            "SELECT 1 FROM recipients WHERE claim > 0 AND claim != ? "
+            "SELECT 1 FROM recipients WHERE set_aside = 0 AND claim != ? "
             "AND state IN ('inflight', 'pending') "
             "AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
             (run_id,),
@@ -664,9 +670,9 @@ class Ledger(DeliveryTables):
     def set_aside_elsewhere(self, run_id: int) -> bool:
         """Whether another run still marked running holds people for their send window."""
         found = self.db.execute(
-            "SELECT 1 FROM recipients WHERE claim < 0 AND claim != ? "
-            "AND -claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
-            (-run_id,),
+            "SELECT 1 FROM recipients WHERE set_aside = 1 AND claim != ? "
+            "AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
+            (run_id,),
         ).fetchone()
         return found is not None
 
@@ -682,12 +688,12 @@ class Ledger(DeliveryTables):
                 part = wanted[start : start + 500]
                 values = ", ".join(["(?)"] * len(part))
                 found += self.db.execute(
-                    f"UPDATE recipients SET claim = ? FROM (VALUES {values}) AS v "
-                    f"WHERE recipients.id = v.column1 AND recipients.claim IN (?, ?) "
+                    f"UPDATE recipients SET claim = ?, set_aside = 0 FROM (VALUES {values}) AS v "
+                    f"WHERE recipients.id = v.column1 AND recipients.claim = ? "
                     f"AND recipients.state IN ({marks}) RETURNING recipients.id, "
                     f"recipients.row, recipients.payload, recipients.attempts, "
                     f"recipients.state, recipients.to_phone",
-                    (run_id, *part, run_id, -run_id, *states),
+                    (run_id, *part, run_id, *states),
                 ).fetchall()
         return sorted((_target(*row) for row in found), key=lambda t: t.row)
 
@@ -744,7 +750,8 @@ class Ledger(DeliveryTables):
             cursor = self.db.execute(
                 "WITH started AS (UPDATE recipients SET state = 'inflight', attempts = v.n "
                 "FROM unnest(?::bigint[], ?::bigint[]) AS v(id, n) "
-                f"WHERE recipients.id = v.id AND recipients.claim = ? AND {_LIVE} "
+                f"WHERE recipients.id = v.id AND recipients.claim = ? "
+                f"AND recipients.set_aside = 0 AND {_LIVE} "
                 "AND recipients.state != 'sent' RETURNING recipients.id, v.n), "
                 "logged AS (INSERT INTO attempts (recipient_id, n, run_id, started_at) "
                 "SELECT id, n, ?, ? FROM started ON CONFLICT (recipient_id, n) DO UPDATE SET "
@@ -762,7 +769,7 @@ class Ledger(DeliveryTables):
             if live
             and self.db.execute(
                 "UPDATE recipients SET state = 'inflight', attempts = ? "
-                "WHERE id = ? AND claim = ? AND state != 'sent'",
+                "WHERE id = ? AND claim = ? AND set_aside = 0 AND state != 'sent'",
                 (n, rid, run_id),
             ).rowcount
             == 1
@@ -830,12 +837,12 @@ class Ledger(DeliveryTables):
         """Recipients whose request did not leave (suppressed, outside their send window,
         deadline passed): (id, new state or None to keep it, error). A recipient already
         sent stays sent, and one whose earlier request may have arrived stays unknown."""
-        # The run keeps them, set aside (a negative claim): not work another worker should
-        # wait for, and taken up again by this run when their window opens (`claimed`).
+        # The run keeps them, set aside: not work another worker should wait for, and
+        # taken up again by this run when their window opens (`claimed`).
         self.db.executemany(
             "UPDATE recipients SET error = ?, state = CASE WHEN state = 'unknown' "
             "THEN state ELSE coalesce(?, state) END, "
-            "claim = CASE WHEN claim = ? THEN -claim ELSE claim END "
+            "set_aside = CASE WHEN claim = ? THEN 1 ELSE set_aside END "
             "WHERE id = ? AND state NOT IN ('sent', 'inflight')",
             [(error, state, run_id, recipient_id) for recipient_id, state, error in holds],
         )

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     error TEXT,
     sent_at TEXT,
     row INTEGER,
-    claim INTEGER
+    claim INTEGER,
+    set_aside INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS attempts (
     recipient_id INTEGER NOT NULL,

@@ -57,12 +57,14 @@ class DeliveryTables:
         E.164 digits; start; kind) of every request started in [start, end] to a number in
         `share` of `shares` (number modulo shares), a batch at a time. The kind, from its
         answer (`matching`): 2 known to have arrived, 0 certainly not, 1 maybe."""
-        phone = "CAST(substr(r.to_phone, 2) AS BIGINT)"
+        # The number the request went to: a person's number may have been fixed since.
+        number = "coalesce(a.to_phone, r.to_phone)"
+        phone = f"CAST(substr({number}, 2) AS BIGINT)"
         yield from batched(
             self.db.stream(
                 f"SELECT CASE WHEN r.state IN {REQUESTED} THEN r.id ELSE -1 END, {phone}, "
                 f"a.started_at, {_REQUEST_KIND} FROM attempts a "
-                f"JOIN recipients r ON r.id = a.recipient_id WHERE r.to_phone IS NOT NULL "
+                f"JOIN recipients r ON r.id = a.recipient_id WHERE {number} IS NOT NULL "
                 f"AND a.started_at BETWEEN ? AND ? AND {phone} % ? = ?",
                 (start, end, shares, share),
                 batch,

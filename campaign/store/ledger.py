@@ -70,7 +70,9 @@ from campaign.store.deliveries import DeliveryTables
 from campaign.store.schema import DROP_RESULTS_VIEWS, LEDGER_SCHEMA, RESULTS_VIEWS, ROWS_COLUMNS
 
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 6  # 6: a claim set aside for a send window is `set_aside`, not negative
+# 6: a claim set aside for a send window is `set_aside`, not negative; an attempt keeps
+# the number it went to (`attempts.to_phone`: a person's number may be fixed later).
+SCHEMA_VERSION = 6
 LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
 REPORT_TURN_WAIT_S = 60.0  # the longest a report waits for another one being written
 
@@ -245,6 +247,12 @@ class Ledger(DeliveryTables):
             db.execute("CREATE INDEX IF NOT EXISTS recipients_claim ON recipients (claim)")
             if "request_at" not in db.columns("deliveries"):  # versions 1-4
                 db.execute(f"ALTER TABLE deliveries ADD COLUMN {db.ddl('request_at REAL')}")
+            if "to_phone" not in db.columns("attempts"):  # versions 1-5: the person's number
+                db.execute("ALTER TABLE attempts ADD COLUMN to_phone TEXT")
+                db.execute(
+                    "UPDATE attempts SET to_phone = (SELECT to_phone FROM recipients "
+                    "WHERE recipients.id = attempts.recipient_id)"
+                )
             if "set_aside" not in db.columns("recipients"):  # versions 1-5: a negative claim
                 db.execute("ALTER TABLE recipients ADD COLUMN set_aside INTEGER NOT NULL DEFAULT 0")
                 db.execute("UPDATE recipients SET claim = -claim, set_aside = 1 WHERE claim < 0")
@@ -752,36 +760,39 @@ class Ledger(DeliveryTables):
                 "FROM unnest(?::bigint[], ?::bigint[]) AS v(id, n) "
                 f"WHERE recipients.id = v.id AND recipients.claim = ? "
                 f"AND recipients.set_aside = 0 AND {_LIVE} "
-                "AND recipients.state != 'sent' RETURNING recipients.id, v.n), "
-                "logged AS (INSERT INTO attempts (recipient_id, n, run_id, started_at) "
-                "SELECT id, n, ?, ? FROM started ON CONFLICT (recipient_id, n) DO UPDATE SET "
+                "AND recipients.state != 'sent' "
+                "RETURNING recipients.id, v.n, recipients.to_phone), "
+                "logged AS (INSERT INTO attempts (recipient_id, n, run_id, started_at, to_phone) "
+                "SELECT id, n, ?, ?, to_phone FROM started "
+                "ON CONFLICT (recipient_id, n) DO UPDATE SET "
                 "run_id = excluded.run_id, started_at = excluded.started_at, "
-                "finished_at = NULL, state = NULL, http_status = NULL, error = NULL) "
+                "finished_at = NULL, state = NULL, http_status = NULL, error = NULL, "
+                "to_phone = excluded.to_phone) "
                 "SELECT id FROM started",
                 (ids, tries, run_id, run_id, run_id, now),
             )
             return lambda: {rid for (rid,) in cursor.fetchall()}
         # SQLite plans UPDATE ... FROM as a scan of the table: one indexed update each.
         live = self.db.execute(f"SELECT {_LIVE}", (run_id,)).fetchone()[0]
-        started = {
-            rid
-            for rid, n in attempts
-            if live
-            and self.db.execute(
+        started: dict[int, tuple[int, str | None]] = {}  # id: (attempt, the number it goes to)
+        for rid, n in attempts if live else []:
+            found = self.db.execute(
                 "UPDATE recipients SET state = 'inflight', attempts = ? "
-                "WHERE id = ? AND claim = ? AND set_aside = 0 AND state != 'sent'",
+                "WHERE id = ? AND claim = ? AND set_aside = 0 AND state != 'sent' "
+                "RETURNING to_phone",
                 (n, rid, run_id),
-            ).rowcount
-            == 1
-        }
+            ).fetchone()
+            if found is not None:
+                started[rid] = (n, found[0])
         self.db.executemany(
-            "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
+            "INSERT INTO attempts (recipient_id, n, run_id, started_at, to_phone) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
             "run_id = excluded.run_id, started_at = excluded.started_at, "
-            "finished_at = NULL, state = NULL, http_status = NULL, error = NULL",
-            [(rid, n, run_id, now) for rid, n in attempts if rid in started],
+            "finished_at = NULL, state = NULL, http_status = NULL, error = NULL, "
+            "to_phone = excluded.to_phone",
+            [(rid, n, run_id, now, phone) for rid, (n, phone) in started.items()],
         )
-        return lambda: started
+        return lambda: set(started)
 
     def _finish_attempts(self, outcomes: list[Outcome]) -> None:
         # A person's state is its latest attempt's outcome. An older attempt's answer comes

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     state TEXT,
     http_status INTEGER,
     error TEXT,
+    to_phone TEXT,
     PRIMARY KEY (recipient_id, n)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rows ({ROWS_COLUMNS});

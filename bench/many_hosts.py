@@ -31,7 +31,7 @@ from bench.tools import (
 from tests.helpers.pg_server import PgServer, remove_server, start_server
 
 if TYPE_CHECKING:
-    from bench.run import Result
+    from bench.tools import Result
 
 PG_ROWS = 10_000
 WORKERS = 3
@@ -73,7 +73,7 @@ def postgres_vs_sqlite(
 ) -> Result:
     """One worker on PostgreSQL vs one on SQLite: the same sandbox and job, interleaved
     rounds; the rate at the server while sending (arrivals), median of the rounds."""
-    from bench.run import Result
+    from bench.tools import Result
 
     directory = fresh(work / "pg-vs-sqlite")
     box = start_sandbox(directory)
@@ -115,7 +115,7 @@ def postgres_vs_sqlite(
 def three_workers(work: Path, server: PgServer, rows: int = PG_ROWS * 3) -> Result:
     """Three workers on one PostgreSQL campaign at no rate limit: their aggregate rate at
     the server, against one worker alone on the same database."""
-    from bench.run import Result
+    from bench.tools import Result
 
     directory = fresh(work / "three-workers")
     box = start_sandbox(directory)
@@ -148,7 +148,7 @@ def three_workers(work: Path, server: PgServer, rows: int = PG_ROWS * 3) -> Resu
 
 def shared_rate(work: Path, server: PgServer, rate: int, seconds: float = 8) -> Result:
     """Three workers at `rate` on one PostgreSQL campaign: arrivals at the server."""
-    from bench.run import Result
+    from bench.tools import Result
 
     rows = int(rate * seconds)
     directory = fresh(work / f"shared-rate-{rate}")

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from bench import many_hosts
 from bench.tools import (
     ROOT,
     Finished,
+    Result,
     body,
     campaign_command,
     count_lines,
@@ -62,16 +63,6 @@ REPORT_RATE = 40  # the sandbox's Reporting API answers 429 above this
 OPT_OUTS = 100_000
 OPT_STATUS_RATE = 40  # the sandbox answers 429 above this many queries a second
 TMPFS = "/dev/shm"  # memory-backed: an fsync there costs nothing
-
-
-@dataclass
-class Result:
-    measure: str
-    target: str
-    result: str
-    passed: bool
-    details: dict[str, object]
-    reason: str = ""  # one line: where the time went, when the target is missed
 
 
 def exact_rate(work: Path, rate: int, seconds: float) -> Result:

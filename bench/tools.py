@@ -239,3 +239,13 @@ def fresh(directory: Path) -> Path:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     return directory
+
+
+@dataclass
+class Result:
+    measure: str
+    target: str
+    result: str
+    passed: bool
+    details: dict[str, object]
+    reason: str = ""  # one line: where the time went, when the target is missed

@@ -28,7 +28,8 @@ from campaign.job import Api, Limits
 from campaign.policy import Answer, Decision, Transport, decide, wait
 from campaign.progress import DispatchResult, Progress
 from campaign.rate import Limiter, RateLimiter
-from campaign.store.ledger import Ledger, Outcome, Target
+from campaign.records import Outcome, Target
+from campaign.store.ledger import Ledger
 from campaign.times import iso_utc
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class Dispatcher:
         # Recipients in a row whose final outcome was of one kind (`_streak_of`).
         self._streak: tuple[str | None, int] = (None, 0)
         self._crash: BaseException | None = None
-        # A limiter shared with other runs to the same channel (the server's), else our own.
+        # The run's limiter (`worker._limiter` chooses it); alone, the dispatcher paces itself.
         self._limiter = limiter or RateLimiter(limits.rate_per_second)
         self._client = SendClient(api, limits.concurrency)  # its session opens in `run`
         self._busy: dict[asyncio.Task[None], bool] = {}
@@ -190,6 +191,9 @@ class Dispatcher:
                 task.cancel()
 
     async def run(self, batches: AsyncIterator[list[Target]]) -> DispatchResult:
+        """Send to `batches` (one round of a run: `worker.Worker` runs one dispatcher for
+        every round); `held_for_window` is this round's."""
+        self.held_for_window = set()
         if self.halt.is_set():
             return self.result
         # Workers take the next target from the ledger's claims: in input order, never more

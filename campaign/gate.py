@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from campaign.store.ledger import Target
+from campaign.records import Target
 from campaign.store.suppression import Watch
 from campaign.windows import Schedule
 

@@ -16,7 +16,7 @@ from campaign.header import about_data, about_missing, looks_like_names
 from campaign.job import Mapping
 from campaign.load import Row, Sheet
 from campaign.phones import normalize_phone
-from campaign.store.ledger import MappedRow
+from campaign.records import MappedRow
 
 
 def _missing(columns: list[str], key: str, name: str = "") -> str:

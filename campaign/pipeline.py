@@ -15,9 +15,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -27,23 +26,22 @@ import structlog
 from campaign import __version__
 from campaign.errors import CampaignBusy, UsageError
 from campaign.fixed_mapping import keep_mapping, made_on_page, own_mapping
-from campaign.job import Job, Limits
+from campaign.job import Job
 from campaign.load import open_sheet
 from campaign.logs import log_to_file
 from campaign.mapping import Mapper
-from campaign.progress import DispatchResult, Progress
+from campaign.progress import Progress
+from campaign.records import SENDABLE, MappedRow
 from campaign.report import RESULTS_FILE, current_summary, write_report
 from campaign.store.campaigns import LOG_FILE, OpenCampaign, Store, store_of
-from campaign.store.ledger import SENDABLE, Ledger, LedgerError, MappedRow, Target
+from campaign.store.ledger import Ledger
 from campaign.store.suppression import Mark, SuppressionList, Watch, apply_to_ledger
 from campaign.times import iso_instant, iso_local
 from campaign.windows import Schedule, make_schedule
+from campaign.worker import RunControl, Worker
 
 if TYPE_CHECKING:
-    from campaign.dispatch import Dispatcher
     from campaign.gate import Gate
-    from campaign.rate import Limiter, SharedRateLimiter
-    from campaign.store.budget import RateBudget
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -84,45 +82,6 @@ class RunOutcome:
     @property
     def results(self) -> Path:
         return self.directory / RESULTS_FILE
-
-
-class RunControl:
-    """Lets a caller (signal handler, web request) stop a run at any stage."""
-
-    def __init__(self, *, limiter: Limiter | None = None) -> None:
-        self.stopping = False
-        self.cut_off_reason: str | None = None  # why this worker lost its ledger
-        self.dispatcher: Dispatcher | None = None
-        self.progress: Progress | None = None
-        self.limiter = limiter  # shared by every run to the channel in one process; None: own
-        self._wake: asyncio.Event | None = None
-
-    def stop(self) -> None:
-        self.stopping = True
-        if self.dispatcher is not None:
-            self.dispatcher.stop()
-        if self._wake is not None:
-            self._wake.set()
-
-    def cut_off(self, reason: str) -> None:
-        """Stop this worker for its ledger (not the API): the run ends incomplete, exit 1.
-        It holds for every later round too: a `--wait` worker cut off while it waits for a
-        send window wakes up and stops, rather than send the next round on a lease it
-        lost."""
-        log.error("stopping", reason=reason)
-        self.cut_off_reason = reason
-        if self.dispatcher is not None:
-            self.dispatcher.abort(reason, cut_off=True)
-        if self._wake is not None:
-            self._wake.set()
-
-    async def sleep_until(self, when: float) -> None:
-        """Wait until Unix time `when`, or until `stop()`."""
-        self._wake = asyncio.Event()
-        if self.stopping:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(when - time.time(), 0))
 
 
 class Interrupted(Exception):
@@ -281,7 +240,8 @@ async def _run_owned(
         gate = _gate(job, schedule, prepared.listed_at)
         synced = _keep_synced(job, control)
         try:
-            result = await _send(job, ledger, run_id, states, control, on_progress, gate, options)
+            worker = Worker(job, ledger, run_id, states, control, on_progress, gate, options.wait)
+            result = await worker.run()
         finally:
             if synced is not None:
                 synced.cancel()
@@ -336,244 +296,6 @@ async def _run_owned(
         code, message = EXIT_OK, "finished: every sendable row is sent"
     log.info("run ended", state=state, requests=progress.requests, **counts)
     return RunOutcome(campaign, directory, summary, code, state, message, notes=notes)
-
-
-async def _send(
-    job: Job,
-    ledger: Ledger,
-    run_id: int,
-    states: tuple[str, ...],
-    control: RunControl,
-    on_progress: Callable[[Progress], None] | None,
-    gate: Gate | None = None,
-    options: RunOptions | None = None,
-) -> DispatchResult:
-    """Send to the targets; with `--wait`, then wait for the first closed window to open
-    and send the people held for it, again and again, until none is held."""
-    progress = control.progress
-    assert progress is not None
-    waits = bool(options and options.wait)
-    # With --wait, others holding people for their window keep this worker (see below).
-    watching = waits and await _set_aside_elsewhere(ledger, run_id)
-    if not watching and await _nobody_to_send(ledger, run_id, states, progress):
-        return DispatchResult(interrupted=control.stopping)
-    from campaign.dispatch import Dispatcher, LedgerWriter  # aiohttp: only when sending
-
-    writer = LedgerWriter(ledger, run_id)
-    await writer.start()
-    held: set[int] | None = None  # after the first round: only the people held for windows
-    lease = _keep_lease(ledger, run_id, job.limits.lease_s, control) if ledger.postgres else None
-    limiter = control.limiter
-    shared = None
-    if limiter is None and job.ledger is not None:
-        shared = await _shared_limiter(job)
-        limiter = shared[0]
-    try:
-        while True:
-            dispatcher = Dispatcher(
-                job.api,
-                job.limits,
-                writer,
-                progress,
-                on_progress,
-                limiter=limiter,
-                gate=gate,
-            )
-            control.dispatcher = dispatcher
-            if control.stopping:
-                dispatcher.stop()
-            if control.cut_off_reason is not None:
-                dispatcher.abort(control.cut_off_reason, cut_off=True)
-                return dispatcher.result
-            progress.waiting, progress.opens_at = 0, None
-            if held is None:
-                targets = _claims(ledger, run_id, states, job.limits, control)
-            else:
-                targets = _held_then_let_go(ledger, run_id, states, held, job.limits, control)
-            result = await dispatcher.run(targets)
-            if not waits or result.aborted:
-                return result
-            if result.interrupted or result.deadline:
-                return result
-            held = dispatcher.held_for_window
-            if progress.opens_at is not None:
-                if on_progress is not None:
-                    on_progress(progress)
-                log.info(
-                    "waiting for send windows",
-                    waiting=progress.waiting,
-                    opens=iso_local(progress.opens_at),
-                )
-                wake_at = progress.opens_at
-            else:
-                # Others hold people for their window: stay, to take them over (in a later
-                # round, `_held_then_let_go`) if their worker dies before it opens. Once
-                # nobody does, one more round takes those let go since this one looked.
-                others_hold = await _set_aside_elsewhere(ledger, run_id)
-                if not (others_hold or watching):
-                    return result
-                watching = others_hold
-                wake_at = time.time() + (job.limits.lease_s / 3 if others_hold else 0)
-            await control.sleep_until(wake_at)
-            if control.stopping:
-                return DispatchResult(interrupted=True)
-    finally:
-        if lease is not None:
-            lease.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease
-        if shared is not None:
-            await shared[0].aclose()
-            await shared[1].close()
-        await writer.close()
-
-
-async def _nobody_to_send(
-    ledger: Ledger, run_id: int, states: tuple[str, ...], progress: Progress
-) -> bool:
-    """Nobody was counted, and on PostgreSQL no other worker holds people not settled yet
-    (while one does, this run waits for them like any worker out of people, `_claims`).
-    Counted again after that look: a dead worker's people may have been let go since the
-    first count, by another worker's lease sweep."""
-    if progress.total:
-        return False
-    if not ledger.postgres:
-        return True
-    if await asyncio.to_thread(ledger.held_elsewhere, run_id):
-        return False
-    progress.total = await asyncio.to_thread(ledger.count_targets, states)
-    return not progress.total
-
-
-async def _set_aside_elsewhere(ledger: Ledger, run_id: int) -> bool:
-    return ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id)
-
-
-async def _shared_limiter(job: Job) -> tuple[SharedRateLimiter, RateBudget]:
-    """On PostgreSQL the channel's rate is one budget for every worker on every host: its
-    slots are granted by the database (store/budget.py)."""
-    from campaign.avaamo import send_url
-    from campaign.rate import SharedRateLimiter
-    from campaign.store.budget import RateBudget
-
-    assert job.ledger is not None
-    budget = await RateBudget.connect(job.ledger, send_url(job.api))
-    return SharedRateLimiter(job.limits.rate_per_second, budget.grant), budget
-
-
-async def _claims(
-    ledger: Ledger, run_id: int, states: tuple[str, ...], limits: Limits, control: RunControl
-) -> AsyncIterator[list[Target]]:
-    """The people this run sends to, claimed a batch at a time in input order. On
-    PostgreSQL, when none is left to claim but other workers still hold people not yet
-    sent, it waits for them: a worker that dies leaves its people to the others once its
-    lease expires, and only then does the campaign end."""
-    # Enough people to keep the workers busy while the next batch is claimed, but no more
-    # than about a second's worth at the rate: several workers then run out of people
-    # close together, instead of one sending the last big batch alone.
-    batch = min(max(2 * limits.concurrency, 100), 1000)
-    batch = min(batch, max(limits.concurrency, math.ceil(limits.rate_per_second)))
-    after, claimed = 0, 0
-    last_look = False
-    while not control.stopping:
-        found = await _to_the_end(ledger.claim, run_id, states, after, batch)
-        if found:
-            after, last_look = found[-1].row, False
-            claimed += len(found)
-            if control.progress is not None and claimed > control.progress.total:
-                # People a dead worker held when this run counted its share at the start.
-                control.progress.total = claimed
-            yield found
-        elif after:
-            after = 0  # once more from the top: people a dead worker let go meanwhile
-        elif last_look or not ledger.postgres:
-            return
-        elif await _to_the_end(ledger.held_elsewhere, run_id):
-            # This run's lease sweep (`_keep_lease`) settles them if their worker died: on a
-            # connection of its own, and never waiting long for a stopped worker's rows.
-            await asyncio.sleep(limits.lease_s / 3)
-        else:
-            # Nobody else holds anyone now, but a dead worker's people may have been let
-            # go between the claim that found none and that look (this run's lease sweep
-            # settles dead workers on a connection of its own, at any moment): one more
-            # claim, made after the look, sees them. Without it the run ended leaving
-            # them pending.
-            last_look = True
-
-
-async def _to_the_end(call: Callable[..., T], *args: Any) -> T:
-    """`call` in a thread. Cancelled (the run halts while the next batch is claimed), it
-    still waits for the call to return: the call uses the run's own connection, which
-    ending the run and writing its report use next, and a thread cannot be stopped."""
-    running = asyncio.ensure_future(asyncio.to_thread(call, *args))
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await running
-        raise
-
-
-async def _held_then_let_go(
-    ledger: Ledger,
-    run_id: int,
-    states: tuple[str, ...],
-    held: set[int],
-    limits: Limits,
-    control: RunControl,
-) -> AsyncIterator[list[Target]]:
-    """A `--wait` round: the people this run held for the window that opened, then any
-    that others let go meanwhile (a worker that died waiting for a window of its own)."""
-    if found := await _to_the_end(ledger.claimed, run_id, states, held):
-        yield found
-    async for batch in _claims(ledger, run_id, states, limits, control):
-        yield batch
-
-
-def _keep_lease(
-    ledger: Ledger, run_id: int, lease_s: float, control: RunControl
-) -> asyncio.Task[None]:
-    """Renew this worker's lease while it sends (a third of the lease apart), and settle
-    the workers whose lease expired: whoever notices first. A worker that finds its own
-    lease gone (it was cut off longer than the lease) stops: its people are others' now."""
-
-    async def beat(keeper: Ledger) -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            try:
-                alive = await asyncio.to_thread(keeper.heartbeat, run_id)
-            except LedgerError as exc:
-                control.cut_off(f"the ledger cannot be reached ({exc})")
-                return
-            if not alive:
-                control.cut_off(f"this worker's lease expired (no heartbeat for {lease_s:g} s)")
-                return
-
-    async def sweep(sweeper: Ledger) -> None:
-        # On a connection of its own: settling a stopped worker may wait for the rows it
-        # holds, and that must never hold up this worker's own heartbeat.
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            try:
-                settled = await asyncio.to_thread(sweeper.recover, lease_s, lease_s / 3, run_id)
-            except LedgerError as exc:
-                log.warning("could not settle expired workers this time", error=str(exc))
-                continue
-            if settled:
-                log.warning(
-                    "a worker's lease expired: its people in flight are unknown", count=settled
-                )
-
-    async def keep() -> None:
-        keeper = await asyncio.to_thread(ledger.reopen)
-        sweeper = await asyncio.to_thread(ledger.reopen)
-        try:
-            await asyncio.gather(beat(keeper), sweep(sweeper))
-        finally:
-            await asyncio.to_thread(keeper.close)
-            await asyncio.to_thread(sweeper.close)
-
-    return asyncio.create_task(keep(), name="lease")
 
 
 def _gate(job: Job, schedule: Schedule | None, listed_at: Mark | None) -> Gate | None:

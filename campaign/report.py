@@ -17,16 +17,14 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import os
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from campaign.escape import escape
-from campaign.store.ledger import STATUSES, Ledger
+from campaign.files import atomic_write
+from campaign.records import STATUSES
+from campaign.store.ledger import Ledger
 from campaign.times import iso_utc
 
 RESULT_COLUMNS = [
@@ -175,28 +173,3 @@ def summarize(
             "achieved_rate": round(run.requests / duration, 2),
         }
     return summary
-
-
-@contextmanager
-def atomic_write(path: Path) -> Iterator[IO[str]]:
-    """Write a text file via a temporary file in the same directory and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from campaign.report import atomic_write
+from campaign.files import atomic_write
 from campaign.store.ledger import Ledger, LedgerError
 from campaign.story import campaign_story
 

@@ -22,8 +22,9 @@ from collections import Counter
 from typing import Any
 
 from campaign.logs import masker
+from campaign.records import STATUSES
 from campaign.store.campaigns import Store
-from campaign.store.ledger import STATUSES, Ledger
+from campaign.store.ledger import Ledger
 
 MAX_POINTS = 2000
 # Bucket widths in seconds: the smallest that keeps a campaign under MAX_POINTS buckets.

@@ -34,10 +34,11 @@ from campaign.load import open_sheet
 from campaign.logs import log_to_file, mask_phone
 from campaign.mapping import Mapper
 from campaign.phones import normalize_phone
+from campaign.records import MappedRow
 from campaign.reporting import Received
 from campaign.store import test_sends
 from campaign.store.campaigns import LOG_FILE, Store, store_of
-from campaign.store.ledger import Ledger, MappedRow
+from campaign.store.ledger import Ledger
 from campaign.store.suppression import SuppressionList
 from campaign.windows import make_schedule
 

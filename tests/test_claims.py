@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from campaign.job import Limits
-from campaign.pipeline import RunControl, _claims, _nobody_to_send
 from campaign.progress import Progress
-from campaign.store.ledger import Ledger, MappedRow, Outcome
+from campaign.records import MappedRow, Outcome
+from campaign.store.ledger import Ledger
+from campaign.worker import RunControl, _claims, _nobody_to_send
 
 BATCH = 100
 STEPS_PER_TICK = 100

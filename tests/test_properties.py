@@ -22,8 +22,8 @@ from campaign.escape import escape, unescape
 from campaign.job import Mapping
 from campaign.load import Row, Sheet, open_sheet
 from campaign.mapping import Mapper
+from campaign.records import MappedRow
 from campaign.report import write_report
-from campaign.store.ledger import MappedRow
 from tests.helpers import open_ledger
 
 # A spreadsheet cell holds any text but NUL (the loader refuses NUL bytes as binary data).

@@ -183,3 +183,59 @@ def test_forty_people_on_one_number_half_the_answers_lost_each_reached_once(
         assert reached(box, "to_phone", "first_name") == {(X, name): 1 for name in names}
     finally:
         box.stop()
+
+
+# --- a person whose number was fixed after their request ---------------------------------
+
+A, B = "+14155550101", "+14155550102"
+
+
+def by_id(tmp_path: Path, api_url: str, box_url: str, people: list[list[str]]) -> Path:
+    """A job keyed by an employee id, so a fixed number is the same person."""
+    return write_job(
+        tmp_path,
+        api_url,
+        name="fixed",
+        campaign="fixed",
+        input=write_csv(tmp_path / "fixed.csv", ["Id", "First Name", "Phone"], people),
+        mapping={
+            "params": {"first_name": "First Name", "emp_id": "Id"},
+            "recipient_key": ["emp_id"],
+        },
+        reporting=reporting(box_url),
+    )
+
+
+@pytest.mark.parametrize("pat_arrived", [False, True], ids=["pat-never-arrived", "pat-arrived"])
+def test_a_request_is_judged_by_the_number_it_went_to_not_a_number_fixed_since(
+    tmp_path: Path, pat_arrived: bool
+) -> None:
+    """Pat's request to A never arrived (or arrived with its answer lost), Rob's to B
+    arrived with its answer lost; then the input is fixed, swapping their numbers. The
+    entries are judged against the numbers the requests went to: Pat is never `sent`
+    by Rob's entry, and never `not_found` (and resent) when Pat's own entry is at A."""
+    box = start_sandbox(tmp_path, "--delivery-delay-s", "0")
+    try:
+        with Gateway(
+            box.url, lambda body: LOSE if pat_arrived or body["to_phone"] == B else BLOCK
+        ) as gateway:
+            sent = cli(
+                "run",
+                str(by_id(tmp_path, gateway.url, box.url, [["1", "Pat", A], ["2", "Rob", B]])),
+                "--no-progress",
+            )
+            assert sent.returncode == 1, sent.stderr
+        fixed = by_id(tmp_path, box.url, box.url, [["1", "Pat", B], ["2", "Rob", A]])
+        assert cli("run", str(fixed), "--no-progress").returncode == 1
+        rows = reconcile_until(fixed, "fixed", lambda rows: all(r["_delivery"] for r in rows))
+        assert cli("run", str(fixed), "--no-progress", "--resend-unknown").returncode in (0, 1)
+        accepted = reached(box, "to_phone", "first_name")
+    finally:
+        box.stop()
+    pat = next(r for r in rows if r["Id"] == "1")
+    if pat_arrived:
+        assert accepted[(A, "Pat")] == 1 and accepted[(B, "Pat")] == 0, accepted
+        assert pat["_delivery"] != "not_found", pat
+    else:
+        assert accepted[(A, "Pat")] + accepted[(B, "Pat")] <= 1, accepted
+        assert pat["_status"] != "sent" or accepted[(B, "Pat")] == 1, (pat, accepted)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from campaign.store.ledger import MappedRow
+from campaign.records import MappedRow
 from campaign.store.suppression import SuppressionList, apply_to_ledger, suppress_numbers
 from campaign.suppress_import import import_numbers
 from tests.helpers import (

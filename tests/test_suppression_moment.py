@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from campaign.store.ledger import Transaction
+from campaign.store.db import Transaction
 from campaign.store.suppression import SHARED_SCHEMA, SuppressionList
 from tests.helpers import (
     FaultServer,

@@ -20,7 +20,8 @@ from campaign.dispatch import Dispatcher, LedgerWriter
 from campaign.gate import Gate
 from campaign.job import Api, Limits
 from campaign.progress import Progress
-from campaign.store.ledger import Ledger, MappedRow, Target
+from campaign.records import MappedRow, Target
+from campaign.store.ledger import Ledger
 from campaign.windows import (
     LEAVE_MARGIN_S,
     Schedule,

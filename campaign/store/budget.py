@@ -119,7 +119,10 @@ async def _ensure_schema(conn: psycopg.AsyncConnection[Any], url: str) -> None:
         found = await _version(conn)
         if found is None:
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (SCHEMA,))
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    (postgres.schema_lock(SCHEMA),),
+                )
                 await conn.execute(_CREATE)
             found = await _version(conn)
     except psycopg.errors.InsufficientPrivilege as error:

@@ -23,6 +23,7 @@ holds them, and a run is live while its lease is.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import json
@@ -36,8 +37,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from campaign.errors import CampaignBusy, UnfinishedCampaign, UsageError
+from campaign.records import RunInfo
 from campaign.store.db import Database
-from campaign.store.ledger import LEASE_S, LEDGER_FILE, Ledger, LedgerError, RunInfo
+from campaign.store.ledger import LEASE_S, LEDGER_FILE, Ledger, LedgerError
 from campaign.times import local_stamp
 
 LOCK_FILE = ".lock"
@@ -45,7 +47,7 @@ LIVE_FILE = ".live"
 LOG_FILE = "log.jsonl"
 MAPPING_FILE = "mapping.json"  # a page campaign's mapping, as the page last saved it
 WEB_FILE = "web.json"  # a page campaign's upload: what the page shows of it
-# What an owner's atomic writes leave when it is killed mid-write (`report.atomic_write`).
+# What an owner's atomic writes leave when it is killed mid-write (`files.atomic_write`).
 _OWNER_TEMP_FILES = (".results.csv.*.tmp", ".summary.json.*.tmp")
 UNFINISHED = ("running", "crashed", "interrupted", "aborted")
 
@@ -321,34 +323,148 @@ def _said(state: str) -> str:
 
 
 @dataclass(frozen=True)
-class Store:
-    """Where a job's campaigns live: SQLite files under `output_dir`, or PostgreSQL at
-    `url` (the job's `ledger:`), with the report and log under `output_dir` either way."""
+class Store(abc.ABC):
+    """Where a job's campaigns live (`store_of` chooses): `SqliteStore`, SQLite files under
+    `output_dir`, or `PostgresStore`, PostgreSQL at `url` (the job's `ledger:`). The report
+    and log go under `output_dir` either way."""
 
     output_dir: Path
     url: str | None = None
 
     @property
     def shared(self) -> bool:
+        """Several processes (hosts) may work on one campaign at once."""
         return self.url is not None
 
     @property
+    @abc.abstractmethod
     def where(self) -> str:
         """For messages: the output directory, or the database without its password."""
-        if self.url is None:
-            return str(self.output_dir)
-        from campaign.store.postgres import safe_url
 
-        return safe_url(self.url)
+    @abc.abstractmethod
+    def open_campaign(
+        self, campaign: str, job_name: str, origin: str = "cli"
+    ) -> contextlib.AbstractContextManager[OpenCampaign]:
+        """The campaign owned by this process (a context: released on exit)."""
+
+    @abc.abstractmethod
+    def list_campaigns(self, lease_s: float = LEASE_S) -> list[CampaignInfo]:
+        """`lease_s`: on PostgreSQL, a run this long without a heartbeat is `crashed`."""
+
+    @abc.abstractmethod
+    def read_info(self, campaign: str, lease_s: float = LEASE_S) -> CampaignInfo | None: ...
+
+    @abc.abstractmethod
+    def info_of(
+        self, campaign: str, ledger: Ledger, lease_s: float = LEASE_S
+    ) -> CampaignInfo | None:
+        """The campaign's facts from its open ledger; None when it is not a campaign's."""
+
+    @abc.abstractmethod
+    def open_reader(self, campaign: str) -> Ledger | None:
+        """The campaign's ledger, read-only (another process may be sending it); None when
+        it has none (an upload not validated yet). Close it."""
+
+    @contextlib.contextmanager
+    def reader(self, campaign: str) -> Iterator[Ledger | None]:
+        ledger = self.open_reader(campaign)
+        try:
+            yield ledger
+        finally:
+            if ledger is not None:
+                ledger.close()
+
+    @abc.abstractmethod
+    def in_use(self, campaign: str, lease_s: float = LEASE_S) -> bool:
+        """SQLite: a process holds the campaign's lock; PostgreSQL: a worker holds a live
+        lease on it."""
+
+    @abc.abstractmethod
+    def campaign_ids(self) -> list[str]:
+        """Every campaign with a ledger."""
+
+    @abc.abstractmethod
+    def exists(self, campaign: str) -> bool: ...
+
+    @abc.abstractmethod
+    def check_unfinished(self, job_name: str, campaign: str, lease_s: float = LEASE_S) -> None:
+        """The midnight guard: refuse a new campaign while the job's latest did not finish."""
+
+    @abc.abstractmethod
+    def job_lock(self, job_name: str) -> contextlib.AbstractContextManager[None]:
+        """Held while a run of `job_name` decides which campaign it runs."""
+
+
+@dataclass(frozen=True)
+class SqliteStore(Store):
+    """One SQLite ledger per campaign directory; one process per campaign (file locks)."""
+
+    @property
+    def where(self) -> str:
+        return str(self.output_dir)
 
     @contextlib.contextmanager
     def open_campaign(
         self, campaign: str, job_name: str, origin: str = "cli"
     ) -> Iterator[OpenCampaign]:
-        if self.url is None:
-            with open_campaign(self.output_dir, campaign, job_name, origin) as owned:
-                yield owned
-            return
+        with open_campaign(self.output_dir, campaign, job_name, origin) as owned:
+            yield owned
+
+    def list_campaigns(self, lease_s: float = LEASE_S) -> list[CampaignInfo]:
+        return list_campaigns(self.output_dir)
+
+    def read_info(self, campaign: str, lease_s: float = LEASE_S) -> CampaignInfo | None:
+        return read_info(self.output_dir / campaign)
+
+    def info_of(
+        self, campaign: str, ledger: Ledger, lease_s: float = LEASE_S
+    ) -> CampaignInfo | None:
+        return info_of(self.output_dir / campaign, ledger)
+
+    def open_reader(self, campaign: str) -> Ledger | None:
+        path = self.output_dir / campaign / LEDGER_FILE
+        return Ledger.reader(path) if path.is_file() else None
+
+    def in_use(self, campaign: str, lease_s: float = LEASE_S) -> bool:
+        return is_locked(self.output_dir / campaign)
+
+    def campaign_ids(self) -> list[str]:
+        found = self.output_dir.glob(f"*/{LEDGER_FILE}") if self.output_dir.is_dir() else []
+        return [path.parent.name for path in found]
+
+    def exists(self, campaign: str) -> bool:
+        return (self.output_dir / campaign / LEDGER_FILE).is_file()
+
+    def check_unfinished(self, job_name: str, campaign: str, lease_s: float = LEASE_S) -> None:
+        check_unfinished(self.output_dir, job_name, campaign)
+
+    @contextlib.contextmanager
+    def job_lock(self, job_name: str) -> Iterator[None]:
+        with job_lock(self.output_dir, job_name):
+            yield
+
+
+@dataclass(frozen=True)
+class PostgresStore(Store):
+    """Every campaign a schema of one database; workers on any host share a campaign
+    (advisory locks, leases)."""
+
+    url: str | None = None
+
+    def _url(self) -> str:
+        assert self.url is not None
+        return self.url
+
+    @property
+    def where(self) -> str:
+        from campaign.store.postgres import safe_url
+
+        return safe_url(self._url())
+
+    @contextlib.contextmanager
+    def open_campaign(
+        self, campaign: str, job_name: str, origin: str = "cli"
+    ) -> Iterator[OpenCampaign]:
         directory = self.output_dir / campaign
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -357,7 +473,7 @@ class Store:
                 f"{directory}: cannot create the campaign directory ({exc.strerror})"
             ) from None
         found = frozenset(entry.name for entry in directory.iterdir())
-        ledger = _open_shared(self.url, campaign)
+        ledger = _open_shared(self._url(), campaign)
         try:
             # Held (shared) while this process has the campaign open, like SQLite's `.live`:
             # the midnight guard sees a run that has not registered yet (still loading).
@@ -372,11 +488,8 @@ class Store:
             ledger.close()
 
     def list_campaigns(self, lease_s: float = LEASE_S) -> list[CampaignInfo]:
-        """`lease_s`: on PostgreSQL, a run this long without a heartbeat is `crashed`."""
-        if self.url is None:
-            return list_campaigns(self.output_dir)
         found = []
-        for campaign in _shared_campaigns(self.url):
+        for campaign in _shared_campaigns(self._url()):
             info = self.read_info(campaign, lease_s)
             if info is not None:
                 found.append(info)
@@ -384,8 +497,6 @@ class Store:
         return found
 
     def read_info(self, campaign: str, lease_s: float = LEASE_S) -> CampaignInfo | None:
-        if self.url is None:
-            return read_info(self.output_dir / campaign)
         try:
             with self.reader(campaign) as ledger:
                 return None if ledger is None else self.info_of(campaign, ledger, lease_s)
@@ -395,11 +506,8 @@ class Store:
     def info_of(
         self, campaign: str, ledger: Ledger, lease_s: float = LEASE_S
     ) -> CampaignInfo | None:
-        """The campaign's facts from its open ledger; None when it is not a campaign's.
-        On PostgreSQL the campaign is running while a worker holds a live lease, whichever
-        worker's run was the last to start (it may have finished its share first)."""
-        if self.url is None:
-            return info_of(self.output_dir / campaign, ledger)
+        """The campaign is running while a worker holds a live lease, whichever worker's
+        run was the last to start (it may have finished its share first)."""
         meta = ledger.all_meta()
         if meta.get("campaign") is None:
             return None
@@ -414,58 +522,27 @@ class Store:
         )
 
     def open_reader(self, campaign: str) -> Ledger | None:
-        """The campaign's ledger, read-only (another process may be sending it); None when
-        it has none (an upload not validated yet). Close it."""
-        if self.url is not None:
-            return Ledger.postgres_reader(self.url, campaign)
-        path = self.output_dir / campaign / LEDGER_FILE
-        return Ledger.reader(path) if path.is_file() else None
-
-    @contextlib.contextmanager
-    def reader(self, campaign: str) -> Iterator[Ledger | None]:
-        ledger = self.open_reader(campaign)
-        try:
-            yield ledger
-        finally:
-            if ledger is not None:
-                ledger.close()
+        return Ledger.postgres_reader(self._url(), campaign)
 
     def in_use(self, campaign: str, lease_s: float = LEASE_S) -> bool:
-        """SQLite: a process holds the campaign's lock; PostgreSQL: a worker holds a live
-        lease on it."""
-        if self.url is None:
-            return is_locked(self.output_dir / campaign)
         with self.reader(campaign) as ledger:
             return ledger is not None and ledger.live_workers(lease_s) > 0
 
     def campaign_ids(self) -> list[str]:
-        """Every campaign with a ledger."""
-        if self.url is None:
-            found = self.output_dir.glob(f"*/{LEDGER_FILE}") if self.output_dir.is_dir() else []
-            return [path.parent.name for path in found]
-        return _shared_campaigns(self.url)
+        return _shared_campaigns(self._url())
 
     def exists(self, campaign: str) -> bool:
-        if self.url is None:
-            return (self.output_dir / campaign / LEDGER_FILE).is_file()
         with self.reader(campaign) as ledger:
             return ledger is not None and ledger.get_meta("campaign") is not None
 
     def check_unfinished(self, job_name: str, campaign: str, lease_s: float = LEASE_S) -> None:
-        if self.url is None:
-            check_unfinished(self.output_dir, job_name, campaign)
-            return
-        url = self.url
+        url = self._url()
         found = self.list_campaigns(lease_s)
         _refuse_unfinished(found, job_name, campaign, lambda c: _held_open(url, c))
 
     @contextlib.contextmanager
     def job_lock(self, job_name: str) -> Iterator[None]:
-        if self.url is None:
-            with job_lock(self.output_dir, job_name):
-                yield
-            return
-        db = Database.postgresql(self.url, None)
+        db = Database.postgresql(self._url(), None)
         try:
             db.advisory_lock(f"job:{job_name}")
             yield
@@ -474,7 +551,10 @@ class Store:
 
 
 def store_of(output_dir: str | Path, url: str | None) -> Store:
-    return Store(Path(output_dir), url)
+    """The job's store, chosen once: PostgreSQL when the job names a `ledger:` URL."""
+    if url is None:
+        return SqliteStore(Path(output_dir))
+    return PostgresStore(Path(output_dir), url)
 
 
 def _open_lock(campaign: str) -> str:

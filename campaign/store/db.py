@@ -14,6 +14,7 @@ a URL's password (`store.postgres.safe_url`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -329,9 +330,44 @@ def _create_schema(raw: Any, schema: str) -> None:
     violation), so the creation is serialized by an advisory lock on its name."""
     from psycopg import sql
 
+    from campaign.store.postgres import schema_lock
+
     exists = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
     if raw.execute(exists, (schema,)).fetchone() is not None:
         return
     with raw.transaction():
-        raw.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"schema:{schema}",))
+        raw.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (schema_lock(schema),))
         raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
+class Transaction:
+    """BEGIN ... COMMIT, or ROLLBACK on error (the connection is in autocommit). In a
+    ledger, a transaction that may change the report also bumps `meta.generation`
+    (`changes`); other databases (the suppression list) have no such counter."""
+
+    def __init__(self, db: Database, changes: bool = False) -> None:
+        self.db = db
+        self.changes = changes
+
+    def __enter__(self) -> Database:
+        self.db.begin()
+        return self.db
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        if kind is not None:
+            self.db.rollback()
+            return
+        if self.changes:
+            bump_generation(self.db)
+        self.db.commit()
+
+
+def bump_generation(db: Database) -> None:
+    """Inside a transaction: what the report shows may have changed."""
+    db.execute(
+        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'"
+    )
+
+
+def batched(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    return iter(lambda: list(itertools.islice(rows, size)), [])

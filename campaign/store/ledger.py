@@ -40,155 +40,54 @@ changes nobody leaves the report as it is.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from campaign.store.db import Database, LedgerError, schema_name
+from campaign.records import (
+    MAYBE_REACHED,
+    REQUESTED,
+    SENDABLE,
+    STATUSES,
+    MappedRow,
+    Outcome,
+    RunInfo,
+    Target,
+)
+from campaign.store.db import (
+    Database,
+    LedgerError,
+    Transaction,
+    bump_generation,
+    schema_name,
+)
+from campaign.store.deliveries import DeliveryTables
+from campaign.store.schema import DROP_RESULTS_VIEWS, LEDGER_SCHEMA, RESULTS_VIEWS, ROWS_COLUMNS
 
 LEDGER_FILE = "ledger.sqlite"
-SENDABLE = ("pending", "failed")
-STATUSES = ("sent", "failed", "unknown", "pending", "invalid", "duplicate", "suppressed")
-SCHEMA_VERSION = 5
+# 6: a claim set aside for a send window is `set_aside`, not negative; an attempt keeps
+# the number it went to (`attempts.to_phone`: a person's number may be fixed later).
+SCHEMA_VERSION = 6
 LEASE_S = 30.0  # a worker without a heartbeat this long is taken for dead
 REPORT_TURN_WAIT_S = 60.0  # the longest a report waits for another one being written
-# States in which a request may have reached the API: such a person stays in every report.
-MAYBE_REACHED = ("sent", "unknown", "inflight")
-# People whose last request a delivery report may show (`campaign reconcile`).
-REQUESTED = ("sent", "unknown")
 
-__all__ = ["LedgerError"]
-
-_ROWS_COLUMNS = """
-    row INTEGER PRIMARY KEY,
-    cells TEXT NOT NULL,
-    status TEXT NOT NULL,
-    key TEXT,
-    payload TEXT,
-    to_phone TEXT,
-    error TEXT
-"""
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT INTO meta (key, value) VALUES ('generation', '0') ON CONFLICT (key) DO NOTHING;
-CREATE TABLE IF NOT EXISTS recipients (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    payload TEXT NOT NULL,
-    to_phone TEXT,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    http_status INTEGER,
-    error TEXT,
-    sent_at TEXT,
-    row INTEGER,
-    claim INTEGER
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    recipient_id INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    run_id INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    state TEXT,
-    http_status INTEGER,
-    error TEXT,
-    PRIMARY KEY (recipient_id, n)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rows ({ROWS_COLUMNS});
-CREATE INDEX IF NOT EXISTS rows_key ON rows (key, row);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    command TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    state TEXT NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0,
-    heartbeat_at REAL,
-    host TEXT,
-    pid INTEGER
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    recipient_id INTEGER PRIMARY KEY,
-    status TEXT NOT NULL,
-    error TEXT,
-    checked_at TEXT NOT NULL,
-    entry INTEGER,
-    request_at REAL
-);
-CREATE TABLE IF NOT EXISTS report_entries (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    phone INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    read_by INTEGER
-);
-CREATE INDEX IF NOT EXISTS report_entries_time ON report_entries (created_at);
-CREATE TABLE IF NOT EXISTS report_windows (
-    start_at REAL PRIMARY KEY,
-    end_at REAL NOT NULL,
-    complete INTEGER NOT NULL DEFAULT 0,
-    read_at REAL
-);
-CREATE TABLE IF NOT EXISTS suppress_candidates (
-    phone TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    seen_at TEXT NOT NULL
-);
-""".replace("{ROWS_COLUMNS}", _ROWS_COLUMNS)
-
-# The results: one line per input row in input order (`row_results`), then the people who
-# may have been reached but are in no row of the current input (`gone_results`; invariant
-# 4: once sent, always shown). A row shows its person's state when it is a sendable row,
-# or when its person was reached before the row became unusable, or was sent before its
-# number went on the suppression list. The report and the counts read the same views.
-_RESULTS_VIEWS = (
-    f"""
-CREATE TEMP VIEW row_results AS
-SELECT rows.row AS row, rows.cells AS cells,
-    CASE WHEN p.id IS NULL THEN rows.status
-         WHEN p.state = 'inflight' THEN 'unknown' ELSE p.state END AS status,
-    coalesce(p.to_phone, rows.to_phone) AS to_phone,
-    p.attempts AS attempts, p.http_status AS http_status,
-    CASE WHEN p.id IS NULL THEN rows.error
-         WHEN rows.status IN ('invalid', 'suppressed')
-         THEN coalesce(CASE p.state WHEN 'sent' THEN 'sent earlier' ELSE p.error END, '')
-              || '; the row now: ' || rows.error
-         ELSE p.error END AS error,
-    p.sent_at AS sent_at,
-    d.status AS delivery, d.error AS delivery_error, d.checked_at AS delivery_checked_at
-FROM rows LEFT JOIN recipients p ON p.key = rows.key AND (
-    rows.status = 'ok' OR (rows.status IN ('invalid', 'suppressed') AND p.state IN {MAYBE_REACHED}))
-LEFT JOIN deliveries d ON d.recipient_id = p.id
-""",
-    f"""
-CREATE TEMP VIEW gone_results AS
-SELECT p.row AS was_row, CASE p.state WHEN 'inflight' THEN 'unknown' ELSE p.state END AS status,
-    p.to_phone AS to_phone, p.attempts AS attempts, p.http_status AS http_status,
-    'not in the current input' || coalesce(' (was row ' || p.row || ')', '')
-        || coalesce('; ' || p.error, '') AS error,
-    p.sent_at AS sent_at,
-    d.status AS delivery, d.error AS delivery_error, d.checked_at AS delivery_checked_at
-FROM recipients p LEFT JOIN deliveries d ON d.recipient_id = p.id
-WHERE p.state IN {MAYBE_REACHED} AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.key = p.key)
-""",
-    """
-CREATE TEMP VIEW results AS
-SELECT status, delivery FROM row_results UNION ALL SELECT status, delivery FROM gone_results
-""",
-)
-_DROP_RESULTS_VIEWS = tuple(
-    f"DROP VIEW IF EXISTS {name}" for name in ("results", "row_results", "gone_results")
-)
+__all__ = [
+    "MAYBE_REACHED",
+    "REQUESTED",
+    "SENDABLE",
+    "STATUSES",
+    "LedgerError",
+    "MappedRow",
+    "Outcome",
+    "RunInfo",
+    "Target",
+    "Transaction",
+]
 
 # The suppression list's version as last applied to the rows (`Ledger.set_suppressed`).
 _APPLIED = "suppression_applied"
@@ -204,7 +103,7 @@ _LIVE = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running'
 # The same, holding the run's row until the transaction ends (PostgreSQL): a claim stopped
 # between this check and its commit cannot be settled as dead meanwhile (the lease sweep
 # waits, then gives up and tries again), or it would commit people to a crashed run.
-_LIVE_HELD = _LIVE.removesuffix(")") + " FOR SHARE)"
+_LIVE_HELD = "EXISTS (SELECT 1 FROM runs WHERE runs.id = ? AND runs.state = 'running' FOR SHARE)"
 
 # An `unknown` person may be sent again (--resend-unknown) blind, before any delivery
 # report was read (and none found them ambiguous), or once the report does not know their
@@ -223,55 +122,11 @@ _RESENDABLE = f"""(r.state != 'unknown'
                FROM attempts a WHERE a.recipient_id = r.id)))"""
 
 
-# How far a request's answer says it reached the API (`matching`: NOT_ARRIVED, MAYBE,
-# ARRIVED). Certainly not: the connection never opened (policy's "could not connect"),
-# 408/429/503, or another refusal (3xx/4xx); the server did not act. Known: 200 with
-# success. Anything else may have arrived: a timeout, a dropped connection, 500/502/504,
-# in flight when a run died, a 2xx that was not success (when in doubt, a possible owner).
-# An attempt recorded `suppressed` was held back after its in-flight record: it never left.
-_REQUEST_KIND = """CASE WHEN a.state = 'sent' THEN 2 WHEN a.state = 'suppressed' THEN 0
-    WHEN a.http_status IN (408, 429, 503) OR (a.http_status >= 300 AND a.http_status < 500)
-        OR (a.http_status IS NULL AND a.error LIKE 'could not connect%') THEN 0
-    ELSE 1 END"""
-
-
-# Test sends (store/test_sends.py, a table of their own) as requests for matching: answered
-# 200 arrived; failed or waiting for a retry certainly did not; in flight or unknown, maybe.
-TEST_SENDS = "test_sends"
-_TEST_KIND = (
-    "CASE WHEN t.state = 'sent' THEN 2 WHEN t.state IN ('failed', 'pending') THEN 0 ELSE 1 END"
-)
-
-
 def _unclaimed(states: tuple[str, ...]) -> str:
     """People to send (`r`, joined to their input row `rows`): in one of `states` (one
     parameter each), held by nobody, and, if `unknown`, resendable (`_RESENDABLE`)."""
     marks = ",".join("?" * len(states))
     return f"rows.status = 'ok' AND r.state IN ({marks}) AND r.claim IS NULL AND {_RESENDABLE}"
-
-
-@dataclass(frozen=True)
-class MappedRow:
-    """One input row after mapping: what the ledger stores for it."""
-
-    row: int
-    cells: list[str]
-    key: str | None = None
-    payload: str | None = None  # JSON, ready to send
-    to_phone: str | None = None
-    error: str | None = None  # set: the row is invalid
-
-
-@dataclass(frozen=True)
-class Target:
-    """A recipient to send to, as the dispatcher needs it."""
-
-    id: int
-    row: int
-    payload: bytes
-    attempts: int
-    maybe_delivered: bool  # an earlier attempt may have arrived (state was unknown)
-    to_phone: str | None = None  # for the checks right before sending (suppression, window)
 
 
 def _target(
@@ -280,23 +135,13 @@ def _target(
     return Target(rid, row, payload.encode(), attempts, state == "unknown", to_phone)
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    id: int
-    command: str
-    started_at: float
-    finished_at: float | None
-    state: str
-    requests: int
-
-
 def connect(path: Path, *, readonly: bool = False) -> Database:
     """A SQLite connection in autocommit mode (transactions are `Transaction`s).
     Read-write: WAL with synchronous=FULL, every commit fsynced."""
     return Database.sqlite(path, readonly=readonly)
 
 
-class Ledger:
+class Ledger(DeliveryTables):
     """A campaign's ledger. `Ledger(path)` is a SQLite file; `Ledger.on_postgres(url,
     campaign)` a schema of a PostgreSQL database, with the same tables."""
 
@@ -374,7 +219,7 @@ class Ledger:
     def _create_views(self) -> None:
         # A temporary view lives as long as this connection, whatever version wrote the file.
         make = "CREATE OR REPLACE TEMP VIEW" if self.postgres else "CREATE TEMP VIEW IF NOT EXISTS"
-        for create in _RESULTS_VIEWS:
+        for create in RESULTS_VIEWS:
             self.db.execute(create.replace("CREATE TEMP VIEW", make, 1))
 
     def _migrate(self) -> None:
@@ -388,7 +233,7 @@ class Ledger:
                 db.execute("SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), 1))")
             if db.version() >= SCHEMA_VERSION:
                 return  # another process upgraded it meanwhile
-            for statement in db.ddl(_SCHEMA).split(";"):
+            for statement in db.ddl(LEDGER_SCHEMA).split(";"):
                 if statement.strip():
                     db.execute(statement)
             recipients, runs = db.columns("recipients"), db.columns("runs")
@@ -402,6 +247,15 @@ class Ledger:
             db.execute("CREATE INDEX IF NOT EXISTS recipients_claim ON recipients (claim)")
             if "request_at" not in db.columns("deliveries"):  # versions 1-4
                 db.execute(f"ALTER TABLE deliveries ADD COLUMN {db.ddl('request_at REAL')}")
+            if "to_phone" not in db.columns("attempts"):  # versions 1-5: the person's number
+                db.execute("ALTER TABLE attempts ADD COLUMN to_phone TEXT")
+                db.execute(
+                    "UPDATE attempts SET to_phone = (SELECT to_phone FROM recipients "
+                    "WHERE recipients.id = attempts.recipient_id)"
+                )
+            if "set_aside" not in db.columns("recipients"):  # versions 1-5: a negative claim
+                db.execute("ALTER TABLE recipients ADD COLUMN set_aside INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE recipients SET claim = -claim, set_aside = 1 WHERE claim < 0")
             db.set_version(SCHEMA_VERSION)
 
     def close(self) -> None:
@@ -545,8 +399,8 @@ class Ledger:
                     else 0
                 )
             db.executemany(
-                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?)",
-                [(run, -run) for run in dead],
+                "UPDATE recipients SET claim = NULL, set_aside = 0 WHERE claim = ?",
+                [(run,) for run in dead],
             )
             db.executemany(
                 "UPDATE runs SET state = 'crashed' WHERE id = ?", [(run,) for run in dead]
@@ -554,9 +408,11 @@ class Ledger:
             if lease_s is not None:
                 recovered = max(recovered, 0) + self._settle_orphans()
             if not db.execute("SELECT 1 FROM runs WHERE state = 'running' LIMIT 1").fetchone():
-                db.execute("UPDATE recipients SET claim = NULL WHERE claim IS NOT NULL")
+                db.execute(
+                    "UPDATE recipients SET claim = NULL, set_aside = 0 WHERE claim IS NOT NULL"
+                )
             if recovered > 0 or max(attempts, 0) > 0:
-                _bump_generation(db)
+                bump_generation(db)
         return max(recovered, 0)
 
     def _settle_orphans(self) -> int:
@@ -567,7 +423,7 @@ class Ledger:
         people had looked. Whoever settles next, in a statement of its own, sees it."""
         db = self.db
         found = db.execute(
-            "UPDATE recipients SET state = 'unknown', error = ?, claim = NULL "
+            "UPDATE recipients SET state = 'unknown', error = ?, claim = NULL, set_aside = 0 "
             "WHERE state = 'inflight' "
             "AND (claim IS NULL OR claim NOT IN (SELECT id FROM runs WHERE state = 'running')) "
             "RETURNING id, attempts",
@@ -610,7 +466,7 @@ class Ledger:
         found = self.db.execute(
             "SELECT 1 FROM rows JOIN recipients r ON r.key = rows.key "
             "WHERE rows.status = 'ok' AND r.state IN ('pending', 'unknown', 'inflight') "
-            "AND NOT (r.claim > 0 AND r.state IN ('pending', 'inflight') "
+            "AND NOT (r.claim > 0 AND r.set_aside = 0 AND r.state IN ('pending', 'inflight') "
             "AND r.claim IN (SELECT id FROM runs WHERE state = 'running')) LIMIT 1"
         ).fetchone()
         return found is not None
@@ -665,9 +521,9 @@ class Ledger:
                 (state, time.time(), run_id, run_id),
             )
             self.db.execute(
-                "UPDATE recipients SET claim = NULL WHERE claim IN (?, ?) "
+                "UPDATE recipients SET claim = NULL, set_aside = 0 WHERE claim = ? "
                 "AND state IN ('pending', 'unknown')",
-                (run_id, -run_id),
+                (run_id,),
             )
 
     def last_run(self, commands: tuple[str, ...] = ("run",)) -> RunInfo | None:
@@ -696,7 +552,7 @@ class Ledger:
         # connections' views depend on the table `rows`. SQLite: renamed into place.
         db.execute("DROP TABLE IF EXISTS rows_new")
         temporary = "TEMP " if db.postgres else ""
-        db.execute(f"CREATE {temporary}TABLE rows_new ({db.ddl(_ROWS_COLUMNS)})")
+        db.execute(f"CREATE {temporary}TABLE rows_new ({db.ddl(ROWS_COLUMNS)})")
         for chunk in chunks:
             with self.transaction(changes=False):
                 db.executemany(
@@ -719,7 +575,7 @@ class Ledger:
             if db.postgres:
                 db.execute("CREATE INDEX ON rows_new (key, row)")
             else:
-                for drop in _DROP_RESULTS_VIEWS:
+                for drop in DROP_RESULTS_VIEWS:
                     db.execute(drop)
                 db.execute("DROP TABLE rows")
                 db.execute("CREATE INDEX rows_key ON rows_new (key, row)")
@@ -798,7 +654,8 @@ class Ledger:
                 f"WITH picked AS (SELECT r.id FROM rows CROSS JOIN recipients r "
                 f"WHERE r.key = rows.key AND rows.row > ? AND {_unclaimed(states)} "
                 f"ORDER BY rows.row LIMIT ?{lock}) "
-                f"UPDATE recipients SET claim = ? WHERE id IN (SELECT id FROM picked) "
+                f"UPDATE recipients SET claim = ?, set_aside = 0 "
+                f"WHERE id IN (SELECT id FROM picked) "
                 f"AND claim IS NULL AND {live} "
                 f"RETURNING id, row, payload, attempts, state, to_phone",
                 (after, *states, batch, run_id, run_id),
@@ -811,7 +668,7 @@ class Ledger:
         people, which stay with it until it ends but which it will not try again: two
         workers that each hold some would wait for each other for ever."""
         found = self.db.execute(
-            "SELECT 1 FROM recipients WHERE claim > 0 AND claim != ? "
+            "SELECT 1 FROM recipients WHERE set_aside = 0 AND claim != ? "
             "AND state IN ('inflight', 'pending') "
             "AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
             (run_id,),
@@ -821,9 +678,9 @@ class Ledger:
     def set_aside_elsewhere(self, run_id: int) -> bool:
         """Whether another run still marked running holds people for their send window."""
         found = self.db.execute(
-            "SELECT 1 FROM recipients WHERE claim < 0 AND claim != ? "
-            "AND -claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
-            (-run_id,),
+            "SELECT 1 FROM recipients WHERE set_aside = 1 AND claim != ? "
+            "AND claim IN (SELECT id FROM runs WHERE state = 'running') LIMIT 1",
+            (run_id,),
         ).fetchone()
         return found is not None
 
@@ -839,12 +696,12 @@ class Ledger:
                 part = wanted[start : start + 500]
                 values = ", ".join(["(?)"] * len(part))
                 found += self.db.execute(
-                    f"UPDATE recipients SET claim = ? FROM (VALUES {values}) AS v "
-                    f"WHERE recipients.id = v.column1 AND recipients.claim IN (?, ?) "
+                    f"UPDATE recipients SET claim = ?, set_aside = 0 FROM (VALUES {values}) AS v "
+                    f"WHERE recipients.id = v.column1 AND recipients.claim = ? "
                     f"AND recipients.state IN ({marks}) RETURNING recipients.id, "
                     f"recipients.row, recipients.payload, recipients.attempts, "
                     f"recipients.state, recipients.to_phone",
-                    (run_id, *part, run_id, -run_id, *states),
+                    (run_id, *part, run_id, *states),
                 ).fetchall()
         return sorted((_target(*row) for row in found), key=lambda t: t.row)
 
@@ -901,37 +758,41 @@ class Ledger:
             cursor = self.db.execute(
                 "WITH started AS (UPDATE recipients SET state = 'inflight', attempts = v.n "
                 "FROM unnest(?::bigint[], ?::bigint[]) AS v(id, n) "
-                f"WHERE recipients.id = v.id AND recipients.claim = ? AND {_LIVE} "
-                "AND recipients.state != 'sent' RETURNING recipients.id, v.n), "
-                "logged AS (INSERT INTO attempts (recipient_id, n, run_id, started_at) "
-                "SELECT id, n, ?, ? FROM started ON CONFLICT (recipient_id, n) DO UPDATE SET "
+                f"WHERE recipients.id = v.id AND recipients.claim = ? "
+                f"AND recipients.set_aside = 0 AND {_LIVE} "
+                "AND recipients.state != 'sent' "
+                "RETURNING recipients.id, v.n, recipients.to_phone), "
+                "logged AS (INSERT INTO attempts (recipient_id, n, run_id, started_at, to_phone) "
+                "SELECT id, n, ?, ?, to_phone FROM started "
+                "ON CONFLICT (recipient_id, n) DO UPDATE SET "
                 "run_id = excluded.run_id, started_at = excluded.started_at, "
-                "finished_at = NULL, state = NULL, http_status = NULL, error = NULL) "
+                "finished_at = NULL, state = NULL, http_status = NULL, error = NULL, "
+                "to_phone = excluded.to_phone) "
                 "SELECT id FROM started",
                 (ids, tries, run_id, run_id, run_id, now),
             )
             return lambda: {rid for (rid,) in cursor.fetchall()}
         # SQLite plans UPDATE ... FROM as a scan of the table: one indexed update each.
         live = self.db.execute(f"SELECT {_LIVE}", (run_id,)).fetchone()[0]
-        started = {
-            rid
-            for rid, n in attempts
-            if live
-            and self.db.execute(
+        started: dict[int, tuple[int, str | None]] = {}  # id: (attempt, the number it goes to)
+        for rid, n in attempts if live else []:
+            found = self.db.execute(
                 "UPDATE recipients SET state = 'inflight', attempts = ? "
-                "WHERE id = ? AND claim = ? AND state != 'sent'",
+                "WHERE id = ? AND claim = ? AND set_aside = 0 AND state != 'sent' "
+                "RETURNING to_phone",
                 (n, rid, run_id),
-            ).rowcount
-            == 1
-        }
+            ).fetchone()
+            if found is not None:
+                started[rid] = (n, found[0])
         self.db.executemany(
-            "INSERT INTO attempts (recipient_id, n, run_id, started_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
+            "INSERT INTO attempts (recipient_id, n, run_id, started_at, to_phone) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_id, n) DO UPDATE SET "
             "run_id = excluded.run_id, started_at = excluded.started_at, "
-            "finished_at = NULL, state = NULL, http_status = NULL, error = NULL",
-            [(rid, n, run_id, now) for rid, n in attempts if rid in started],
+            "finished_at = NULL, state = NULL, http_status = NULL, error = NULL, "
+            "to_phone = excluded.to_phone",
+            [(rid, n, run_id, now, phone) for rid, (n, phone) in started.items()],
         )
-        return lambda: started
+        return lambda: set(started)
 
     def _finish_attempts(self, outcomes: list[Outcome]) -> None:
         # A person's state is its latest attempt's outcome. An older attempt's answer comes
@@ -987,12 +848,12 @@ class Ledger:
         """Recipients whose request did not leave (suppressed, outside their send window,
         deadline passed): (id, new state or None to keep it, error). A recipient already
         sent stays sent, and one whose earlier request may have arrived stays unknown."""
-        # The run keeps them, set aside (a negative claim): not work another worker should
-        # wait for, and taken up again by this run when their window opens (`claimed`).
+        # The run keeps them, set aside: not work another worker should wait for, and
+        # taken up again by this run when their window opens (`claimed`).
         self.db.executemany(
             "UPDATE recipients SET error = ?, state = CASE WHEN state = 'unknown' "
             "THEN state ELSE coalesce(?, state) END, "
-            "claim = CASE WHEN claim = ? THEN -claim ELSE claim END "
+            "set_aside = CASE WHEN claim = ? THEN 1 ELSE set_aside END "
             "WHERE id = ? AND state NOT IN ('sent', 'inflight')",
             [(error, state, run_id, recipient_id) for recipient_id, state, error in holds],
         )
@@ -1092,219 +953,6 @@ class Ledger:
         """Requests ever made for this campaign, whoever is in the input now."""
         return self.db.execute("SELECT count(*) FROM attempts").fetchone()[0]
 
-    # --- delivery reports (`campaign reconcile`) -------------------------------------------
-
-    def request_span(self) -> tuple[float, float] | None:
-        """(first, last) start time of the requests of people who may have been reached."""
-        found = self.db.execute(
-            f"SELECT min(a.started_at), max(a.started_at) FROM attempts a "
-            f"JOIN recipients r ON r.id = a.recipient_id WHERE r.state IN {REQUESTED}"
-        ).fetchone()
-        return None if found[0] is None else (found[0], found[1])
-
-    def attempt_span(self) -> tuple[float, float] | None:
-        """(first, last) start time of every request of the campaign, whatever came of it."""
-        found = self.db.execute("SELECT min(started_at), max(started_at) FROM attempts").fetchone()
-        return None if found[0] is None else (found[0], found[1])
-
-    def requests(
-        self, start: float, end: float, share: int = 0, shares: int = 1, batch: int = 100_000
-    ) -> Iterator[list[tuple[Any, ...]]]:
-        """(recipient id, or -1 for a person a delivery report says nothing of; phone as
-        E.164 digits; start; kind) of every request started in [start, end] to a number in
-        `share` of `shares` (number modulo shares), a batch at a time. The kind, from its
-        answer (`matching`): 2 known to have arrived, 0 certainly not, 1 maybe.
-        A test send's request (`store/test_sends.py`) owns its entry like anyone's: it
-        competes as a person the report says nothing of, so its entry never confirms an
-        `unknown` person of the same number."""
-        phone = "CAST(substr(r.to_phone, 2) AS BIGINT)"
-        sql = (
-            f"SELECT CASE WHEN r.state IN {REQUESTED} THEN r.id ELSE -1 END, {phone}, "
-            f"a.started_at, {_REQUEST_KIND} FROM attempts a "
-            f"JOIN recipients r ON r.id = a.recipient_id WHERE r.to_phone IS NOT NULL "
-            f"AND a.started_at BETWEEN ? AND ? AND {phone} % ? = ?"
-        )
-        params: tuple[Any, ...] = (start, end, shares, share)
-        if "to_phone" in self.db.columns(TEST_SENDS):
-            test_phone = "CAST(substr(t.to_phone, 2) AS BIGINT)"
-            sql += (
-                f" UNION ALL SELECT -1, {test_phone}, t.sent_at, {_TEST_KIND} "
-                f"FROM {TEST_SENDS} t WHERE t.sent_at BETWEEN ? AND ? AND {test_phone} % ? = ?"
-            )
-            params += params
-        yield from _batched(self.db.stream(sql, params, batch), batch)
-
-    def report_windows(self) -> list[tuple[float, float, bool, float | None]]:
-        """(start, end, read whole, when) of every span of the Reporting API looked at."""
-        return [
-            (start, end, bool(complete), read_at)
-            for start, end, complete, read_at in self.db.execute(
-                "SELECT start_at, end_at, complete, read_at FROM report_windows ORDER BY start_at"
-            )
-        ]
-
-    def begin_window(self, start: float, end: float) -> None:
-        """A window about to be read: known from now on (a read one keeps what it was)."""
-        with self.transaction(changes=False):
-            self.db.execute(
-                "INSERT INTO report_windows (start_at, end_at) VALUES (?, ?) "
-                "ON CONFLICT (start_at) DO NOTHING",
-                (start, end),
-            )
-
-    def store_entries(
-        self, entries: list[tuple[str, int, float, str, str | None]], run_id: int
-    ) -> int:
-        """Entries of a page as read by reconcile `run_id`: (key, phone digits, created_at,
-        status, error); a later reading of an entry replaces the earlier one (statuses
-        move on). Returns how many of them this run had read already."""
-        with self.transaction(changes=False):
-            keys = [entry[0] for entry in entries]
-            marks = ",".join("?" * len(keys))
-            repeated = self.db.execute(
-                f"SELECT count(*) FROM report_entries WHERE read_by = ? AND key IN ({marks})",
-                (run_id, *keys),
-            ).fetchone()[0]
-            self.db.executemany(
-                "INSERT INTO report_entries (key, phone, created_at, status, error, read_by) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                "phone = excluded.phone, created_at = excluded.created_at, "
-                "status = excluded.status, error = excluded.error, read_by = excluded.read_by",
-                [(*entry, run_id) for entry in entries],
-            )
-        return int(repeated)
-
-    def finish_window(self, start: float, end: float, read_at: float) -> None:
-        """Every page of the window [start, end] was read at `read_at`."""
-        with self.transaction(changes=False):
-            self.db.execute(
-                "UPDATE report_windows SET end_at = ?, complete = 1, read_at = ? "
-                "WHERE start_at = ?",
-                (end, read_at, start),
-            )
-
-    def report_entries(
-        self, start: float, end: float, share: int = 0, shares: int = 1, batch: int = 100_000
-    ) -> Iterator[list[tuple[Any, ...]]]:
-        """(entry id, phone digits, created_at, status, error) of the entries created in
-        [start, end] whose number is in `share` of `shares`, a batch at a time."""
-        yield from _batched(
-            self.db.stream(
-                "SELECT id, phone, created_at, status, error FROM report_entries "
-                "WHERE created_at BETWEEN ? AND ? AND phone % ? = ?",
-                (start, end, shares, share),
-                batch,
-            ),
-            batch,
-        )
-
-    def record_deliveries(
-        self,
-        matched: list[tuple[int, str, str | None, int, str]],
-        not_found: list[tuple[int, float]],
-        checked_at: str,
-        ambiguous: list[tuple[int, str]] | None = None,
-    ) -> int:
-        """What the report says, in one transaction: `matched` (recipient id, status,
-        error, entry id, entry time as ISO), `not_found` (recipient id, start of their
-        latest request) and `ambiguous` (recipient id, why). An `unknown` recipient with an
-        entry did reach the API: it becomes `sent`. Neither not_found nor ambiguous ever
-        replaces an entry seen before (once confirmed, always sent). Returns how many
-        unknown recipients were confirmed."""
-        with self.transaction():
-            self.db.executemany(
-                "INSERT INTO deliveries (recipient_id, status, error, checked_at, entry) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_id) DO UPDATE SET "
-                "status = excluded.status, error = excluded.error, "
-                "checked_at = excluded.checked_at, entry = excluded.entry",
-                [(rid, status, error, checked_at, key) for rid, status, error, key, _ in matched],
-            )
-            unowned: list[tuple[int, str, str | None, str, float | None]] = [
-                (rid, "not_found", None, checked_at, at) for rid, at in not_found
-            ]
-            unowned += [(rid, "ambiguous", why, checked_at, None) for rid, why in ambiguous or []]
-            self.db.executemany(
-                "INSERT INTO deliveries (recipient_id, status, error, checked_at, request_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_id) DO UPDATE SET "
-                "status = excluded.status, error = excluded.error, "
-                "checked_at = excluded.checked_at, request_at = excluded.request_at "
-                "WHERE deliveries.entry IS NULL",
-                unowned,
-            )
-            return max(
-                self.db.executemany(
-                    "UPDATE recipients SET state = 'sent', "
-                    "error = 'confirmed by the delivery report', sent_at = coalesce(sent_at, ?) "
-                    "WHERE id = ? AND state = 'unknown'",
-                    [(at, rid) for rid, _, _, _, at in matched],
-                ).rowcount,
-                0,
-            )
-
-    def delivery_counts(self) -> dict[str, int]:
-        """Lines of the report per delivery state (those with one)."""
-        return dict(
-            self.db.execute(
-                "SELECT delivery, count(*) FROM results WHERE delivery IS NOT NULL "
-                "GROUP BY delivery ORDER BY delivery"
-            ).fetchall()
-        )
-
-    def add_suppress_candidates(self, numbers: list[tuple[str, str, str]]) -> None:
-        """(E.164 number, reason, seen at): numbers the delivery report says must not get
-        another SMS, kept for the store's suppression list to take."""
-        with self.transaction(changes=False):
-            self.db.executemany(
-                "INSERT INTO suppress_candidates (phone, reason, seen_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (phone) DO UPDATE SET reason = excluded.reason, "
-                "seen_at = excluded.seen_at",
-                numbers,
-            )
-
-    def suppress_candidates(self) -> list[tuple[str, str, str]]:
-        return self.db.execute(
-            "SELECT phone, reason, seen_at FROM suppress_candidates ORDER BY phone"
-        ).fetchall()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    recipient_id: int
-    n: int
-    state: str
-    http_status: int | None
-    error: str | None
-    sent_at: str | None
-
-
-class Transaction:
-    """BEGIN ... COMMIT, or ROLLBACK on error (the connection is in autocommit). In a
-    ledger, a transaction that may change the report also bumps `meta.generation`
-    (`changes`); other databases (the suppression list) have no such counter."""
-
-    def __init__(self, db: Database, changes: bool = False) -> None:
-        self.db = db
-        self.changes = changes
-
-    def __enter__(self) -> Database:
-        self.db.begin()
-        return self.db
-
-    def __exit__(self, kind: object, value: object, tb: object) -> None:
-        if kind is not None:
-            self.db.rollback()
-            return
-        if self.changes:
-            _bump_generation(self.db)
-        self.db.commit()
-
-
-def _bump_generation(db: Database) -> None:
-    """Inside a transaction: what the report shows may have changed."""
-    db.execute(
-        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'"
-    )
-
 
 def _waves(outcomes: list[Outcome]) -> list[list[Outcome]]:
     """The outcomes in order, cut wherever a person comes again (their later answer then
@@ -1318,7 +966,3 @@ def _waves(outcomes: list[Outcome]) -> list[list[Outcome]]:
         waves[-1].append(outcome)
         seen.add(outcome.recipient_id)
     return waves
-
-
-def _batched(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    return iter(lambda: list(itertools.islice(rows, size)), [])

@@ -112,3 +112,11 @@ async def connect(url: str, **options: Any) -> psycopg.AsyncConnection[Any]:
         )
     except psycopg.Error as error:
         raise unavailable(url, error) from error
+
+
+def schema_lock(schema: str) -> str:
+    """The advisory lock (for `pg_advisory_xact_lock(hashtextextended(key, 0))`) under
+    which a schema and the tables every component shares in it are created: creators of
+    one schema starting together (hosts, or the list, the rate budget and the page's
+    uploads on a database's first use) take turns instead of failing on the catalog."""
+    return f"schema:{schema}"

@@ -60,8 +60,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from campaign.store.db import Database
-from campaign.store.ledger import Ledger, LedgerError, Transaction, connect
+from campaign.store.db import Database, LedgerError, Transaction
+from campaign.store.ledger import Ledger, connect
+from campaign.store.postgres import schema_lock
 from campaign.times import iso_utc
 
 SUPPRESSION_FILE = "suppression.sqlite"
@@ -134,7 +135,8 @@ class SuppressionList:
     def _migrate(self) -> None:
         if self.db.postgres:  # hosts starting together: one migrates, the others see it done
             self.db.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("suppression",)
+                "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
+                (schema_lock(SHARED_SCHEMA),),
             )
             if self.db.version() >= SCHEMA_VERSION:
                 return

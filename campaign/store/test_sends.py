@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from campaign.logs import mask_phone
-from campaign.store.ledger import TEST_SENDS, Ledger
+from campaign.store.deliveries import TEST_SENDS
+from campaign.store.ledger import Ledger
 from campaign.times import iso_utc
 
 TABLE = TEST_SENDS  # the ledger's matching reads it too (`Ledger.requests`)

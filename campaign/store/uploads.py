@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 
-from campaign.store.db import Database
-from campaign.store.ledger import Transaction
+from campaign.store.db import Database, Transaction
+from campaign.store.postgres import schema_lock
 
 SCHEMA = "campaign_shared"
 COMPONENT = "uploads"
@@ -72,7 +72,9 @@ def _open(url: str) -> Database:
         if db.execute(f"SELECT to_regclass('{SCHEMA}.uploads') IS NULL").fetchone()[0]:
             with Transaction(db):
                 # Servers starting together: one creates the table, the others wait.
-                db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (COMPONENT,))
+                db.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (schema_lock(SCHEMA),)
+                )
                 for statement in _CREATE:
                     db.execute(statement)
     except BaseException:

@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from campaign.files import atomic_write
 from campaign.job import Limits
-from campaign.report import RESULTS_FILE, SUMMARY_FILE, atomic_write
+from campaign.records import SENDABLE
+from campaign.report import RESULTS_FILE, SUMMARY_FILE
 from campaign.store.campaigns import MAPPING_FILE, WEB_FILE, CampaignInfo, Store
-from campaign.store.ledger import SENDABLE, LedgerError
+from campaign.store.ledger import LedgerError
 from campaign.times import iso_utc
 from campaign.web.guess import PREVIEW_COLUMNS, cut
 

@@ -33,7 +33,7 @@ async def test_a_prefetched_batch_that_failed_is_not_printed_as_a_lost_task_erro
     stderr as asyncio's "Task exception was never retrieved" with a traceback, which
     `test_postgres_stopped_mid_run_stops_the_workers_cleanly_and_a_rerun_continues` hit."""
     from campaign.dispatch import _Feed
-    from campaign.store.ledger import Target
+    from campaign.records import Target
 
     async def batches() -> Any:
         yield [Target(i, i, b"{}", 0, False) for i in range(1, 4)]

@@ -37,11 +37,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from campaign.bounds import MAX_PAGE_BYTES, MAX_REPORT_PAGES, JsonRefused, load_json
+from campaign.bounds import MAX_REPORT_PAGES
 from campaign.errors import (
     CampaignError,
     LedgerError,
@@ -100,24 +100,13 @@ class OptPage:
 
 def parse_opt_page(raw: bytes, number: int, region: str = "US") -> OptPage:
     """A page of the SMS Opt Status API; `PageUnreadable` when it is not one."""
-    from campaign.reporting import phone_digits
+    from campaign.avaamo import OPT_STATUS_PER_PAGE
+    from campaign.reporting import phone_digits, read_envelope
 
-    try:
-        body = load_json(raw, MAX_PAGE_BYTES)
-    except JsonRefused as exc:
-        raise PageUnreadable(f"page {number}: the answer is not a page ({exc})") from None
-    if not isinstance(body, dict) or not isinstance(body.get("entries"), list):
-        raise PageUnreadable(f"page {number}: the answer has no list of entries")
-    total_pages, total_entries = body.get("total_pages"), body.get("total_entries")
-    if not _count(total_pages) or not _count(total_entries):
-        raise PageUnreadable(f"page {number}: total_pages or total_entries is not a count")
-    per_page = body.get("per_page", 100)
-    if not _count(per_page) or per_page == 0:
-        raise PageUnreadable(f"page {number}: per_page is not a count")
-    entries = body["entries"]
-    page = OptPage(number, total_pages, total_entries, max(per_page, len(entries)))
-    page.received = len(entries)
-    for item in entries:
+    envelope = read_envelope(raw, number, OPT_STATUS_PER_PAGE)
+    page = OptPage(number, envelope.total_pages, envelope.total_entries, envelope.per_page)
+    page.received = len(envelope.entries)
+    for item in envelope.entries:
         digits = phone_digits(item.get("to_phone"), region) if isinstance(item, dict) else None
         current = item.get("current_status") if isinstance(item, dict) else None
         if digits is None or current not in (OPT_OUT, OPT_IN):
@@ -125,10 +114,6 @@ def parse_opt_page(raw: bytes, number: int, region: str = "US") -> OptPage:
             continue
         page.entries.append((f"+{digits}", current, _seconds(item.get("created_at"))))
     return page
-
-
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _seconds(value: object) -> float | None:

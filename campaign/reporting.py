@@ -20,7 +20,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import phonenumbers
 
@@ -129,8 +129,19 @@ def _text_time(text: str) -> float | None:
     return when.timestamp() if when.tzinfo is not None else None
 
 
-def parse_page(raw: bytes, number: int, region: str) -> Page:
-    """A page's answer; `PageUnreadable` when it is not a report page."""
+@dataclass(frozen=True)
+class Envelope:
+    """The paging of an answer of Avaamo's paged APIs (reports, opt status)."""
+
+    entries: list[Any]
+    total_pages: int
+    total_entries: int
+    per_page: int
+
+
+def read_envelope(raw: bytes, number: int, per_page: int) -> Envelope:
+    """Page `number`'s entries and counts (`per_page` when it says none);
+    `PageUnreadable` when the answer is not a page."""
     try:
         body = load_json(raw, MAX_PAGE_BYTES)
     except JsonRefused as exc:
@@ -140,12 +151,21 @@ def parse_page(raw: bytes, number: int, region: str) -> Page:
     total_pages, total_entries = body.get("total_pages"), body.get("total_entries")
     if not _count(total_pages) or not _count(total_entries):
         raise PageUnreadable(f"page {number}: total_pages or total_entries is not a count")
-    per_page = body.get("per_page", PER_PAGE)
-    if not _count(per_page) or per_page == 0:
+    said = body.get("per_page", per_page)
+    if not _count(said) or said == 0:
         raise PageUnreadable(f"page {number}: per_page is not a count")
-    page = Page(number, total_pages, total_entries, received=len(body["entries"]))
-    page.per_page = max(per_page, len(body["entries"]))
-    for item in body["entries"]:
+    entries = body["entries"]
+    return Envelope(entries, total_pages, total_entries, max(said, len(entries)))
+
+
+def parse_page(raw: bytes, number: int, region: str) -> Page:
+    """A page's answer; `PageUnreadable` when it is not a report page."""
+    envelope = read_envelope(raw, number, PER_PAGE)
+    page = Page(
+        number, envelope.total_pages, envelope.total_entries, received=len(envelope.entries)
+    )
+    page.per_page = envelope.per_page
+    for item in envelope.entries:
         entry = parse_entry(item, region)
         if entry is None:
             page.bad += 1

@@ -175,16 +175,7 @@ class SuppressionList:
         return added
 
     def _add_batch(self, phones: list[str], reason: str, source: str) -> int:
-        now = time.time()
-        with Transaction(self.db):
-            return max(
-                self.db.executemany(
-                    "INSERT INTO numbers (phone, reason, source, added_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (phone) DO NOTHING",
-                    [(p, reason, source, now) for p in phones],
-                ).rowcount,
-                0,
-            )
+        return self.add_each([(phone, reason) for phone in phones], source)
 
     def add_each(self, entries: list[tuple[str, str]], source: str) -> int:
         """Put (E.164 phone, reason) `entries` on the list in one transaction; returns how

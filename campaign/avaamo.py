@@ -47,7 +47,6 @@ from campaign.bounds import (
 )
 from campaign.errors import PageUnreadable, ReportingRefused
 from campaign.job import Api
-from campaign.optouts import OptPage, parse_opt_page
 from campaign.policy import (
     Answer,
     Transport,
@@ -58,7 +57,15 @@ from campaign.policy import (
     wait,
 )
 from campaign.rate import RateLimiter
-from campaign.reporting import Page, Received, parse_page, parse_received
+from campaign.reporting import (
+    OPT_STATUS_PER_PAGE,
+    OptPage,
+    Page,
+    Received,
+    parse_opt_page,
+    parse_page,
+    parse_received,
+)
 
 P = TypeVar("P")
 
@@ -89,9 +96,6 @@ def report_url(base_url: str, agent_id: str) -> str:
 
 def opt_status_url(base_url: str) -> str:
     return f"{base_url.rstrip('/')}/api/v2/sms/opt-status.json"
-
-
-OPT_STATUS_PER_PAGE = 100  # the API's maximum
 
 
 class _Secrets:

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from campaign.bounds import MAX_REPORT_PAGES
 from campaign.errors import (
     CampaignError,
     LedgerError,
@@ -49,6 +48,7 @@ from campaign.errors import (
     ReportingRefused,
     UsageError,
 )
+from campaign.reporting import OPT_IN, OPT_OUT, OptPage
 from campaign.times import iso_utc
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ log = structlog.get_logger(__name__)
 SOURCE = "avaamo"
 SYNC_NAME = "avaamo-opt-status"
 REASON = "opted out at Avaamo (STOP)"
-OPT_OUT, OPT_IN = "opt-out", "opt-in"
 WINDOW_S = 7 * 24 * 3600  # the provider's recommended span per query
 OVERLAP_S = 120  # a later sync reads from the last one's start less this
 SYNC_EVERY_S = 600.0  # a run sending syncs again this often
@@ -80,46 +79,6 @@ class OptOutsUnavailable(CampaignError):
     """A run's sync failed and the last whole one is too old: nothing is sent."""
 
     exit_code = 3
-
-
-@dataclass
-class OptPage:
-    number: int
-    total_pages: int
-    total_entries: int
-    per_page: int
-    entries: list[tuple[str, str, float | None]] = field(default_factory=list)
-    received: int = 0
-    bad: int = 0  # no usable to_phone or current_status
-
-    @property
-    def last_page(self) -> int:
-        """The last page worth asking for, by `total_entries` (total_pages can lie)."""
-        return max(0, min(math.ceil(self.total_entries / self.per_page), MAX_REPORT_PAGES))
-
-
-def parse_opt_page(raw: bytes, number: int, region: str = "US") -> OptPage:
-    """A page of the SMS Opt Status API; `PageUnreadable` when it is not one."""
-    from campaign.avaamo import OPT_STATUS_PER_PAGE
-    from campaign.reporting import phone_digits, read_envelope
-
-    envelope = read_envelope(raw, number, OPT_STATUS_PER_PAGE)
-    page = OptPage(number, envelope.total_pages, envelope.total_entries, envelope.per_page)
-    page.received = len(envelope.entries)
-    for item in envelope.entries:
-        digits = phone_digits(item.get("to_phone"), region) if isinstance(item, dict) else None
-        current = item.get("current_status") if isinstance(item, dict) else None
-        if digits is None or current not in (OPT_OUT, OPT_IN):
-            page.bad += 1
-            continue
-        page.entries.append((f"+{digits}", current, _seconds(item.get("created_at"))))
-    return page
-
-
-def _seconds(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if 0 < value < 253_402_300_800 else None
 
 
 def reason(created_at: float | None) -> str:

@@ -212,3 +212,46 @@ def parse_received(raw: bytes, number: int, region: str) -> tuple[Page, list[Rec
         key, _, created, status, error = entry
         received.append(Received(key, created, status, error, message))
     return page, received
+
+
+# --- the SMS Opt Status API's pages (`campaign suppress sync`) --------------------------------
+
+OPT_OUT, OPT_IN = "opt-out", "opt-in"
+OPT_STATUS_PER_PAGE = 100  # the API's maximum
+
+
+@dataclass
+class OptPage:
+    number: int
+    total_pages: int
+    total_entries: int
+    per_page: int
+    entries: list[tuple[str, str, float | None]] = field(default_factory=list)
+    received: int = 0
+    bad: int = 0  # no usable to_phone or current_status
+
+    @property
+    def last_page(self) -> int:
+        """The last page worth asking for, by `total_entries` (total_pages can lie)."""
+        return max(0, min(math.ceil(self.total_entries / self.per_page), MAX_REPORT_PAGES))
+
+
+def parse_opt_page(raw: bytes, number: int, region: str = "US") -> OptPage:
+    """A page of the SMS Opt Status API; `PageUnreadable` when it is not one."""
+    envelope = read_envelope(raw, number, OPT_STATUS_PER_PAGE)
+    page = OptPage(number, envelope.total_pages, envelope.total_entries, envelope.per_page)
+    page.received = len(envelope.entries)
+    for item in envelope.entries:
+        digits = phone_digits(item.get("to_phone"), region) if isinstance(item, dict) else None
+        current = item.get("current_status") if isinstance(item, dict) else None
+        if digits is None or current not in (OPT_OUT, OPT_IN):
+            page.bad += 1
+            continue
+        page.entries.append((f"+{digits}", current, _seconds(item.get("created_at"))))
+    return page
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 < value < 253_402_300_800 else None

@@ -326,8 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from campaign.errors import CampaignError
+    try:
+        args = build_parser().parse_args(argv)
+        from campaign.errors import CampaignError
+    except KeyboardInterrupt:  # Ctrl-C while starting: nothing began
+        return 130
 
     state: dict[str, Any] = {"control": None, "directory": None}
     try:

@@ -90,32 +90,24 @@ def crash_log(line: str) -> Path:
     return Path(found.group(1))
 
 
-def test_unexpected_error_before_sending_is_exit_2_with_a_log(
-    tmp_path: Path, sandbox: Sandbox, store: str | None
+@pytest.mark.parametrize(
+    ("command", "code", "sent"),
+    [("validate", 2, []), ("run", 1, ["+14155550101", "+14155550102"])],
+    ids=["before-sending-exit-2", "after-sending-exit-1"],
+)
+def test_an_unexpected_error_is_one_line_and_a_log(
+    tmp_path: Path, sandbox: Sandbox, store: str | None, command: str, code: int, sent: list[str]
 ) -> None:
+    """Exit 2 while nothing was sent, 1 once some were: one line, the traceback in a log."""
     job = write_job(tmp_path, sandbox.url, input=people(tmp_path), ledger=store)
     (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
-    done = cli("validate", str(job), "--no-progress")
-    assert done.returncode == 2
+    done = cli(command, str(job), "--no-progress")
+    assert done.returncode == code
     line = error_line(done)
     assert line.startswith("campaign: error: unexpected error: ")
-    log = crash_log(line)
-    text = log.read_text(encoding="utf-8")
+    text = crash_log(line).read_text(encoding="utf-8")
     assert "Traceback" in text and "IsADirectoryError" in text
-    assert sandbox.records() == []
-
-
-def test_unexpected_error_after_sending_is_exit_1_with_a_log(
-    tmp_path: Path, sandbox: Sandbox, store: str | None
-) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path), ledger=store)
-    (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
-    done = cli("run", str(job), "--no-progress")
-    assert done.returncode == 1
-    line = error_line(done)
-    assert line.startswith("campaign: error: unexpected error: ")
-    assert "Traceback" in crash_log(line).read_text(encoding="utf-8")
-    assert sorted(sandbox.phones()) == ["+14155550101", "+14155550102"]
+    assert sorted(sandbox.phones()) == sent
     # The ledger kept what happened: with the obstacle gone, the report is complete and
     # a second run sends nobody twice.
     (tmp_path / "runs" / "test" / "results.csv").rmdir()

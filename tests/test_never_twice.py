@@ -26,6 +26,7 @@ from tests.helpers import (
     open_ledger,
     phones,
     read_results,
+    soak_trials,
     spawn_cli,
     start_sandbox,
     statuses,
@@ -34,10 +35,10 @@ from tests.helpers import (
 )
 from tests.helpers.runs import people, wait_for
 
-TRIALS = 20
-PG_TRIALS = 8  # more kill and race trials on PostgreSQL run in tests/test_review_*.py
+TRIALS = soak_trials()
 AT_A_TIME = 4  # trials started together (two runs each)
 EARLIER_CAMPAIGNS = 300
+RUNS = soak_trials(4)  # runs of one campaign while others keep asking whether it is in use
 
 
 def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
@@ -52,7 +53,7 @@ def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
         ledger.close()
 
 
-@pytest.mark.long
+@pytest.mark.soak
 def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
     """Every pair of runs starts together, over an output directory of hundreds of
     campaigns (the midnight guard reads them all, which widens the race). The trials go a
@@ -92,15 +93,15 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
         box.stop()
 
 
-@pytest.mark.long
+@pytest.mark.soak
 def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, pg_url: str) -> None:
     """On PostgreSQL two runs of one campaign are two workers (docs/design.md, invariant 7): both
     finish, and together they reach each person once. The trials are independent
     campaigns (and jobs), a few at a time: every pair still starts together."""
     box = start_sandbox(tmp_path, "--latency-ms", "30")
     try:
-        for first in range(0, PG_TRIALS, AT_A_TIME):
-            trials = range(first, min(first + AT_A_TIME, PG_TRIALS))
+        for first in range(0, TRIALS, AT_A_TIME):
+            trials = range(first, min(first + AT_A_TIME, TRIALS))
             runs = {}
             for trial in trials:
                 job = write_job(
@@ -122,11 +123,12 @@ def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, p
                 ) as ledger:
                     assert ledger.counts()["sent"] == 6
                     assert ledger.count_targets(("pending", "failed", "unknown", "inflight")) == 0
-        assert len(assert_no_duplicates(box)) == 6 * PG_TRIALS
+        assert len(assert_no_duplicates(box)) == 6 * TRIALS
     finally:
         box.stop()
 
 
+@pytest.mark.soak
 def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
@@ -147,13 +149,13 @@ def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     for prober in probers:
         prober.start()
     try:
-        codes = [cli("run", str(job), "--no-progress").returncode for _ in range(20)]
+        codes = [cli("run", str(job), "--no-progress").returncode for _ in range(RUNS)]
     finally:
         done.set()
         for prober in probers:
             prober.join()
     assert probes > 100
-    assert codes == [0] * 20
+    assert codes == [0] * RUNS
     assert len(sandbox.phones()) == 3
 
 

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import (
     FaultServer,
     Sandbox,
@@ -15,6 +17,7 @@ from tests.helpers import (
     cli,
     phones,
     read_results,
+    soak_trials,
     spawn_cli,
     start_sandbox,
     write_csv,
@@ -24,7 +27,7 @@ from tests.helpers.web import call, client, final_state, start_serve, upload, wa
 
 # The page chooses Mobile; the job file says Phone: another person for every row.
 HEADER = ["First Name", "Phone", "Mobile"]
-TRIALS = 8
+TRIALS = soak_trials(2)  # two at least: each order, page first and command line first
 
 
 def _office_and_mobile(path: Path, n: int, start: int = 0) -> Path:
@@ -96,6 +99,7 @@ async def test_a_command_line_campaign_is_continued_on_the_page(tmp_path: Path) 
     assert [r["_status"] for r in rows] == ["sent"] * 3
 
 
+@pytest.mark.soak
 async def test_page_and_command_line_on_one_campaign_send_each_person_once(
     tmp_path: Path,
 ) -> None:

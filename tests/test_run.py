@@ -16,6 +16,7 @@ from tests.helpers import (
     ROOT,
     FaultServer,
     Sandbox,
+    by_employee_id,
     cli,
     open_ledger,
     phones,
@@ -227,12 +228,7 @@ def test_custom_auth_channel_without_phones(tmp_path: Path, store: str | None) -
             tmp_path,
             box.url,
             input=data,
-            mapping={
-                "to_phone": None,
-                "require_phone": False,
-                "params": {"emp_id": "Employee ID", "first_name": "First Name"},
-                "recipient_key": ["emp_id"],
-            },
+            mapping=by_employee_id({"emp_id": "Employee ID", "first_name": "First Name"}),
             ledger=store,
         )
         done = cli("run", str(job), "--no-progress")
@@ -268,14 +264,10 @@ def test_sample_spreadsheets_keep_their_text(tmp_path: Path, sandbox: Sandbox, s
     assert all("." not in r["Employee ID"] for r in rows)  # no float text like 37.0
 
 
-def test_channel_uuid_goes_in_the_url(tmp_path: Path) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        job = write_job(tmp_path, box.url, input=people(tmp_path, 1))
-        assert cli("run", str(job), "--no-progress").returncode == 0
-        assert box.records()[0]["channel"] == CHANNEL
-    finally:
-        box.stop()
+def test_channel_uuid_goes_in_the_url(tmp_path: Path, sandbox: Sandbox) -> None:
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path, 1))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert sandbox.records()[0]["channel"] == CHANNEL
 
 
 def test_unusable_job_is_exit_2_with_one_line(tmp_path: Path) -> None:

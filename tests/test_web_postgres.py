@@ -24,7 +24,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.rates import max_in_window
-from tests.helpers.runs import finish, people, results
+from tests.helpers.runs import finish, people, people_job, results
 from tests.helpers.web import (
     EXPECTED,
     XLSX,
@@ -161,12 +161,8 @@ async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
     and the one rate budget of the channel held by all three."""
     rows, rate = 400, 100
     box: Sandbox = start_sandbox(tmp_path, "--latency-ms", "20")
-    job = write_job(
-        tmp_path,
-        box.url,
-        input=people(tmp_path / "in.csv", rows),
-        ledger=pg_url,
-        limits={"rate_per_second": rate, "concurrency": 4, "lease_s": 3},
+    job = people_job(
+        tmp_path, box.url, rows, ledger=pg_url, rate_per_second=rate, concurrency=4, lease_s=3
     )
     server = start_serve(tmp_path, job)
     try:

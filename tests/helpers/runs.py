@@ -5,13 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import (
+    Sandbox,
+    cli,
     phones,
     read_results,
+    statuses,
     write_csv,
+    write_job,
 )
 
 # With a PostgreSQL ledger, a killed run's people are settled once its lease expires: a
@@ -33,8 +39,38 @@ def people(path: Path, n: int, start: int = 0) -> Path:
     )
 
 
+def people_job(
+    tmp_path: Path,
+    base_url: str,
+    rows: int,
+    *,
+    ledger: str | None = None,
+    api: dict[str, Any] | None = None,
+    **limits: Any,
+) -> Path:
+    """A job sending `rows` people (tmp_path/in.csv) through `base_url`, its ledger at
+    `ledger` (None: SQLite); `api` and `limits` update the job's defaults."""
+    sections: dict[str, Any] = {"api": api or {}, "limits": limits}
+    if ledger is not None:
+        sections["ledger"] = ledger
+    return write_job(tmp_path, base_url, input=people(tmp_path / "in.csv", rows), **sections)
+
+
 def results(tmp_path: Path, campaign: str = "test") -> list[dict[str, str]]:
     return read_results(tmp_path / "runs" / campaign / "results.csv")
+
+
+def resend_and_check(
+    box: Sandbox, tmp_path: Path, job: Path, rows: int, unknown: int, timeout: float = 180
+) -> None:
+    """`run --resend-unknown` after a hostile schedule left `unknown` people in doubt:
+    everyone is sent, and only those in doubt may have arrived twice (why it is opt-in)."""
+    again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=timeout)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert statuses(results(tmp_path)) == {"sent": rows}
+    received = Counter(box.phones())
+    assert len(received) == rows
+    assert sum(received.values()) - rows <= unknown
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 120) -> int:

@@ -23,7 +23,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.pg import ledger_states, lock_waiters
-from tests.helpers.runs import people, results, wait_for
+from tests.helpers.runs import people, people_job, results, wait_for
 
 
 async def test_a_prefetched_batch_that_failed_is_not_printed_as_a_lost_task_error() -> None:
@@ -112,12 +112,8 @@ def test_sigint_while_the_next_batch_is_being_claimed(tmp_path: Path, pg_url: st
     rows, rate = 400, 100
     box = start_sandbox(tmp_path, "--latency-ms", "5")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": 4, "rate_per_second": rate},
+        job = people_job(
+            tmp_path, box.url, rows, ledger=pg_url, concurrency=4, rate_per_second=rate
         )
         run = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(box.records()) >= 10, what="the first batch")

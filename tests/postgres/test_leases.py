@@ -26,18 +26,17 @@ from tests.helpers import (
     phones,
     spawn_cli,
     start_sandbox,
-    write_job,
 )
 from tests.helpers.pg import (
     check_report_against_record,
     in_campaign,
     lease_expired,
-    lease_job,
     ledger_states,
     lock_waiters,
     only_run,
+    pg_job,
 )
-from tests.helpers.runs import finish, people, results, wait_for
+from tests.helpers.runs import finish, people_job, results, wait_for
 
 
 def state_of(url: str, recipient_id: int) -> str:
@@ -97,13 +96,14 @@ def test_a_request_begun_while_its_worker_is_settled_for_dead_is_unknown_not_inf
 
     lease = 1.0
     with FaultServer(reply) as server:
-        job = write_job(
+        job = people_job(
             tmp_path,
             server.url,
-            input=people(tmp_path / "in.csv", 3),
+            3,
             ledger=pg_url,
             api={"timeout_s": 60},
-            limits={"concurrency": 1, "rate_per_second": 1000, "lease_s": lease},
+            concurrency=1,
+            lease_s=lease,
         )
         checked = cli("validate", str(job))
         assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -160,7 +160,7 @@ def test_a_worker_stopped_inside_its_claim_past_its_lease_leaves_nobody_pending(
     rows, lease = 200, 1
     box = start_sandbox(tmp_path, "--latency-ms", "150")
     try:
-        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)
         mapped = cli("run", str(job), "--dry-run")
         assert mapped.returncode == 0, mapped.stdout + mapped.stderr
         with psycopg.connect(pg_url, autocommit=True) as db:
@@ -194,7 +194,7 @@ def test_a_worker_stopped_longer_than_its_lease_then_continued(tmp_path: Path, p
     rows, lease = 1500, 1
     box = start_sandbox(tmp_path, "--latency-ms", "30")
     try:
-        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)
         rng = random.Random()
         mark = rng.randrange(0, rows // 2)
         running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
@@ -244,13 +244,15 @@ def test_a_stalled_workers_late_answer_does_not_undo_a_later_send(
 
     server = FaultServer(reply, streams={"held": held})
     with server:
-        job = write_job(
+        job = people_job(
             tmp_path,
             server.url,
-            input=people(tmp_path / "in.csv", 4),
+            4,
             ledger=pg_url,
             api={"timeout_s": 30},
-            limits={"concurrency": 4, "rate_per_second": 1000, "lease_s": 1, "max_attempts": 1},
+            concurrency=4,
+            lease_s=1,
+            max_attempts=1,
         )
         a = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(server.arrivals) >= 4, what="A's four requests")
@@ -285,7 +287,7 @@ def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in
     rows, lease = 2000, 1
     box = start_sandbox(tmp_path, "--latency-ms", "60")
     try:
-        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)
         rng = random.Random()
         running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
         wait_for(lambda: len(box.records()) >= 200, what="200 requests")
@@ -315,7 +317,7 @@ def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(tmp_path: Path, pg_
     rows, lease = 2000, 1
     box = start_sandbox(tmp_path, "--latency-ms", "60")
     try:
-        job = lease_job(tmp_path, box, pg_url, rows, lease)
+        job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)
         victim, other = (spawn_cli("run", str(job), "--no-progress") for _ in range(2))
         wait_for(lambda: len(box.records()) >= random.randrange(100, 600), what="requests")
         victim.send_signal(signal.SIGSTOP)

@@ -9,10 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-from campaign.store.db import schema_name
 from tests.helpers import (
     FaultServer,
     assert_no_duplicates,
@@ -21,15 +19,14 @@ from tests.helpers import (
     statuses,
     write_job,
 )
-from tests.helpers.pg import CONCURRENCY, pg_job, workers
+from tests.helpers.pg import CONCURRENCY, in_campaign, pg_job, workers
 from tests.helpers.pg_server import READ_ONLY, PgServer
 from tests.helpers.rates import achieved, max_in_window
 from tests.helpers.runs import finish, people, people_job, resend_and_check, results, wait_for
 
 
 def requests_per_run(url: str, campaign: str) -> dict[int, int]:
-    with psycopg.connect(url) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    with in_campaign(url, campaign) as db:
         found = db.execute("SELECT run_id, count(*) FROM attempts GROUP BY run_id").fetchall()
     return dict(found)
 

@@ -33,6 +33,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.helpers.pg import workers
 from tests.helpers.runs import people, wait_for
 
 TRIALS = soak_trials()
@@ -114,7 +115,7 @@ def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, p
                     limits={"concurrency": 2, "lease_s": 3},
                     ledger=pg_url,
                 )
-                runs[trial] = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+                runs[trial] = workers(job, 2)
             for trial in trials:
                 ended = [(run.wait(timeout=120), *run.communicate()) for run in runs[trial]]
                 assert [code for code, _, _ in ended] == [0, 0], ended

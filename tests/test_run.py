@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from aiohttp import web
 from tests.helpers import (
     CHANNEL,
     ROOT,
+    Arrival,
     FaultServer,
     Sandbox,
     by_employee_id,
@@ -98,14 +101,21 @@ def test_all_sent_is_exit_0_and_a_second_run_sends_nothing(
     assert summary["counts"]["sent"] == 20 and summary["last_run"]["requests"] == 20
 
 
+def one_person(
+    tmp_path: Path, reply: Callable[[int, dict[str, Any]], Any]
+) -> tuple[subprocess.CompletedProcess[str], list[Arrival]]:
+    """One person sent through a fault server answering `reply`: the run, and the requests
+    that arrived."""
+    with FaultServer(reply) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
+        return cli("run", str(job), "--no-progress"), list(server.arrivals)
+
+
 def test_429_with_retry_after_then_success(tmp_path: Path) -> None:
     def reply(n: int, _body: dict[str, Any]) -> Any:
         return (429, {"Retry-After": "1"}) if n == 0 else 200
 
-    with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
-        arrivals = list(server.arrivals)
+    done, arrivals = one_person(tmp_path, reply)
     assert done.returncode == 0, done.stderr
     assert len(arrivals) == 2
     assert arrivals[1].at - arrivals[0].at >= 0.99  # the retry waited for Retry-After
@@ -114,21 +124,29 @@ def test_429_with_retry_after_then_success(tmp_path: Path) -> None:
 
 
 def test_503_twice_then_success(tmp_path: Path) -> None:
-    with FaultServer(lambda n, _b: 503 if n < 2 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
+    done, _ = one_person(tmp_path, lambda n, _b: 503 if n < 2 else 200)
     assert done.returncode == 0, done.stderr
     assert results(tmp_path)[0]["_attempts"] == "3"
 
 
-def test_503_until_attempts_run_out_is_failed(tmp_path: Path) -> None:
-    with FaultServer(lambda _n, _b: (503, {"Retry-After": "0"})) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
-        assert len(server.arrivals) == 3  # limits.max_attempts
+@pytest.mark.parametrize(
+    ("answer", "requests", "status", "error"),
+    [
+        # 503 until limits.max_attempts run out: failed, the request never resent.
+        ((503, {"Retry-After": "0"}), 3, "failed", "after 3 attempts"),
+        # The connection dropped: it may have arrived, so it is not retried.
+        ("reset", 1, "unknown", "connection dropped"),
+    ],
+    ids=["503-until-attempts-run-out-is-failed", "a-dropped-connection-is-unknown"],
+)
+def test_a_person_never_answered_200_ends_failed_or_unknown(
+    tmp_path: Path, answer: Any, requests: int, status: str, error: str
+) -> None:
+    done, arrivals = one_person(tmp_path, lambda _n, _b: answer)
+    assert len(arrivals) == requests
     assert done.returncode == 1
     row = results(tmp_path)[0]
-    assert row["_status"] == "failed" and "after 3 attempts" in row["_error"]
+    assert row["_status"] == status and error in row["_error"]
 
 
 def test_unknown_rows_are_not_resent_without_resend_unknown(
@@ -143,16 +161,6 @@ def test_unknown_rows_are_not_resent_without_resend_unknown(
         assert again.returncode == 0, again.stderr
         assert len(server.arrivals) == 2
     assert results(tmp_path)[0]["_status"] == "sent"
-
-
-def test_dropped_connection_is_unknown(tmp_path: Path) -> None:
-    with FaultServer(lambda _n, _b: "reset") as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
-        assert len(server.arrivals) == 1
-    assert done.returncode == 1
-    row = results(tmp_path)[0]
-    assert row["_status"] == "unknown" and "connection dropped" in row["_error"]
 
 
 def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(
@@ -299,8 +307,6 @@ def test_a_trickling_answer_is_cut_off_as_unknown(tmp_path: Path) -> None:
 
 
 def test_the_channel_uuid_never_reaches_the_results(tmp_path: Path) -> None:
-    with FaultServer(lambda _n, _b: "reset") as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        cli("run", str(job), "--no-progress")
+    one_person(tmp_path, lambda _n, _b: "reset")
     text = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
     assert CHANNEL not in text

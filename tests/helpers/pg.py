@@ -88,8 +88,7 @@ def workers(job: Path, n: int, *extra: str) -> list[subprocess.Popen[str]]:
 
 
 def ledger_states(url: str, campaign: str = "test") -> Counter[str]:
-    with psycopg.connect(url, autocommit=True) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    with in_campaign(url, campaign) as db:
         found = db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall()
     return Counter(dict(found))
 
@@ -115,6 +114,14 @@ def ended_cleanly(process: subprocess.Popen[str], timeout: float = 180) -> None:
     out, err = process.communicate(timeout=timeout)
     assert process.returncode in (0, 1, 3), out + err
     assert "Traceback" not in err, err
+
+
+def rerun_sends_the_rest(box: Sandbox, tmp_path: Path, job: Path, rows: int) -> None:
+    """A rerun after a stopped worker sends everyone it left, and nobody twice."""
+    again = cli("run", str(job), "--no-progress", timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(assert_no_duplicates(box)) == rows
+    assert statuses(results(tmp_path)) == {"sent": rows}
 
 
 def settle_and_resend(

@@ -170,3 +170,19 @@ CHART_INK_JS = """() => Object.fromEntries([...document.querySelectorAll("figure
     return [figure.dataset.chart, painted];
   }))"""
 CHARTS = ("rate", "progress", "statuses", "funnel", "reasons", "waiting")
+
+
+async def sent_from_the_page(http: aiohttp.ClientSession, campaign: str) -> list[dict[str, str]]:
+    """The sample workbook's campaign started on the page and waited for (43 sent): the
+    rows of the results.csv the page then gives, one a row of the workbook."""
+    started = await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+    assert started["state"] == "running"
+    done = await final_state(http, campaign)
+    assert done["state"] == "done" and done["counts"]["sent"] == 43
+    async with http.get(f"/api/campaigns/{campaign}/results.csv") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/csv")
+        assert response.headers["Content-Disposition"].startswith("attachment")
+        rows = results_rows(await response.text())
+    assert [r["_row"] for r in rows] == [str(i) for i in range(1, 51)]
+    return rows

@@ -12,11 +12,8 @@ import psycopg
 import pytest
 
 from tests.helpers import (
-    assert_no_duplicates,
-    cli,
     spawn_cli,
     start_sandbox,
-    statuses,
 )
 from tests.helpers.pg import (
     CONCURRENCY,
@@ -24,12 +21,14 @@ from tests.helpers.pg import (
     group_commits_waiting,
     lock_waiters,
     pg_job,
+    rerun_sends_the_rest,
     settle_and_resend,
     worker_at_a_held_commit,
     worker_backends,
+    workers,
 )
 from tests.helpers.pg_server import PgServer
-from tests.helpers.runs import people_job, results, wait_for
+from tests.helpers.runs import people_job, wait_for
 
 
 def test_worker_connections_terminated_at_random_moments(tmp_path: Path, pg_url: str) -> None:
@@ -40,7 +39,7 @@ def test_worker_connections_terminated_at_random_moments(tmp_path: Path, pg_url:
     try:
         job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=3)
         rng = random.Random()
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        running = workers(job, 3)
         for mark in sorted(rng.sample(range(30, rows - 150), cuts)):
             # A cut connection may stop its worker (exit 1): when all have stopped, the
             # requests stop short of the next mark.
@@ -70,7 +69,7 @@ def test_postgres_stopped_at_a_random_moment_then_a_rerun(
     box = start_sandbox(tmp_path, "--latency-ms", "5")
     try:
         job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=3)
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        running = workers(job, 3)
         mark = random.randrange(30, rows - 150)
         wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
         pg_server.stop_immediate()
@@ -151,9 +150,6 @@ def test_sigint_at_a_random_moment_of_a_rate_limited_run(tmp_path: Path, store: 
         out, err = run.communicate(timeout=60)
         assert run.returncode == 130, out + err
         assert "Traceback" not in err and "Task exception" not in err, err
-        again = cli("run", str(job), "--no-progress", timeout=180)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert len(assert_no_duplicates(box)) == rows
-        assert statuses(results(tmp_path)) == {"sent": rows}
+        rerun_sends_the_rest(box, tmp_path, job, rows)
     finally:
         box.stop()

@@ -27,7 +27,9 @@ from tests.helpers import (
 )
 from tests.helpers.pg import (
     check_report_against_record,
+    in_campaign,
     pg_job,
+    workers,
 )
 from tests.helpers.runs import YESTERDAY, finish, people, results, wait_for
 
@@ -42,8 +44,7 @@ def staff(path: Path, n: int) -> Path:
 
 
 def ledger_meta(url: str, campaign: str, key: str) -> object:
-    with psycopg.connect(url) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    with in_campaign(url, campaign) as db:
         found = db.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
     return None if found is None else json.loads(found[0])
 
@@ -161,7 +162,7 @@ def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_u
     box = start_sandbox(tmp_path, "--latency-ms", "40")
     try:
         job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=2)
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        running = workers(job, 2)
         wait_for(lambda: len(box.records()) >= 300, what="300 requests")
         checked = cli("validate", str(job))
         assert checked.returncode == 2, checked.stdout + checked.stderr

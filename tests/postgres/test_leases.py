@@ -35,6 +35,7 @@ from tests.helpers.pg import (
     lock_waiters,
     only_run,
     pg_job,
+    workers,
 )
 from tests.helpers.runs import finish, people_job, results, wait_for
 
@@ -197,7 +198,7 @@ def test_a_worker_stopped_longer_than_its_lease_then_continued(tmp_path: Path, p
         job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)
         rng = random.Random()
         mark = rng.randrange(0, rows // 2)
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        running = workers(job, 3)
         wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
         victim = running[rng.randrange(3)]
         victim.send_signal(signal.SIGSTOP)
@@ -289,7 +290,7 @@ def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in
     try:
         job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)
         rng = random.Random()
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        running = workers(job, 2)
         wait_for(lambda: len(box.records()) >= 200, what="200 requests")
         victim, other = running
         victim.send_signal(signal.SIGSTOP)

@@ -23,6 +23,7 @@ from tests.helpers.pg import (
     settle_and_resend,
     worker_at_a_held_commit,
     worker_backends,
+    workers,
 )
 from tests.helpers.runs import wait_for
 
@@ -38,7 +39,7 @@ def test_workers_killed_and_replaced_at_random_moments_send_each_person_once(
     try:
         job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=3)
         rng = random.Random()
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        running = workers(job, 3)
         marks = sorted(rng.sample(range(30, rows - 150), kills))
         for mark in marks:
             wait_for(

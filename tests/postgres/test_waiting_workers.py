@@ -22,6 +22,7 @@ from tests.helpers.pg import (
     in_campaign,
     lease_expired,
     only_run,
+    workers,
 )
 from tests.helpers.runs import finish, people, results, wait_for
 from tests.helpers.windows import HNL_PHONES, NY_PHONES, hhmm, local_minutes, ny_open_hnl_closed
@@ -106,7 +107,7 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
                 "timezone": "America/Los_Angeles",
             },
         )
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        running = workers(job, 2)
         try:
             codes = [finish(p, timeout=30) for p in running]
         except subprocess.TimeoutExpired:

@@ -34,7 +34,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.pg import workers
-from tests.helpers.runs import people, wait_for
+from tests.helpers.runs import people, sent_job, wait_for
 
 TRIALS = soak_trials()
 AT_A_TIME = 4  # trials started together (two runs each)
@@ -133,8 +133,7 @@ def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, p
 def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 3))
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 3)
     directory = tmp_path / "runs" / "test"
     done = threading.Event()
     probes = 0
@@ -218,8 +217,7 @@ def test_validating_another_file_between_runs_leaves_a_true_report(
 def test_a_report_edited_by_hand_is_rewritten_by_the_next_run(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2), ledger=store)
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 2, ledger=store)
     results = tmp_path / "runs" / "test" / "results.csv"
     results.write_text("not the report\n", encoding="utf-8")
     assert cli("run", str(job), "--no-progress").returncode == 0
@@ -349,8 +347,7 @@ def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) 
 def test_a_report_waits_for_no_run_and_never_overwrites_a_newer_one(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    sent_job(tmp_path, sandbox.url, 2)
     directory = tmp_path / "runs" / "test"
     with open_campaign(directory.parent, directory.name, "job"):  # a run holds it
         busy = cli("report", str(directory))

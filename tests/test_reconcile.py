@@ -20,14 +20,15 @@ from tests.helpers import (
     Sandbox,
     assert_no_duplicates,
     cli,
+    e164,
     open_ledger,
     phones,
     read_results,
     spawn_cli,
     start_sandbox,
-    write_csv,
     write_job,
 )
+from tests.helpers.runs import people
 
 DEADLINE_S = 60
 FINAL = {"delivered", "undelivered", "failed", "not_found"}
@@ -38,14 +39,6 @@ def reporting(**changes: Any) -> dict[str, Any]:
     # request): sooner, a reconcile could call a person not_found whose entry is still due.
     settle = (CREATED_WITHIN_S + 0.5) / 60
     return {"agent_id": "1", "access_token": "sandbox-token", "settle_minutes": settle, **changes}
-
-
-def people(path: Path, numbers: list[str]) -> Path:
-    return write_csv(path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(numbers)])
-
-
-def e164(number: str) -> str:
-    return "+" + "".join(ch for ch in number if ch.isdigit())
 
 
 def reconcile_until(job: Path, done: Any) -> list[dict[str, str]]:

@@ -33,6 +33,7 @@ from tests.helpers.runs import (
     people_job,
     resend_and_check,
     results,
+    sent_job,
     wait_for,
 )
 
@@ -278,8 +279,7 @@ def test_new_starts_todays_campaign_despite_an_unfinished_one(
 def test_report_rebuilds_results_from_the_ledger(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 5), ledger=store)
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 5, ledger=store)
     results_csv = tmp_path / "runs" / "test" / "results.csv"
     before = results_csv.read_text(encoding="utf-8")
     results_csv.unlink()
@@ -300,8 +300,7 @@ def test_ledger_keeps_every_attempt(tmp_path: Path, store: str | None) -> None:
         return 503 if n == 0 else 200
 
     with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1), ledger=store)
-        assert cli("run", str(job), "--no-progress").returncode == 0
+        sent_job(tmp_path, server.url, 1, ledger=store)
     with contextlib.closing(open_ledger(tmp_path / "runs", store)) as ledger:
         attempts = ledger.db.execute(
             "SELECT n, state, http_status FROM attempts ORDER BY n"
@@ -327,8 +326,7 @@ def test_a_run_still_reading_its_input_blocks_the_next_days_campaign(tmp_path: P
 def test_the_recipient_key_cannot_change_once_sent(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2), ledger=store)
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 2, ledger=store)
     job = write_job(
         tmp_path,
         sandbox.url,

@@ -17,6 +17,7 @@ from tests.helpers import (
     FaultServer,
     Sandbox,
     cli,
+    e164,
     open_ledger,
     phones,
     read_results,
@@ -26,10 +27,6 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.runs import finish, people, wait_for
-
-
-def e164(text: str) -> str:
-    return "+" + "".join(ch for ch in text if ch.isdigit())
 
 
 def listed(output_dir: Path, store: str | None = None) -> dict[str, tuple[str, str]]:

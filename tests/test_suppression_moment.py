@@ -27,10 +27,9 @@ from tests.helpers import (
     soak_trials,
     spawn_cli,
     start_sandbox,
-    write_csv,
     write_job,
 )
-from tests.helpers.runs import wait_for
+from tests.helpers.runs import people, wait_for
 
 TRIALS = soak_trials()
 MOMENT_S = 2.0  # the promise: nothing leaves later than this after the commit
@@ -53,10 +52,6 @@ def arrival(box: Sandbox, phone: str) -> float:
     times = [r["t"] for r in box.records() if r["body"].get("to_phone") == phone]
     assert times, f"no request to {phone}: the run did not get that far"
     return times[0]
-
-
-def people(path: Path, numbers: list[str]) -> Path:
-    return write_csv(path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(numbers)])
 
 
 # --- PostgreSQL: a writer that holds its commit while another commits after it -------------

@@ -51,6 +51,7 @@ from tests.helpers.windows import (
     TOLL_FREE,
     hhmm,
     local_minutes,
+    new_york_hours,
     ny_open_hnl_closed,
 )
 
@@ -266,13 +267,7 @@ def test_ctrl_c_while_waiting_stops_cleanly(
 ) -> None:
     rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
     data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
-    job = write_job(
-        tmp_path,
-        sandbox.url,
-        input=data,
-        limits={"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"},
-        ledger=store,
-    )
+    job = write_job(tmp_path, sandbox.url, input=data, limits=new_york_hours(), ledger=store)
     run = spawn_cli("run", str(job), "--wait", "--no-progress")
     log = tmp_path / "runs" / "test" / "log.jsonl"
     wait_for(

@@ -33,10 +33,14 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "co
         time.sleep(0.02)
 
 
-def people(path: Path, n: int, start: int = 0) -> Path:
-    return write_csv(
-        path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(phones(n, start))]
-    )
+def people(
+    path: Path, who: int | list[str], start: int = 0, extra: list[list[str]] | None = None
+) -> Path:
+    """A CSV of people P0, P1... (First Name, Phone): `who` of them with distinct numbers
+    from `start` on, or one for each number `who` lists; then the `extra` rows as given."""
+    numbers = phones(who, start) if isinstance(who, int) else who
+    rows = [[f"P{i}", number] for i, number in enumerate(numbers)] + (extra or [])
+    return write_csv(path, ["First Name", "Phone"], rows)
 
 
 def people_job(
@@ -54,6 +58,14 @@ def people_job(
     if ledger is not None:
         sections["ledger"] = ledger
     return write_job(tmp_path, base_url, input=people(tmp_path / "in.csv", rows), **sections)
+
+
+def sent_job(tmp_path: Path, base_url: str, rows: int, *, ledger: str | None = None) -> Path:
+    """A job sending `rows` people through `base_url`, run once to its end: the job."""
+    job = people_job(tmp_path, base_url, rows, ledger=ledger)
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return job
 
 
 def results(tmp_path: Path, campaign: str = "test") -> list[dict[str, str]]:

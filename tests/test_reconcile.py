@@ -62,6 +62,23 @@ def truth(box: Sandbox) -> dict[str, dict[str, Any]]:
     }
 
 
+def never_arrived(
+    tmp_path: Path, box: Sandbox, path: Path, numbers: list[str], **sections: Any
+) -> None:
+    """`numbers` sent through a server that cuts every connection, so none reached the
+    API (their reports are read from `box`): the run ends 1, every one unknown."""
+    with FaultServer(lambda n, body: "reset") as cut:
+        lost = write_job(
+            tmp_path,
+            cut.url,
+            input=people(path, numbers),
+            reporting=reporting(base_url=box.url),
+            **sections,
+        )
+        first = cli("run", str(lost), "--no-progress")
+    assert first.returncode == 1, first.stderr
+
+
 def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only_the_lost(
     tmp_path: Path, store: str | None
 ) -> None:
@@ -78,17 +95,7 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
     reached = phones(40)
     try:
         # The never-arrived: their connections were cut by a server that is not the API.
-        with FaultServer(lambda n, body: "reset") as cut:
-            lost = write_job(
-                tmp_path,
-                cut.url,
-                name="lost",
-                input=people(tmp_path / "a.csv", never),
-                reporting=reporting(base_url=box.url),
-                ledger=store,
-            )
-            first = cli("run", str(lost), "--no-progress")
-        assert first.returncode == 1, first.stderr
+        never_arrived(tmp_path, box, tmp_path / "a.csv", never, name="lost", ledger=store)
         job = write_job(
             tmp_path,
             box.url,
@@ -165,14 +172,7 @@ def test_a_not_found_says_nothing_of_a_later_request(tmp_path: Path) -> None:
     box = start_sandbox(tmp_path, "--drop-after-accept", "1", "--delivery-delay-s", "0")
     numbers = phones(5)
     try:
-        with FaultServer(lambda n, body: "reset") as cut:
-            lost = write_job(
-                tmp_path,
-                cut.url,
-                input=people(tmp_path / "in.csv", numbers),
-                reporting=reporting(base_url=box.url),
-            )
-            assert cli("run", str(lost), "--no-progress").returncode == 1
+        never_arrived(tmp_path, box, tmp_path / "in.csv", numbers)
         job = write_job(
             tmp_path, box.url, input=people(tmp_path / "in.csv", numbers), reporting=reporting()
         )

@@ -105,8 +105,11 @@ async def test_page_and_command_line_on_one_campaign_send_each_person_once(
 ) -> None:
     """Each trial starts the page's send and `campaign run --campaign` on one campaign, in
     turn one first and the other while it sends: one works, the other is refused."""
+    # 30 people at 2 at once, 500 ms a request: a send lasts 7.5 s, time enough for the
+    # command line (a new process, seconds to start on a loaded machine) to meet the
+    # page's send; at 40 ms the page's send was often over first and nobody lost.
     people = 30
-    box = start_sandbox(tmp_path, "--latency-ms", "40")
+    box = start_sandbox(tmp_path, "--latency-ms", "500")
     job = write_job(tmp_path, box.url, limits={"concurrency": 2})
     server = start_serve(tmp_path, job)
     losers = []

@@ -318,7 +318,10 @@ def test_a_stopped_worker_does_not_cost_a_live_one_its_lease(tmp_path: Path, pg_
     three leases, then continued. The other kept running the whole time: it must not lose
     its lease ("this worker's lease expired") because its `recover`, on the same
     connection as its heartbeat, waited for the stopped worker's row locks."""
-    rows, lease = 2000, 1
+    # 3 s, not 1: on a loaded machine a live worker's heartbeat can be a second late, and
+    # the test then saw the lease loss it looks for. Alone, the other worker sends for
+    # about 10 s after the stop, longer than the three leases.
+    rows, lease = 2000, 3
     box = start_sandbox(tmp_path, "--latency-ms", "60")
     try:
         job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=lease)

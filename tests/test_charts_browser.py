@@ -16,6 +16,7 @@ from aiohttp import web
 from campaign.report_html import REPORT_HTML
 from tests.helpers import FaultServer, cli, phones, write_csv, write_job
 from tests.helpers.web import (
+    BROWSER,
     CHART_INK_JS,
     CHARTS,
     CHROMIUM,
@@ -31,13 +32,7 @@ GATE_S = 60
 # A drawn chart paints at least its axes; a canvas never drawn paints nothing.
 MIN_INK = 500
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (`make test` installs it as root)",
-    ),
-]
+pytestmark = BROWSER
 
 
 class Gate:

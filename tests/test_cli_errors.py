@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Sandbox, cli, read_results, write_csv, write_job
+from tests.helpers import Sandbox, cli, read_results, write_job
+from tests.helpers.runs import people
 
-
-def people(tmp_path: Path) -> Path:
-    rows = [["Ann", "415 555 0101"], ["Bob", "415 555 0102"]]
-    return write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows)
+TWO = ["415 555 0101", "415 555 0102"]  # sent as +14155550101 and +14155550102
 
 
 def error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -48,7 +46,7 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
 def test_bad_option_exit_2_nothing_sent(
     options: list[str], says: str, tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", TWO))
     done = cli("run", str(job), "--no-progress", *options)
     assert done.returncode == 2, done.stderr
     assert says in error_line(done)
@@ -73,7 +71,7 @@ def test_bad_path_or_id_is_one_line(
     option: str, value: str, says: str, tmp_path: Path, sandbox: Sandbox
 ) -> None:
     (tmp_path / "plain-file").write_text("a file, not a directory\n")
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path))
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", TWO))
     for command in ("validate", "run"):
         done = cli(command, str(job), "--no-progress", option, value, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
@@ -90,32 +88,24 @@ def crash_log(line: str) -> Path:
     return Path(found.group(1))
 
 
-def test_unexpected_error_before_sending_is_exit_2_with_a_log(
-    tmp_path: Path, sandbox: Sandbox, store: str | None
+@pytest.mark.parametrize(
+    ("command", "code", "sent"),
+    [("validate", 2, []), ("run", 1, ["+14155550101", "+14155550102"])],
+    ids=["before-sending-exit-2", "after-sending-exit-1"],
+)
+def test_an_unexpected_error_is_one_line_and_a_log(
+    tmp_path: Path, sandbox: Sandbox, store: str | None, command: str, code: int, sent: list[str]
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path), ledger=store)
+    """Exit 2 while nothing was sent, 1 once some were: one line, the traceback in a log."""
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", TWO), ledger=store)
     (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
-    done = cli("validate", str(job), "--no-progress")
-    assert done.returncode == 2
+    done = cli(command, str(job), "--no-progress")
+    assert done.returncode == code
     line = error_line(done)
     assert line.startswith("campaign: error: unexpected error: ")
-    log = crash_log(line)
-    text = log.read_text(encoding="utf-8")
+    text = crash_log(line).read_text(encoding="utf-8")
     assert "Traceback" in text and "IsADirectoryError" in text
-    assert sandbox.records() == []
-
-
-def test_unexpected_error_after_sending_is_exit_1_with_a_log(
-    tmp_path: Path, sandbox: Sandbox, store: str | None
-) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path), ledger=store)
-    (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
-    done = cli("run", str(job), "--no-progress")
-    assert done.returncode == 1
-    line = error_line(done)
-    assert line.startswith("campaign: error: unexpected error: ")
-    assert "Traceback" in crash_log(line).read_text(encoding="utf-8")
-    assert sorted(sandbox.phones()) == ["+14155550101", "+14155550102"]
+    assert sorted(sandbox.phones()) == sent
     # The ledger kept what happened: with the obstacle gone, the report is complete and
     # a second run sends nobody twice.
     (tmp_path / "runs" / "test" / "results.csv").rmdir()
@@ -138,7 +128,7 @@ def test_unexpected_error_after_sending_is_exit_1_with_a_log(
 )
 def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_path: Path) -> None:
     (tmp_path / "empty-dir").mkdir()
-    write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path))
+    write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", TWO))
     done = cli("report", target, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
@@ -147,7 +137,7 @@ def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_pat
 
 @pytest.mark.parametrize("campaign", ["", "../runs/test"])
 def test_report_takes_only_a_campaign_id(campaign: str, tmp_path: Path) -> None:
-    job = write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path))
+    job = write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", TWO))
     assert cli("validate", str(job), "--no-progress").returncode == 0
     done = cli("report", str(job), "--campaign", campaign, cwd=tmp_path)
     assert done.returncode == 2, done.stdout

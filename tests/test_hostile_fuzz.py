@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,10 @@ from campaign.job import load_job
 from campaign.policy import parse_retry_after
 from campaign.reporting import STATUSES, parse_page
 from campaign.store.postgres import _reason, safe_url
-from tests.helpers import Served, raw_http, serve, write_job
+from tests.helpers import Served, raw_http, serve, soak_trials, write_job
 
-TRIALS = int(os.environ.get("CAMPAIGN_SOAK_TRIALS", "1"))
 FUZZ = settings(
-    max_examples=50 * TRIALS,
+    max_examples=50 * soak_trials(),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -67,6 +65,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.soak
 @FUZZ
 @given(st.one_of(texts, st.text(), st.none()))
 def test_retry_after_is_a_finite_wait_or_none(value: str | None) -> None:
@@ -76,6 +75,7 @@ def test_retry_after_is_a_finite_wait_or_none(value: str | None) -> None:
         assert seconds is None
 
 
+@pytest.mark.soak
 @FUZZ
 @given(st.one_of(st.binary(max_size=200), json_values.map(json.dumps), st.integers(0, 5000)))
 def test_json_is_a_value_or_refused(raw: bytes | str | int) -> None:
@@ -108,6 +108,7 @@ page_bodies = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.soak
 @FUZZ
 @given(st.one_of(page_bodies, json_values), st.integers(0, 200))
 def test_a_report_page_is_a_page_or_unreadable(body: Any, nesting: int) -> None:
@@ -129,6 +130,7 @@ password_chars = st.sampled_from([*"abcXYZ019#?/@%:&=;'\" ", "%41", "%2F", "é"]
 passwords = st.lists(password_chars, min_size=5, max_size=16).map("".join)
 
 
+@pytest.mark.soak
 @FUZZ
 @given(passwords, st.sampled_from(["", "?sslmode=require", "?application_name=a@b"]))
 def test_a_url_password_never_reaches_a_message(password: str, query: str) -> None:
@@ -142,6 +144,7 @@ def test_a_url_password_never_reaches_a_message(password: str, query: str) -> No
         assert password not in message and password[1:] not in message
 
 
+@pytest.mark.soak
 @FUZZ
 @given(st.one_of(json_values, st.text(max_size=200)))
 def test_a_job_file_is_a_job_or_one_job_error(tmp_path: Path, content: Any) -> None:
@@ -166,6 +169,7 @@ def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     served.stop()
 
 
+@pytest.mark.soak
 @FUZZ
 @given(
     st.sampled_from(

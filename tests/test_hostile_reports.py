@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from campaign.bounds import LOUD_WAIT_S, MAX_REPORT_PAGES, MAX_STATUS_DETAIL_CHA
 from campaign.reporting import Page
 from tests.helpers import (
     FaultServer,
+    Reply,
     Sandbox,
     assert_no_duplicates,
     cli_peak_memory,
@@ -86,6 +88,16 @@ def no_traceback(result: Any) -> None:
     assert "unexpected error" not in result.stderr
 
 
+def reconciled_against(reply: Reply, tmp_path: Path, sandbox: Sandbox) -> CompletedProcess[str]:
+    """`campaign reconcile` of a campaign sent to `sandbox`, its reports read from a fault
+    server answering `reply`; it never ends in a traceback."""
+    with FaultServer(reply) as api:
+        job = sent_campaign(tmp_path, sandbox.url, api.url)
+        result = cli("reconcile", str(job))
+    no_traceback(result)
+    return result
+
+
 def deliveries(tmp_path: Path) -> list[str]:
     return [r["_delivery"] for r in read_results(tmp_path / "runs" / "test" / "results.csv")]
 
@@ -143,10 +155,7 @@ def test_unusable_entries_leave_their_window_partial_and_nobody_not_found(
         {k: v for k, v in entry(PEOPLE[1], now).items() if k != "created_at"},
         entry(PEOPLE[2], "yesterday"),
     ]
-    with FaultServer(lambda n, q: page(entries)) as api:
-        job = sent_campaign(tmp_path, sandbox.url, api.url)
-        result = cli("reconcile", str(job))
-    no_traceback(result)
+    result = reconciled_against(lambda n, q: page(entries), tmp_path, sandbox)
     assert result.returncode == 1
     assert "2 unusable entries" in result.stdout
     assert deliveries(tmp_path) == ["delivered", "", ""]
@@ -165,16 +174,13 @@ def test_a_status_outside_the_documented_four_is_not_stored_and_errors_are_cut(
         entry(PEOPLE[1], now, "not_found"),
         entry(PEOPLE[2], now, "s" * 100_000),
     ]
-    with FaultServer(lambda n, q: page(entries)) as api:
-        job = sent_campaign(tmp_path, sandbox.url, api.url)
-        result = cli("reconcile", str(job))
-    no_traceback(result)
+    result = reconciled_against(lambda n, q: page(entries), tmp_path, sandbox)
     assert result.returncode == 1
     assert "x" * (MAX_STATUS_DETAIL_CHARS + 1) not in result.stdout
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")
     assert [r["_delivery"] for r in rows] == ["undelivered", "", ""]
     assert len(rows[0]["_delivery_error"]) <= MAX_STATUS_DETAIL_CHARS
-    assert job.exists()
+    assert (tmp_path / "job.yaml").exists()
 
 
 def test_total_pages_of_ten_million_is_bounded_by_total_entries(
@@ -205,10 +211,9 @@ def test_total_pages_of_ten_million_is_bounded_by_total_entries(
 
 def test_a_count_that_is_true_is_not_a_count(tmp_path: Path, sandbox: Sandbox) -> None:
     now = time.time()
-    with FaultServer(lambda n, q: page([entry(PEOPLE[0], now)], total=True)) as api:
-        job = sent_campaign(tmp_path, sandbox.url, api.url)
-        result = cli("reconcile", str(job))
-    no_traceback(result)
+    result = reconciled_against(
+        lambda n, q: page([entry(PEOPLE[0], now)], total=True), tmp_path, sandbox
+    )
     assert result.returncode == 1
     assert "not a count" in result.stdout and "True" not in result.stdout
 
@@ -217,10 +222,9 @@ def test_deeply_nested_json_leaves_the_window_unread_in_one_line(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
     deep = b'{"entries": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    with FaultServer(lambda n, q: web.Response(body=deep, content_type="application/json")) as api:
-        job = sent_campaign(tmp_path, sandbox.url, api.url)
-        result = cli("reconcile", str(job))
-    no_traceback(result)
+    result = reconciled_against(
+        lambda n, q: web.Response(body=deep, content_type="application/json"), tmp_path, sandbox
+    )
     assert result.returncode == 1
     assert "nested deeper" in result.stdout
     assert deliveries(tmp_path) == ["", "", ""]
@@ -236,10 +240,7 @@ def test_a_retry_after_of_unicode_digits_is_the_default_backoff_in_reconcile(
             return (429, {"Retry-After": "²"})
         return page([entry(p, now) for p in PEOPLE])
 
-    with FaultServer(reply) as api:
-        job = sent_campaign(tmp_path, sandbox.url, api.url)
-        result = cli("reconcile", str(job))
-    no_traceback(result)
+    result = reconciled_against(reply, tmp_path, sandbox)
     assert result.returncode == 0, result.stdout
     assert deliveries(tmp_path) == ["delivered"] * 3
 

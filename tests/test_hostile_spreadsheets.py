@@ -31,7 +31,9 @@ from tests.helpers import (
     FaultServer,
     cli,
     cli_peak_memory,
+    loaded_or_refused,
     serve,
+    soak_trials,
     write_job,
     write_xlsx,
     xls_with_cell_at,
@@ -444,25 +446,15 @@ _heads = st.sampled_from(
 )
 
 
-def _load(path: Path) -> None:
-    try:
-        sheet = open_sheet(path)
-        rows = [row for chunk in sheet.chunks for row in chunk]
-    except InputError as exc:
-        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
-        return
-    assert rows and all(len(row.cells) == len(sheet.columns) for row in rows)
-
-
-# `make soak` (CAMPAIGN_SOAK_TRIALS) runs the fuzz tests that many times longer.
-TRIALS = int(os.environ.get("CAMPAIGN_SOAK_TRIALS", "1"))
+# `make soak` runs the fuzz tests that many times longer.
 FUZZ = settings(
-    max_examples=60 * TRIALS,
+    max_examples=60 * soak_trials(),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
+@pytest.mark.soak
 @FUZZ
 @given(st.lists(_rows, max_size=6), _heads)
 def test_loader_gives_rows_or_one_input_error_for_generated_sheets(
@@ -473,9 +465,10 @@ def test_loader_gives_rows_or_one_input_error_for_generated_sheets(
     write_xlsx(
         path, [b'<row r="1">' + xlsx_cell("A1", "Phone") + b"</row>", *rows], head=start + head
     )
-    _load(path)
+    loaded_or_refused(path)
 
 
+@pytest.mark.soak
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 255)), min_size=1, max_size=8))
 def test_loader_gives_rows_or_one_input_error_for_damaged_workbooks(
@@ -493,7 +486,7 @@ def test_loader_gives_rows_or_one_input_error_for_damaged_workbooks(
         data[at * 7 % len(data)] = value
     path = tmp_path / "damaged.xlsx"
     path.write_bytes(bytes(data))
-    _load(path)
+    loaded_or_refused(path)
 
 
 _csv_cells = st.one_of(
@@ -503,6 +496,7 @@ _csv_cells = st.one_of(
 )
 
 
+@pytest.mark.soak
 @FUZZ
 @given(
     st.integers(1, MAX_COLUMNS + 50),
@@ -516,4 +510,4 @@ def test_loader_gives_rows_or_one_input_error_for_generated_wide_csv(
     lines = [delimiter.join(f"h{i}" for i in range(width))]
     lines += [delimiter.join(row) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
-    _load(path)
+    loaded_or_refused(path)

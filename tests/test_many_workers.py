@@ -5,50 +5,28 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-from campaign.store.db import schema_name
 from tests.helpers import (
     FaultServer,
-    Sandbox,
     assert_no_duplicates,
     cli,
-    spawn_cli,
     start_sandbox,
     statuses,
     write_job,
 )
+from tests.helpers.pg import CONCURRENCY, in_campaign, pg_job, workers
 from tests.helpers.pg_server import READ_ONLY, PgServer
 from tests.helpers.rates import achieved, max_in_window
-from tests.helpers.runs import finish, people, results, wait_for
-
-CONCURRENCY = 8
-
-
-def workers(job: Path, n: int, *extra: str) -> list[subprocess.Popen[str]]:
-    return [spawn_cli("run", str(job), "--no-progress", *extra) for _ in range(n)]
-
-
-def pg_job(tmp_path: Path, box: Sandbox, rows: int, url: str, **limits: float) -> Path:
-    """A job sending `rows` people to `box`, its ledger at `url`."""
-    return write_job(
-        tmp_path,
-        box.url,
-        input=people(tmp_path / "in.csv", rows),
-        ledger=url,
-        limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, **limits},
-    )
+from tests.helpers.runs import finish, people, people_job, resend_and_check, results, wait_for
 
 
 def requests_per_run(url: str, campaign: str) -> dict[int, int]:
-    with psycopg.connect(url) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    with in_campaign(url, campaign) as db:
         found = db.execute("SELECT run_id, count(*) FROM attempts GROUP BY run_id").fetchall()
     return dict(found)
 
@@ -59,7 +37,7 @@ def test_three_workers_share_a_campaign_and_reach_each_person_once(
     rows = 1500
     box = start_sandbox(tmp_path, "--latency-ms", "20")
     try:
-        job = pg_job(tmp_path, box, rows, pg_url)
+        job = pg_job(tmp_path, box.url, pg_url, rows)
         codes = [finish(p) for p in workers(job, 3)]
         assert codes == [0, 0, 0], codes
         assert len(assert_no_duplicates(box)) == rows
@@ -81,7 +59,7 @@ def test_a_worker_killed_at_a_random_moment_leaves_its_people_to_the_others(
     rows, lease = 1200, 2
     box = start_sandbox(tmp_path, "--latency-ms", "40")
     try:
-        job = pg_job(tmp_path, box, rows, pg_url, lease_s=lease)
+        job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=lease)
         rng = random.Random()
         mark = rng.randrange(20, rows - 200)
         running = workers(job, 3)
@@ -105,12 +83,7 @@ def test_a_worker_killed_at_a_random_moment_leaves_its_people_to_the_others(
         # Every sent person's request is at the sandbox; an unknown one may or may not be.
         assert len(received) >= rows - unknown
 
-        again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=120)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert statuses(results(tmp_path)) == {"sent": rows}
-        received = Counter(box.phones())
-        assert len(received) == rows
-        assert sum(received.values()) - rows <= unknown
+        resend_and_check(box, tmp_path, job, rows, unknown, timeout=120)
     finally:
         box.stop()
 
@@ -121,7 +94,7 @@ def test_postgres_stopped_mid_run_stops_the_workers_cleanly_and_a_rerun_continue
     rows = 1500
     box = start_sandbox(tmp_path, "--latency-ms", "30")
     try:
-        job = pg_job(tmp_path, box, rows, pg_url, lease_s=2)
+        job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=2)
         running = workers(job, 2)
         wait_for(lambda: len(box.records()) >= 200, what="200 requests")
         pg_server.stop_immediate()
@@ -184,7 +157,7 @@ def test_three_workers_share_one_rate_at_the_api(tmp_path: Path, pg_url: str, ra
     rows = rate * 6
     box = start_sandbox(tmp_path, "--latency-ms", "10")
     try:
-        job = pg_job(tmp_path, box, rows, pg_url, concurrency=20, rate_per_second=rate)
+        job = pg_job(tmp_path, box.url, pg_url, rows, concurrency=20, rate_per_second=rate)
         codes = [finish(p) for p in workers(job, 3)]
         assert codes == [0, 0, 0], codes
         arrivals = sorted(record["t"] for record in box.records())
@@ -209,12 +182,14 @@ def test_workers_that_each_hold_failed_people_all_end(tmp_path: Path, pg_url: st
         return 503 if body["to_phone"].endswith("0") else 200
 
     with FaultServer(reply) as server:
-        job = write_job(
+        job = people_job(
             tmp_path,
             server.url,
-            input=people(tmp_path / "in.csv", rows),
+            rows,
             ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "max_attempts": 2, "lease_s": 2},
+            concurrency=CONCURRENCY,
+            max_attempts=2,
+            lease_s=2,
         )
         running = workers(job, 2)
         try:

@@ -26,18 +26,20 @@ from tests.helpers import (
     open_ledger,
     phones,
     read_results,
+    soak_trials,
     spawn_cli,
     start_sandbox,
     statuses,
     write_csv,
     write_job,
 )
-from tests.helpers.runs import people, wait_for
+from tests.helpers.pg import workers
+from tests.helpers.runs import people, sent_job, wait_for
 
-TRIALS = 20
-PG_TRIALS = 8  # more kill and race trials on PostgreSQL run in tests/test_review_*.py
+TRIALS = soak_trials()
 AT_A_TIME = 4  # trials started together (two runs each)
 EARLIER_CAMPAIGNS = 300
+RUNS = soak_trials(4)  # runs of one campaign while others keep asking whether it is in use
 
 
 def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
@@ -52,7 +54,7 @@ def _finished_campaigns(output_dir: Path, job_name: str, count: int) -> None:
         ledger.close()
 
 
-@pytest.mark.long
+@pytest.mark.soak
 def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
     """Every pair of runs starts together, over an output directory of hundreds of
     campaigns (the midnight guard reads them all, which widens the race). The trials go a
@@ -92,15 +94,15 @@ def test_two_runs_started_at_once_send_each_person_once(tmp_path: Path) -> None:
         box.stop()
 
 
-@pytest.mark.long
+@pytest.mark.soak
 def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, pg_url: str) -> None:
     """On PostgreSQL two runs of one campaign are two workers (docs/design.md, invariant 7): both
     finish, and together they reach each person once. The trials are independent
     campaigns (and jobs), a few at a time: every pair still starts together."""
     box = start_sandbox(tmp_path, "--latency-ms", "30")
     try:
-        for first in range(0, PG_TRIALS, AT_A_TIME):
-            trials = range(first, min(first + AT_A_TIME, PG_TRIALS))
+        for first in range(0, TRIALS, AT_A_TIME):
+            trials = range(first, min(first + AT_A_TIME, TRIALS))
             runs = {}
             for trial in trials:
                 job = write_job(
@@ -113,7 +115,7 @@ def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, p
                     limits={"concurrency": 2, "lease_s": 3},
                     ledger=pg_url,
                 )
-                runs[trial] = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+                runs[trial] = workers(job, 2)
             for trial in trials:
                 ended = [(run.wait(timeout=120), *run.communicate()) for run in runs[trial]]
                 assert [code for code, _, _ in ended] == [0, 0], ended
@@ -122,16 +124,16 @@ def test_two_runs_started_at_once_on_postgresql_share_the_work(tmp_path: Path, p
                 ) as ledger:
                     assert ledger.counts()["sent"] == 6
                     assert ledger.count_targets(("pending", "failed", "unknown", "inflight")) == 0
-        assert len(assert_no_duplicates(box)) == 6 * PG_TRIALS
+        assert len(assert_no_duplicates(box)) == 6 * TRIALS
     finally:
         box.stop()
 
 
+@pytest.mark.soak
 def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 3))
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 3)
     directory = tmp_path / "runs" / "test"
     done = threading.Event()
     probes = 0
@@ -147,13 +149,13 @@ def test_asking_whether_a_campaign_is_in_use_never_fails_a_run(
     for prober in probers:
         prober.start()
     try:
-        codes = [cli("run", str(job), "--no-progress").returncode for _ in range(20)]
+        codes = [cli("run", str(job), "--no-progress").returncode for _ in range(RUNS)]
     finally:
         done.set()
         for prober in probers:
             prober.join()
     assert probes > 100
-    assert codes == [0] * 20
+    assert codes == [0] * RUNS
     assert len(sandbox.phones()) == 3
 
 
@@ -215,8 +217,7 @@ def test_validating_another_file_between_runs_leaves_a_true_report(
 def test_a_report_edited_by_hand_is_rewritten_by_the_next_run(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2), ledger=store)
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 2, ledger=store)
     results = tmp_path / "runs" / "test" / "results.csv"
     results.write_text("not the report\n", encoding="utf-8")
     assert cli("run", str(job), "--no-progress").returncode == 0
@@ -346,8 +347,7 @@ def test_a_full_disk_mid_run_stops_sending_and_loses_no_request(tmp_path: Path) 
 def test_a_report_waits_for_no_run_and_never_overwrites_a_newer_one(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2))
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    sent_job(tmp_path, sandbox.url, 2)
     directory = tmp_path / "runs" / "test"
     with open_campaign(directory.parent, directory.name, "job"):  # a run holds it
         busy = cli("report", str(directory))

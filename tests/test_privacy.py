@@ -43,6 +43,14 @@ def secrets() -> list[str]:
     return [s for s in found if len(s) >= 6]
 
 
+def private_job(tmp_path: Path, url: str, data: Path, **sections: Any) -> Path:
+    """A job on this file's own channel uuid (the one searched for in every output),
+    each request given 1 s."""
+    return write_job(
+        tmp_path, url, input=data, api={"channel_uuid": CHANNEL, "timeout_s": 1}, **sections
+    )
+
+
 def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path, store: str | None) -> None:
     plan = {re.sub(r"\D", "", p)[-10:]: answer for _, p, _, answer in PEOPLE}
     seen: dict[str, int] = {}
@@ -65,11 +73,10 @@ def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path, store: str |
     )
     outputs: list[str] = []
     with FaultServer(reply) as server:
-        job = write_job(
+        job = private_job(
             tmp_path,
             server.url,
-            input=data,
-            api={"channel_uuid": CHANNEL, "timeout_s": 1},
+            data,
             mapping={
                 "params": {"first_name": "First Name", "emp_id": "Employee ID"},
                 "constants": {"code": CONSTANT},
@@ -200,13 +207,8 @@ def test_an_answer_that_echoes_the_channel_uuid_keeps_it_out_of_every_file(
 
     data = write_csv(tmp_path / "in.csv", ["Phone"], [["+1 415 555 0123"]])
     with FaultServer(reply) as server:
-        job = write_job(
-            tmp_path,
-            server.url,
-            input=data,
-            api={"channel_uuid": CHANNEL, "timeout_s": 1},
-            mapping={"params": {}},
-            limits={"max_attempts": 1},
+        job = private_job(
+            tmp_path, server.url, data, mapping={"params": {}}, limits={"max_attempts": 1}
         )
         done = cli("run", str(job), "--log-format", "json", "--no-progress")
         assert len(server.bodies()) == 1

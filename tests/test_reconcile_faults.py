@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import (
     FaultServer,
     Sandbox,
+    by_employee_id,
     phones,
     read_results,
     start_sandbox,
@@ -268,12 +269,7 @@ def test_a_custom_auth_campaign_cannot_be_matched(tmp_path: Path) -> None:
             tmp_path,
             box.url,
             input=data,
-            mapping={
-                "to_phone": None,
-                "require_phone": False,
-                "params": {"emp_id": "Employee ID"},
-                "recipient_key": ["emp_id"],
-            },
+            mapping=by_employee_id({"emp_id": "Employee ID"}),
             reporting={"agent_id": "1", "access_token": TOKEN_VAR, **OFF},
         )
         assert cli("run", str(job), "--no-progress").returncode == 0

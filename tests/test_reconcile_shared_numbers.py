@@ -6,7 +6,6 @@ then 504). Counted at the sandbox's record: every person reached exactly once, n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,15 @@ from tests.helpers import (
     first_time,
     reached,
     reconcile_until,
+    soak_trials,
     start_sandbox,
     write_csv,
     write_job,
 )
 
 X = "+14155550177"
-# Trials of the runs whose requests leave together (one group commit, answers in any
-# order); `make soak` raises it.
-TRIALS = int(os.environ.get("CAMPAIGN_SOAK_TRIALS", "1"))
+# Trials of the runs whose requests leave together (one group commit, answers in any order).
+TRIALS = soak_trials()
 SETTLED = {"delivered", "undelivered", "failed", "not_found"}
 
 
@@ -100,6 +99,7 @@ def test_another_campaigns_entry_never_confirms_a_request_that_never_arrived(
         box.stop()
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("trial", range(TRIALS))
 @pytest.mark.parametrize("lost", ["Ann", "Bob"])
 def test_two_people_sharing_a_number_one_request_lost_each_reached_once(
@@ -162,6 +162,7 @@ def test_one_entry_for_two_maybe_requests_stays_unknown_and_is_never_resent(
         box.stop()
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_forty_people_on_one_number_half_the_answers_lost_each_reached_once(
     tmp_path: Path, trial: int

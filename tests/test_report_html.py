@@ -17,7 +17,7 @@ from campaign.story import MAX_POINTS, bucket_width, campaign_story, clean_reaso
 from tests.helpers import FaultServer, Sandbox, cli, e164, phones, write_csv, write_job
 from tests.helpers.big import big_ledger
 from tests.helpers.web import TOKEN, in_process
-from tests.helpers.windows import HNL_PHONES, NY_PHONES, ny_open_hnl_closed
+from tests.helpers.windows import HNL_PHONES, NY_PHONES, new_york_hours
 
 MAX_BYTES = 1_000_000
 # An answer that quotes the person back: their number and their first and last name.
@@ -140,12 +140,7 @@ def test_people_waiting_for_their_window_are_counted_per_opening(
 ) -> None:
     rows = [[f"W{i}", phone] for i, phone in enumerate(NY_PHONES + HNL_PHONES)]
     source = write_csv(tmp_path / "people.csv", ["First Name", "Phone"], rows)
-    job = write_job(
-        tmp_path,
-        sandbox.url,
-        input=source,
-        limits={"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"},
-    )
+    job = write_job(tmp_path, sandbox.url, input=source, limits=new_york_hours())
     ran = cli("run", str(job), "--no-progress")
     assert ran.returncode == 1, ran.stderr
     story = story_of((tmp_path / "runs" / "test" / REPORT_HTML).read_text(encoding="utf-8"))

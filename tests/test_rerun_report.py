@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import cli, e164, phones, start_sandbox, statuses, write_csv, write_job
+from tests.helpers import Sandbox, cli, e164, phones, statuses, write_csv, write_job
 from tests.helpers.runs import results
 
 REPORT_FILES = ("results.csv", "summary.json")
@@ -27,89 +27,77 @@ def rows_with(first_phone: str, n: int) -> list[list[str]]:
 
 
 def test_a_rerun_that_changes_nobody_leaves_the_report_untouched(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows_with(phones(1)[0], 30))
-        job = write_job(tmp_path, box.url, input=data, ledger=store)
-        first = cli("run", str(job), "--no-progress")
-        assert first.returncode == 0, first.stdout + first.stderr
-        before = snapshot(tmp_path)
-        for _ in range(2):  # the first rerun also records the list it applied
-            again = cli("run", str(job), "--no-progress")
-            assert again.returncode == 0, again.stdout + again.stderr
-            assert "sent 30" in again.stdout, again.stdout
-            assert snapshot(tmp_path) == before
-        assert len(box.records()) == 30
-    finally:
-        box.stop()
+    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows_with(phones(1)[0], 30))
+    job = write_job(tmp_path, sandbox.url, input=data, ledger=store)
+    first = cli("run", str(job), "--no-progress")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = snapshot(tmp_path)
+    for _ in range(2):  # the first rerun also records the list it applied
+        again = cli("run", str(job), "--no-progress")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "sent 30" in again.stdout, again.stdout
+        assert snapshot(tmp_path) == before
+    assert len(sandbox.records()) == 30
 
 
 def test_a_rerun_that_changes_a_row_or_the_list_rewrites_the_report(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        header = ["First Name", "Phone"]
-        data = write_csv(tmp_path / "in.csv", header, rows_with("not a phone", 5))
-        job = write_job(tmp_path, box.url, input=data, ledger=store)
-        first = cli("run", str(job), "--no-progress")
-        assert first.returncode == 0, first.stdout + first.stderr
-        assert statuses(results(tmp_path)) == {"invalid": 1, "sent": 4}
-        invalid = snapshot(tmp_path)
-        unchanged = cli("run", str(job), "--no-progress")
-        assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
-        assert snapshot(tmp_path) == invalid
+    header = ["First Name", "Phone"]
+    data = write_csv(tmp_path / "in.csv", header, rows_with("not a phone", 5))
+    job = write_job(tmp_path, sandbox.url, input=data, ledger=store)
+    first = cli("run", str(job), "--no-progress")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert statuses(results(tmp_path)) == {"invalid": 1, "sent": 4}
+    invalid = snapshot(tmp_path)
+    unchanged = cli("run", str(job), "--no-progress")
+    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
+    assert snapshot(tmp_path) == invalid
 
-        # The fixed row: its person is sent, and the report says so.
-        write_csv(data, header, rows_with(phones(1)[0], 5))
-        fixed = cli("run", str(job), "--no-progress")
-        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-        assert statuses(results(tmp_path)) == {"sent": 5}
-        assert snapshot(tmp_path)["results.csv"][0] != invalid["results.csv"][0]
-        assert '"sent": 5' in (tmp_path / "runs" / "test" / "summary.json").read_text()
-        sent = snapshot(tmp_path)
-        assert cli("run", str(job), "--no-progress").returncode == 0
-        assert snapshot(tmp_path) == sent
+    # The fixed row: its person is sent, and the report says so.
+    write_csv(data, header, rows_with(phones(1)[0], 5))
+    fixed = cli("run", str(job), "--no-progress")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert statuses(results(tmp_path)) == {"sent": 5}
+    assert snapshot(tmp_path)["results.csv"][0] != invalid["results.csv"][0]
+    assert '"sent": 5' in (tmp_path / "runs" / "test" / "summary.json").read_text()
+    sent = snapshot(tmp_path)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert snapshot(tmp_path) == sent
 
-        # Only the suppression list changes: a sent person's row now says it is on it.
-        added = cli("suppress", "add", str(job), phones(2)[1], "--reason", "replied STOP")
-        assert added.returncode == 0, added.stdout + added.stderr
-        listed = cli("run", str(job), "--no-progress")
-        assert listed.returncode == 0, listed.stdout + listed.stderr
-        row = results(tmp_path)[1]
-        assert row["_status"] == "sent" and "replied STOP" in row["_error"], row
-        assert snapshot(tmp_path)["results.csv"] != sent["results.csv"]
-        assert len(box.records()) == 5
-        assert sorted(r["body"]["to_phone"] for r in box.records()) == sorted(
-            e164(p) for p in phones(5)
-        )
-    finally:
-        box.stop()
+    # Only the suppression list changes: a sent person's row now says it is on it.
+    added = cli("suppress", "add", str(job), phones(2)[1], "--reason", "replied STOP")
+    assert added.returncode == 0, added.stdout + added.stderr
+    listed = cli("run", str(job), "--no-progress")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    row = results(tmp_path)[1]
+    assert row["_status"] == "sent" and "replied STOP" in row["_error"], row
+    assert snapshot(tmp_path)["results.csv"] != sent["results.csv"]
+    assert len(sandbox.records()) == 5
+    assert sorted(r["body"]["to_phone"] for r in sandbox.records()) == sorted(
+        e164(p) for p in phones(5)
+    )
 
 
-def test_a_suppression_list_made_anew_is_applied_again(tmp_path: Path) -> None:
+def test_a_suppression_list_made_anew_is_applied_again(tmp_path: Path, sandbox: Sandbox) -> None:
     """The list is skipped only while it is the one last applied: a list file removed and
     made again with another number (the same ids and count) is read again."""
-    box = start_sandbox(tmp_path)
-    try:
-        data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows_with(phones(1)[0], 4))
-        job = write_job(tmp_path, box.url, input=data)
-        first, second = phones(4)[2], phones(4)[3]
-        assert cli("suppress", "add", str(job), first, "--reason", "STOP").returncode == 0
-        assert cli("run", str(job), "--no-progress").returncode == 0
-        assert [r["_status"] for r in results(tmp_path)] == ["sent", "sent", "suppressed", "sent"]
-        for leftover in (tmp_path / "runs").glob("suppression.sqlite*"):
-            leftover.unlink()
-        assert cli("suppress", "add", str(job), second, "--reason", "STOP").returncode == 0
-        again = cli("run", str(job), "--no-progress")
-        assert again.returncode == 0, again.stdout + again.stderr
-        rows = results(tmp_path)
-        assert [r["_status"] for r in rows] == ["sent", "sent", "sent", "sent"], rows
-        assert "STOP" in rows[3]["_error"], rows[3]
-        assert sorted(r["body"]["to_phone"] for r in box.records()) == sorted(
-            e164(p) for p in phones(4)
-        )
-    finally:
-        box.stop()
+    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows_with(phones(1)[0], 4))
+    job = write_job(tmp_path, sandbox.url, input=data)
+    first, second = phones(4)[2], phones(4)[3]
+    assert cli("suppress", "add", str(job), first, "--reason", "STOP").returncode == 0
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert [r["_status"] for r in results(tmp_path)] == ["sent", "sent", "suppressed", "sent"]
+    for leftover in (tmp_path / "runs").glob("suppression.sqlite*"):
+        leftover.unlink()
+    assert cli("suppress", "add", str(job), second, "--reason", "STOP").returncode == 0
+    again = cli("run", str(job), "--no-progress")
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = results(tmp_path)
+    assert [r["_status"] for r in rows] == ["sent", "sent", "sent", "sent"], rows
+    assert "STOP" in rows[3]["_error"], rows[3]
+    assert sorted(r["body"]["to_phone"] for r in sandbox.records()) == sorted(
+        e164(p) for p in phones(4)
+    )

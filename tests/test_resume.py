@@ -25,21 +25,31 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
-from tests.helpers.runs import LEASE_S, YESTERDAY, finish, people, results, wait_for
+from tests.helpers.runs import (
+    LEASE_S,
+    YESTERDAY,
+    finish,
+    people,
+    people_job,
+    resend_and_check,
+    results,
+    sent_job,
+    wait_for,
+)
+
+
+def quick_job(tmp_path: Path, box: Sandbox, rows: int, store: str | None, **limits: Any) -> Path:
+    """`rows` people sent fast (5000 a second), each request given 10 s."""
+    return people_job(
+        tmp_path, box.url, rows, ledger=store, api={"timeout_s": 10}, rate_per_second=5000, **limits
+    )
 
 
 def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path, store: str | None) -> None:
     rows, concurrency, kills = 1200, 20, 3
     box = start_sandbox(tmp_path, "--latency-ms", "50")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            api={"timeout_s": 10},
-            limits={"concurrency": concurrency, "rate_per_second": 5000, "lease_s": LEASE_S},
-            ledger=store,
-        )
+        job = quick_job(tmp_path, box, rows, store, concurrency=concurrency, lease_s=LEASE_S)
         rng = random.Random()
         marks = sorted(rng.sample(range(50, rows - 100), kills))
         for mark in marks:
@@ -62,13 +72,7 @@ def test_sigkill_at_random_moments_never_sends_twice(tmp_path: Path, store: str 
         assert sum(counts.values()) == rows
         unknown = counts.get("unknown", 0)
 
-        again = cli("run", str(job), "--no-progress", "--resend-unknown", timeout=300)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert statuses(results(tmp_path)) == {"sent": rows}
-        received = Counter(box.phones())
-        assert len(received) == rows
-        # A resent unknown may have arrived the first time too: that is why it is opt-in.
-        assert sum(received.values()) - rows <= unknown
+        resend_and_check(box, tmp_path, job, rows, unknown, timeout=300)
     finally:
         box.stop()
 
@@ -80,14 +84,7 @@ def test_signal_drains_in_flight_requests_and_exits_130(
     rows = 100
     box = start_sandbox(tmp_path, "--latency-ms", "300")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            api={"timeout_s": 10},
-            limits={"concurrency": 10, "rate_per_second": 5000},
-            ledger=store,
-        )
+        job = quick_job(tmp_path, box, rows, store, concurrency=10)
         process = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(box.records()) >= 20, what="20 requests")
         process.send_signal(signum)
@@ -105,13 +102,8 @@ def test_signal_drains_in_flight_requests_and_exits_130(
 
 def test_second_sigint_stops_at_once_and_leaves_unknown(tmp_path: Path, store: str | None) -> None:
     with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
-        job = write_job(
-            tmp_path,
-            server.url,
-            input=people(tmp_path / "in.csv", 1),
-            api={"timeout_s": 60},
-            limits={"lease_s": LEASE_S},
-            ledger=store,
+        job = people_job(
+            tmp_path, server.url, 1, ledger=store, api={"timeout_s": 60}, lease_s=LEASE_S
         )
         process = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(server.arrivals) == 1, what="the request")
@@ -214,13 +206,7 @@ def test_edited_input_sends_fixed_and_new_rows_only(
 
 def test_one_run_at_a_time_and_a_dead_holder_does_not_block(tmp_path: Path) -> None:
     with FaultServer(lambda n, _b: "hang" if n == 0 else 200) as server:
-        job = write_job(
-            tmp_path,
-            server.url,
-            input=people(tmp_path / "in.csv", 2),
-            api={"timeout_s": 60},
-            limits={"concurrency": 1},
-        )
+        job = people_job(tmp_path, server.url, 2, api={"timeout_s": 60}, concurrency=1)
         holder = spawn_cli("run", str(job), "--no-progress")
         wait_for(lambda: len(server.arrivals) == 1, what="the first request")
         second = cli("run", str(job), "--no-progress")
@@ -293,8 +279,7 @@ def test_new_starts_todays_campaign_despite_an_unfinished_one(
 def test_report_rebuilds_results_from_the_ledger(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 5), ledger=store)
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 5, ledger=store)
     results_csv = tmp_path / "runs" / "test" / "results.csv"
     before = results_csv.read_text(encoding="utf-8")
     results_csv.unlink()
@@ -315,8 +300,7 @@ def test_ledger_keeps_every_attempt(tmp_path: Path, store: str | None) -> None:
         return 503 if n == 0 else 200
 
     with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1), ledger=store)
-        assert cli("run", str(job), "--no-progress").returncode == 0
+        sent_job(tmp_path, server.url, 1, ledger=store)
     with contextlib.closing(open_ledger(tmp_path / "runs", store)) as ledger:
         attempts = ledger.db.execute(
             "SELECT n, state, http_status FROM attempts ORDER BY n"
@@ -342,8 +326,7 @@ def test_a_run_still_reading_its_input_blocks_the_next_days_campaign(tmp_path: P
 def test_the_recipient_key_cannot_change_once_sent(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 2), ledger=store)
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sent_job(tmp_path, sandbox.url, 2, ledger=store)
     job = write_job(
         tmp_path,
         sandbox.url,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +16,18 @@ from aiohttp import web
 from tests.helpers import (
     CHANNEL,
     ROOT,
+    Arrival,
     FaultServer,
     Sandbox,
+    by_employee_id,
     cli,
     open_ledger,
-    phones,
-    read_results,
     start_sandbox,
     statuses,
     write_csv,
     write_job,
 )
-
-
-def people(tmp_path: Path, n: int, extra: list[list[str]] | None = None) -> Path:
-    rows = [[f"P{i}", p] for i, p in enumerate(phones(n))] + (extra or [])
-    return write_csv(tmp_path / "in.csv", ["First Name", "Phone"], rows)
-
-
-def results(tmp_path: Path, campaign: str = "test") -> list[dict[str, str]]:
-    return read_results(tmp_path / "runs" / campaign / "results.csv")
+from tests.helpers.runs import people, people_job, results, sent_job
 
 
 def by_phone(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -52,7 +46,7 @@ def test_every_status_and_exit_1(tmp_path: Path, store: str | None) -> None:
     def reply(_n: int, body: dict[str, Any]) -> Any:
         return plan.get(body["to_phone"], 200)
 
-    data = people(tmp_path, 5, extra=[["Dup", "(415) 200-0000"], ["Bad", "12"]])
+    data = people(tmp_path / "in.csv", 5, extra=[["Dup", "(415) 200-0000"], ["Bad", "12"]])
     with FaultServer(reply) as server:
         job = write_job(tmp_path, server.url, input=data, api={"timeout_s": 1}, ledger=store)
         done = cli("run", str(job), "--no-progress")
@@ -82,7 +76,10 @@ def test_all_sent_is_exit_0_and_a_second_run_sends_nothing(
     tmp_path: Path, sandbox: Sandbox, store: str | None
 ) -> None:
     job = write_job(
-        tmp_path, sandbox.url, input=people(tmp_path, 20, [["X", "nope"]]), ledger=store
+        tmp_path,
+        sandbox.url,
+        input=people(tmp_path / "in.csv", 20, extra=[["X", "nope"]]),
+        ledger=store,
     )
     first = cli("run", str(job), "--no-progress")
     assert first.returncode == 0, first.stderr
@@ -97,14 +94,21 @@ def test_all_sent_is_exit_0_and_a_second_run_sends_nothing(
     assert summary["counts"]["sent"] == 20 and summary["last_run"]["requests"] == 20
 
 
+def one_person(
+    tmp_path: Path, reply: Callable[[int, dict[str, Any]], Any]
+) -> tuple[subprocess.CompletedProcess[str], list[Arrival]]:
+    """One person sent through a fault server answering `reply`: the run, and the requests
+    that arrived."""
+    with FaultServer(reply) as server:
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1))
+        return cli("run", str(job), "--no-progress"), list(server.arrivals)
+
+
 def test_429_with_retry_after_then_success(tmp_path: Path) -> None:
     def reply(n: int, _body: dict[str, Any]) -> Any:
         return (429, {"Retry-After": "1"}) if n == 0 else 200
 
-    with FaultServer(reply) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
-        arrivals = list(server.arrivals)
+    done, arrivals = one_person(tmp_path, reply)
     assert done.returncode == 0, done.stderr
     assert len(arrivals) == 2
     assert arrivals[1].at - arrivals[0].at >= 0.99  # the retry waited for Retry-After
@@ -113,28 +117,36 @@ def test_429_with_retry_after_then_success(tmp_path: Path) -> None:
 
 
 def test_503_twice_then_success(tmp_path: Path) -> None:
-    with FaultServer(lambda n, _b: 503 if n < 2 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
+    done, _ = one_person(tmp_path, lambda n, _b: 503 if n < 2 else 200)
     assert done.returncode == 0, done.stderr
     assert results(tmp_path)[0]["_attempts"] == "3"
 
 
-def test_503_until_attempts_run_out_is_failed(tmp_path: Path) -> None:
-    with FaultServer(lambda _n, _b: (503, {"Retry-After": "0"})) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
-        assert len(server.arrivals) == 3  # limits.max_attempts
+@pytest.mark.parametrize(
+    ("answer", "requests", "status", "error"),
+    [
+        # 503 until limits.max_attempts run out: failed, the request never resent.
+        ((503, {"Retry-After": "0"}), 3, "failed", "after 3 attempts"),
+        # The connection dropped: it may have arrived, so it is not retried.
+        ("reset", 1, "unknown", "connection dropped"),
+    ],
+    ids=["503-until-attempts-run-out-is-failed", "a-dropped-connection-is-unknown"],
+)
+def test_a_person_never_answered_200_ends_failed_or_unknown(
+    tmp_path: Path, answer: Any, requests: int, status: str, error: str
+) -> None:
+    done, arrivals = one_person(tmp_path, lambda _n, _b: answer)
+    assert len(arrivals) == requests
     assert done.returncode == 1
     row = results(tmp_path)[0]
-    assert row["_status"] == "failed" and "after 3 attempts" in row["_error"]
+    assert row["_status"] == status and error in row["_error"]
 
 
 def test_unknown_rows_are_not_resent_without_resend_unknown(
     tmp_path: Path, store: str | None
 ) -> None:
     with FaultServer(lambda n, _b: 502 if n == 0 else 200) as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1), ledger=store)
+        job = write_job(tmp_path, server.url, input=people(tmp_path / "in.csv", 1), ledger=store)
         assert cli("run", str(job), "--no-progress").returncode == 1
         assert cli("run", str(job), "--no-progress").returncode == 1
         assert len(server.arrivals) == 1
@@ -144,27 +156,11 @@ def test_unknown_rows_are_not_resent_without_resend_unknown(
     assert results(tmp_path)[0]["_status"] == "sent"
 
 
-def test_dropped_connection_is_unknown(tmp_path: Path) -> None:
-    with FaultServer(lambda _n, _b: "reset") as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        done = cli("run", str(job), "--no-progress")
-        assert len(server.arrivals) == 1
-    assert done.returncode == 1
-    row = results(tmp_path)[0]
-    assert row["_status"] == "unknown" and "connection dropped" in row["_error"]
-
-
 def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(
     tmp_path: Path, store: str | None
 ) -> None:
     with FaultServer(lambda _n, _b: 404) as server:
-        job = write_job(
-            tmp_path,
-            server.url,
-            input=people(tmp_path, 10),
-            limits={"concurrency": 1},
-            ledger=store,
-        )
+        job = people_job(tmp_path, server.url, 10, ledger=store, concurrency=1)
         done = cli("run", str(job), "--no-progress")
         assert len(server.arrivals) == 3
     assert done.returncode == 3, done.stderr
@@ -175,9 +171,7 @@ def test_404_three_times_aborts_with_exit_3_and_the_rest_pending(
 def test_unreachable_api_aborts_with_exit_3(tmp_path: Path) -> None:
     with FaultServer(lambda _n, _b: 200) as server:
         url = server.url  # a port that was just free: nothing listens there afterwards
-    job = write_job(
-        tmp_path, url, input=people(tmp_path, 10), limits={"concurrency": 1, "max_attempts": 2}
-    )
+    job = people_job(tmp_path, url, 10, concurrency=1, max_attempts=2)
     done = cli("run", str(job), "--no-progress")
     assert done.returncode == 3, done.stderr
     counts = statuses(results(tmp_path))
@@ -204,13 +198,7 @@ def test_request_leaves_only_after_the_ledger_records_it_in_flight(
         return 200
 
     with FaultServer(reply) as server:
-        job = write_job(
-            tmp_path,
-            server.url,
-            input=people(tmp_path, 30),
-            limits={"concurrency": 8},
-            ledger=store,
-        )
+        job = people_job(tmp_path, server.url, 30, ledger=store, concurrency=8)
         assert cli("run", str(job), "--no-progress").returncode == 0
     assert seen == [("inflight", 1, 1)] * 30
 
@@ -227,12 +215,7 @@ def test_custom_auth_channel_without_phones(tmp_path: Path, store: str | None) -
             tmp_path,
             box.url,
             input=data,
-            mapping={
-                "to_phone": None,
-                "require_phone": False,
-                "params": {"emp_id": "Employee ID", "first_name": "First Name"},
-                "recipient_key": ["emp_id"],
-            },
+            mapping=by_employee_id({"emp_id": "Employee ID", "first_name": "First Name"}),
             ledger=store,
         )
         done = cli("run", str(job), "--no-progress")
@@ -268,19 +251,17 @@ def test_sample_spreadsheets_keep_their_text(tmp_path: Path, sandbox: Sandbox, s
     assert all("." not in r["Employee ID"] for r in rows)  # no float text like 37.0
 
 
-def test_channel_uuid_goes_in_the_url(tmp_path: Path) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        job = write_job(tmp_path, box.url, input=people(tmp_path, 1))
-        assert cli("run", str(job), "--no-progress").returncode == 0
-        assert box.records()[0]["channel"] == CHANNEL
-    finally:
-        box.stop()
+def test_channel_uuid_goes_in_the_url(tmp_path: Path, sandbox: Sandbox) -> None:
+    sent_job(tmp_path, sandbox.url, 1)
+    assert sandbox.records()[0]["channel"] == CHANNEL
 
 
 def test_unusable_job_is_exit_2_with_one_line(tmp_path: Path) -> None:
     job = write_job(
-        tmp_path, "http://127.0.0.1:9", input=people(tmp_path, 1), limits={"rate_per_second": 0}
+        tmp_path,
+        "http://127.0.0.1:9",
+        input=people(tmp_path / "in.csv", 1),
+        limits={"rate_per_second": 0},
     )
     done = cli("run", str(job))
     assert done.returncode == 2
@@ -299,7 +280,9 @@ def test_a_trickling_answer_is_cut_off_as_unknown(tmp_path: Path) -> None:
 
     with FaultServer(lambda _n, _b: "trickle") as server:
         server.streams["trickle"] = trickle
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1), api={"timeout_s": 1})
+        job = write_job(
+            tmp_path, server.url, input=people(tmp_path / "in.csv", 1), api={"timeout_s": 1}
+        )
         done = cli("run", str(job), "--no-progress", timeout=60)
     assert done.returncode == 1, done.stderr
     row = results(tmp_path)[0]
@@ -307,8 +290,6 @@ def test_a_trickling_answer_is_cut_off_as_unknown(tmp_path: Path) -> None:
 
 
 def test_the_channel_uuid_never_reaches_the_results(tmp_path: Path) -> None:
-    with FaultServer(lambda _n, _b: "reset") as server:
-        job = write_job(tmp_path, server.url, input=people(tmp_path, 1))
-        cli("run", str(job), "--no-progress")
+    one_person(tmp_path, lambda _n, _b: "reset")
     text = (tmp_path / "runs" / "test" / "results.csv").read_text(encoding="utf-8")
     assert CHANNEL not in text

@@ -15,21 +15,18 @@ from campaign.store.suppression import SuppressionList, apply_to_ledger, suppres
 from campaign.suppress_import import import_numbers
 from tests.helpers import (
     FaultServer,
+    Sandbox,
     cli,
+    e164,
     open_ledger,
     phones,
     read_results,
     spawn_cli,
-    start_sandbox,
     statuses,
     write_csv,
     write_job,
 )
 from tests.helpers.runs import finish, people, wait_for
-
-
-def e164(text: str) -> str:
-    return "+" + "".join(ch for ch in text if ch.isdigit())
 
 
 def listed(output_dir: Path, store: str | None = None) -> dict[str, tuple[str, str]]:
@@ -38,84 +35,72 @@ def listed(output_dir: Path, store: str | None = None) -> dict[str, tuple[str, s
 
 
 def test_suppressed_people_get_nothing_and_removing_makes_them_sendable(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        data = people(tmp_path / "in.csv", 5)
-        job = write_job(tmp_path, box.url, input=data, ledger=store)
-        numbers = phones(5)
-        added = cli("suppress", "add", str(job), numbers[1], numbers[3], "--reason", "opted out")
-        assert added.returncode == 0, added.stderr
-        assert "added 2" in added.stdout
+    data = people(tmp_path / "in.csv", 5)
+    job = write_job(tmp_path, sandbox.url, input=data, ledger=store)
+    numbers = phones(5)
+    added = cli("suppress", "add", str(job), numbers[1], numbers[3], "--reason", "opted out")
+    assert added.returncode == 0, added.stderr
+    assert "added 2" in added.stdout
 
-        checked = cli("validate", str(job))
-        assert checked.returncode == 0, checked.stderr
-        assert "suppressed 2" in checked.stdout
+    checked = cli("validate", str(job))
+    assert checked.returncode == 0, checked.stderr
+    assert "suppressed 2" in checked.stdout
 
-        run = cli("run", str(job), "--no-progress")
-        assert run.returncode == 0, run.stderr  # suppressed rows are not sendable
-        assert sorted(box.phones()) == sorted(e164(numbers[i]) for i in (0, 2, 4))
-        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert [r["_status"] for r in rows] == ["sent", "suppressed", "sent", "suppressed", "sent"]
-        assert rows[1]["_error"].startswith("on the suppression list since ")
-        assert rows[1]["_error"].endswith("(manual): opted out")
-        summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
-        assert summary["counts"]["suppressed"] == 2
+    run = cli("run", str(job), "--no-progress")
+    assert run.returncode == 0, run.stderr  # suppressed rows are not sendable
+    assert sorted(sandbox.phones()) == sorted(e164(numbers[i]) for i in (0, 2, 4))
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert [r["_status"] for r in rows] == ["sent", "suppressed", "sent", "suppressed", "sent"]
+    assert rows[1]["_error"].startswith("on the suppression list since ")
+    assert rows[1]["_error"].endswith("(manual): opted out")
+    summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+    assert summary["counts"]["suppressed"] == 2
 
-        removed = cli("suppress", "remove", str(job), numbers[1])
-        assert removed.returncode == 0 and "removed 1" in removed.stdout
-        again = cli("run", str(job), "--no-progress")
-        assert again.returncode == 0, again.stderr
-        assert box.phones().count(e164(numbers[1])) == 1
-        assert e164(numbers[3]) not in box.phones()
-        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert statuses(rows) == {"sent": 4, "suppressed": 1}
-    finally:
-        box.stop()
+    removed = cli("suppress", "remove", str(job), numbers[1])
+    assert removed.returncode == 0 and "removed 1" in removed.stdout
+    again = cli("run", str(job), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert sandbox.phones().count(e164(numbers[1])) == 1
+    assert e164(numbers[3]) not in sandbox.phones()
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert statuses(rows) == {"sent": 4, "suppressed": 1}
 
 
 def test_a_person_sent_before_being_suppressed_stays_sent(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        data = people(tmp_path / "in.csv", 3)
-        job = write_job(tmp_path, box.url, input=data, ledger=store)
-        assert cli("run", str(job), "--no-progress").returncode == 0
-        assert cli("suppress", "add", str(job), phones(3)[0]).returncode == 0
-        again = cli("run", str(job), "--no-progress")
-        assert again.returncode == 0, again.stderr
-        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert [r["_status"] for r in rows] == ["sent", "sent", "sent"]
-        assert rows[0]["_error"].startswith("sent earlier; the row now: on the suppression list")
-        assert len(box.records()) == 3
-    finally:
-        box.stop()
+    data = people(tmp_path / "in.csv", 3)
+    job = write_job(tmp_path, sandbox.url, input=data, ledger=store)
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    assert cli("suppress", "add", str(job), phones(3)[0]).returncode == 0
+    again = cli("run", str(job), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert [r["_status"] for r in rows] == ["sent", "sent", "sent"]
+    assert rows[0]["_error"].startswith("sent earlier; the row now: on the suppression list")
+    assert len(sandbox.records()) == 3
 
 
 def test_a_number_added_by_another_process_mid_run_is_not_sent(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        data = people(tmp_path / "in.csv", 120)
-        job = write_job(tmp_path, box.url, input=data, limits={"rate_per_second": 20}, ledger=store)
-        numbers = phones(120)
-        run = spawn_cli("run", str(job), "--no-progress")
-        wait_for(lambda: len(box.records()) >= 5, what="the run to start sending")
-        late = numbers[-20:]
-        assert cli("suppress", "add", str(job), *late, "--reason", "STOP").returncode == 0
-        # Added with about 100 people (5 s at 20/s) still to go: the run must see it.
-        assert finish(run) == 0
-        sent = set(box.phones())
-        assert not sent & {e164(p) for p in late}
-        assert len(sent) == len(box.records()) == 100
-        rows = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert statuses(rows) == {"sent": 100, "suppressed": 20}
-        assert all(r["_error"].endswith(": STOP") for r in rows if r["_status"] == "suppressed")
-    finally:
-        box.stop()
+    data = people(tmp_path / "in.csv", 120)
+    job = write_job(tmp_path, sandbox.url, input=data, limits={"rate_per_second": 20}, ledger=store)
+    numbers = phones(120)
+    run = spawn_cli("run", str(job), "--no-progress")
+    wait_for(lambda: len(sandbox.records()) >= 5, what="the run to start sending")
+    late = numbers[-20:]
+    assert cli("suppress", "add", str(job), *late, "--reason", "STOP").returncode == 0
+    # Added with about 100 people (5 s at 20/s) still to go: the run must see it.
+    assert finish(run) == 0
+    sent = set(sandbox.phones())
+    assert not sent & {e164(p) for p in late}
+    assert len(sent) == len(sandbox.records()) == 100
+    rows = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert statuses(rows) == {"sent": 100, "suppressed": 20}
+    assert all(r["_error"].endswith(": STOP") for r in rows if r["_status"] == "suppressed")
 
 
 def test_suppress_add_refuses_what_is_not_a_number_and_changes_nothing(

@@ -6,16 +6,16 @@ moment each addition committed, with the real CLI in subprocesses and real store
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import threading
 import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from campaign.store.db import Transaction
-from campaign.store.suppression import SHARED_SCHEMA, SuppressionList
+from campaign.store.suppression import SCHEMA_VERSION, SHARED_SCHEMA, SuppressionList
 from tests.helpers import (
     FaultServer,
     Sandbox,
@@ -24,16 +24,15 @@ from tests.helpers import (
     logged_events,
     phones,
     read_results,
+    soak_trials,
     spawn_cli,
     start_sandbox,
-    write_csv,
     write_job,
 )
 from tests.helpers.pg import in_campaign, lock_waiters
-from tests.helpers.runs import wait_for
+from tests.helpers.runs import people, wait_for
 
-# `make soak` raises it (20 trials there); one trial here keeps the suite quick.
-TRIALS = int(os.environ.get("CAMPAIGN_SOAK_TRIALS", "1"))
+TRIALS = soak_trials()
 MOMENT_S = 2.0  # the promise: nothing leaves later than this after the commit
 HOLD_S = 4.0  # how long the slow writer keeps its number uncommitted
 
@@ -56,25 +55,18 @@ def arrival(box: Sandbox, phone: str) -> float:
     return times[0]
 
 
-def people(path: Path, numbers: list[str]) -> Path:
-    return write_csv(path, ["First Name", "Phone"], [[f"P{i}", p] for i, p in enumerate(numbers)])
-
-
 # --- PostgreSQL: a writer that holds its commit while another commits after it -------------
 
 HELD_RATE = 20
 HELD_ROWS, HELD_AT, QUICK_AT = 165, 150, 100  # X at 7.5 s of sending, Y at 5 s
 
 
+@pytest.mark.soak
 def test_a_number_whose_commit_was_held_is_respected_within_2_s(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        for trial in range(TRIALS):
-            _held_commit_trial(tmp_path / f"trial-{trial}", box, pg_url, trial)
-    finally:
-        box.stop()
+    for trial in range(TRIALS):
+        _held_commit_trial(tmp_path / f"trial-{trial}", sandbox, pg_url, trial)
 
 
 def _held_commit_trial(directory: Path, box: Sandbox, pg_url: str, trial: int) -> None:
@@ -139,6 +131,7 @@ BY_HAND = 210  # added with `campaign suppress add` the moment the run logs `inp
 ADD_EVERY_S = 0.1
 
 
+@pytest.mark.soak
 def test_numbers_added_while_a_run_loads_its_input_are_respected_within_2_s(
     tmp_path: Path, store: str | None
 ) -> None:
@@ -284,7 +277,7 @@ def test_a_list_of_the_first_schema_is_migrated_and_watched_in_commit_order(
             "VALUES ('+14152000001', 'old', 'manual', 1)"
         )
     with SuppressionList(tmp_path, pg_url) as listed:
-        assert listed.db.version() == 2
+        assert listed.db.version() == SCHEMA_VERSION
         assert [e.phone for e in listed.entries()] == ["+14152000001"]
         mark = listed.mark()
         assert listed.added_since(mark)[1] == {}

@@ -32,7 +32,7 @@ from tests.helpers.web import (
     call,
     client,
     final_state,
-    results_rows,
+    sent_from_the_page,
     start_serve,
     upload,
     upload_and_validate,
@@ -174,17 +174,7 @@ async def test_upload_map_validate_send_download(
         assert [r["row"] for r in page["rows"]] == [41, 42] and page["total"] == 5
         assert sandbox.records() == []  # validating sends nothing
 
-        started = await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
-        assert started["state"] == "running"
-        done = await final_state(http, campaign)
-        assert done["state"] == "done" and done["counts"]["sent"] == 43
-
-        async with http.get(f"/api/campaigns/{campaign}/results.csv") as response:
-            assert response.status == 200
-            assert response.headers["Content-Type"].startswith("text/csv")
-            assert response.headers["Content-Disposition"].startswith("attachment")
-            rows = results_rows(await response.text())
-        assert len(rows) == 50 and [r["_row"] for r in rows] == [str(i) for i in range(1, 51)]
+        rows = await sent_from_the_page(http, campaign)
         assert sum(r["_status"] == "sent" for r in rows) == 43
 
         rerun = await call(
@@ -216,15 +206,22 @@ async def test_upload_map_validate_send_download(
         again.stop()
 
 
-async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
-    tmp_path: Path, slow_sandbox: Sandbox
-) -> None:
-    job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
+async def sending_from_the_page(tmp_path: Path, box: Sandbox) -> tuple[Path, Served, str]:
+    """The sample workbook sent from the page, one request at a time, 3 of them arrived:
+    the job, the page's server and the campaign."""
+    job = write_job(tmp_path, box.url, limits={"concurrency": 1})
     server = start_serve(tmp_path, job)
     async with client(server) as http:
         campaign = await upload_and_validate(http)
         await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
-    wait_for_records(slow_sandbox, 3)
+    wait_for_records(box, 3)
+    return job, server, campaign
+
+
+async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
+    tmp_path: Path, slow_sandbox: Sandbox
+) -> None:
+    job, server, campaign = await sending_from_the_page(tmp_path, slow_sandbox)
     assert server.stop(signal.SIGTERM) == 0  # drains like Ctrl-C: requests in flight finish
     delivered = len(slow_sandbox.records())
     assert 3 <= delivered < 43
@@ -254,12 +251,7 @@ async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
 async def test_server_killed_mid_send_shows_a_resumable_campaign(
     tmp_path: Path, slow_sandbox: Sandbox
 ) -> None:
-    job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
-    server = start_serve(tmp_path, job)
-    async with client(server) as http:
-        campaign = await upload_and_validate(http)
-        await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
-    wait_for_records(slow_sandbox, 3)
+    job, server, campaign = await sending_from_the_page(tmp_path, slow_sandbox)
     server.process.kill()
     server.process.wait(timeout=WAIT_S)
 

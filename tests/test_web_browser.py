@@ -17,28 +17,12 @@ from typing import Any
 import pytest
 
 from tests.helpers import FaultServer, write_job
-from tests.helpers.web import TOKEN, XLSX, Served, start_serve
+from tests.helpers.web import BROWSER, CHROMIUM, CHROMIUM_ARGS, TOKEN, XLSX, Served, start_serve
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 # Answered 400 the first time (a permanent failure), 200 on the rerun.
 FAIL_ONCE = {"+14155550103", "+12125550116"}
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (`make test` installs it as root)",
-    ),
-]
+pytestmark = BROWSER
 
 
 class FlakyApi:

@@ -9,22 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 
-from campaign.store.db import schema_name
 from tests.helpers import (
     Sandbox,
     assert_no_duplicates,
     cli,
     phones,
-    spawn_cli,
     start_sandbox,
     statuses,
     write_job,
 )
+from tests.helpers.pg import in_campaign, workers
 from tests.helpers.rates import max_in_window
-from tests.helpers.runs import finish, people, results
+from tests.helpers.runs import finish, people, people_job, results
 from tests.helpers.web import (
     EXPECTED,
     XLSX,
@@ -32,6 +30,7 @@ from tests.helpers.web import (
     client,
     final_state,
     results_rows,
+    sent_from_the_page,
     start_serve,
     upload,
     wait_for_records,
@@ -40,8 +39,7 @@ from tests.helpers.web import (
 
 def runs_by_pid(url: str, campaign: str) -> dict[int, int]:
     """Requests per process that worked the campaign (its runs' pids)."""
-    with psycopg.connect(url) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    with in_campaign(url, campaign) as db:
         found = db.execute(
             "SELECT r.pid, count(a.run_id) FROM runs r LEFT JOIN attempts a ON a.run_id = r.id "
             "GROUP BY r.pid"
@@ -71,14 +69,7 @@ async def test_page_sends_a_campaign_on_postgres_and_sees_the_command_lines(
             campaign = made["id"]
             await _validate(http, campaign, made["mapping"])
             assert not (tmp_path / "runs" / campaign / "ledger.sqlite").exists()
-            started = await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
-            assert started["state"] == "running"
-            done = await final_state(http, campaign)
-            assert done["state"] == "done" and done["counts"]["sent"] == 43
-            async with http.get(f"/api/campaigns/{campaign}/results.csv") as response:
-                assert response.status == 200
-                lines = results_rows(await response.text())
-            assert [r["_row"] for r in lines] == [str(i) for i in range(1, 51)]
+            lines = await sent_from_the_page(http, campaign)
             assert statuses(lines) == {"sent": 43, "invalid": 5, "duplicate": 2}
             assert len(assert_no_duplicates(box)) == 43
 
@@ -161,16 +152,12 @@ async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
     and the one rate budget of the channel held by all three."""
     rows, rate = 400, 100
     box: Sandbox = start_sandbox(tmp_path, "--latency-ms", "20")
-    job = write_job(
-        tmp_path,
-        box.url,
-        input=people(tmp_path / "in.csv", rows),
-        ledger=pg_url,
-        limits={"rate_per_second": rate, "concurrency": 4, "lease_s": 3},
+    job = people_job(
+        tmp_path, box.url, rows, ledger=pg_url, rate_per_second=rate, concurrency=4, lease_s=3
     )
     server = start_serve(tmp_path, job)
     try:
-        workers = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        running = workers(job, 2)
         wait_for_records(box, 50)
         async with client(server) as http:
             busy = await call(http, "GET", "/api/campaigns/test")
@@ -181,7 +168,7 @@ async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
             await call(http, "POST", "/api/campaigns/test/start", 202, json={})
             done = await final_state(http, "test")
             assert (await watching)["state"] == "done"
-        codes = await asyncio.to_thread(lambda: [finish(p) for p in workers])
+        codes = await asyncio.to_thread(lambda: [finish(p) for p in running])
         assert codes == [0, 0], codes
         assert done["state"] == "done", done
         assert done["counts"]["sent"] == rows

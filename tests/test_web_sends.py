@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,48 +90,51 @@ async def streams_end_with_their_pages(
         await until(lambda n=left: service.watches.streams(campaign) == n, f"{left} streams")
 
 
-async def test_a_stream_ends_when_its_page_goes_away_though_the_send_is_stuck(
+@asynccontextmanager
+async def page_over_a_hanging_api(
     tmp_path: Path,
-) -> None:
-    hanging = FaultServer(lambda _n, _body: "hang")
-    with hanging:
+) -> AsyncIterator[tuple[FaultServer, Path, web.Application, aiohttp.ClientSession]]:
+    """The page in this process, signed in, over an API that never answers: the API, the
+    job, the app and the page's client."""
+    with FaultServer(lambda _n, _body: "hang") as hanging:
         job = write_job(tmp_path, hanging.url, api={"timeout_s": 60}, limits={"concurrency": 1})
         async with (
             in_process(job) as (url, app),
             aiohttp.ClientSession(url, headers=BEARER) as http,
         ):
-            try:
-                campaign = await upload_and_validate(http)
-                await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
-                await until(lambda: len(hanging.arrivals) == 1, "the first request")
-                await streams_end_with_their_pages(app, http, campaign, "progress")
-                assert app[SERVICE].sends.running(campaign) and len(hanging.arrivals) == 1
-            finally:
-                app[SERVICE].stop(campaign)
-                hanging.release()
+            yield hanging, job, app, http
+
+
+async def test_a_stream_ends_when_its_page_goes_away_though_the_send_is_stuck(
+    tmp_path: Path,
+) -> None:
+    async with page_over_a_hanging_api(tmp_path) as (hanging, _job, app, http):
+        try:
+            campaign = await upload_and_validate(http)
+            await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+            await until(lambda: len(hanging.arrivals) == 1, "the first request")
+            await streams_end_with_their_pages(app, http, campaign, "progress")
+            assert app[SERVICE].sends.running(campaign) and len(hanging.arrivals) == 1
+        finally:
+            app[SERVICE].stop(campaign)
+            hanging.release()
 
 
 async def test_a_stream_of_a_campaign_sent_from_the_command_line_ends_with_its_page(
     tmp_path: Path,
 ) -> None:
-    hanging = FaultServer(lambda _n, _body: "hang")
-    with hanging:
-        job = write_job(tmp_path, hanging.url, api={"timeout_s": 60}, limits={"concurrency": 1})
-        async with (
-            in_process(job) as (url, app),
-            aiohttp.ClientSession(url, headers=BEARER) as http,
-        ):
-            campaign = await upload_and_validate(http)
-            upload = tmp_path / "runs" / campaign / "upload.xlsx"
-            run = spawn_cli("run", str(job), "--campaign", campaign, "--input", str(upload))
-            try:
-                await until(lambda: len(hanging.arrivals) == 1, "the first request")
-                await streams_end_with_their_pages(app, http, campaign, "state")
-                assert run.poll() is None  # still sending: the pages ended the streams
-            finally:
-                run.send_signal(signal.SIGINT)
-                hanging.release()
-                assert run.wait(timeout=WAIT_S) == 130
+    async with page_over_a_hanging_api(tmp_path) as (hanging, job, app, http):
+        campaign = await upload_and_validate(http)
+        upload = tmp_path / "runs" / campaign / "upload.xlsx"
+        run = spawn_cli("run", str(job), "--campaign", campaign, "--input", str(upload))
+        try:
+            await until(lambda: len(hanging.arrivals) == 1, "the first request")
+            await streams_end_with_their_pages(app, http, campaign, "state")
+            assert run.poll() is None  # still sending: the pages ended the streams
+        finally:
+            run.send_signal(signal.SIGINT)
+            hanging.release()
+            assert run.wait(timeout=WAIT_S) == 130
 
 
 async def test_a_watch_reads_the_ledger_again_only_when_the_campaign_changed(

@@ -34,11 +34,11 @@ from campaign.windows import (
 from tests.helpers import (
     CHANNEL,
     FaultServer,
+    Sandbox,
     cli,
     e164,
     read_results,
     spawn_cli,
-    start_sandbox,
     statuses,
     write_csv,
     write_job,
@@ -52,6 +52,7 @@ from tests.helpers.windows import (
     TOLL_FREE,
     hhmm,
     local_minutes,
+    new_york_hours,
     ny_open_hnl_closed,
 )
 
@@ -199,156 +200,134 @@ def test_an_unquoted_yaml_deadline_is_explained(tmp_path: Path) -> None:
 # --- real runs -------------------------------------------------------------------------------
 
 
-def test_a_run_sends_only_people_inside_their_window(tmp_path: Path, store: str | None) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        rows = [[p, f"P{i}"] for i, p in enumerate(NY_PHONES + HNL_PHONES)]
-        data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
-        window = ny_open_hnl_closed()
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=data,
-            limits={"send_window": window, "timezone": "America/New_York"},
-            ledger=store,
-        )
-        checked = cli("validate", str(job))
-        assert checked.returncode == 0, checked.stderr
-        assert "3 inside their send window now, 2 outside" in checked.stdout
+def test_a_run_sends_only_people_inside_their_window(
+    tmp_path: Path, store: str | None, sandbox: Sandbox
+) -> None:
+    rows = [[p, f"P{i}"] for i, p in enumerate(NY_PHONES + HNL_PHONES)]
+    data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
+    window = ny_open_hnl_closed()
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        input=data,
+        limits={"send_window": window, "timezone": "America/New_York"},
+        ledger=store,
+    )
+    checked = cli("validate", str(job))
+    assert checked.returncode == 0, checked.stderr
+    assert "3 inside their send window now, 2 outside" in checked.stdout
 
-        run = cli("run", str(job), "--no-progress")
-        assert run.returncode == 1, run.stderr  # people are left pending for their window
-        assert "2 waiting for their send window" in run.stdout
-        records = box.records()
-        assert sorted(r["body"]["to_phone"] for r in records) == sorted(map(e164, NY_PHONES))
-        for record in records:
-            arrived = dt.datetime.fromtimestamp(record["t"], dt.UTC)
-            assert inside(window, NEW_YORK, arrived)
-        results = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert statuses(results) == {"sent": 3, "pending": 2}
-        start = window.split("-")[0]
-        for row in results[3:]:
-            # "opens 15:00 Pacific/Honolulu" (with the date when that is tomorrow there)
-            assert "waiting for the send window" in row["_error"]
-            assert row["_error"].endswith(f"{start} Pacific/Honolulu"), row["_error"]
-            assert row["_attempts"] == "0"
-    finally:
-        box.stop()
+    run = cli("run", str(job), "--no-progress")
+    assert run.returncode == 1, run.stderr  # people are left pending for their window
+    assert "2 waiting for their send window" in run.stdout
+    records = sandbox.records()
+    assert sorted(r["body"]["to_phone"] for r in records) == sorted(map(e164, NY_PHONES))
+    for record in records:
+        arrived = dt.datetime.fromtimestamp(record["t"], dt.UTC)
+        assert inside(window, NEW_YORK, arrived)
+    results = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert statuses(results) == {"sent": 3, "pending": 2}
+    start = window.split("-")[0]
+    for row in results[3:]:
+        # "opens 15:00 Pacific/Honolulu" (with the date when that is tomorrow there)
+        assert "waiting for the send window" in row["_error"]
+        assert row["_error"].endswith(f"{start} Pacific/Honolulu"), row["_error"]
+        assert row["_attempts"] == "0"
 
 
 @pytest.mark.long
-def test_wait_sends_each_person_when_their_window_opens(tmp_path: Path) -> None:
+def test_wait_sends_each_person_when_their_window_opens(tmp_path: Path, sandbox: Sandbox) -> None:
     """Honolulu's window opens at the next minute; toll-free numbers (no single zone) use
     limits.timezone, Marquesas, half an hour ahead of Honolulu: open now."""
-    box = start_sandbox(tmp_path)
-    try:
-        rows = [[p, "x"] for p in HNL_PHONES + TOLL_FREE]
-        data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
-        opens = local_minutes(HONOLULU) + 1
-        window = f"{hhmm(opens)}-{hhmm(opens + 60)}"
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=data,
-            limits={"send_window": window, "timezone": "Pacific/Marquesas"},
-        )
-        run = cli("run", str(job), "--wait", "--no-progress", timeout=200)
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert "waiting for send windows" in run.stderr
-        by_phone = {r["body"]["to_phone"]: r["t"] for r in box.records()}
-        assert sorted(by_phone) == sorted(map(e164, HNL_PHONES + TOLL_FREE))
-        assert len(box.records()) == 4
-        for phone in map(e164, HNL_PHONES):
-            arrived = dt.datetime.fromtimestamp(by_phone[phone], dt.UTC)
-            assert inside(window, HONOLULU, arrived)
-        assert max(by_phone[e164(p)] for p in TOLL_FREE) < min(
-            by_phone[e164(p)] for p in HNL_PHONES
-        )
-        results = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert statuses(results) == {"sent": 4}
-    finally:
-        box.stop()
+    rows = [[p, "x"] for p in HNL_PHONES + TOLL_FREE]
+    data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
+    opens = local_minutes(HONOLULU) + 1
+    window = f"{hhmm(opens)}-{hhmm(opens + 60)}"
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        input=data,
+        limits={"send_window": window, "timezone": "Pacific/Marquesas"},
+    )
+    run = cli("run", str(job), "--wait", "--no-progress", timeout=200)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "waiting for send windows" in run.stderr
+    by_phone = {r["body"]["to_phone"]: r["t"] for r in sandbox.records()}
+    assert sorted(by_phone) == sorted(map(e164, HNL_PHONES + TOLL_FREE))
+    assert len(sandbox.records()) == 4
+    for phone in map(e164, HNL_PHONES):
+        arrived = dt.datetime.fromtimestamp(by_phone[phone], dt.UTC)
+        assert inside(window, HONOLULU, arrived)
+    assert max(by_phone[e164(p)] for p in TOLL_FREE) < min(by_phone[e164(p)] for p in HNL_PHONES)
+    results = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert statuses(results) == {"sent": 4}
 
 
-def test_ctrl_c_while_waiting_stops_cleanly(tmp_path: Path, store: str | None) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
-        data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=data,
-            limits={"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"},
-            ledger=store,
-        )
-        run = spawn_cli("run", str(job), "--wait", "--no-progress")
-        log = tmp_path / "runs" / "test" / "log.jsonl"
-        wait_for(
-            lambda: log.exists() and "waiting for send windows" in log.read_text(),
-            what="the run to wait",
-        )
-        run.send_signal(signal.SIGINT)
-        assert finish(run) == 130
-        assert box.phones() == [e164(NY_PHONES[0])]
-        results = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert statuses(results) == {"sent": 1, "pending": 2}
-    finally:
-        box.stop()
+def test_ctrl_c_while_waiting_stops_cleanly(
+    tmp_path: Path, store: str | None, sandbox: Sandbox
+) -> None:
+    rows = [[p, "x"] for p in NY_PHONES[:1] + HNL_PHONES]
+    data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows)
+    job = write_job(tmp_path, sandbox.url, input=data, limits=new_york_hours(), ledger=store)
+    run = spawn_cli("run", str(job), "--wait", "--no-progress")
+    log = tmp_path / "runs" / "test" / "log.jsonl"
+    wait_for(
+        lambda: log.exists() and "waiting for send windows" in log.read_text(),
+        what="the run to wait",
+    )
+    run.send_signal(signal.SIGINT)
+    assert finish(run) == 130
+    assert sandbox.phones() == [e164(NY_PHONES[0])]
+    results = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert statuses(results) == {"sent": 1, "pending": 2}
 
 
 def test_a_deadline_already_past_sends_nothing_and_says_so(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, sandbox: Sandbox
 ) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], [[NY_PHONES[0], "A"]])
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=data,
-            limits={"deadline": "2020-01-01T18:00+00:00"},
-            ledger=store,
-        )
-        run = cli("run", str(job), "--no-progress")
-        assert run.returncode == 1
-        assert "deadline passed" in run.stdout
-        assert box.records() == []
-        (row,) = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert row["_status"] == "pending" and row["_error"].startswith("deadline passed")
-    finally:
-        box.stop()
+    data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], [[NY_PHONES[0], "A"]])
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        input=data,
+        limits={"deadline": "2020-01-01T18:00+00:00"},
+        ledger=store,
+    )
+    run = cli("run", str(job), "--no-progress")
+    assert run.returncode == 1
+    assert "deadline passed" in run.stdout
+    assert sandbox.records() == []
+    (row,) = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert row["_status"] == "pending" and row["_error"].startswith("deadline passed")
 
 
-def test_after_the_deadline_no_new_request_leaves(tmp_path: Path, store: str | None) -> None:
-    box = start_sandbox(tmp_path)
-    try:
-        phones = [f"+1 212 555 {i:04d}" for i in range(100, 160)]
-        data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], [[p, "x"] for p in phones])
-        limits = {"rate_per_second": 10}
-        job = write_job(tmp_path, box.url, input=data, limits=limits, ledger=store)
-        # The input is read and the store set up first: the deadline races only the start.
-        assert cli("validate", str(job)).returncode == 0
-        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=data,
-            limits={**limits, "deadline": deadline.isoformat()},
-            ledger=store,
-        )
-        run = cli("run", str(job), "--no-progress")
-        assert run.returncode == 1, run.stderr
-        records = box.records()
-        assert 0 < len(records) < 60
-        # A request may arrive a moment after the deadline; none may leave after it.
-        assert max(r["t"] for r in records) < deadline.timestamp() + 1
-        results = read_results(tmp_path / "runs" / "test" / "results.csv")
-        assert statuses(results) == {"sent": len(records), "pending": 60 - len(records)}
-        pending = [r for r in results if r["_status"] == "pending"]
-        assert all(r["_error"].startswith("deadline passed") for r in pending)
-    finally:
-        box.stop()
+def test_after_the_deadline_no_new_request_leaves(
+    tmp_path: Path, store: str | None, sandbox: Sandbox
+) -> None:
+    phones = [f"+1 212 555 {i:04d}" for i in range(100, 160)]
+    data = write_csv(tmp_path / "in.csv", ["Phone", "First Name"], [[p, "x"] for p in phones])
+    limits = {"rate_per_second": 10}
+    job = write_job(tmp_path, sandbox.url, input=data, limits=limits, ledger=store)
+    # The input is read and the store set up first: the deadline races only the start.
+    assert cli("validate", str(job)).returncode == 0
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+    job = write_job(
+        tmp_path,
+        sandbox.url,
+        input=data,
+        limits={**limits, "deadline": deadline.isoformat()},
+        ledger=store,
+    )
+    run = cli("run", str(job), "--no-progress")
+    assert run.returncode == 1, run.stderr
+    records = sandbox.records()
+    assert 0 < len(records) < 60
+    # A request may arrive a moment after the deadline; none may leave after it.
+    assert max(r["t"] for r in records) < deadline.timestamp() + 1
+    results = read_results(tmp_path / "runs" / "test" / "results.csv")
+    assert statuses(results) == {"sent": len(records), "pending": 60 - len(records)}
+    pending = [r for r in results if r["_status"] == "pending"]
+    assert all(r["_error"].startswith("deadline passed") for r in pending)
 
 
 async def test_a_retry_that_would_leave_outside_the_window_does_not_leave(

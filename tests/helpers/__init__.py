@@ -8,13 +8,15 @@ import collections
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,35 @@ from typing import Any
 import yaml
 from aiohttp import web as aioweb  # not `web`: importing tests.helpers.web rebinds it here
 
+from campaign.errors import InputError
+from campaign.load import Row, open_sheet
 from campaign.sandbox import spawn
 from campaign.store.ledger import LEDGER_FILE, Ledger
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CHANNEL = "11111111-2222-4333-8444-555555555555"
+
+
+def soak_trials(default: int = 1) -> int:
+    """How many times a hostile schedule runs: `default` under `make test`; under
+    `make soak`, the CAMPAIGN_SOAK_TRIALS it sets (20), never fewer than `default`."""
+    value = os.environ.get("CAMPAIGN_SOAK_TRIALS")
+    return max(default, int(value)) if value else default
+
+
+def _command(args: Iterable[str]) -> list[str]:
+    return [sys.executable, "-m", "campaign", *args]
+
+
+def _environment(env: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment, with this checkout importable and `env` on top."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def _popen(
+    args: Iterable[str], cwd: Path | None, env: dict[str, str] | None, **streams: Any
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(_command(args), cwd=cwd, env=_environment(env), text=True, **streams)
 
 
 def cli(
@@ -37,11 +63,10 @@ def cli(
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real command line, `python -m campaign ARGS`, and wait for it."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "campaign", *args],
+        _command(args),
         cwd=cwd,
-        env=full_env,
+        env=_environment(env),
         text=True,
         capture_output=True,
         timeout=timeout,
@@ -55,14 +80,7 @@ def cli_peak_memory(
     """Run the real command line like `cli`; also its peak resident memory in bytes (the
     child's own, from wait4, not the largest of every child this process ever had)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "campaign", *args],
-            cwd=cwd,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-            text=True,
-            stdout=out,
-            stderr=err,
-        )
+        process = _popen(args, cwd, env, stdout=out, stderr=err)
         deadline = time.monotonic() + timeout
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -82,15 +100,7 @@ def cli_peak_memory(
 def spawn_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "campaign", *args],
-        cwd=cwd,
-        env=full_env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    return _popen(args, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def write_job(
@@ -123,6 +133,24 @@ def write_job(
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def by_employee_id(params: dict[str, str]) -> dict[str, Any]:
+    """A mapping with no phone column: people are told apart by their employee id."""
+    return {"to_phone": None, "require_phone": False, "params": params, "recipient_key": ["emp_id"]}
+
+
+def loaded_or_refused(path: Path) -> list[Row]:
+    """Every row the loader gives for `path`, each as wide as the header; none when it
+    refuses the file, with one line that names it."""
+    try:
+        sheet = open_sheet(path)
+        rows = [row for chunk in sheet.chunks for row in chunk]
+    except InputError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+        return []
+    assert rows and all(len(row.cells) == len(sheet.columns) for row in rows)
+    return rows
 
 
 def open_ledger(
@@ -213,6 +241,18 @@ def start_sandbox(directory: Path, *options: str) -> Sandbox:
 Reply = Callable[[int, dict[str, Any]], Any]
 
 
+@asynccontextmanager
+async def on_loopback(app: aioweb.Application) -> AsyncIterator[str]:
+    """`app` served on 127.0.0.1 at a free port, for the block: its URL."""
+    runner = aioweb.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await aioweb.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @dataclass
 class Arrival:
     n: int  # 0-based, in arrival order
@@ -272,14 +312,9 @@ class FaultServer:
         app.router.add_post("/sms/{channel}/send.json", self._handle)
         app.router.add_get("/api/v1/agents/{agent}/sms/report.json", self._handle)
         app.router.add_get("/api/v2/sms/opt-status.json", self._handle)
-        runner = aioweb.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await runner.setup()
-        site = aioweb.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        ready.set()
-        await self._release.wait()
-        await runner.cleanup()
+        async with on_loopback(app) as self.url:
+            ready.set()
+            await self._release.wait()
 
     async def _handle(self, request: aioweb.Request) -> aioweb.StreamResponse:
         body = dict(request.query) if request.method == "GET" else await request.json()
@@ -371,14 +406,9 @@ class Gateway:
                 return await self._handle(request, session)
 
             app.router.add_post("/sms/{channel}/send.json", handle)
-            runner = aioweb.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-            await runner.setup()
-            site = aioweb.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            ready.set()
-            await self._stop.wait()
-            await runner.cleanup()
+            async with on_loopback(app) as self.url:
+                ready.set()
+                await self._stop.wait()
 
     async def _handle(self, request: aioweb.Request, session: Any) -> aioweb.Response:
         raw = await request.read()
@@ -442,8 +472,9 @@ class Served:
     url: str
     log: Path
 
-    def stop(self) -> int:
-        self.process.terminate()
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        """Ctrl-C (or `signum`): the server drains, then exits; its exit code."""
+        self.process.send_signal(signum)
         return self.process.wait(timeout=30)
 
 
@@ -453,8 +484,8 @@ def serve(directory: Path, job: Path, token: str, *options: str) -> Served:
     log = directory / f"serve-{time.monotonic_ns()}.log"
     with log.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "campaign", "serve", str(job), "--port", "0", *options],
-            env={**os.environ, "PYTHONPATH": str(ROOT), "CAMPAIGN_TOKEN": token},
+            _command(["serve", str(job), "--port", "0", *options]),
+            env=_environment({"CAMPAIGN_TOKEN": token}),
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,

@@ -5,18 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from campaign.job import load_job
@@ -24,6 +20,8 @@ from campaign.web.app import create_app
 from tests.helpers import (
     ROOT,
     Sandbox,
+    Served,
+    serve,
 )
 
 TOKEN = "test-token-7f3a-5b0e"  # at least 16 characters, or serve refuses it
@@ -50,34 +48,9 @@ EXPECTED = {
 WAIT_S = 30
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    url: str
-    log: Path
-
-    def stop(self, signum: int = signal.SIGINT) -> int:
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=WAIT_S)
-
-
 def start_serve(directory: Path, job: Path, *options: str, token: str = TOKEN) -> Served:
-    """`campaign serve JOB --port 0`, waiting for the line that says where it listens."""
-    log = directory / f"serve-{time.monotonic_ns()}.log"
-    with log.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "campaign", "serve", str(job), "--port", "0", *options],
-            env={**os.environ, "PYTHONPATH": str(ROOT), "CAMPAIGN_TOKEN": token},
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "listening on " not in line:
-        process.kill()
-        raise RuntimeError(f"serve did not start: {line}{log.read_text()}")
-    return Served(process, line.split("listening on ")[1].strip().rstrip("/"), log)
+    """`campaign serve JOB --port 0` signed with `token`, once it says where it listens."""
+    return serve(directory, job, token, *options)
 
 
 @asynccontextmanager
@@ -179,6 +152,14 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 # Per chart (figure[data-chart]) of a page: how many of its canvas's pixels are painted.
+# The mark of every test that drives Chromium: skipped, saying why, where it is missing.
+BROWSER = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's chromium at /usr/bin/chromium (`make test` installs it as root)",
+    ),
+]
 CHART_INK_JS = """() => Object.fromEntries([...document.querySelectorAll("figure[data-chart]")]
   .map((figure) => {
     const canvas = figure.querySelector("canvas");
@@ -189,3 +170,19 @@ CHART_INK_JS = """() => Object.fromEntries([...document.querySelectorAll("figure
     return [figure.dataset.chart, painted];
   }))"""
 CHARTS = ("rate", "progress", "statuses", "funnel", "reasons", "waiting")
+
+
+async def sent_from_the_page(http: aiohttp.ClientSession, campaign: str) -> list[dict[str, str]]:
+    """The sample workbook's campaign started on the page and waited for (43 sent): the
+    rows of the results.csv the page then gives, one a row of the workbook."""
+    started = await call(http, "POST", f"/api/campaigns/{campaign}/start", 202, json={})
+    assert started["state"] == "running"
+    done = await final_state(http, campaign)
+    assert done["state"] == "done" and done["counts"]["sent"] == 43
+    async with http.get(f"/api/campaigns/{campaign}/results.csv") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/csv")
+        assert response.headers["Content-Disposition"].startswith("attachment")
+        rows = results_rows(await response.text())
+    assert [r["_row"] for r in rows] == [str(i) for i in range(1, 51)]
+    return rows

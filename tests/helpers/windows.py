@@ -29,3 +29,8 @@ def ny_open_hnl_closed() -> str:
     """A window open now in New York and closed now in Honolulu (5 or 6 hours behind)."""
     now = local_minutes(NEW_YORK)
     return f"{hhmm(now - 60)}-{hhmm(now + 120)}"
+
+
+def new_york_hours() -> dict[str, str]:
+    """Job limits whose send window is open now in New York, closed now in Honolulu."""
+    return {"send_window": ny_open_hnl_closed(), "timezone": "America/New_York"}

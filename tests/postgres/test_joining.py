@@ -14,6 +14,7 @@ import psycopg
 
 from campaign.store.db import schema_name
 from tests.helpers import (
+    Sandbox,
     assert_no_duplicates,
     cli,
     e164,
@@ -26,7 +27,9 @@ from tests.helpers import (
 )
 from tests.helpers.pg import (
     check_report_against_record,
-    lease_job,
+    in_campaign,
+    pg_job,
+    workers,
 )
 from tests.helpers.runs import YESTERDAY, finish, people, results, wait_for
 
@@ -41,8 +44,7 @@ def staff(path: Path, n: int) -> Path:
 
 
 def ledger_meta(url: str, campaign: str, key: str) -> object:
-    with psycopg.connect(url) as db:
-        db.execute(f'SET search_path TO "{schema_name(campaign)}"')
+    with in_campaign(url, campaign) as db:
         found = db.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
     return None if found is None else json.loads(found[0])
 
@@ -159,8 +161,8 @@ def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_u
     rows = 2000
     box = start_sandbox(tmp_path, "--latency-ms", "40")
     try:
-        job = lease_job(tmp_path, box, pg_url, rows, 2)
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=2)
+        running = workers(job, 2)
         wait_for(lambda: len(box.records()) >= 300, what="300 requests")
         checked = cli("validate", str(job))
         assert checked.returncode == 2, checked.stdout + checked.stderr
@@ -175,47 +177,43 @@ def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_u
 
 
 def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandbox: Sandbox
 ) -> None:
     """A worker is killed; the operator reruns at once with a fixed input (30 more rows).
     The dead worker still counts until its lease expires, so the rerun would join it with
     the old rows: the new people never sent, missing from results.csv, and exit 0 with
     `--resend-unknown`. It is refused instead (exit 2, naming the file); after the lease
     the same command loads the fixed input and sends everyone once."""
-    box = start_sandbox(tmp_path)
-    try:
-        # The lease outlasts the two commands run inside it, however loaded the machine.
-        limits = {"concurrency": 4, "rate_per_second": 40, "lease_s": 10}
-        job = write_job(
-            tmp_path, box.url, input=people(tmp_path / "in.csv", 200), ledger=pg_url, limits=limits
-        )
-        first = spawn_cli("run", str(job), "--no-progress")
-        wait_for(lambda: len(box.records()) >= 40, what="requests")
-        first.kill()
-        first.wait()
-        fixed = people(tmp_path / "fixed.csv", 230)
-        refused = cli("run", str(job), "--no-progress", "--input", str(fixed))
-        assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert "fixed.csv" in refused.stderr and "another input" in refused.stderr
-        assert "Traceback" not in refused.stderr
-        # The same input and mapping, written another way, joins (and sends the rest once
-        # the dead worker's lease has expired).
-        spelled = {"to_phone": " Phone ", "params": {"first_name": " First Name "}}
-        other = write_job(
-            tmp_path,
-            box.url,
-            name="spelled",
-            input=people(tmp_path / "copy.csv", 200),
-            ledger=pg_url,
-            limits=limits,
-            mapping={"default_region": "us", **spelled},
-        )
-        joiner = cli("run", str(other), "--no-progress")
-        assert joiner.returncode in (0, 1), joiner.stdout + joiner.stderr
-        assert "joining the workers" in joiner.stderr
-        again = cli("run", str(job), "--no-progress", "--input", str(fixed), "--resend-unknown")
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert sorted(set(box.phones())) == sorted(e164(p) for p in phones(230))
-        assert statuses(results(tmp_path)) == {"sent": 230}
-    finally:
-        box.stop()
+    # The lease outlasts the two commands run inside it, however loaded the machine.
+    limits = {"concurrency": 4, "rate_per_second": 40, "lease_s": 10}
+    job = write_job(
+        tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 200), ledger=pg_url, limits=limits
+    )
+    first = spawn_cli("run", str(job), "--no-progress")
+    wait_for(lambda: len(sandbox.records()) >= 40, what="requests")
+    first.kill()
+    first.wait()
+    fixed = people(tmp_path / "fixed.csv", 230)
+    refused = cli("run", str(job), "--no-progress", "--input", str(fixed))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "fixed.csv" in refused.stderr and "another input" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # The same input and mapping, written another way, joins (and sends the rest once
+    # the dead worker's lease has expired).
+    spelled = {"to_phone": " Phone ", "params": {"first_name": " First Name "}}
+    other = write_job(
+        tmp_path,
+        sandbox.url,
+        name="spelled",
+        input=people(tmp_path / "copy.csv", 200),
+        ledger=pg_url,
+        limits=limits,
+        mapping={"default_region": "us", **spelled},
+    )
+    joiner = cli("run", str(other), "--no-progress")
+    assert joiner.returncode in (0, 1), joiner.stdout + joiner.stderr
+    assert "joining the workers" in joiner.stderr
+    again = cli("run", str(job), "--no-progress", "--input", str(fixed), "--resend-unknown")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(set(sandbox.phones())) == sorted(e164(p) for p in phones(230))
+    assert statuses(results(tmp_path)) == {"sent": 230}

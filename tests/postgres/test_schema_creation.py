@@ -10,19 +10,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from campaign.store import uploads
 from campaign.store.budget import RateBudget
 from campaign.store.db import Database
 from campaign.store.suppression import SuppressionList
+from tests.helpers import soak_trials
 from tests.helpers.pg_server import PgServer
 
 
+@pytest.mark.soak
 def test_connections_creating_one_schema_at_once_all_succeed(pg_url: str) -> None:
     """CREATE SCHEMA IF NOT EXISTS from several connections at the same moment makes all
     but one fail on PostgreSQL's catalog (a unique violation: a worker exiting 2 beside
     the one that started with it) unless the creation is serialized."""
-    for trial in range(5):
+    for trial in range(soak_trials(5)):
         connect = functools.partial(_connect_and_close, pg_url, f"together_{trial}")
         assert _all_at_once([connect] * 8) == []
 
@@ -31,13 +34,14 @@ def _connect_and_close(url: str, schema: str) -> None:
     Database.postgresql(url, schema).close()
 
 
+@pytest.mark.soak
 def test_the_list_the_rate_budget_and_the_uploads_create_their_schema_together(
     pg_server: PgServer, tmp_path: Path
 ) -> None:
     """On a database's first use, a run (the suppression list, the rate budget) and a page
     server (its uploads) starting together all create `campaign_shared` and the tables
     they share there: each under the same lock, or one fails on the catalog."""
-    for trial in range(5):
+    for trial in range(soak_trials(5)):
         name = f"first_use_{trial}_{secrets.token_hex(3)}"
         with psycopg.connect(pg_server.url(), autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {name}")

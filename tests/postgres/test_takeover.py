@@ -10,21 +10,22 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    cli,
     spawn_cli,
     start_sandbox,
-    write_job,
 )
 from tests.helpers.pg import (
     CONCURRENCY,
     check_against_record,
     ledger_states,
     lock_waiters,
+    pg_job,
     resend_and_check,
+    settle_and_resend,
     worker_at_a_held_commit,
     worker_backends,
+    workers,
 )
-from tests.helpers.runs import people, wait_for
+from tests.helpers.runs import wait_for
 
 
 @pytest.mark.timeout(240)
@@ -36,15 +37,9 @@ def test_workers_killed_and_replaced_at_random_moments_send_each_person_once(
     rows, kills = 900, 4
     box = start_sandbox(tmp_path, "--latency-ms", "5")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            ledger=pg_url,
-            limits={"concurrency": CONCURRENCY, "rate_per_second": 100_000, "lease_s": 3},
-        )
+        job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=3)
         rng = random.Random()
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(3)]
+        running = workers(job, 3)
         marks = sorted(rng.sample(range(30, rows - 150), kills))
         for mark in marks:
             wait_for(
@@ -64,11 +59,7 @@ def test_workers_killed_and_replaced_at_random_moments_send_each_person_once(
         for process in running:
             out, err = process.communicate(timeout=180)
             assert process.returncode in (0, 1), out + err
-        settle = cli("run", str(job), "--no-progress", timeout=180)
-        assert settle.returncode in (0, 1), settle.stdout + settle.stderr
-        assert ledger_states(pg_url).keys() <= {"sent", "unknown"}
-        unknown = check_against_record(box, tmp_path, rows, CONCURRENCY * kills)
-        resend_and_check(box, tmp_path, job, rows, unknown)
+        settle_and_resend(box, tmp_path, job, pg_url, rows, CONCURRENCY * kills)
     finally:
         box.stop()
 

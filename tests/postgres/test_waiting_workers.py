@@ -22,6 +22,7 @@ from tests.helpers.pg import (
     in_campaign,
     lease_expired,
     only_run,
+    workers,
 )
 from tests.helpers.runs import finish, people, results, wait_for
 from tests.helpers.windows import HNL_PHONES, NY_PHONES, hhmm, local_minutes, ny_open_hnl_closed
@@ -72,6 +73,12 @@ def kill_left(*processes: subprocess.Popen[str] | None) -> None:
             process.wait()
 
 
+def only_new_york_sent(box: Sandbox, tmp_path: Path) -> None:
+    """The New York person sent, once; the Honolulu people still waiting for their window."""
+    assert box.phones() == [e164(NY_PHONES[0])]
+    assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
+
+
 def live_runs(url: str) -> int:
     with in_campaign(url) as db:
         return int(db.execute("SELECT count(*) FROM runs WHERE state = 'running'").fetchone()[0])
@@ -100,7 +107,7 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
                 "timezone": "America/Los_Angeles",
             },
         )
-        running = [spawn_cli("run", str(job), "--no-progress") for _ in range(2)]
+        running = workers(job, 2)
         try:
             codes = [finish(p, timeout=30) for p in running]
         except subprocess.TimeoutExpired:
@@ -116,62 +123,54 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
         box.stop()
 
 
-def test_a_waiting_worker_whose_lease_expired_stops(tmp_path: Path, pg_url: str) -> None:
+def test_a_waiting_worker_whose_lease_expired_stops(
+    tmp_path: Path, pg_url: str, sandbox: Sandbox
+) -> None:
     """A `--wait` worker sends the New York person and waits for Honolulu's window (hours
     away). Stopped past its lease, it is settled by a second worker that takes its people
     over; continued, it finds its lease gone and stops: exit 1 ("stopped: …") and its run
     stays `crashed`. Before, the loss was noted on the round that had already ended: the
     worker slept on until the window opened, to send another round on a lost lease."""
-    box = start_sandbox(tmp_path)
+    job, first = a_waiting_worker(tmp_path, sandbox, pg_url, lease_s=1)
+    log = tmp_path / "runs" / "test" / "log.jsonl"
+    second: subprocess.Popen[str] | None = None
     try:
-        job, first = a_waiting_worker(tmp_path, box, pg_url, lease_s=1)
-        log = tmp_path / "runs" / "test" / "log.jsonl"
-        second: subprocess.Popen[str] | None = None
-        try:
-            first.send_signal(signal.SIGSTOP)
-            run_id = only_run(pg_url)
-            wait_for(lambda: lease_expired(pg_url, run_id, 1), what="the lease to expire")
-            second = spawn_cli("run", str(job), "--wait", "--no-progress")
-            wait_for(lambda: log.read_text().count(WAITING) == 2, what="a 2nd wait")
-            assert run_state(pg_url, run_id) == "crashed"
-            first.send_signal(signal.SIGCONT)
-            out, err = first.communicate(timeout=60)
-            assert first.returncode == 1, out + err[-2000:]
-            assert "stopped: this worker's lease expired" in out
-            assert run_state(pg_url, run_id) == "crashed"
-            second.send_signal(signal.SIGINT)
-            assert finish(second) == 130
-        finally:
-            kill_left(first, second)
-        assert box.phones() == [e164(NY_PHONES[0])]
-        assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
+        first.send_signal(signal.SIGSTOP)
+        run_id = only_run(pg_url)
+        wait_for(lambda: lease_expired(pg_url, run_id, 1), what="the lease to expire")
+        second = spawn_cli("run", str(job), "--wait", "--no-progress")
+        wait_for(lambda: log.read_text().count(WAITING) == 2, what="a 2nd wait")
+        assert run_state(pg_url, run_id) == "crashed"
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 1, out + err[-2000:]
+        assert "stopped: this worker's lease expired" in out
+        assert run_state(pg_url, run_id) == "crashed"
+        second.send_signal(signal.SIGINT)
+        assert finish(second) == 130
     finally:
-        box.stop()
+        kill_left(first, second)
+    only_new_york_sent(sandbox, tmp_path)
 
 
 def test_a_worker_ending_beside_a_dead_waiting_worker_says_rows_are_left(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandbox: Sandbox
 ) -> None:
     """A `--wait` worker holds the Honolulu people for their window (hours away) and is
     killed. A plain worker started inside its lease finds nobody to send and ends: before,
     with exit 0 ("another worker still sending") for a campaign nobody was sending any
     more; now exit 1. After the lease, a rerun takes the Honolulu people over."""
-    box = start_sandbox(tmp_path)
-    try:
-        job, waiting = a_waiting_worker(tmp_path, box, pg_url, lease_s=2)
-        waiting.kill()
-        waiting.wait()
-        dead = only_run(pg_url)
-        beside = cli("run", str(job), "--no-progress")
-        assert beside.returncode == 1, beside.stdout + beside.stderr
-        assert "still sending" not in beside.stdout
-        wait_for(lambda: lease_expired(pg_url, dead, 2), what="the lease to expire")
-        rerun = cli("run", str(job), "--no-progress")
-        assert rerun.returncode == 1 and "2 waiting for their send window" in rerun.stdout
-        assert box.phones() == [e164(NY_PHONES[0])]
-        assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
-    finally:
-        box.stop()
+    job, waiting = a_waiting_worker(tmp_path, sandbox, pg_url, lease_s=2)
+    waiting.kill()
+    waiting.wait()
+    dead = only_run(pg_url)
+    beside = cli("run", str(job), "--no-progress")
+    assert beside.returncode == 1, beside.stdout + beside.stderr
+    assert "still sending" not in beside.stdout
+    wait_for(lambda: lease_expired(pg_url, dead, 2), what="the lease to expire")
+    rerun = cli("run", str(job), "--no-progress")
+    assert rerun.returncode == 1 and "2 waiting for their send window" in rerun.stdout
+    only_new_york_sent(sandbox, tmp_path)
 
 
 def test_a_second_waiting_worker_stays_and_takes_over_a_dead_ones_people(
@@ -199,7 +198,6 @@ def test_a_second_waiting_worker_stays_and_takes_over_a_dead_ones_people(
             assert finish(second) == 130
         finally:
             kill_left(first, second)
-        assert box.phones() == [e164(NY_PHONES[0])]
-        assert statuses(results(tmp_path)) == {"sent": 1, "pending": 2}
+        only_new_york_sent(box, tmp_path)
     finally:
         box.stop()

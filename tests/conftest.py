@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Sandbox, sparse_xlsx, start_sandbox, zip_bomb_xlsx
+from tests.helpers import Sandbox, sparse_xlsx, start_sandbox, write_job, zip_bomb_xlsx
 from tests.helpers.pg_server import PgServer, Unavailable, remove_server, start_server
+from tests.helpers.web import Served, start_serve
 
 # Why the PostgreSQL tests skipped this session, for the summary (empty: they did not).
 _pg_skipped: list[str] = []
@@ -81,3 +82,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _pg_skipped:
         terminalreporter.write_line(f"PostgreSQL tests skipped: {_pg_skipped[0]}")
+
+
+@pytest.fixture
+def reports_sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    """A sandbox whose delivery reports settle within a fifth of a second."""
+    box = start_sandbox(tmp_path, "--delivery-delay-s", "0.2")
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def reports_server(tmp_path: Path, reports_sandbox: Sandbox) -> Iterator[Served]:
+    """`campaign serve` for a job whose delivery reports are read (the test sends)."""
+    job = write_job(
+        tmp_path,
+        reports_sandbox.url,
+        mapping={"params": {"first_name": "First Name", "emp_id": "Employee ID"}},
+        reporting={"agent_id": "1", "access_token": "sandbox-token"},
+    )
+    server = start_serve(tmp_path, job)
+    yield server
+    server.stop()

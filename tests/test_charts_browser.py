@@ -21,10 +21,9 @@ from tests.helpers.web import (
     CHARTS,
     CHROMIUM,
     CHROMIUM_ARGS,
-    TOKEN,
-    XLSX,
     Served,
     start_serve,
+    validated_page,
 )
 
 ANSWERED_AT_ONCE = 10  # then requests wait for the test to let them through
@@ -91,53 +90,41 @@ def assert_every_chart_drawn(page: Any) -> None:
 def test_campaign_view_draws_its_charts_live_and_when_opened_again(
     tmp_path: Path, gate: tuple[Gate, FaultServer], served: Served
 ) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     rate_text = 'figure[data-chart="rate"] .chart-text'
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1200, "height": 900})
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(f"{served.url}/#token={TOKEN}")
-            page.set_input_files("#file", XLSX)
-            expect(page.locator("#preview tbody tr")).to_have_count(10)
-            page.click("#validate")
-            expect(page.locator('#counts [data-status="pending"] strong')).to_have_text("43")
-            # A validated campaign shows its charts already: 43 people to settle.
-            expect(page.locator('figure[data-chart="progress"] .chart-text')).to_contain_text(
-                "0 of 43 people settled"
-            )
+    with validated_page(served.url) as (context, page):
+        # A validated campaign shows its charts already: 43 people to settle.
+        expect(page.locator('figure[data-chart="progress"] .chart-text')).to_contain_text(
+            "0 of 43 people settled"
+        )
 
-            page.click("#start")
-            # Live: the first answers, and the requests held open, while it sends.
-            live = f"({ANSWERED_AT_ONCE} sent, 4 in flight)"
-            expect(page.locator(rate_text)).to_contain_text(live)
-            expect(page.locator("#send-state")).to_have_text("Sending…")
-            painted = ink(page)
-            assert painted["rate"] >= MIN_INK and painted["progress"] >= MIN_INK, painted
-            page.locator("#charts-card").screenshot(path=tmp_path / "charts-live.png")
+        page.click("#start")
+        # Live: the first answers, and the requests held open, while it sends.
+        live = f"({ANSWERED_AT_ONCE} sent, 4 in flight)"
+        expect(page.locator(rate_text)).to_contain_text(live)
+        expect(page.locator("#send-state")).to_have_text("Sending…")
+        painted = ink(page)
+        assert painted["rate"] >= MIN_INK and painted["progress"] >= MIN_INK, painted
+        page.locator("#charts-card").screenshot(path=tmp_path / "charts-live.png")
 
-            gate[0].open()
-            expect(page.locator("#send-state")).to_have_text("Done: 43 sent.")
-            expect(page.locator(rate_text)).to_contain_text("43 requests")
-            expect(page.locator(rate_text)).to_contain_text("(43 sent)")
-            assert_every_chart_drawn(page)
-            page.locator("#charts-card").screenshot(path=tmp_path / "charts-done.png")
-            campaign = page.locator("#campaign-id").text_content()
+        gate[0].open()
+        expect(page.locator("#send-state")).to_have_text("Done: 43 sent.")
+        expect(page.locator(rate_text)).to_contain_text("43 requests")
+        expect(page.locator(rate_text)).to_contain_text("(43 sent)")
+        assert_every_chart_drawn(page)
+        page.locator("#charts-card").screenshot(path=tmp_path / "charts-done.png")
+        campaign = page.locator("#campaign-id").text_content()
 
-            # A finished campaign opened again (a new page, signed in by its cookie).
-            again = context.new_page()
-            again.set_default_timeout(30_000)
-            again.goto(f"{served.url}/#campaign={campaign}")
-            expect(again.locator(rate_text)).to_contain_text("(43 sent)")
-            expect(again.locator('figure[data-chart="statuses"] .chart-text')).to_have_text(
-                "43 sent, 5 invalid, 2 duplicate."
-            )
-            assert_every_chart_drawn(again)
-        finally:
-            browser.close()
+        # A finished campaign opened again (a new page, signed in by its cookie).
+        again = context.new_page()
+        again.set_default_timeout(30_000)
+        again.goto(f"{served.url}/#campaign={campaign}")
+        expect(again.locator(rate_text)).to_contain_text("(43 sent)")
+        expect(again.locator('figure[data-chart="statuses"] .chart-text')).to_have_text(
+            "43 sent, 5 invalid, 2 duplicate."
+        )
+        assert_every_chart_drawn(again)
 
 
 def test_report_html_from_a_file_draws_every_chart_without_a_request(tmp_path: Path) -> None:

@@ -4,36 +4,15 @@ rules, refusing what `campaign test` refuses, and leaving the campaign's people 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, start_sandbox, write_job
-from tests.helpers.web import EXPECTED, Served, call, client, start_serve, upload_and_validate
+from tests.helpers import Sandbox
+from tests.helpers.web import EXPECTED, Served, call, client, upload_and_validate
 
 TEST_PHONE = "+1 415 555 0199"
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    started = start_sandbox(tmp_path, "--delivery-delay-s", "0.2")
-    yield started
-    started.stop()
-
-
-@pytest.fixture
-def served(tmp_path: Path, sandbox: Sandbox) -> Iterator[Served]:
-    job = write_job(
-        tmp_path,
-        sandbox.url,
-        mapping={"params": {"first_name": "First Name", "emp_id": "Employee ID"}},
-        reporting={"agent_id": "1", "access_token": "sandbox-token"},
-    )
-    server = start_serve(tmp_path, job)
-    yield server
-    server.stop()
 
 
 async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
@@ -46,10 +25,10 @@ async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
 
 
 def test_a_test_from_the_page_reaches_the_test_number_only(
-    served: Served, sandbox: Sandbox
+    reports_server: Served, reports_sandbox: Sandbox
 ) -> None:
     async def scenario() -> None:
-        async with client(served) as http:
+        async with client(reports_server) as http:
             campaign = await upload_and_validate(http)
             view = await call(
                 http, "POST", f"/api/campaigns/{campaign}/test", json={"to": [TEST_PHONE]}
@@ -64,7 +43,7 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
             assert state["counts"] == EXPECTED
 
     asyncio.run(scenario())
-    assert [r["body"]["to_phone"] for r in sandbox.records()] == ["+14155550199"]
+    assert [r["body"]["to_phone"] for r in reports_sandbox.records()] == ["+14155550199"]
 
 
 @pytest.mark.parametrize(
@@ -79,40 +58,40 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
     ids=["invalid-number", "invalid-row", "no-such-row", "no-number", "row-not-a-number"],
 )
 def test_the_page_refuses_what_the_command_refuses(
-    served: Served, sandbox: Sandbox, body: dict[str, Any], said: str
+    reports_server: Served, reports_sandbox: Sandbox, body: dict[str, Any], said: str
 ) -> None:
     async def scenario() -> None:
-        async with client(served) as http:
+        async with client(reports_server) as http:
             campaign = await upload_and_validate(http)
             answer = await call(http, "POST", f"/api/campaigns/{campaign}/test", 400, json=body)
             assert said in answer["error"]
 
     asyncio.run(scenario())
-    assert sandbox.records() == []
+    assert reports_sandbox.records() == []
 
 
-def test_a_test_needs_the_token(served: Served, sandbox: Sandbox) -> None:
+def test_a_test_needs_the_token(reports_server: Served, reports_sandbox: Sandbox) -> None:
     async def scenario() -> None:
-        async with client(served) as http:
+        async with client(reports_server) as http:
             campaign = await upload_and_validate(http)
-        async with client(served, token=None) as anonymous:
+        async with client(reports_server, token=None) as anonymous:
             await call(
                 anonymous, "POST", f"/api/campaigns/{campaign}/test", 401, json={"to": [TEST_PHONE]}
             )
 
     asyncio.run(scenario())
-    assert sandbox.records() == []
+    assert reports_sandbox.records() == []
 
 
 def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadsheet(
-    tmp_path: Path, served: Served, sandbox: Sandbox
+    tmp_path: Path, reports_server: Served, reports_sandbox: Sandbox
 ) -> None:
     """The job file's input is not the page's upload: its row 1 is another person."""
     from tests.helpers import cli
     from tests.helpers.web import XLSX
 
     async def validated() -> str:
-        async with client(served) as http:
+        async with client(reports_server) as http:
             return await upload_and_validate(http)
 
     campaign = asyncio.run(validated())
@@ -120,8 +99,8 @@ def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadshe
     refused = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE)
     assert refused.returncode == 2
     assert "was made on the page: send the test from the page" in refused.stderr
-    assert sandbox.records() == []
+    assert reports_sandbox.records() == []
 
     given = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE, "--input", str(XLSX))
     assert given.returncode == 0, given.stdout + given.stderr
-    assert [r["body"]["first_name"] for r in sandbox.records()] == ["José"]
+    assert [r["body"]["first_name"] for r in reports_sandbox.records()] == ["José"]

@@ -6,8 +6,8 @@ import csv
 import io
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,30 @@ BROWSER = [
         reason="needs Debian's chromium at /usr/bin/chromium (`make test` installs it as root)",
     ),
 ]
+
+
+@contextmanager
+def validated_page(url: str, timeout_ms: int = 30_000) -> Iterator[Any]:
+    """Chromium's context on the page at `url`, signed in: its first page has the sample
+    workbook uploaded and validated (43 people to send). Yields (context, page)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            page = context.new_page()
+            page.set_default_timeout(timeout_ms)
+            page.goto(f"{url}/#token={TOKEN}")
+            page.set_input_files("#file", XLSX)
+            expect(page.locator("#preview tbody tr")).to_have_count(10)
+            page.click("#validate")
+            expect(page.locator('#counts [data-status="pending"] strong')).to_have_text("43")
+            yield context, page
+        finally:
+            browser.close()
+
+
 CHART_INK_JS = """() => Object.fromEntries([...document.querySelectorAll("figure[data-chart]")]
   .map((figure) => {
     const canvas = figure.querySelector("canvas");

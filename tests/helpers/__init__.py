@@ -77,24 +77,42 @@ def cli(
 def cli_peak_memory(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run the real command line like `cli`; also its peak resident memory in bytes (the
-    child's own, from wait4, not the largest of every child this process ever had)."""
+    """Run the real command line like `cli`; also its peak resident memory in bytes: the
+    high-water mark of its own memory since it started (`VmHWM`, read while it runs). Not
+    ru_maxrss: a process forked from a big test worker starts with that worker's maximum
+    (Linux keeps it across exec), so every child of a worker that once held 350 MB would
+    seem to have used 350 MB."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = _popen(args, cwd, env, stdout=out, stderr=err)
         deadline = time.monotonic() + timeout
+        peak = 0
         while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            peak = max(peak, _high_water(process.pid))
+            pid, status, _ = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
                 process.kill()
                 raise AssertionError(f"campaign {' '.join(args)} ran over {timeout} s")
-            time.sleep(0.05)
+            time.sleep(0.01)
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         done = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
-    return done, usage.ru_maxrss * 1024
+    assert peak > 0, "the command's memory could not be read"
+    return done, peak
+
+
+def _high_water(pid: int) -> int:
+    """The peak resident memory of a running process, in bytes (0 once it has exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def spawn_cli(

@@ -143,3 +143,28 @@ def test_report_takes_only_a_campaign_id(campaign: str, tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout
     assert done.stderr.count("\n") == 1, done.stderr
     assert f"--campaign {campaign!r}: use letters" in error_line(done)
+
+
+def test_a_ledger_of_a_newer_version_is_refused_and_left_alone(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A host not upgraded yet must not send from a ledger a newer version wrote: its
+    claims and attempts may mean what this version cannot read."""
+    import sqlite3
+
+    from campaign.store.ledger import LEDGER_FILE, SCHEMA_VERSION
+
+    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 3))
+    assert cli("run", str(job), "--no-progress").returncode == 0
+    ledger = tmp_path / "runs" / "test" / LEDGER_FILE
+    with sqlite3.connect(ledger) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    done = cli("run", str(job), "--no-progress")
+    assert done.returncode == 2, done.stderr
+    assert "newer version of campaign" in error_line(done)
+    assert len(sandbox.records()) == 3
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert db.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall() == [
+            ("sent", 3)
+        ]

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from campaign.errors import UsageError
 from campaign.records import (
     MAYBE_REACHED,
     REQUESTED,
@@ -225,7 +226,15 @@ class Ledger(DeliveryTables):
     def _migrate(self) -> None:
         """Create the schema, or upgrade a ledger written by an older version in place."""
         db = self.db
-        if db.version() >= SCHEMA_VERSION:
+        found = db.version()
+        if found > SCHEMA_VERSION:
+            # Its claims and attempts may mean what this version cannot read (a host not
+            # upgraded yet beside one that was): touch nothing.
+            raise UsageError(
+                f"{db.where}: the campaign's ledger is of schema {found}, written by a newer "
+                f"version of campaign (this one reads up to {SCHEMA_VERSION}): upgrade it"
+            )
+        if found == SCHEMA_VERSION:
             return
         with self.transaction(changes=False):
             if db.postgres:

@@ -194,6 +194,7 @@ class Dispatcher:
         """Send to `batches` (one round of a run: `worker.Worker` runs one dispatcher for
         every round); `held_for_window` is this round's."""
         self.held_for_window = set()
+        self._streak = (None, 0)  # a round hours after the last one starts its own count
         if self.halt.is_set():
             return self.result
         # Workers take the next target from the ledger's claims: in input order, never more

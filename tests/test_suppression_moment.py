@@ -21,6 +21,7 @@ from tests.helpers import (
     Sandbox,
     cli,
     e164,
+    kill_left,
     logged_events,
     phones,
     read_results,
@@ -112,9 +113,7 @@ def _held_commit_trial(directory: Path, box: Sandbox, pg_url: str, trial: int) -
         _, err = run.communicate(timeout=120)
         assert run.returncode == 0, err
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_left(run)
     assert sent_after(box, committed) == []
     # The schedule was the one meant: the run reached X's row later than X's moment.
     assert arrival(box, e164(numbers[HELD_AT + 1])) > committed[held] + MOMENT_S
@@ -176,9 +175,7 @@ def _load_trial(directory: Path, store: str | None, trial: int) -> None:
         run.terminate()
         run.communicate(timeout=60)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_left(run)
         box.stop()
     assert sent_after(box, committed) == []
     # The additions spanned the load and its check, and each came well before its row.
@@ -317,9 +314,7 @@ def test_a_number_added_while_its_person_waits_for_a_retry_gets_no_retry(
             _, err = run.communicate(timeout=60)
             assert run.returncode == 0, err
         finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait()
+            kill_left(run)
         retried = [a.at - committed for a in server.arrivals if a.body.get("to_phone") == target]
         assert [at for at in retried if at > MOMENT_S] == []
         assert len(retried) == 1  # its retry was due RETRY_AFTER_S after the first
@@ -429,9 +424,7 @@ def test_a_request_held_up_after_its_check_looks_at_the_list_again(
         _, err = run.communicate(timeout=120)
         assert run.returncode == 0, err
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_left(run)
         box.stop()
     assert sent_after(box, committed) == []
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")

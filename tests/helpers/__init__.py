@@ -626,3 +626,12 @@ def xls_with_cell_at(path: Path, row: int, column: int) -> Path:
     data[at + 4 : at + 8] = row.to_bytes(2, "little") + column.to_bytes(2, "little")
     path.write_bytes(bytes(data))
     return path
+
+
+def kill_left(*processes: subprocess.Popen[str] | None) -> None:
+    """Kill the commands a test left running (a stopped one is continued first)."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait()

@@ -12,6 +12,7 @@ from tests.helpers import (
     Sandbox,
     cli,
     e164,
+    kill_left,
     spawn_cli,
     start_sandbox,
     statuses,
@@ -62,15 +63,6 @@ def run_state(url: str, run_id: int) -> str:
     with in_campaign(url) as db:
         found = db.execute("SELECT state FROM runs WHERE id = %s", (run_id,)).fetchone()
     return str(found[0])
-
-
-def kill_left(*processes: subprocess.Popen[str] | None) -> None:
-    """Kill the workers a test left running (a stopped one is continued first)."""
-    for process in processes:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.kill()
-            process.wait()
 
 
 def only_new_york_sent(box: Sandbox, tmp_path: Path) -> None:

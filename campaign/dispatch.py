@@ -27,7 +27,7 @@ from campaign.gate import LATE_S
 from campaign.job import Api, Limits
 from campaign.policy import Answer, Decision, Transport, decide, wait
 from campaign.progress import DispatchResult, Progress
-from campaign.rate import Limiter, RateLimiter
+from campaign.rate import Limiter
 from campaign.records import Outcome, Target
 from campaign.store.ledger import Ledger
 from campaign.times import iso_utc
@@ -145,7 +145,8 @@ class Dispatcher:
         writer: LedgerWriter,
         progress: Progress,
         on_progress: Callable[[Progress], None] | None = None,
-        limiter: Limiter | None = None,
+        *,
+        limiter: Limiter,
         gate: Gate | None = None,
     ) -> None:
         self.gate = gate
@@ -160,8 +161,7 @@ class Dispatcher:
         # Recipients in a row whose final outcome was of one kind (`_streak_of`).
         self._streak: tuple[str | None, int] = (None, 0)
         self._crash: BaseException | None = None
-        # The run's limiter (`worker._limiter` chooses it); alone, the dispatcher paces itself.
-        self._limiter = limiter or RateLimiter(limits.rate_per_second)
+        self._limiter = limiter  # the run's: `worker._limiter` chooses it
         self._client = SendClient(api, limits.concurrency)  # its session opens in `run`
         self._busy: dict[asyncio.Task[None], bool] = {}
         self._iso_second, self._iso_text = -1, ""

@@ -20,6 +20,7 @@ from campaign.dispatch import Dispatcher, LedgerWriter
 from campaign.gate import Gate
 from campaign.job import Api, Limits
 from campaign.progress import Progress
+from campaign.rate import RateLimiter
 from campaign.records import MappedRow, Target
 from campaign.store.ledger import Ledger
 from campaign.windows import (
@@ -350,7 +351,9 @@ async def test_a_retry_that_would_leave_outside_the_window_does_not_leave(
         await writer.start()
         progress = Progress(total=1)
         api = Api(base_url=server.url, channel_uuid=CHANNEL, timeout_s=2)
-        dispatcher = Dispatcher(api, Limits(), writer, progress, gate=gate)
+        limits = Limits()
+        limiter = RateLimiter(limits.rate_per_second)
+        dispatcher = Dispatcher(api, limits, writer, progress, limiter=limiter, gate=gate)
         try:
             await asyncio.wait_for(dispatcher.run(_claims(ledger, run_id)), 30)
         finally:

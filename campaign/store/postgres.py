@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-
 from campaign.errors import StoreFailed, StoreUnavailable
+
+if TYPE_CHECKING:
+    import psycopg
 
 CONNECT_TIMEOUT_S = 10
 
@@ -71,6 +71,8 @@ def _password(url: str) -> list[str]:
         match = _KEYWORD_PASSWORD.search(url)
         if match is not None:
             found.append(match.group().split("=", 1)[1].strip().strip("'"))
+    from psycopg.conninfo import conninfo_to_dict  # only when a PostgreSQL store is used
+
     with contextlib.suppress(Exception):  # a URL libpq cannot read has nothing more to give
         found.append(str(conninfo_to_dict(url).get("password") or ""))
     found += [unquote(secret) for secret in found]
@@ -106,6 +108,8 @@ def failed(url: str, error: BaseException) -> StoreFailed:
 
 async def connect(url: str, **options: Any) -> psycopg.AsyncConnection[Any]:
     """An autocommit connection on the running loop; StoreUnavailable when there is none."""
+    import psycopg
+
     try:
         return await psycopg.AsyncConnection.connect(
             url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **options

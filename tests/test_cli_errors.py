@@ -9,14 +9,53 @@ from __future__ import annotations
 
 import re
 import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, cli, read_results, write_job
+from tests.helpers import Sandbox, read_results, start_sandbox, write_job
+from tests.helpers.forked import forked_cli
 from tests.helpers.runs import people
 
 TWO = ["415 555 0101", "415 555 0102"]  # sent as +14155550101 and +14155550102
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """One sandbox for the module: each test sends on a channel uuid of its own."""
+    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"))
+    yield sandbox
+    sandbox.stop()
+
+
+@dataclass
+class Channel:
+    """The module's sandbox as one test sees it: only what was sent on the test's channel."""
+
+    box: Sandbox
+    uuid: str
+
+    @property
+    def url(self) -> str:
+        return self.box.url
+
+    def records(self) -> list[dict[str, Any]]:
+        return [r for r in self.box.records() if r["channel"] == self.uuid]
+
+    def phones(self) -> list[str]:
+        return [r["body"].get("to_phone") for r in self.records()]
+
+    def job(self, directory: Path, **sections: Any) -> Path:
+        return write_job(directory, self.url, api={"channel_uuid": self.uuid}, **sections)
+
+
+@pytest.fixture
+def sandbox(box: Sandbox) -> Channel:
+    return Channel(box, f"cli-errors-{uuid.uuid4()}")
 
 
 def error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -44,10 +83,10 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
 def test_bad_option_exit_2_nothing_sent(
-    options: list[str], says: str, tmp_path: Path, sandbox: Sandbox
+    options: list[str], says: str, tmp_path: Path, sandbox: Channel
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", TWO))
-    done = cli("run", str(job), "--no-progress", *options)
+    job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", TWO))
+    done = forked_cli("run", str(job), "--no-progress", *options)
     assert done.returncode == 2, done.stderr
     assert says in error_line(done)
     assert sandbox.records() == []
@@ -68,12 +107,12 @@ def test_bad_option_exit_2_nothing_sent(
     ],
 )
 def test_bad_path_or_id_is_one_line(
-    option: str, value: str, says: str, tmp_path: Path, sandbox: Sandbox
+    option: str, value: str, says: str, tmp_path: Path, sandbox: Channel
 ) -> None:
     (tmp_path / "plain-file").write_text("a file, not a directory\n")
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", TWO))
+    job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", TWO))
     for command in ("validate", "run"):
-        done = cli(command, str(job), "--no-progress", option, value, cwd=tmp_path)
+        done = forked_cli(command, str(job), "--no-progress", option, value, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
         assert says in error_line(done)
@@ -94,12 +133,12 @@ def crash_log(line: str) -> Path:
     ids=["before-sending-exit-2", "after-sending-exit-1"],
 )
 def test_an_unexpected_error_is_one_line_and_a_log(
-    tmp_path: Path, sandbox: Sandbox, store: str | None, command: str, code: int, sent: list[str]
+    tmp_path: Path, sandbox: Channel, store: str | None, command: str, code: int, sent: list[str]
 ) -> None:
     """Exit 2 while nothing was sent, 1 once some were: one line, the traceback in a log."""
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", TWO), ledger=store)
+    job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", TWO), ledger=store)
     (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
-    done = cli(command, str(job), "--no-progress")
+    done = forked_cli(command, str(job), "--no-progress")
     assert done.returncode == code
     line = error_line(done)
     assert line.startswith("campaign: error: unexpected error: ")
@@ -109,7 +148,7 @@ def test_an_unexpected_error_is_one_line_and_a_log(
     # The ledger kept what happened: with the obstacle gone, the report is complete and
     # a second run sends nobody twice.
     (tmp_path / "runs" / "test" / "results.csv").rmdir()
-    again = cli("run", str(job), "--no-progress")
+    again = forked_cli("run", str(job), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert [r["_status"] for r in read_results(tmp_path / "runs" / "test" / "results.csv")] == [
         "sent",
@@ -129,7 +168,7 @@ def test_an_unexpected_error_is_one_line_and_a_log(
 def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_path: Path) -> None:
     (tmp_path / "empty-dir").mkdir()
     write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", TWO))
-    done = cli("report", target, cwd=tmp_path)
+    done = forked_cli("report", target, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert says in error_line(done)
@@ -138,15 +177,15 @@ def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_pat
 @pytest.mark.parametrize("campaign", ["", "../runs/test"])
 def test_report_takes_only_a_campaign_id(campaign: str, tmp_path: Path) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", TWO))
-    assert cli("validate", str(job), "--no-progress").returncode == 0
-    done = cli("report", str(job), "--campaign", campaign, cwd=tmp_path)
+    assert forked_cli("validate", str(job), "--no-progress").returncode == 0
+    done = forked_cli("report", str(job), "--campaign", campaign, cwd=tmp_path)
     assert done.returncode == 2, done.stdout
     assert done.stderr.count("\n") == 1, done.stderr
     assert f"--campaign {campaign!r}: use letters" in error_line(done)
 
 
 def test_a_ledger_of_a_newer_version_is_refused_and_left_alone(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Channel
 ) -> None:
     """A host not upgraded yet must not send from a ledger a newer version wrote: its
     claims and attempts may mean what this version cannot read."""
@@ -154,12 +193,12 @@ def test_a_ledger_of_a_newer_version_is_refused_and_left_alone(
 
     from campaign.store.ledger import LEDGER_FILE, SCHEMA_VERSION
 
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 3))
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", 3))
+    assert forked_cli("run", str(job), "--no-progress").returncode == 0
     ledger = tmp_path / "runs" / "test" / LEDGER_FILE
     with sqlite3.connect(ledger) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    done = cli("run", str(job), "--no-progress")
+    done = forked_cli("run", str(job), "--no-progress")
     assert done.returncode == 2, done.stderr
     assert "newer version of campaign" in error_line(done)
     assert len(sandbox.records()) == 3

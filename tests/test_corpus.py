@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, cli, read_results, start_sandbox, write_job
+from tests.helpers import Sandbox, read_results, start_sandbox, write_job
+from tests.helpers.forked import forked_cli
 
 DATA = Path(__file__).resolve().parent / "data"
 MAPPING = {
@@ -144,7 +145,7 @@ def bad_runs(
     are pending: a bad new input must neither touch its results nor send its rows."""
     seed = tmp_path_factory.mktemp("seed")
     job = job_for(seed, box, "seed")
-    done = cli("validate", str(job), "--input", str(DATA / "crlf.csv"), "--no-progress")
+    done = forked_cli("validate", str(job), "--input", str(DATA / "crlf.csv"), "--no-progress")
     assert done.returncode == 0, done.stderr
 
     def one(name: str, case: Bad) -> BadRun:
@@ -155,8 +156,8 @@ def bad_runs(
         shutil.copytree(seed / "runs" / "test", home / "again" / "runs" / "test")
         results = home / "again" / "runs" / "test" / "results.csv"
         previous = results.read_bytes()
-        checked = cli("validate", str(fresh), "--input", str(path), "--no-progress")
-        ran = cli("run", str(again), "--input", str(path), "--no-progress")
+        checked = forked_cli("validate", str(fresh), "--input", str(path), "--no-progress")
+        ran = forked_cli("run", str(again), "--input", str(path), "--no-progress")
         fresh_results = home / "fresh" / "runs" / "test" / "results.csv"
         return BadRun(path, channel, checked, fresh_results, ran, results, previous)
 
@@ -176,7 +177,9 @@ def test_file_level_error(name: str, bad_runs: dict[str, Future[BadRun]], box: S
 
 def test_input_from_the_job_file_is_named_too(tmp_path: Path, box: Sandbox) -> None:
     job = job_for(tmp_path, box, "from-job", input=str(DATA / "garbage.csv"))
-    assert_one_line_error(cli("run", str(job), "--no-progress"), "garbage.csv", "binary data")
+    assert_one_line_error(
+        forked_cli("run", str(job), "--no-progress"), "garbage.csv", "binary data"
+    )
     assert sent_on(box, "from-job") == []
 
 
@@ -242,11 +245,11 @@ def good_runs(
         home, channel = tmp_path_factory.mktemp("good"), f"good-{case}"
         job, data = job_for(home, box, channel, **sections), str(DATA / name)
         results = home / "runs" / "test" / "results.csv"
-        checked = cli("validate", str(job), "--input", data, "--no-progress")
+        checked = forked_cli("validate", str(job), "--input", data, "--no-progress")
         validated = read_results(results) if results.exists() else []
         sent_by_validate = sent_on(box, channel)
         assert sent_by_validate == [], "validate must send nothing"
-        done = cli("run", str(job), "--input", data, "--no-progress")
+        done = forked_cli("run", str(job), "--input", data, "--no-progress")
         with results.open(encoding="utf-8", newline="") as handle:
             header = next(csv.reader(handle))
         rows = read_results(results)

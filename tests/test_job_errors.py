@@ -16,7 +16,8 @@ import pytest
 
 from campaign.errors import JobError
 from campaign.job import load_job
-from tests.helpers import Sandbox, cli, start_sandbox, write_csv
+from tests.helpers import Sandbox, start_sandbox, write_csv
+from tests.helpers.forked import forked_cli
 
 GOOD = """\
 campaign: test
@@ -197,7 +198,7 @@ def outcomes(
         assert text != GOOD, f"case {name!r} changes nothing"
         job = home / "job.yaml"
         job.write_text(fill(text, home=home, **fields), encoding="utf-8")
-        return Done(job, channel, cli(case.command, str(job), "--no-progress", cwd=home))
+        return Done(job, channel, forked_cli(case.command, str(job), "--no-progress", cwd=home))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         yield {name: pool.submit(one, name, case) for name, case in CASES.items()}
@@ -230,7 +231,7 @@ def test_variables_with_defaults_and_from_the_environment(tmp_path: Path, box: S
     )
     job = tmp_path / "job.yaml"
     job.write_text(text, encoding="utf-8")
-    done = cli("run", str(job), "--no-progress", env={"CAMPAIGN_TEST_URL": box.url})
+    done = forked_cli("run", str(job), "--no-progress", env={"CAMPAIGN_TEST_URL": box.url})
     assert done.returncode == 0, done.stderr
     assert [r["body"] for r in box.records() if r["channel"] == "job-defaults"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
@@ -243,7 +244,7 @@ def test_numbers_in_the_job_file_are_read_as_the_text_written(tmp_path: Path, bo
     text = text.replace("    first_name: First Name", "    first_name: 2024")
     job = tmp_path / "job.yaml"
     job.write_text(text.replace("campaign: test", "campaign: 20240305"), encoding="utf-8")
-    done = cli("run", str(job), "--no-progress")
+    done = forked_cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "runs" / "20240305" / "results.csv").exists()
     assert [r["body"] for r in box.records() if r["channel"] == "job-numbers"] == [

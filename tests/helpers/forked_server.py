@@ -14,6 +14,7 @@ import runpy
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -50,6 +51,7 @@ def child(request: dict[str, Any], channels: tuple[int, int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    time.tzset()  # a fresh interpreter reads TZ at start; this one read the server's
     for fd, name, flags in ((0, "in", os.O_RDONLY), (1, "out", WRITE), (2, "err", WRITE)):
         opened = os.open(request[name], flags, 0o600)
         os.dup2(opened, fd)

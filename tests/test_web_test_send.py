@@ -4,15 +4,28 @@ rules, refusing what `campaign test` refuses, and leaving the campaign's people 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox
-from tests.helpers.web import EXPECTED, Served, call, client, upload_and_validate
+from tests.helpers import Sandbox, start_sandbox, write_job
+from tests.helpers.web import (
+    EXPECTED,
+    Served,
+    call,
+    client,
+    start_serve,
+    upload_and_validate,
+)
 
 TEST_PHONE = "+1 415 555 0199"
+# The job of the `reports_server` fixture (tests/conftest.py), for a server of this module.
+REPORTS_JOB: dict[str, Any] = {
+    "mapping": {"params": {"first_name": "First Name", "emp_id": "Employee ID"}},
+    "reporting": {"agent_id": "1", "access_token": "sandbox-token"},
+}
 
 
 async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
@@ -46,6 +59,25 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
     assert [r["body"]["to_phone"] for r in reports_sandbox.records()] == ["+14155550199"]
 
 
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, Served, str]]:
+    """One server, its sandbox and a validated campaign for the tests that must send
+    nothing (each checks the sandbox is still empty): the sandbox, server and campaign."""
+    directory = tmp_path_factory.mktemp("untouched")
+    box = start_sandbox(directory, "--delivery-delay-s", "0.2")
+    server = start_serve(directory, write_job(directory, box.url, **REPORTS_JOB))
+    try:
+
+        async def validated() -> str:
+            async with client(server) as http:
+                return await upload_and_validate(http)
+
+        yield box, server, asyncio.run(validated())
+    finally:
+        server.stop()
+        box.stop()
+
+
 @pytest.mark.parametrize(
     ("body", "said"),
     [
@@ -58,29 +90,30 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
     ids=["invalid-number", "invalid-row", "no-such-row", "no-number", "row-not-a-number"],
 )
 def test_the_page_refuses_what_the_command_refuses(
-    reports_server: Served, reports_sandbox: Sandbox, body: dict[str, Any], said: str
+    untouched: tuple[Sandbox, Served, str], body: dict[str, Any], said: str
 ) -> None:
+    box, server, campaign = untouched
+
     async def scenario() -> None:
-        async with client(reports_server) as http:
-            campaign = await upload_and_validate(http)
+        async with client(server) as http:
             answer = await call(http, "POST", f"/api/campaigns/{campaign}/test", 400, json=body)
             assert said in answer["error"]
 
     asyncio.run(scenario())
-    assert reports_sandbox.records() == []
+    assert box.records() == []
 
 
-def test_a_test_needs_the_token(reports_server: Served, reports_sandbox: Sandbox) -> None:
+def test_a_test_needs_the_token(untouched: tuple[Sandbox, Served, str]) -> None:
+    box, server, campaign = untouched
+
     async def scenario() -> None:
-        async with client(reports_server) as http:
-            campaign = await upload_and_validate(http)
-        async with client(reports_server, token=None) as anonymous:
+        async with client(server, token=None) as anonymous:
             await call(
                 anonymous, "POST", f"/api/campaigns/{campaign}/test", 401, json={"to": [TEST_PHONE]}
             )
 
     asyncio.run(scenario())
-    assert reports_sandbox.records() == []
+    assert box.records() == []
 
 
 def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadsheet(

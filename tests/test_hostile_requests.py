@@ -21,6 +21,7 @@ from tests.helpers import (
     phones,
     raw_http,
     serve,
+    start_sandbox,
     write_csv,
     write_job,
 )
@@ -31,11 +32,18 @@ DEEP = b"[" * 100_000
 PASSWORD = "S3C#RET/pw?x@y%41"
 
 
-@pytest.fixture
-def server(tmp_path: Path, sandbox: Sandbox) -> Iterator[Served]:
-    served = serve(tmp_path, write_job(tmp_path, sandbox.url), TOKEN)
-    yield served
-    served.stop()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One server for the hostile requests: each leaves its log clean, so each test checks
+    the whole log so far."""
+    directory = tmp_path_factory.mktemp("hostile-requests")
+    box = start_sandbox(directory)
+    served = serve(directory, write_job(directory, box.url), TOKEN)
+    try:
+        yield served
+    finally:
+        served.stop()
+        box.stop()
 
 
 def clean_log(served: Served) -> None:

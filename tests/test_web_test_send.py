@@ -37,11 +37,29 @@ async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
     raise AssertionError("the test's report never came")
 
 
+@pytest.fixture(scope="module")
+def reporting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, Served, Path]]:
+    """One server and sandbox for the tests that send a test, each of its own campaign and
+    counting the sandbox's records from its start: the sandbox, the server and its job."""
+    directory = tmp_path_factory.mktemp("reporting")
+    box = start_sandbox(directory, "--delivery-delay-s", "0.2")
+    job = write_job(directory, box.url, **REPORTS_JOB)
+    server = start_serve(directory, job)
+    try:
+        yield box, server, job
+    finally:
+        server.stop()
+        box.stop()
+
+
 def test_a_test_from_the_page_reaches_the_test_number_only(
-    reports_server: Served, reports_sandbox: Sandbox
+    reporting: tuple[Sandbox, Served, Path],
 ) -> None:
+    box, server, _ = reporting
+    before = len(box.records())
+
     async def scenario() -> None:
-        async with client(reports_server) as http:
+        async with client(server) as http:
             campaign = await upload_and_validate(http)
             view = await call(
                 http, "POST", f"/api/campaigns/{campaign}/test", json={"to": [TEST_PHONE]}
@@ -56,7 +74,7 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
             assert state["counts"] == EXPECTED
 
     asyncio.run(scenario())
-    assert [r["body"]["to_phone"] for r in reports_sandbox.records()] == ["+14155550199"]
+    assert [r["body"]["to_phone"] for r in box.records()[before:]] == ["+14155550199"]
 
 
 @pytest.fixture(scope="module")
@@ -117,23 +135,25 @@ def test_a_test_needs_the_token(untouched: tuple[Sandbox, Served, str]) -> None:
 
 
 def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadsheet(
-    tmp_path: Path, reports_server: Served, reports_sandbox: Sandbox
+    reporting: tuple[Sandbox, Served, Path],
 ) -> None:
     """The job file's input is not the page's upload: its row 1 is another person."""
     from tests.helpers import cli
     from tests.helpers.web import XLSX
 
+    box, server, job = reporting
+    before = len(box.records())
+
     async def validated() -> str:
-        async with client(reports_server) as http:
+        async with client(server) as http:
             return await upload_and_validate(http)
 
     campaign = asyncio.run(validated())
-    job = tmp_path / "job.yaml"
     refused = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE)
     assert refused.returncode == 2
     assert "was made on the page: send the test from the page" in refused.stderr
-    assert reports_sandbox.records() == []
+    assert len(box.records()) == before
 
     given = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE, "--input", str(XLSX))
     assert given.returncode == 0, given.stdout + given.stderr
-    assert [r["body"]["first_name"] for r in reports_sandbox.records()] == ["José"]
+    assert [r["body"]["first_name"] for r in box.records()[before:]] == ["José"]

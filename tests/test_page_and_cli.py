@@ -10,6 +10,7 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,16 @@ import pytest
 from aiohttp import web
 
 from tests.helpers import (
+    ChannelView,
     FaultServer,
     Sandbox,
+    channel_of,
     cli,
     phones,
     read_results,
     soak_trials,
     spawn_cli,
+    start_sandbox,
     write_csv,
     write_job,
 )
@@ -35,6 +39,19 @@ TRIALS = soak_trials(2)  # two at least: each order, page first and command line
 HOLD_S = 60
 
 
+@pytest.fixture(scope="module")
+def any_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def sandbox(any_sandbox: Sandbox) -> ChannelView:
+    """The module's sandbox, through a channel of this test's own."""
+    return channel_of(any_sandbox)
+
+
 def _office_and_mobile(path: Path, n: int, start: int = 0) -> Path:
     office, mobile = phones(n, start), phones(n, start + 500)
     rows = [[f"P{i}", o, m] for i, (o, m) in enumerate(zip(office, mobile, strict=True))]
@@ -42,10 +59,10 @@ def _office_and_mobile(path: Path, n: int, start: int = 0) -> Path:
 
 
 async def test_a_page_campaign_continued_from_the_command_line_keeps_the_page_mapping(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: ChannelView
 ) -> None:
     data = _office_and_mobile(tmp_path / "people.csv", 3)
-    job = write_job(tmp_path, sandbox.url, input=data)
+    job = write_job(tmp_path, sandbox.url, input=data, api={"channel_uuid": sandbox.channel})
     mapping = {"to_phone": "Mobile", "params": {"first_name": "First Name"}}
     server = start_serve(tmp_path, job)
     try:
@@ -200,12 +217,12 @@ async def test_page_and_command_line_on_one_campaign_send_each_person_once(
 
 
 async def test_the_command_line_never_removes_or_replaces_a_page_upload(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: ChannelView
 ) -> None:
     """An upload not validated yet: `campaign run|validate --campaign` of it cannot send the
     job file's own input under the page's id, and must leave the page's files alone."""
     own_input = _office_and_mobile(tmp_path / "job-input.csv", 2, 700)
-    job = write_job(tmp_path, sandbox.url, input=own_input)
+    job = write_job(tmp_path, sandbox.url, input=own_input, api={"channel_uuid": sandbox.channel})
     data = _office_and_mobile(tmp_path / "people.csv", 3)
     server = start_serve(tmp_path, job)
     try:

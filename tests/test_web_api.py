@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ import aiohttp
 import pytest
 
 from tests.helpers import (
+    ChannelView,
     Sandbox,
     assert_no_duplicates,
+    channel_of,
     cli,
     spawn_cli,
     start_sandbox,
@@ -40,29 +43,58 @@ from tests.helpers.web import (
 )
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Any:
-    box = start_sandbox(tmp_path)
+@pytest.fixture(scope="module")
+def any_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
     yield box
     box.stop()
 
 
-@pytest.fixture
-def slow_sandbox(tmp_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def any_slow_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """One request at a time at 50 ms each: a send of 43 rows lasts long enough to stop."""
-    box = start_sandbox(tmp_path, "--latency-ms", "50")
+    box = start_sandbox(tmp_path_factory.mktemp("slow"), "--latency-ms", "50")
     yield box
     box.stop()
 
 
 @pytest.fixture
-def server(tmp_path: Path, sandbox: Sandbox) -> Any:
-    served = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
+def sandbox(any_sandbox: Sandbox) -> ChannelView:
+    """The module's sandbox, through a channel of this test's own."""
+    return channel_of(any_sandbox)
+
+
+@pytest.fixture
+def slow_sandbox(any_slow_sandbox: ChannelView) -> ChannelView:
+    return channel_of(any_slow_sandbox)
+
+
+def job_for(directory: Path, box: ChannelView, **sections: Any) -> Path:
+    """A job file of `directory` sending to the channel of `box`."""
+    return write_job(directory, box.url, api={"channel_uuid": box.channel}, **sections)
+
+
+@pytest.fixture
+def server(tmp_path: Path, sandbox: ChannelView) -> Iterator[Served]:
+    served = start_serve(tmp_path, job_for(tmp_path, sandbox))
     yield served
     served.stop()
 
 
-async def test_every_api_route_needs_the_token(server: Served) -> None:
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory, any_sandbox: Sandbox) -> Iterator[Served]:
+    """A server that takes uploads of 52 KB at most, for the tests that make no campaign
+    but the one the upload test checks for."""
+    directory = tmp_path_factory.mktemp("capped")
+    served = start_serve(
+        directory, write_job(directory, any_sandbox.url), "--max-upload-mb", "0.05"
+    )
+    yield served
+    served.stop()
+
+
+async def test_every_api_route_needs_the_token(capped: Served) -> None:
+    server = capped
     async with client(server, token=None) as anonymous:
         async with anonymous.get("/") as page:
             assert page.status == 200
@@ -83,65 +115,61 @@ async def test_every_api_route_needs_the_token(server: Served) -> None:
         assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
         assert TOKEN not in set_cookie
         cookie = set_cookie.split(";")[0]
-        listed = await call(anonymous, "GET", "/api/campaigns", headers={"Cookie": cookie})
-        assert listed["campaigns"] == []
+        by_cookie = await call(anonymous, "GET", "/api/campaigns", headers={"Cookie": cookie})
 
     async with client(server) as bearer:
         listed = await call(bearer, "GET", "/api/campaigns")
-        assert listed["rate"] == 1000 and listed["campaigns"] == []
+        assert listed["rate"] == 1000 and listed == by_cookie
+        # None, or the one the upload test makes (the module's tests share the server).
+        made = sorted(p.name for p in (capped.log.parent / "runs").glob("*"))
+        assert [c["id"] for c in listed["campaigns"]] == made
 
 
-async def test_uploads_are_capped_checked_and_their_mapping_guessed(
-    tmp_path: Path, sandbox: Sandbox
-) -> None:
-    job = write_job(tmp_path, sandbox.url)
-    server = start_serve(tmp_path, job, "--max-upload-mb", "0.05")  # 52 KB
-    runs = tmp_path / "runs"
-    try:
-        async with client(server) as http:
-            line = b"First Name,Phone\n" + b"Ann,+14155550101\n" * 6000  # about 100 KB
-            for body in (line, line * 12):  # under and over the multipart slack
-                form = aiohttp.FormData()
-                form.add_field("file", body, filename="big.csv")
-                error = await call(http, "POST", "/api/campaigns", 413, data=form)
-                assert "upload limit of 0.05 MB" in error["error"]
-
+async def test_uploads_are_capped_checked_and_their_mapping_guessed(capped: Served) -> None:
+    server = capped
+    runs = capped.log.parent / "runs"
+    async with client(server) as http:
+        line = b"First Name,Phone\n" + b"Ann,+14155550101\n" * 6000  # about 100 KB
+        for body in (line, line * 12):  # under and over the multipart slack
             form = aiohttp.FormData()
-            form.add_field("file", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10, filename="cat.png")
+            form.add_field("file", body, filename="big.csv")
+            error = await call(http, "POST", "/api/campaigns", 413, data=form)
+            assert "upload limit of 0.05 MB" in error["error"]
+
+        form = aiohttp.FormData()
+        form.add_field("file", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10, filename="cat.png")
+        error = await call(http, "POST", "/api/campaigns", 400, data=form)
+        assert error["error"].startswith("cat.png: is not a CSV or Excel file")
+
+        form = aiohttp.FormData()
+        form.add_field("file", b"Phone,Name\n", filename="empty.csv")
+        error = await call(http, "POST", "/api/campaigns", 400, data=form)
+        assert error["error"] == "empty.csv: has a header row but no data rows under it"
+
+        for multipart in (True, False):
+            form = aiohttp.FormData(default_to_multipart=multipart)
+            form.add_field("other", "x")
             error = await call(http, "POST", "/api/campaigns", 400, data=form)
-            assert error["error"].startswith("cat.png: is not a CSV or Excel file")
+            assert "field `file`" in error["error"]
 
-            form = aiohttp.FormData()
-            form.add_field("file", b"Phone,Name\n", filename="empty.csv")
-            error = await call(http, "POST", "/api/campaigns", 400, data=form)
-            assert error["error"] == "empty.csv: has a header row but no data rows under it"
+        assert (await call(http, "GET", "/api/campaigns"))["campaigns"] == []
+        assert not runs.exists() or list(runs.iterdir()) == []
 
-            for multipart in (True, False):
-                form = aiohttp.FormData(default_to_multipart=multipart)
-                form.add_field("other", "x")
-                error = await call(http, "POST", "/api/campaigns", 400, data=form)
-                assert "field `file`" in error["error"]
-
-            assert (await call(http, "GET", "/api/campaigns"))["campaigns"] == []
-            assert not runs.exists() or list(runs.iterdir()) == []
-
-            # No column the job names, none called "phone": the numbers give it away.
-            # The name says .xlsx, the content is CSV: the content decides.
-            text = "Name,Contact,Code\nAnn,(415) 555-0101,7\nBo,415.555.0102,12\n"
-            form = aiohttp.FormData()
-            form.add_field("file", text.encode(), filename="../../contacts.xlsx")
-            made = await call(http, "POST", "/api/campaigns", 201, data=form)
-            assert made["mapping_source"] == "guessed" and made["filename"] == "contacts.xlsx"
-            assert made["mapping"]["to_phone"] == "Contact"
-            assert made["mapping"]["params"] == {"name": "Name", "code": "Code"}
-            assert [p.name for p in runs.iterdir()] == [made["id"]]
-            assert (runs / made["id"] / "upload.csv").is_file()
-    finally:
-        server.stop()
+        # No column the job names, none called "phone": the numbers give it away.
+        # The name says .xlsx, the content is CSV: the content decides.
+        text = "Name,Contact,Code\nAnn,(415) 555-0101,7\nBo,415.555.0102,12\n"
+        form = aiohttp.FormData()
+        form.add_field("file", text.encode(), filename="../../contacts.xlsx")
+        made = await call(http, "POST", "/api/campaigns", 201, data=form)
+        assert made["mapping_source"] == "guessed" and made["filename"] == "contacts.xlsx"
+        assert made["mapping"]["to_phone"] == "Contact"
+        assert made["mapping"]["params"] == {"name": "Name", "code": "Code"}
+        assert [p.name for p in runs.iterdir()] == [made["id"]]
+        assert (runs / made["id"] / "upload.csv").is_file()
 
 
 async def test_upload_map_validate_send_download(
-    tmp_path: Path, sandbox: Sandbox, server: Served
+    tmp_path: Path, sandbox: ChannelView, server: Served
 ) -> None:
     async with client(server) as http:
         made = await upload(http, XLSX)
@@ -192,7 +220,7 @@ async def test_upload_map_validate_send_download(
 
     # A restarted server shows the campaign as it was left, with the page's mapping.
     server.stop()
-    again = start_serve(tmp_path, write_job(tmp_path, sandbox.url))
+    again = start_serve(tmp_path, job_for(tmp_path, sandbox))
     try:
         async with client(again) as http:
             listed = (await call(http, "GET", "/api/campaigns"))["campaigns"]
@@ -206,10 +234,10 @@ async def test_upload_map_validate_send_download(
         again.stop()
 
 
-async def sending_from_the_page(tmp_path: Path, box: Sandbox) -> tuple[Path, Served, str]:
+async def sending_from_the_page(tmp_path: Path, box: ChannelView) -> tuple[Path, Served, str]:
     """The sample workbook sent from the page, one request at a time, 3 of them arrived:
     the job, the page's server and the campaign."""
-    job = write_job(tmp_path, box.url, limits={"concurrency": 1})
+    job = job_for(tmp_path, box, limits={"concurrency": 1})
     server = start_serve(tmp_path, job)
     async with client(server) as http:
         campaign = await upload_and_validate(http)
@@ -219,7 +247,7 @@ async def sending_from_the_page(tmp_path: Path, box: Sandbox) -> tuple[Path, Ser
 
 
 async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
-    tmp_path: Path, slow_sandbox: Sandbox
+    tmp_path: Path, slow_sandbox: ChannelView
 ) -> None:
     job, server, campaign = await sending_from_the_page(tmp_path, slow_sandbox)
     assert server.stop(signal.SIGTERM) == 0  # drains like Ctrl-C: requests in flight finish
@@ -249,7 +277,7 @@ async def test_page_campaign_stopped_with_the_server_is_continued_by_cli(
 
 
 async def test_server_killed_mid_send_shows_a_resumable_campaign(
-    tmp_path: Path, slow_sandbox: Sandbox
+    tmp_path: Path, slow_sandbox: ChannelView
 ) -> None:
     job, server, campaign = await sending_from_the_page(tmp_path, slow_sandbox)
     server.process.kill()
@@ -275,9 +303,9 @@ async def test_server_killed_mid_send_shows_a_resumable_campaign(
 
 
 async def test_cli_campaign_is_continued_from_the_page(
-    tmp_path: Path, slow_sandbox: Sandbox
+    tmp_path: Path, slow_sandbox: ChannelView
 ) -> None:
-    job = write_job(tmp_path, slow_sandbox.url, limits={"concurrency": 1})
+    job = job_for(tmp_path, slow_sandbox, limits={"concurrency": 1})
     server = start_serve(tmp_path, job)
     try:
         async with client(server) as http:

@@ -4,15 +4,28 @@ rules, refusing what `campaign test` refuses, and leaving the campaign's people 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox
-from tests.helpers.web import EXPECTED, Served, call, client, upload_and_validate
+from tests.helpers import Sandbox, start_sandbox, write_job
+from tests.helpers.web import (
+    EXPECTED,
+    Served,
+    call,
+    client,
+    start_serve,
+    upload_and_validate,
+)
 
 TEST_PHONE = "+1 415 555 0199"
+# The job of the `reports_server` fixture (tests/conftest.py), for a server of this module.
+REPORTS_JOB: dict[str, Any] = {
+    "mapping": {"params": {"first_name": "First Name", "emp_id": "Employee ID"}},
+    "reporting": {"agent_id": "1", "access_token": "sandbox-token"},
+}
 
 
 async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
@@ -24,11 +37,30 @@ async def _until_reported(http: Any, campaign: str) -> dict[str, Any]:
     raise AssertionError("the test's report never came")
 
 
+@pytest.fixture(scope="module")
+def reporting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, Served, Path]]:
+    """One server and sandbox (delivery reports within a fifth of a second) for the
+    module: each test has a campaign of its own and reads the sandbox's records from its
+    own start. The sandbox, the server and its job."""
+    directory = tmp_path_factory.mktemp("reporting")
+    box = start_sandbox(directory, "--delivery-delay-s", "0.2")
+    job = write_job(directory, box.url, **REPORTS_JOB)
+    server = start_serve(directory, job)
+    try:
+        yield box, server, job
+    finally:
+        server.stop()
+        box.stop()
+
+
 def test_a_test_from_the_page_reaches_the_test_number_only(
-    reports_server: Served, reports_sandbox: Sandbox
+    reporting: tuple[Sandbox, Served, Path],
 ) -> None:
+    box, server, _ = reporting
+    before = len(box.records())
+
     async def scenario() -> None:
-        async with client(reports_server) as http:
+        async with client(server) as http:
             campaign = await upload_and_validate(http)
             view = await call(
                 http, "POST", f"/api/campaigns/{campaign}/test", json={"to": [TEST_PHONE]}
@@ -43,7 +75,21 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
             assert state["counts"] == EXPECTED
 
     asyncio.run(scenario())
-    assert [r["body"]["to_phone"] for r in reports_sandbox.records()] == ["+14155550199"]
+    assert [r["body"]["to_phone"] for r in box.records()[before:]] == ["+14155550199"]
+
+
+@pytest.fixture(scope="module")
+def untouched(reporting: tuple[Sandbox, Served, Path]) -> tuple[Sandbox, Served, str]:
+    """A validated campaign of the module's server, for the tests that must send nothing
+    (each checks that the sandbox got no request while it ran): the sandbox, server and
+    campaign."""
+    box, server, _ = reporting
+
+    async def validated() -> str:
+        async with client(server) as http:
+            return await upload_and_validate(http)
+
+    return box, server, asyncio.run(validated())
 
 
 @pytest.mark.parametrize(
@@ -58,49 +104,54 @@ def test_a_test_from_the_page_reaches_the_test_number_only(
     ids=["invalid-number", "invalid-row", "no-such-row", "no-number", "row-not-a-number"],
 )
 def test_the_page_refuses_what_the_command_refuses(
-    reports_server: Served, reports_sandbox: Sandbox, body: dict[str, Any], said: str
+    untouched: tuple[Sandbox, Served, str], body: dict[str, Any], said: str
 ) -> None:
+    box, server, campaign = untouched
+    before = len(box.records())
+
     async def scenario() -> None:
-        async with client(reports_server) as http:
-            campaign = await upload_and_validate(http)
+        async with client(server) as http:
             answer = await call(http, "POST", f"/api/campaigns/{campaign}/test", 400, json=body)
             assert said in answer["error"]
 
     asyncio.run(scenario())
-    assert reports_sandbox.records() == []
+    assert box.records()[before:] == []
 
 
-def test_a_test_needs_the_token(reports_server: Served, reports_sandbox: Sandbox) -> None:
+def test_a_test_needs_the_token(untouched: tuple[Sandbox, Served, str]) -> None:
+    box, server, campaign = untouched
+    before = len(box.records())
+
     async def scenario() -> None:
-        async with client(reports_server) as http:
-            campaign = await upload_and_validate(http)
-        async with client(reports_server, token=None) as anonymous:
+        async with client(server, token=None) as anonymous:
             await call(
                 anonymous, "POST", f"/api/campaigns/{campaign}/test", 401, json={"to": [TEST_PHONE]}
             )
 
     asyncio.run(scenario())
-    assert reports_sandbox.records() == []
+    assert box.records()[before:] == []
 
 
 def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadsheet(
-    tmp_path: Path, reports_server: Served, reports_sandbox: Sandbox
+    reporting: tuple[Sandbox, Served, Path],
 ) -> None:
     """The job file's input is not the page's upload: its row 1 is another person."""
     from tests.helpers import cli
     from tests.helpers.web import XLSX
 
+    box, server, job = reporting
+    before = len(box.records())
+
     async def validated() -> str:
-        async with client(reports_server) as http:
+        async with client(server) as http:
             return await upload_and_validate(http)
 
     campaign = asyncio.run(validated())
-    job = tmp_path / "job.yaml"
     refused = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE)
     assert refused.returncode == 2
     assert "was made on the page: send the test from the page" in refused.stderr
-    assert reports_sandbox.records() == []
+    assert len(box.records()) == before
 
     given = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE, "--input", str(XLSX))
     assert given.returncode == 0, given.stdout + given.stderr
-    assert [r["body"]["first_name"] for r in reports_sandbox.records()] == ["José"]
+    assert [r["body"]["first_name"] for r in box.records()[before:]] == ["José"]

@@ -635,3 +635,25 @@ def kill_left(*processes: subprocess.Popen[str] | None) -> None:
             process.send_signal(signal.SIGCONT)
             process.kill()
             process.wait()
+
+
+@dataclass
+class ChannelView(Sandbox):
+    """A sandbox shared by several tests, seen through one channel of its own: the
+    requests sent to `channel` only (the sandbox records each request's channel)."""
+
+    channel: str = CHANNEL
+
+    def records(self) -> list[dict[str, Any]]:
+        return [r for r in super().records() if r["channel"] == self.channel]
+
+    def stop(self) -> None:
+        """The sandbox is shared: whoever started it stops it."""
+
+
+def channel_of(box: Sandbox) -> ChannelView:
+    """`box` seen through a fresh channel; a job sends to it with
+    `api={"channel_uuid": view.channel}`."""
+    import uuid
+
+    return ChannelView(box.process, box.url, box.record, str(uuid.uuid4()))

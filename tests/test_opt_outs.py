@@ -308,7 +308,7 @@ def test_a_refusal_ends_the_sync_with_exit_3_and_one_line(tmp_path: Path, refusa
     assert TOKEN not in done.stdout + done.stderr
 
 
-def test_an_unusable_job_is_exit_2(tmp_path: Path) -> None:
+def test_an_unusable_job_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9")
     done = sync(job)
     assert done.returncode == 2
@@ -318,6 +318,7 @@ def test_an_unusable_job_is_exit_2(tmp_path: Path) -> None:
     )
     # Where the command reads the job (the same exit code and line): a second command
     # would check nothing more.
+    monkeypatch.setenv("OPT_TOKEN", TOKEN)
     with pytest.raises(CampaignError) as refused:
         load_job(str(bad))
     assert refused.value.exit_code == 2 and "opt_status" in str(refused.value)

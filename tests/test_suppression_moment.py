@@ -9,6 +9,7 @@ import contextlib
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -32,10 +33,24 @@ from tests.helpers import (
 )
 from tests.helpers.pg import in_campaign, lock_waiters
 from tests.helpers.runs import people, wait_for
+from tests.helpers.shared_box import since_now
 
 TRIALS = soak_trials()
 MOMENT_S = 2.0  # the promise: nothing leaves later than this after the commit
 HOLD_S = 4.0  # how long the slow writer keeps its number uncommitted
+
+
+@pytest.fixture(scope="module")
+def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def sandbox(shared_sandbox: Sandbox) -> Sandbox:
+    """The module's sandbox, showing only what this test sent."""
+    return since_now(shared_sandbox)
 
 
 def sent_after(box: Sandbox, committed: dict[str, float]) -> list[str]:
@@ -97,8 +112,8 @@ def _held_commit_trial(directory: Path, box: Sandbox, pg_url: str, trial: int) -
                 (held,),
             )
             holding_since = time.time()
-            added = cli("suppress", "add", str(job), quick, "--reason", "STOP")
-            assert added.returncode == 0, added.stderr
+            with SuppressionList(directory / "runs", pg_url) as listing:
+                listing.add([quick], "STOP", "manual")
             committed[quick] = time.time()
             # The run reads the list again (once a second) after Y's commit, before X's.
             sent = len(box.records())
@@ -132,19 +147,19 @@ ADD_EVERY_S = 0.1
 
 @pytest.mark.soak
 def test_numbers_added_while_a_run_loads_its_input_are_respected_within_2_s(
-    tmp_path: Path, store: str | None
+    tmp_path: Path, store: str | None, shared_sandbox: Sandbox
 ) -> None:
     for trial in range(TRIALS):
-        _load_trial(tmp_path / f"trial-{trial}", store, trial)
+        _load_trial(tmp_path / f"trial-{trial}", shared_sandbox, store, trial)
 
 
-def _load_trial(directory: Path, store: str | None, trial: int) -> None:
+def _load_trial(directory: Path, shared: Sandbox, store: str | None, trial: int) -> None:
     """Numbers near the start of a big input are added while the run loads it, checks it
     against the list, and starts sending; each is reached seconds after its commit."""
     directory.mkdir()
     numbers = phones(LOAD_ROWS, start=trial * LOAD_ROWS)
     campaign = f"load-{trial}"
-    box = start_sandbox(directory)
+    box = since_now(shared)
     job = write_job(
         directory,
         box.url,
@@ -176,7 +191,6 @@ def _load_trial(directory: Path, store: str | None, trial: int) -> None:
         run.communicate(timeout=60)
     finally:
         kill_left(run)
-        box.stop()
     assert sent_after(box, committed) == []
     # The additions spanned the load and its check, and each came well before its row.
     assert writer.before_mapped >= 5 and writer.after_mapped >= 1
@@ -308,8 +322,8 @@ def test_a_number_added_while_its_person_waits_for_a_retry_gets_no_retry(
         run = spawn_cli("run", str(job), "--no-progress")
         try:
             wait_for(lambda: target in to_phones(server), what="the first attempt")
-            added = cli("suppress", "add", str(job), target, "--reason", "STOP")
-            assert added.returncode == 0, added.stderr
+            with SuppressionList(tmp_path / "runs", store) as listing:
+                listing.add([target], "STOP", "manual")
             committed = time.monotonic()
             _, err = run.communicate(timeout=60)
             assert run.returncode == 0, err
@@ -392,14 +406,14 @@ STALL_S = 3.0  # the in-flight commit is held this long: past the moment, not on
 
 
 def test_a_request_held_up_after_its_check_looks_at_the_list_again(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandbox: Sandbox
 ) -> None:
     """The check before the in-flight record is the list's moment only while that record's
     commit is quick. Here the commit waits on a lock held by another session for 3 s, and
     every number of the campaign is added to the list meanwhile: the request that waited
     must not leave after its number's moment (it is recorded as not sent, `suppressed`)."""
     numbers = phones(40)
-    box = start_sandbox(tmp_path)
+    box = sandbox
     job = write_job(
         tmp_path,
         box.url,
@@ -425,7 +439,6 @@ def test_a_request_held_up_after_its_check_looks_at_the_list_again(
         assert run.returncode == 0, err
     finally:
         kill_left(run)
-        box.stop()
     assert sent_after(box, committed) == []
     rows = read_results(tmp_path / "runs" / "test" / "results.csv")
     late = [r for r in rows if r["_status"] == "suppressed" and "not sent" in r["_error"]]

@@ -10,6 +10,7 @@ from tests.helpers import start_sandbox, write_job
 from tests.helpers.web import (
     EXPECTED,
     XLSX,
+    Served,
     call,
     client,
     final_state,
@@ -22,12 +23,15 @@ from tests.helpers.web import (
 FIRST = "+14155550101"
 
 
-async def test_the_page_adds_lists_and_removes_numbers_and_runs_respect_them(
+async def test_the_page_changes_the_list_only_from_its_own_origin_and_runs_respect_it(
     tmp_path: Path,
 ) -> None:
+    """One server for both: a cookie-borne change from another origin is refused (and
+    changes nothing) first, then the page's own changes go through."""
     box = start_sandbox(tmp_path)
     server = start_serve(tmp_path, write_job(tmp_path, box.url))
     try:
+        await _a_cookie_borne_change_from_another_origin_is_refused(server, tmp_path / "runs")
         async with client(server) as http:
             bad = await call(http, "POST", "/api/suppression", 400, json={"phones": ["12"]})
             assert "phones[0]: phone is too short" in bad["error"]
@@ -77,24 +81,18 @@ async def test_the_page_adds_lists_and_removes_numbers_and_runs_respect_them(
         box.stop()
 
 
-async def test_a_cookie_borne_change_from_another_origin_is_refused(tmp_path: Path) -> None:
-    box = start_sandbox(tmp_path)
-    server = start_serve(tmp_path, write_job(tmp_path, box.url))
-    try:
-        async with client(server, token=None) as http:
-            cookie, _ = await sign_in(http, server.url)
-            body = {"phones": [FIRST]}
-            foreign = {"Cookie": cookie, "Origin": "http://127.0.0.1:1"}
-            await call(http, "POST", "/api/suppression", 403, json=body, headers=foreign)
-            await call(http, "DELETE", "/api/suppression", 403, json=body, headers=foreign)
-            page = {"Cookie": cookie, "Origin": server.url}
-            as_text = {**page, "Content-Type": "text/plain"}
-            await call(
-                http, "POST", "/api/suppression", 415, data=b'{"phones": []}', headers=as_text
-            )
-            await call(http, "GET", "/api/suppression", headers={"Cookie": cookie})
-        with SuppressionList(tmp_path / "runs") as store:
-            assert store.count() == 0
-    finally:
-        server.stop()
-        box.stop()
+async def _a_cookie_borne_change_from_another_origin_is_refused(
+    server: Served, output_dir: Path
+) -> None:
+    async with client(server, token=None) as http:
+        cookie, _ = await sign_in(http, server.url)
+        body = {"phones": [FIRST]}
+        foreign = {"Cookie": cookie, "Origin": "http://127.0.0.1:1"}
+        await call(http, "POST", "/api/suppression", 403, json=body, headers=foreign)
+        await call(http, "DELETE", "/api/suppression", 403, json=body, headers=foreign)
+        page = {"Cookie": cookie, "Origin": server.url}
+        as_text = {**page, "Content-Type": "text/plain"}
+        await call(http, "POST", "/api/suppression", 415, data=b'{"phones": []}', headers=as_text)
+        await call(http, "GET", "/api/suppression", headers={"Cookie": cookie})
+    with SuppressionList(output_dir) as store:
+        assert store.count() == 0

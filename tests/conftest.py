@@ -21,6 +21,16 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     box.stop()
 
 
+@pytest.fixture(scope="module")
+def module_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """One sandbox for a module's tests (each sandbox is a subprocess). A test sees its own
+    share through a channel of its own or the records since it began
+    (tests/helpers/shared_box.py)."""
+    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
+    yield box
+    box.stop()
+
+
 @pytest.fixture(scope="session")
 def sparse_workbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1.5 KB of .xlsx with a cell at XFD1048576: a grid of 17 billion cells to a reader."""

@@ -10,26 +10,17 @@ from __future__ import annotations
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, read_results, start_sandbox, write_job
+from tests.helpers import Sandbox, read_results, write_job
 from tests.helpers.forked import forked_cli
 from tests.helpers.runs import people
 
 TWO = ["415 555 0101", "415 555 0102"]  # sent as +14155550101 and +14155550102
-
-
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """One sandbox for the module: each test sends on a channel uuid of its own."""
-    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield sandbox
-    sandbox.stop()
 
 
 @dataclass
@@ -54,8 +45,9 @@ class Channel:
 
 
 @pytest.fixture
-def sandbox(box: Sandbox) -> Channel:
-    return Channel(box, f"cli-errors-{uuid.uuid4()}")
+def sandbox(module_sandbox: Sandbox) -> Channel:
+    """The module's sandbox: each test sends on a channel uuid of its own."""
+    return Channel(module_sandbox, f"cli-errors-{uuid.uuid4()}")
 
 
 def error_line(done: subprocess.CompletedProcess[str]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, read_results, start_sandbox, write_job
+from tests.helpers import Sandbox, read_results, write_job
 from tests.helpers.forked import forked_cli
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -35,34 +35,31 @@ MAPPING = {
 
 
 @pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield sandbox
-    sandbox.stop()
-
-
-@pytest.fixture(scope="module")
 def pool() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(max_workers=3) as executor:
         yield executor
 
 
-def sent_on(box: Sandbox, channel: str) -> list[dict[str, Any]]:
+def sent_on(module_sandbox: Sandbox, channel: str) -> list[dict[str, Any]]:
     """Bodies the sandbox accepted on `channel`, in arrival order.
 
     Other cases may be sending while this reads the record, so a line still being written
     (the 100 KB cell is written in several pieces) is left for them."""
-    if not box.record.exists():
+    if not module_sandbox.record.exists():
         return []
-    lines = box.record.read_bytes().split(b"\n")[:-1]  # after the last newline: incomplete
+    lines = module_sandbox.record.read_bytes().split(b"\n")[
+        :-1
+    ]  # after the last newline: incomplete
     records = [json.loads(line.decode("utf-8")) for line in lines if line.strip()]
     return [r["body"] for r in records if r["channel"] == channel]
 
 
-def job_for(home: Path, box: Sandbox, channel: str, **sections: Any) -> Path:
+def job_for(home: Path, module_sandbox: Sandbox, channel: str, **sections: Any) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     mapping = {**MAPPING, **sections.pop("mapping", {})}
-    return write_job(home, box.url, mapping=mapping, api={"channel_uuid": channel}, **sections)
+    return write_job(
+        home, module_sandbox.url, mapping=mapping, api={"channel_uuid": channel}, **sections
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
@@ -139,20 +136,20 @@ class BadRun:
 
 @pytest.fixture(scope="module")
 def bad_runs(
-    tmp_path_factory: pytest.TempPathFactory, box: Sandbox, pool: ThreadPoolExecutor
+    tmp_path_factory: pytest.TempPathFactory, module_sandbox: Sandbox, pool: ThreadPoolExecutor
 ) -> dict[str, Future[BadRun]]:
     """Per case: `validate` into a fresh directory, and `run` over a campaign whose rows
     are pending: a bad new input must neither touch its results nor send its rows."""
     seed = tmp_path_factory.mktemp("seed")
-    job = job_for(seed, box, "seed")
+    job = job_for(seed, module_sandbox, "seed")
     done = forked_cli("validate", str(job), "--input", str(DATA / "crlf.csv"), "--no-progress")
     assert done.returncode == 0, done.stderr
 
     def one(name: str, case: Bad) -> BadRun:
         home = tmp_path_factory.mktemp("bad")
         path, channel = bad_input(home, case), "bad-" + name.replace(" ", "-")
-        fresh = job_for(home / "fresh", box, channel, **case.sections)
-        again = job_for(home / "again", box, channel, **case.sections)
+        fresh = job_for(home / "fresh", module_sandbox, channel, **case.sections)
+        again = job_for(home / "again", module_sandbox, channel, **case.sections)
         shutil.copytree(seed / "runs" / "test", home / "again" / "runs" / "test")
         results = home / "again" / "runs" / "test" / "results.csv"
         previous = results.read_bytes()
@@ -165,22 +162,24 @@ def bad_runs(
 
 
 @pytest.mark.parametrize("name", BAD)
-def test_file_level_error(name: str, bad_runs: dict[str, Future[BadRun]], box: Sandbox) -> None:
+def test_file_level_error(
+    name: str, bad_runs: dict[str, Future[BadRun]], module_sandbox: Sandbox
+) -> None:
     case, ran = BAD[name], bad_runs[name].result()
     line = assert_one_line_error(ran.validate, str(ran.path), *case.says)
     assert "555 01" not in line and "555-01" not in line  # no phone from the file
     assert not ran.validate_results.exists()
     assert_one_line_error(ran.run, str(ran.path), *case.says)
     assert ran.run_results.read_bytes() == ran.previous
-    assert sent_on(box, ran.channel) == []
+    assert sent_on(module_sandbox, ran.channel) == []
 
 
-def test_input_from_the_job_file_is_named_too(tmp_path: Path, box: Sandbox) -> None:
-    job = job_for(tmp_path, box, "from-job", input=str(DATA / "garbage.csv"))
+def test_input_from_the_job_file_is_named_too(tmp_path: Path, module_sandbox: Sandbox) -> None:
+    job = job_for(tmp_path, module_sandbox, "from-job", input=str(DATA / "garbage.csv"))
     assert_one_line_error(
         forked_cli("run", str(job), "--no-progress"), "garbage.csv", "binary data"
     )
-    assert sent_on(box, "from-job") == []
+    assert sent_on(module_sandbox, "from-job") == []
 
 
 # --- awkward but usable files -------------------------------------------------------------
@@ -239,21 +238,21 @@ GOOD: dict[str, tuple[str, dict[str, Any]]] = {  # case: (file, job sections)
 
 @pytest.fixture(scope="module")
 def good_runs(
-    tmp_path_factory: pytest.TempPathFactory, box: Sandbox, pool: ThreadPoolExecutor
+    tmp_path_factory: pytest.TempPathFactory, module_sandbox: Sandbox, pool: ThreadPoolExecutor
 ) -> dict[str, Future[Ran]]:
     def one(case: str, name: str, sections: dict[str, Any]) -> Ran:
         home, channel = tmp_path_factory.mktemp("good"), f"good-{case}"
-        job, data = job_for(home, box, channel, **sections), str(DATA / name)
+        job, data = job_for(home, module_sandbox, channel, **sections), str(DATA / name)
         results = home / "runs" / "test" / "results.csv"
         checked = forked_cli("validate", str(job), "--input", data, "--no-progress")
         validated = read_results(results) if results.exists() else []
-        sent_by_validate = sent_on(box, channel)
+        sent_by_validate = sent_on(module_sandbox, channel)
         assert sent_by_validate == [], "validate must send nothing"
         done = forked_cli("run", str(job), "--input", data, "--no-progress")
         with results.open(encoding="utf-8", newline="") as handle:
             header = next(csv.reader(handle))
         rows = read_results(results)
-        return Ran(case, checked, validated, done, rows, header, sent_on(box, channel))
+        return Ran(case, checked, validated, done, rows, header, sent_on(module_sandbox, channel))
 
     return {case: pool.submit(one, case, *spec) for case, spec in GOOD.items()}
 

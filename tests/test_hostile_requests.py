@@ -24,7 +24,6 @@ from tests.helpers import (
     phones,
     raw_http,
     serve,
-    start_sandbox,
     write_csv,
     write_job,
 )
@@ -36,19 +35,11 @@ PASSWORD = "S3C#RET/pw?x@y%41"
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """One sandbox for the module (no test here counts what reached it)."""
-    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield box
-    box.stop()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox) -> Iterator[Served]:
+def server(tmp_path_factory: pytest.TempPathFactory, module_sandbox: Sandbox) -> Iterator[Served]:
     """One server for the hostile requests: each leaves its log clean, so each test checks
     the whole log so far."""
     directory = tmp_path_factory.mktemp("hostile-requests")
-    served = serve(directory, write_job(directory, sandbox.url), TOKEN)
+    served = serve(directory, write_job(directory, module_sandbox.url), TOKEN)
     yield served
     served.stop()
 
@@ -182,7 +173,7 @@ def test_suppress_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
 
 
 async def test_the_page_checks_delivery_through_a_retry_after_of_unicode_digits(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, module_sandbox: Sandbox
 ) -> None:
     people = phones(2)
 
@@ -194,7 +185,7 @@ async def test_the_page_checks_delivery_through_a_retry_after_of_unicode_digits(
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in people])
     with FaultServer(reply) as api:
         reporting = {"agent_id": "7", "access_token": "t", "base_url": api.url, **OFF}
-        job = write_job(tmp_path, sandbox.url, input=data, reporting=reporting)
+        job = write_job(tmp_path, module_sandbox.url, input=data, reporting=reporting)
         assert cli("run", str(job), "--no-progress").returncode == 0
         served = serve(tmp_path, job, TOKEN)
         try:

@@ -16,7 +16,7 @@ import pytest
 
 from campaign.errors import JobError
 from campaign.job import load_job
-from tests.helpers import Sandbox, start_sandbox, write_csv
+from tests.helpers import Sandbox, write_csv
 from tests.helpers.forked import forked_cli
 
 GOOD = """\
@@ -170,13 +170,6 @@ def fill(text: str, **fields: object) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield sandbox
-    sandbox.stop()
-
-
 @dataclass
 class Done:
     job: Path
@@ -186,14 +179,19 @@ class Done:
 
 @pytest.fixture(scope="module")
 def outcomes(
-    tmp_path_factory: pytest.TempPathFactory, box: Sandbox
+    tmp_path_factory: pytest.TempPathFactory, module_sandbox: Sandbox
 ) -> Iterator[dict[str, Future[Done]]]:
     def one(name: str, case: Case) -> Done:
         home = tmp_path_factory.mktemp("job")
         (home / "plain-file").write_text("a file, not a directory\n")
         data = write_csv(home / "in.csv", ["First Name", "Phone"], [["Ann", "415 555 0101"]])
         channel = "job-" + name.replace(" ", "-")
-        fields = {"input": data, "runs": home / "runs", "url": box.url, "channel": channel}
+        fields = {
+            "input": data,
+            "runs": home / "runs",
+            "url": module_sandbox.url,
+            "channel": channel,
+        }
         text = GOOD.replace(case.old, case.new) if case.old else case.new
         assert text != GOOD, f"case {name!r} changes nothing"
         job = home / "job.yaml"
@@ -205,7 +203,9 @@ def outcomes(
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bad_job_file(name: str, outcomes: dict[str, Future[Done]], box: Sandbox) -> None:
+def test_bad_job_file(
+    name: str, outcomes: dict[str, Future[Done]], module_sandbox: Sandbox
+) -> None:
     done = outcomes[name].result()
     out = done.result
     assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
@@ -217,10 +217,12 @@ def test_bad_job_file(name: str, outcomes: dict[str, Future[Done]], box: Sandbox
         assert fragment in lines[0], (fragment, lines[0])
     if name not in {"input missing", "output dir not writable"}:  # those name their path
         assert str(done.job) in lines[0]
-    assert [r for r in box.records() if r["channel"] == done.channel] == []
+    assert [r for r in module_sandbox.records() if r["channel"] == done.channel] == []
 
 
-def test_variables_with_defaults_and_from_the_environment(tmp_path: Path, box: Sandbox) -> None:
+def test_variables_with_defaults_and_from_the_environment(
+    tmp_path: Path, module_sandbox: Sandbox
+) -> None:
     data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["Ann", "415 555 0101"]])
     text = fill(
         GOOD,
@@ -231,23 +233,29 @@ def test_variables_with_defaults_and_from_the_environment(tmp_path: Path, box: S
     )
     job = tmp_path / "job.yaml"
     job.write_text(text, encoding="utf-8")
-    done = forked_cli("run", str(job), "--no-progress", env={"CAMPAIGN_TEST_URL": box.url})
+    done = forked_cli(
+        "run", str(job), "--no-progress", env={"CAMPAIGN_TEST_URL": module_sandbox.url}
+    )
     assert done.returncode == 0, done.stderr
-    assert [r["body"] for r in box.records() if r["channel"] == "job-defaults"] == [
+    assert [r["body"] for r in module_sandbox.records() if r["channel"] == "job-defaults"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
     ]
 
 
-def test_numbers_in_the_job_file_are_read_as_the_text_written(tmp_path: Path, box: Sandbox) -> None:
+def test_numbers_in_the_job_file_are_read_as_the_text_written(
+    tmp_path: Path, module_sandbox: Sandbox
+) -> None:
     data = write_csv(tmp_path / "in.csv", ["2024", "Phone"], [["Ann", "415 555 0101"]])
-    text = fill(GOOD, input=data, runs=tmp_path / "runs", url=box.url, channel="job-numbers")
+    text = fill(
+        GOOD, input=data, runs=tmp_path / "runs", url=module_sandbox.url, channel="job-numbers"
+    )
     text = text.replace("    first_name: First Name", "    first_name: 2024")
     job = tmp_path / "job.yaml"
     job.write_text(text.replace("campaign: test", "campaign: 20240305"), encoding="utf-8")
     done = forked_cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "runs" / "20240305" / "results.csv").exists()
-    assert [r["body"] for r in box.records() if r["channel"] == "job-numbers"] == [
+    assert [r["body"] for r in module_sandbox.records() if r["channel"] == "job-numbers"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
     ]
 

@@ -10,7 +10,6 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from tests.helpers import (
     read_results,
     soak_trials,
     spawn_cli,
-    start_sandbox,
     write_csv,
     write_job,
 )
@@ -39,17 +37,10 @@ TRIALS = soak_trials(2)  # two at least: each order, page first and command line
 HOLD_S = 60
 
 
-@pytest.fixture(scope="module")
-def any_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield box
-    box.stop()
-
-
 @pytest.fixture
-def sandbox(any_sandbox: Sandbox) -> ChannelView:
+def sandbox(module_sandbox: Sandbox) -> ChannelView:
     """The module's sandbox, through a channel of this test's own."""
-    return channel_of(any_sandbox)
+    return channel_of(module_sandbox)
 
 
 def _office_and_mobile(path: Path, n: int, start: int = 0) -> Path:

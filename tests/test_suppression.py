@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from tests.helpers import (
     phones,
     read_results,
     spawn_cli,
-    start_sandbox,
     statuses,
     write_csv,
     write_job,
@@ -33,17 +31,10 @@ from tests.helpers.runs import finish, people, wait_for
 from tests.helpers.shared_box import since_now
 
 
-@pytest.fixture(scope="module")
-def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield box
-    box.stop()
-
-
 @pytest.fixture
-def sandbox(shared_sandbox: Sandbox) -> Sandbox:
+def sandbox(module_sandbox: Sandbox) -> Sandbox:
     """The module's sandbox, showing only what this test sent."""
-    return since_now(shared_sandbox)
+    return since_now(module_sandbox)
 
 
 def listed(output_dir: Path, store: str | None = None) -> dict[str, tuple[str, str]]:

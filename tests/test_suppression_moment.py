@@ -9,7 +9,6 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -28,7 +27,6 @@ from tests.helpers import (
     read_results,
     soak_trials,
     spawn_cli,
-    start_sandbox,
     write_job,
 )
 from tests.helpers.pg import in_campaign, lock_waiters
@@ -40,17 +38,10 @@ MOMENT_S = 2.0  # the promise: nothing leaves later than this after the commit
 HOLD_S = 4.0  # how long the slow writer keeps its number uncommitted
 
 
-@pytest.fixture(scope="module")
-def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield box
-    box.stop()
-
-
 @pytest.fixture
-def sandbox(shared_sandbox: Sandbox) -> Sandbox:
+def sandbox(module_sandbox: Sandbox) -> Sandbox:
     """The module's sandbox, showing only what this test sent."""
-    return since_now(shared_sandbox)
+    return since_now(module_sandbox)
 
 
 def sent_after(box: Sandbox, committed: dict[str, float]) -> list[str]:
@@ -147,10 +138,10 @@ ADD_EVERY_S = 0.1
 
 @pytest.mark.soak
 def test_numbers_added_while_a_run_loads_its_input_are_respected_within_2_s(
-    tmp_path: Path, store: str | None, shared_sandbox: Sandbox
+    tmp_path: Path, store: str | None, module_sandbox: Sandbox
 ) -> None:
     for trial in range(TRIALS):
-        _load_trial(tmp_path / f"trial-{trial}", shared_sandbox, store, trial)
+        _load_trial(tmp_path / f"trial-{trial}", module_sandbox, store, trial)
 
 
 def _load_trial(directory: Path, shared: Sandbox, store: str | None, trial: int) -> None:

@@ -44,13 +44,6 @@ from tests.helpers.web import (
 
 
 @pytest.fixture(scope="module")
-def any_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield box
-    box.stop()
-
-
-@pytest.fixture(scope="module")
 def any_slow_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """One request at a time at 50 ms each: a send of 43 rows lasts long enough to stop."""
     box = start_sandbox(tmp_path_factory.mktemp("slow"), "--latency-ms", "50")
@@ -59,9 +52,9 @@ def any_slow_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandb
 
 
 @pytest.fixture
-def sandbox(any_sandbox: Sandbox) -> ChannelView:
+def sandbox(module_sandbox: Sandbox) -> ChannelView:
     """The module's sandbox, through a channel of this test's own."""
-    return channel_of(any_sandbox)
+    return channel_of(module_sandbox)
 
 
 @pytest.fixture
@@ -82,12 +75,12 @@ def server(tmp_path: Path, sandbox: ChannelView) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
-def capped(tmp_path_factory: pytest.TempPathFactory, any_sandbox: Sandbox) -> Iterator[Served]:
+def capped(tmp_path_factory: pytest.TempPathFactory, module_sandbox: Sandbox) -> Iterator[Served]:
     """A server that takes uploads of 52 KB at most, for the tests that make no campaign
     but the one the upload test checks for."""
     directory = tmp_path_factory.mktemp("capped")
     served = start_serve(
-        directory, write_job(directory, any_sandbox.url), "--max-upload-mb", "0.05"
+        directory, write_job(directory, module_sandbox.url), "--max-upload-mb", "0.05"
     )
     yield served
     served.stop()

@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -41,7 +41,6 @@ from tests.helpers import (
     e164,
     read_results,
     spawn_cli,
-    start_sandbox,
     statuses,
     write_csv,
     write_job,
@@ -61,17 +60,10 @@ from tests.helpers.windows import (
 )
 
 
-@pytest.fixture(scope="module")
-def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield box
-    box.stop()
-
-
 @pytest.fixture
-def sandbox(shared_sandbox: Sandbox) -> Sandbox:
+def sandbox(module_sandbox: Sandbox) -> Sandbox:
     """The module's sandbox, showing only what this test sent."""
-    return since_now(shared_sandbox)
+    return since_now(module_sandbox)
 
 
 def inside(window: str, zone: ZoneInfo, at: dt.datetime) -> bool:

@@ -14,8 +14,8 @@ from typing import Any
 from tests.helpers import FaultServer, cli, write_csv, write_job
 from tests.helpers.runs import wait_for
 
-# Entries match requests made at most 15 minutes before them (campaign/matching.py,
-# MATCH_S): a copy older than this is made again, so a test's entries "now" still match.
+# Entries match requests made at most 15 minutes before them (the matcher's MATCH_S):
+# a copy older than 5 minutes is made again, so a test's entries made "now" still match.
 FRESH_S = 5 * 60.0
 
 

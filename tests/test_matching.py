@@ -32,6 +32,7 @@ from campaign.matching import (
     windows,
 )
 from campaign.reporting import parse_entry, phone_digits
+from tests.helpers import soak_trials
 
 A, B = 14155550101, 14155550102
 T = 1_700_000_000.0
@@ -289,7 +290,9 @@ def worlds(draw: st.DrawFn) -> World:
     return World(found, report)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+# 100 worlds under `make test`; `make soak` tries CAMPAIGN_SOAK_TRIALS times as many.
+@pytest.mark.soak
+@settings(max_examples=100 * soak_trials(), deadline=None, database=None)
 @given(worlds())
 def test_no_confirmation_without_an_arrival_and_no_not_found_with_one(world: World) -> None:
     """With the entries of `reporting.from_phone` only (the stated assumption: nobody

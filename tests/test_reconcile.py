@@ -28,22 +28,29 @@ from tests.helpers import (
     start_sandbox,
     write_job,
 )
+from tests.helpers.reports import wait_until
 from tests.helpers.runs import people
 
 DEADLINE_S = 60
 FINAL = {"delivered", "undelivered", "failed", "not_found"}
 
 
+# Settled a little after the sandbox's latest entry time (CREATED_WITHIN_S after the
+# request): sooner, a reconcile could call a person not_found whose entry is still due.
+SETTLE_S = CREATED_WITHIN_S + 0.5
+
+
 def reporting(**changes: Any) -> dict[str, Any]:
-    # Settled a little after the sandbox's latest entry time (CREATED_WITHIN_S after the
-    # request): sooner, a reconcile could call a person not_found whose entry is still due.
-    settle = (CREATED_WITHIN_S + 0.5) / 60
+    settle = SETTLE_S / 60
     return {"agent_id": "1", "access_token": "sandbox-token", "settle_minutes": settle, **changes}
 
 
-def reconcile_until(job: Path, done: Any) -> list[dict[str, str]]:
+def reconcile_until(job: Path, done: Any, not_before: float = 0) -> list[dict[str, str]]:
     """Reconcile again until `done(rows)`: entries appear and settle on the sandbox's
-    clock (a bounded wait on the condition, not a sleep)."""
+    clock (a bounded wait on the condition, not a sleep). `not_before` (time.time()): when
+    `done` can first hold (the entries due, the requests settled); no reconcile before it
+    (each is a process of its own)."""
+    wait_until(not_before)
     deadline = time.monotonic() + DEADLINE_S
     while True:
         result = cli("reconcile", str(job))
@@ -104,11 +111,14 @@ def test_reconcile_finds_what_the_sandbox_recorded_and_resend_unknown_sends_only
             ledger=store,
         )
         second = cli("run", str(job), "--no-progress")
+        ended = time.time()
         assert second.returncode == 1, second.stderr  # the dropped answers are unknown
         before = read_results(tmp_path / "runs" / "test" / "results.csv")
         assert sum(r["_status"] == "unknown" for r in before) > len(never)
 
-        rows = reconcile_until(job, lambda rows: all(r["_delivery"] in FINAL for r in rows))
+        rows = reconcile_until(
+            job, lambda rows: all(r["_delivery"] in FINAL for r in rows), ended + SETTLE_S
+        )
         known = truth(box)
         kinds = collections.Counter()
         for row in rows:
@@ -173,17 +183,21 @@ def test_a_not_found_says_nothing_of_a_later_request(tmp_path: Path) -> None:
     numbers = phones(5)
     try:
         never_arrived(tmp_path, box, tmp_path / "in.csv", numbers)
+        ended = time.time()
         job = write_job(
             tmp_path, box.url, input=people(tmp_path / "in.csv", numbers), reporting=reporting()
         )
-        rows = reconcile_until(job, lambda rows: all(r["_delivery"] in FINAL for r in rows))
+        rows = reconcile_until(
+            job, lambda rows: all(r["_delivery"] in FINAL for r in rows), ended + SETTLE_S
+        )
         assert {(r["_status"], r["_delivery"]) for r in rows} == {("unknown", "not_found")}
         assert cli("run", str(job), "--no-progress", "--resend-unknown").returncode == 1
         assert sorted(box.phones()) == sorted(map(e164, numbers))  # arrived, answers lost
         assert cli("run", str(job), "--no-progress", "--resend-unknown").returncode == 1
         assert_no_duplicates(box)
         # Once a reconcile has looked at the new requests, the report confirms them.
-        rows = reconcile_until(job, lambda rows: all(r["_status"] == "sent" for r in rows))
+        due = max(r["report"]["created_at"] for r in box.records())
+        rows = reconcile_until(job, lambda rows: all(r["_status"] == "sent" for r in rows), due)
         assert {r["_error"] for r in rows} == {"confirmed by the delivery report"}
     finally:
         box.stop()
@@ -192,7 +206,11 @@ def test_a_not_found_says_nothing_of_a_later_request(tmp_path: Path) -> None:
 def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
     tmp_path: Path,
 ) -> None:
-    box = start_sandbox(tmp_path, "--delivery-delay-s", "8")
+    # Entries say `sent` for this long after they appear (within CREATED_WITHIN_S of the
+    # request): room for the first reconcile to start and read them before any is
+    # delivered, on a loaded machine too.
+    delay_s = 8.0
+    box = start_sandbox(tmp_path, "--delivery-delay-s", str(delay_s))
     try:
         job = write_job(
             tmp_path,
@@ -205,7 +223,10 @@ def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
         assert {r["_delivery"] for r in early} <= {"sent", ""}
         assert "sent" in {r["_delivery"] for r in early}
         # Settle is 30 min: a person with no entry yet is not "not_found".
-        late = reconcile_until(job, lambda rows: all(r["_delivery"] == "delivered" for r in rows))
+        due = max(r["report"]["created_at"] for r in box.records()) + delay_s
+        late = reconcile_until(
+            job, lambda rows: all(r["_delivery"] == "delivered" for r in rows), due
+        )
         assert [r["_delivery"] for r in late] == ["delivered"] * 10
         assert all(r["_status"] == "sent" for r in late)
         # Once more: the same facts (only the time they were checked moves on).
@@ -265,10 +286,11 @@ def test_a_killed_reconcile_loses_nothing_and_the_next_one_finishes(
 
 
 def test_a_ledger_of_schema_2_is_upgraded_and_shows_empty_delivery_columns(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path,
 ) -> None:
-    job = write_job(tmp_path, sandbox.url, input=people(tmp_path / "in.csv", phones(3)))
-    assert cli("run", str(job), "--no-progress").returncode == 0
+    with FaultServer(lambda n, body: 200) as api:  # takes every request, as the API does
+        job = write_job(tmp_path, api.url, input=people(tmp_path / "in.csv", phones(3)))
+        assert cli("run", str(job), "--no-progress").returncode == 0
     path = tmp_path / "runs" / "test" / "ledger.sqlite"
     with contextlib.closing(sqlite3.connect(path)) as db:
         for table in ("deliveries", "report_entries", "report_windows", "suppress_candidates"):

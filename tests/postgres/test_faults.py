@@ -136,7 +136,7 @@ def test_sigint_at_a_random_moment_of_a_rate_limited_run(
 ) -> None:
     """At 200/s a claim is a batch of 200, so claims come every second; SIGINT at a random
     arrival: 130, one line, no traceback, and the rerun sends everyone else once."""
-    rows = 1000
+    rows = 800
     box = sandboxes(5)
     job = people_job(
         tmp_path,
@@ -148,7 +148,7 @@ def test_sigint_at_a_random_moment_of_a_rate_limited_run(
         rate_per_second=200,
     )
     run = spawn_cli("run", str(job), "--no-progress")
-    mark = random.randrange(150, 700)
+    mark = random.randrange(150, 600)
     wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)

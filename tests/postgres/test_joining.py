@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -50,9 +51,9 @@ def ledger_meta(url: str, campaign: str, key: str) -> object:
     return None if found is None else json.loads(found[0])
 
 
-def heartbeat_at(url: str, run_id: int) -> float:
-    with in_campaign(url) as db:
-        found = db.execute("SELECT heartbeat_at FROM runs WHERE id = %s", (run_id,)).fetchone()
+def heartbeat_at(db: psycopg.Connection[Any], run_id: int) -> float:
+    found = db.execute("SELECT heartbeat_at FROM runs WHERE id = %s", (run_id,)).fetchone()
+    assert found is not None
     return float(found[0])
 
 
@@ -78,7 +79,7 @@ def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
     `keep_mapping` sees no request and stores worker 2's mapping over the one the rows were
     mapped with. Then the campaign's own job is refused ("sent with another mapping"),
     and a rerun of the joiner's job maps everyone to new recipient keys: all sent again."""
-    rows = 4000
+    rows = 1500
     box = sandboxes(0)
     data = staff(tmp_path / "in.csv", rows)
     limits = {"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2}
@@ -208,8 +209,9 @@ def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
     first = spawn_cli("run", str(job), "--no-progress")
     wait_for(lambda: len(sandbox.records()) >= 40, what="requests")
     run_id = only_run(pg_url)
-    last = heartbeat_at(pg_url, run_id)
-    wait_for(lambda: heartbeat_at(pg_url, run_id) != last, what="a heartbeat")
+    with in_campaign(pg_url) as db:
+        last = heartbeat_at(db, run_id)
+        wait_for(lambda: heartbeat_at(db, run_id) != last, what="a heartbeat")
     first.kill()
     first.wait()
     fixed = people(tmp_path / "fixed.csv", 230)

@@ -47,16 +47,20 @@ def state_of(url: str, recipient_id: int) -> str:
     return str(found[0])
 
 
-def settled_or_unregistered(url: str, pid: int) -> bool:
+def settled_or_unregistered(db: psycopg.Connection[Any], pid: int) -> bool:
     """The stopped worker `pid` has been settled for dead by another (`crashed`), or never
     registered its run (it was stopped before): either way nothing changes until it goes
-    on."""
-    with psycopg.connect(url, autocommit=True) as db:
-        schema = schema_name("test")
-        if db.execute("SELECT to_regclass(%s)", (f'"{schema}".runs',)).fetchone()[0] is None:
-            return True
-        found = db.execute(f'SELECT state FROM "{schema}".runs WHERE pid = %s', (pid,)).fetchone()
+    on. `db`: a connection kept for the polls (not one per look)."""
+    schema = schema_name("test")
+    if db.execute("SELECT to_regclass(%s)", (f'"{schema}".runs',)).fetchone()[0] is None:
+        return True
+    found = db.execute(f'SELECT state FROM "{schema}".runs WHERE pid = %s', (pid,)).fetchone()
     return found is None or found[0] == "crashed"
+
+
+def wait_until_settled(url: str, pid: int) -> None:
+    with psycopg.connect(url, autocommit=True) as db:
+        wait_for(lambda: settled_or_unregistered(db, pid), what="the victim settled")
 
 
 # The first claim of a person (its claim going from nobody to a run) sleeps, once: the
@@ -207,7 +211,7 @@ def test_a_worker_stopped_longer_than_its_lease_then_continued(
     the others have taken its people over: nobody twice, the report true to the record."""
     # 3 s, not 1: the live workers keep renewing theirs, and on a loaded machine a
     # heartbeat can be a second late. The stopped one's lease expires for certain.
-    rows, lease = 1500, 3
+    rows, lease = 900, 3
     box = sandboxes(30)
     job = pg_job(tmp_path, box.url, pg_url, rows, api=box.api(timeout_s=10), lease_s=lease)
     rng = random.Random()
@@ -216,7 +220,7 @@ def test_a_worker_stopped_longer_than_its_lease_then_continued(
     wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
     victim = running[rng.randrange(3)]
     victim.send_signal(signal.SIGSTOP)
-    wait_for(lambda: settled_or_unregistered(pg_url, victim.pid), what="the victim settled")
+    wait_until_settled(pg_url, victim.pid)
     time.sleep(lease * rng.uniform(0, 1))  # continued at once, or a while after
     victim.send_signal(signal.SIGCONT)
     codes = [finish(p) for p in running]
@@ -309,7 +313,7 @@ def test_a_worker_continued_after_its_lease_expired_then_killed_leaves_nobody_in
     wait_for(lambda: len(box.records()) >= 200, what="200 requests")
     victim, other = running
     victim.send_signal(signal.SIGSTOP)
-    wait_for(lambda: settled_or_unregistered(pg_url, victim.pid), what="the victim settled")
+    wait_until_settled(pg_url, victim.pid)
     victim.send_signal(signal.SIGCONT)
     time.sleep(rng.uniform(0.0, 0.3))
     victim.send_signal(signal.SIGKILL)

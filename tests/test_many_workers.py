@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import signal
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ from tests.helpers import (
     FaultServer,
     assert_no_duplicates,
     cli,
-    start_sandbox,
     statuses,
     write_job,
 )
@@ -23,6 +23,13 @@ from tests.helpers.pg import CONCURRENCY, in_campaign, pg_job, workers
 from tests.helpers.pg_server import READ_ONLY, PgServer
 from tests.helpers.rates import achieved, max_in_window
 from tests.helpers.runs import finish, people, people_job, resend_and_check, results, wait_for
+from tests.helpers.shared_sandbox import ChannelView, module_sandboxes
+
+
+@pytest.fixture(scope="module")
+def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], ChannelView]]:
+    """A channel of one of the module's sandboxes for each test (one sandbox per latency)."""
+    yield from module_sandboxes(tmp_path_factory)
 
 
 def requests_per_run(url: str, campaign: str) -> dict[int, int]:
@@ -32,94 +39,85 @@ def requests_per_run(url: str, campaign: str) -> dict[int, int]:
 
 
 def test_three_workers_share_a_campaign_and_reach_each_person_once(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
-    rows = 1500
-    box = start_sandbox(tmp_path, "--latency-ms", "20")
-    try:
-        job = pg_job(tmp_path, box.url, pg_url, rows)
-        codes = [finish(p) for p in workers(job, 3)]
-        assert codes == [0, 0, 0], codes
-        assert len(assert_no_duplicates(box)) == rows
-        # The work was shared: more than one worker sent, and together they sent each once.
-        per_run = requests_per_run(pg_url, "test")
-        assert len(per_run) >= 2, per_run
-        assert sum(per_run.values()) == rows
+    rows = 900
+    box = sandboxes(30)
+    job = pg_job(tmp_path, box.url, pg_url, rows, api=box.api())
+    codes = [finish(p) for p in workers(job, 3)]
+    assert codes == [0, 0, 0], codes
+    assert len(assert_no_duplicates(box)) == rows
+    # The work was shared: more than one worker sent, and together they sent each once.
+    per_run = requests_per_run(pg_url, "test")
+    assert len(per_run) >= 2, per_run
+    assert sum(per_run.values()) == rows
 
-        report = cli("report", str(job))
-        assert report.returncode == 0, report.stderr
-        assert statuses(results(tmp_path)) == {"sent": rows}
-    finally:
-        box.stop()
+    report = cli("report", str(job))
+    assert report.returncode == 0, report.stderr
+    assert statuses(results(tmp_path)) == {"sent": rows}
 
 
 def test_a_worker_killed_at_a_random_moment_leaves_its_people_to_the_others(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
-    rows, lease = 1200, 2
-    box = start_sandbox(tmp_path, "--latency-ms", "40")
-    try:
-        job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=lease)
-        rng = random.Random()
-        mark = rng.randrange(20, rows - 200)
-        running = workers(job, 3)
-        wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
-        victim = running.pop(rng.randrange(3))
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        codes = [finish(p) for p in running]
-        assert set(codes) <= {0, 1}, codes
+    rows, lease = 800, 2
+    box = sandboxes(30)
+    job = pg_job(tmp_path, box.url, pg_url, rows, api=box.api(), lease_s=lease)
+    rng = random.Random()
+    mark = rng.randrange(20, rows - 200)
+    running = workers(job, 3)
+    wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")
+    victim = running.pop(rng.randrange(3))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    codes = [finish(p) for p in running]
+    assert set(codes) <= {0, 1}, codes
 
-        received = assert_no_duplicates(box)
-        report = cli("report", str(job))
-        assert report.returncode == 0, report.stderr
-        counts = statuses(results(tmp_path))
-        assert set(counts) <= {"sent", "unknown"}, counts
-        assert sum(counts.values()) == rows
-        # Only the people the dead worker had in flight are in doubt.
-        unknown = counts.get("unknown", 0)
-        assert unknown <= CONCURRENCY, counts
-        assert counts["sent"] == rows - unknown
-        # Every sent person's request is at the sandbox; an unknown one may or may not be.
-        assert len(received) >= rows - unknown
+    received = assert_no_duplicates(box)
+    report = cli("report", str(job))
+    assert report.returncode == 0, report.stderr
+    counts = statuses(results(tmp_path))
+    assert set(counts) <= {"sent", "unknown"}, counts
+    assert sum(counts.values()) == rows
+    # Only the people the dead worker had in flight are in doubt.
+    unknown = counts.get("unknown", 0)
+    assert unknown <= CONCURRENCY, counts
+    assert counts["sent"] == rows - unknown
+    # Every sent person's request is at the sandbox; an unknown one may or may not be.
+    assert len(received) >= rows - unknown
 
-        resend_and_check(box, tmp_path, job, rows, unknown, timeout=120)
-    finally:
-        box.stop()
+    resend_and_check(box, tmp_path, job, rows, unknown, timeout=120)
 
 
 def test_postgres_stopped_mid_run_stops_the_workers_cleanly_and_a_rerun_continues(
-    tmp_path: Path, pg_server: PgServer, pg_url: str
+    tmp_path: Path, pg_server: PgServer, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
-    rows = 1500
-    box = start_sandbox(tmp_path, "--latency-ms", "30")
+    rows = 700
+    box = sandboxes(30)
+    job = pg_job(tmp_path, box.url, pg_url, rows, api=box.api(), lease_s=2)
+    running = workers(job, 2)
+    wait_for(lambda: len(box.records()) >= 200, what="200 requests")
+    pg_server.stop_immediate()
     try:
-        job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=2)
-        running = workers(job, 2)
-        wait_for(lambda: len(box.records()) >= 200, what="200 requests")
-        pg_server.stop_immediate()
-        try:
-            for process in running:
-                out, err = process.communicate(timeout=60)
-                # Incomplete (exit 1), not aborted: exit 3 is for the API's faults.
-                assert process.returncode == 1, out + err
-                assert "Traceback" not in err, err
-                assert "PostgreSQL at" in err, err
-                for secret in pg_server.passwords.values():
-                    assert secret not in err
-        finally:
-            pg_server.start()
-        before = len(box.records())
-
-        again = cli("run", str(job), "--no-progress", timeout=120)
-        assert again.returncode in (0, 1), again.stdout + again.stderr
-        received = assert_no_duplicates(box)
-        counts = statuses(results(tmp_path))
-        assert set(counts) <= {"sent", "unknown"}, counts
-        assert counts.get("unknown", 0) <= 2 * CONCURRENCY, counts
-        assert len(received) > before
+        for process in running:
+            out, err = process.communicate(timeout=60)
+            # Incomplete (exit 1), not aborted: exit 3 is for the API's faults.
+            assert process.returncode == 1, out + err
+            assert "Traceback" not in err, err
+            assert "PostgreSQL at" in err, err
+            for secret in pg_server.passwords.values():
+                assert secret not in err
     finally:
-        box.stop()
+        pg_server.start()
+    before = len(box.records())
+
+    again = cli("run", str(job), "--no-progress", timeout=120)
+    assert again.returncode in (0, 1), again.stdout + again.stderr
+    received = assert_no_duplicates(box)
+    counts = statuses(results(tmp_path))
+    assert set(counts) <= {"sent", "unknown"}, counts
+    assert counts.get("unknown", 0) <= 2 * CONCURRENCY, counts
+    assert len(received) > before
 
 
 @pytest.mark.parametrize(
@@ -151,24 +149,25 @@ def test_an_unusable_database_is_exit_2_with_one_line_naming_the_url_without_pas
 
 @pytest.mark.exact_rate
 @pytest.mark.parametrize("rate", [50, 200])
-def test_three_workers_share_one_rate_at_the_api(tmp_path: Path, pg_url: str, rate: int) -> None:
+def test_three_workers_share_one_rate_at_the_api(
+    tmp_path: Path, pg_url: str, rate: int, sandboxes: Callable[[int], ChannelView]
+) -> None:
     """The rate is one budget for the channel, whatever the number of workers: counted at
     the sandbox by arrival time, no one-second window above N, and N nearly reached."""
     rows = rate * 6
-    box = start_sandbox(tmp_path, "--latency-ms", "10")
-    try:
-        job = pg_job(tmp_path, box.url, pg_url, rows, concurrency=20, rate_per_second=rate)
-        codes = [finish(p) for p in workers(job, 3)]
-        assert codes == [0, 0, 0], codes
-        arrivals = sorted(record["t"] for record in box.records())
-        assert len(arrivals) == rows
-        assert max_in_window(arrivals) <= rate
-        assert len(requests_per_run(pg_url, "test")) >= 2
-        # While all three are sending: the first second is the others joining, and in the
-        # last one workers run out of people with a few slots of the budget still theirs.
-        assert achieved(arrivals[rate:-rate]) >= 0.95 * rate
-    finally:
-        box.stop()
+    box = sandboxes(10)
+    job = pg_job(
+        tmp_path, box.url, pg_url, rows, api=box.api(), concurrency=20, rate_per_second=rate
+    )
+    codes = [finish(p) for p in workers(job, 3)]
+    assert codes == [0, 0, 0], codes
+    arrivals = sorted(record["t"] for record in box.records())
+    assert len(arrivals) == rows
+    assert max_in_window(arrivals) <= rate
+    assert len(requests_per_run(pg_url, "test")) >= 2
+    # While all three are sending: the first second is the others joining, and in the
+    # last one workers run out of people with a few slots of the budget still theirs.
+    assert achieved(arrivals[rate:-rate]) >= 0.95 * rate
 
 
 def test_workers_that_each_hold_failed_people_all_end(tmp_path: Path, pg_url: str) -> None:

@@ -5,6 +5,7 @@ sandbox's record as the count of what was sent."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,16 @@ import aiohttp
 import pytest
 
 from tests.helpers import (
-    Sandbox,
     assert_no_duplicates,
     cli,
     phones,
-    start_sandbox,
     statuses,
     write_job,
 )
 from tests.helpers.pg import in_campaign, workers
 from tests.helpers.rates import max_in_window
 from tests.helpers.runs import finish, people, people_job, results
+from tests.helpers.shared_sandbox import ChannelView, module_sandboxes
 from tests.helpers.web import (
     EXPECTED,
     XLSX,
@@ -35,6 +35,12 @@ from tests.helpers.web import (
     upload,
     wait_for_records,
 )
+
+
+@pytest.fixture(scope="module")
+def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], ChannelView]]:
+    """A channel of one of the module's sandboxes for each test (one sandbox per latency)."""
+    yield from module_sandboxes(tmp_path_factory)
 
 
 def runs_by_pid(url: str, campaign: str) -> dict[int, int]:
@@ -54,14 +60,16 @@ async def _validate(http: aiohttp.ClientSession, campaign: str, mapping: dict[st
 
 
 async def test_page_sends_a_campaign_on_postgres_and_sees_the_command_lines(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """Upload, validate, start, download on a PostgreSQL job; a number suppressed on the
     page is respected by `campaign run` on the same database, whose campaign the page then
     shows with its counts."""
-    box = start_sandbox(tmp_path)
+    box = sandboxes(0)
     rows = 20
-    job = write_job(tmp_path, box.url, input=people(tmp_path / "in.csv", rows), ledger=pg_url)
+    job = write_job(
+        tmp_path, box.url, input=people(tmp_path / "in.csv", rows), ledger=pg_url, api=box.api()
+    )
     server = start_serve(tmp_path, job)
     try:
         async with client(server) as http:
@@ -93,20 +101,19 @@ async def test_page_sends_a_campaign_on_postgres_and_sees_the_command_lines(
             assert page["total"] == 1
     finally:
         server.stop()
-        box.stop()
 
 
 async def test_a_campaign_validated_on_one_server_is_sent_from_another(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """Two page servers on one database, each with its own data directory: an upload is
     on its server only until validated (the other says so), then the other sends it."""
-    box = start_sandbox(tmp_path)
+    box = sandboxes(0)
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir()
     b_dir.mkdir()
-    server_a = start_serve(a_dir, write_job(a_dir, box.url, ledger=pg_url))
-    server_b = start_serve(b_dir, write_job(b_dir, box.url, ledger=pg_url))
+    server_a = start_serve(a_dir, write_job(a_dir, box.url, ledger=pg_url, api=box.api()))
+    server_b = start_serve(b_dir, write_job(b_dir, box.url, ledger=pg_url, api=box.api()))
     try:
         async with client(server_a) as on_a, client(server_b) as on_b:
             made = await upload(on_a, XLSX)
@@ -139,21 +146,27 @@ async def test_a_campaign_validated_on_one_server_is_sent_from_another(
     finally:
         server_a.stop()
         server_b.stop()
-        box.stop()
     assert len(assert_no_duplicates(box)) == 43
 
 
 @pytest.mark.exact_rate
 async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """Two `campaign run` workers send a campaign; the page shows it running, and its start
     joins them: every person once at the sandbox, the page's worker among the senders,
     and the one rate budget of the channel held by all three."""
     rows, rate = 400, 100
-    box: Sandbox = start_sandbox(tmp_path, "--latency-ms", "20")
+    box = sandboxes(20)
     job = people_job(
-        tmp_path, box.url, rows, ledger=pg_url, rate_per_second=rate, concurrency=4, lease_s=3
+        tmp_path,
+        box.url,
+        rows,
+        ledger=pg_url,
+        api=box.api(),
+        rate_per_second=rate,
+        concurrency=4,
+        lease_s=3,
     )
     server = start_serve(tmp_path, job)
     try:
@@ -179,4 +192,3 @@ async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
         assert max_in_window([r["t"] for r in box.records()]) <= rate
     finally:
         server.stop()
-        box.stop()

@@ -170,7 +170,14 @@ def worker_at_a_held_commit(
     requests a connection here holds the generation row, and the worker's next commit
     waits there (its pipeline sent, its COMMIT not yet). Returns the job, the worker and
     that connection (closing it lets the commit go on)."""
-    job = pg_job(tmp_path, box.url, pg_url, rows, lease_s=lease_s)
+    return worker_at_a_held_commit_of(tmp_path, box, pg_url, rows, lease_s=lease_s)
+
+
+def worker_at_a_held_commit_of(
+    tmp_path: Path, box: Sandbox, pg_url: str, rows: int, **limits: Any
+) -> tuple[Path, subprocess.Popen[str], psycopg.Connection[Any]]:
+    """`worker_at_a_held_commit`, its job's `limits` (and `api`) given."""
+    job = pg_job(tmp_path, box.url, pg_url, rows, **limits)
     worker = spawn_cli("run", str(job), "--no-progress")
     mark = random.randrange(20, 300)
     wait_for(lambda: len(box.records()) >= mark, what=f"{mark} requests")

@@ -107,7 +107,7 @@ def test_sigint_while_the_next_batch_is_being_claimed(tmp_path: Path, pg_url: st
     """The next claim waits (the input's table is locked here) while the workers send the
     last of their batch; SIGINT then: 130 once the claim has returned, no traceback, the
     people that claim took go back to the pool, and a rerun sends each person once."""
-    rows, rate = 400, 100
+    rows, rate = 200, 100  # two claims of a batch each
     box = start_sandbox(tmp_path, "--latency-ms", "5")
     try:
         job = people_job(

@@ -8,19 +8,19 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from campaign.store.db import schema_name
 from tests.helpers import (
-    Sandbox,
     assert_no_duplicates,
     cli,
     e164,
     phones,
     spawn_cli,
-    start_sandbox,
     statuses,
     write_csv,
     write_job,
@@ -28,10 +28,12 @@ from tests.helpers import (
 from tests.helpers.pg import (
     check_report_against_record,
     in_campaign,
+    only_run,
     pg_job,
     workers,
 )
 from tests.helpers.runs import YESTERDAY, finish, people, results, wait_for
+from tests.helpers.shared_sandbox import ChannelView
 
 
 def staff(path: Path, n: int) -> Path:
@@ -49,6 +51,12 @@ def ledger_meta(url: str, campaign: str, key: str) -> object:
     return None if found is None else json.loads(found[0])
 
 
+def heartbeat_at(db: psycopg.Connection[Any], run_id: int) -> float:
+    found = db.execute("SELECT heartbeat_at FROM runs WHERE id = %s", (run_id,)).fetchone()
+    assert found is not None
+    return float(found[0])
+
+
 def loading(url: str, campaign: str) -> bool:
     """The campaign's ledger exists and no run is registered yet: its first worker is
     still reading the input."""
@@ -63,7 +71,7 @@ def loading(url: str, campaign: str) -> bool:
 
 
 def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """Worker 1 loads the campaign with its mapping (recipient key: the phone); worker 2,
     started a moment later from another job file whose mapping keys people by employee id,
@@ -71,126 +79,139 @@ def test_a_joiner_with_another_mapping_cannot_replace_the_loaders_mapping(
     `keep_mapping` sees no request and stores worker 2's mapping over the one the rows were
     mapped with. Then the campaign's own job is refused ("sent with another mapping"),
     and a rerun of the joiner's job maps everyone to new recipient keys: all sent again."""
-    rows = 4000
-    box = start_sandbox(tmp_path)
-    try:
-        data = staff(tmp_path / "in.csv", rows)
-        limits = {"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2}
-        job = write_job(tmp_path, box.url, input=data, ledger=pg_url, limits=limits)
-        other = write_job(
-            tmp_path,
-            box.url,
-            name="other",
-            input=data,
-            ledger=pg_url,
-            limits=limits,
-            mapping={
-                "to_phone": "Phone",
-                "default_region": "US",
-                "params": {"first_name": "First Name", "emp_id": "Emp"},
-                "recipient_key": ["emp_id"],
-            },
-        )
-        loader = spawn_cli("run", str(job), "--no-progress")
-        time.sleep(0.3)  # usually during the load; on a slow machine the joiner loads first
-        joiner = spawn_cli("run", str(other), "--no-progress")
-        codes = [finish(loader), finish(joiner)]
-        # Whoever loaded first mapped the campaign; the other one joined it or was refused.
-        stored = ledger_meta(pg_url, "test", "mapping")
-        assert isinstance(stored, dict), stored
-        first = 0 if stored["recipient_key"] == ["to_phone"] else 1
-        assert stored["recipient_key"] == [["to_phone"], ["emp_id"]][first], stored
-        assert codes[first] == 0, codes
-        assert codes[1 - first] in (0, 2), codes
-        assert_no_duplicates(box)
-        assert len(box.records()) == rows
-        # A rerun of the other job (another host's file, say): refused, nothing sent again.
-        wrong = cli("run", str([job, other][1 - first]), "--no-progress")
-        received = Counter(box.phones())
-        assert max(received.values()) == 1, f"{sum(received.values()) - rows} sent twice"
-        assert wrong.returncode == 2, wrong.stdout + wrong.stderr
-        # The campaign was mapped, and sent, with the first one's mapping: its job is fine.
-        assert ledger_meta(pg_url, "test", "mapping") == stored
-        again = cli("run", str([job, other][first]), "--no-progress")
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert_no_duplicates(box)
-    finally:
-        box.stop()
+    rows = 1500
+    box = sandboxes(0)
+    data = staff(tmp_path / "in.csv", rows)
+    limits = {"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2}
+    job = write_job(tmp_path, box.url, input=data, ledger=pg_url, api=box.api(), limits=limits)
+    other = write_job(
+        tmp_path,
+        box.url,
+        name="other",
+        input=data,
+        ledger=pg_url,
+        api=box.api(),
+        limits=limits,
+        mapping={
+            "to_phone": "Phone",
+            "default_region": "US",
+            "params": {"first_name": "First Name", "emp_id": "Emp"},
+            "recipient_key": ["emp_id"],
+        },
+    )
+    loader = spawn_cli("run", str(job), "--no-progress")
+    time.sleep(0.3)  # usually during the load; on a slow machine the joiner loads first
+    joiner = spawn_cli("run", str(other), "--no-progress")
+    codes = [finish(loader), finish(joiner)]
+    # Whoever loaded first mapped the campaign; the other one joined it or was refused.
+    stored = ledger_meta(pg_url, "test", "mapping")
+    assert isinstance(stored, dict), stored
+    first = 0 if stored["recipient_key"] == ["to_phone"] else 1
+    assert stored["recipient_key"] == [["to_phone"], ["emp_id"]][first], stored
+    assert codes[first] == 0, codes
+    assert codes[1 - first] in (0, 2), codes
+    assert_no_duplicates(box)
+    assert len(box.records()) == rows
+    # A rerun of the other job (another host's file, say): refused, nothing sent again.
+    wrong = cli("run", str([job, other][1 - first]), "--no-progress")
+    received = Counter(box.phones())
+    assert max(received.values()) == 1, f"{sum(received.values()) - rows} sent twice"
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    # The campaign was mapped, and sent, with the first one's mapping: its job is fine.
+    assert ledger_meta(pg_url, "test", "mapping") == stored
+    again = cli("run", str([job, other][first]), "--no-progress")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_no_duplicates(box)
 
 
 def test_midnight_guard_sees_yesterdays_run_still_reading_its_input(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """The nightly job started at 23:59 is still reading a big input (no run registered
     yet) when the same job is started at 00:01 on another host: the new day's campaign
     must be refused (as on SQLite, `test_a_run_still_reading_its_input_blocks_the_next_
     days_campaign`), or both campaigns send everyone."""
     rows = 40_000
-    box = start_sandbox(tmp_path)
+    box = sandboxes(0)
+    job = write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", rows),
+        campaign="{job}-{date}",
+        ledger=pg_url,
+        api=box.api(),
+        limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2},
+    )
+    yesterday = spawn_cli("run", str(job), "--no-progress", "--campaign", YESTERDAY)
+    wait_for(lambda: loading(pg_url, YESTERDAY), what="yesterday's run loading")
+    today = spawn_cli("run", str(job), "--no-progress")
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", rows),
-            campaign="{job}-{date}",
-            ledger=pg_url,
-            limits={"concurrency": 8, "rate_per_second": 100_000, "lease_s": 2},
-        )
-        yesterday = spawn_cli("run", str(job), "--no-progress", "--campaign", YESTERDAY)
-        wait_for(lambda: loading(pg_url, YESTERDAY), what="yesterday's run loading")
-        today = spawn_cli("run", str(job), "--no-progress")
-        try:
-            out, err = today.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            out = err = "(still sending after 15 s)"
-        for process in (yesterday, today):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        finish(yesterday)
-        finish(today)
-        assert_no_duplicates(box)
-        assert today.returncode == 2, out + err
-        assert YESTERDAY in err and "still running" in err, err
-    finally:
-        box.stop()
+        out, err = today.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        out = err = "(still sending after 15 s)"
+    for process in (yesterday, today):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    finish(yesterday)
+    finish(today)
+    assert_no_duplicates(box)
+    assert today.returncode == 2, out + err
+    assert YESTERDAY in err and "still running" in err, err
 
 
-def test_validate_report_and_only_failed_while_workers_send(tmp_path: Path, pg_url: str) -> None:
+def test_validate_report_and_only_failed_while_workers_send(
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
+) -> None:
     """While two workers send: `validate` is refused (it would replace their rows), `report`
     works, an `--only-failed` worker joins and ends; nobody twice, the report true."""
     rows = 2000
-    box = start_sandbox(tmp_path, "--latency-ms", "40")
-    try:
-        job = pg_job(tmp_path, box.url, pg_url, rows, api={"timeout_s": 10}, lease_s=2)
-        running = workers(job, 2)
-        wait_for(lambda: len(box.records()) >= 300, what="300 requests")
-        checked = cli("validate", str(job))
-        assert checked.returncode == 2, checked.stdout + checked.stderr
-        assert cli("report", str(job)).returncode == 0
-        only = cli("run", str(job), "--no-progress", "--only-failed")
-        assert only.returncode in (0, 1), only.stdout + only.stderr
-        assert [finish(p) for p in running] == [0, 0]
-        assert cli("report", str(job)).returncode == 0
-        assert check_report_against_record(box, tmp_path, rows) == {"sent": rows}
-    finally:
-        box.stop()
+    box = sandboxes(40)
+    job = pg_job(tmp_path, box.url, pg_url, rows, api=box.api(timeout_s=10), lease_s=2)
+    running = workers(job, 2)
+    wait_for(lambda: len(box.records()) >= 300, what="300 requests")
+    # The three together: each is checked while the workers send, in a shorter while.
+    beside = [
+        spawn_cli("validate", str(job)),
+        spawn_cli("report", str(job)),
+        spawn_cli("run", str(job), "--no-progress", "--only-failed"),
+    ]
+    (out, err), (_, report_err), (only_out, only_err) = (p.communicate(timeout=120) for p in beside)
+    validate, report, only = beside
+    assert validate.returncode == 2, out + err
+    assert report.returncode == 0, report_err
+    assert only.returncode in (0, 1), only_out + only_err
+    assert [finish(p) for p in running] == [0, 0]
+    assert cli("report", str(job)).returncode == 0
+    assert check_report_against_record(box, tmp_path, rows) == {"sent": rows}
 
 
 def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
-    tmp_path: Path, pg_url: str, sandbox: Sandbox
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """A worker is killed; the operator reruns at once with a fixed input (30 more rows).
     The dead worker still counts until its lease expires, so the rerun would join it with
     the old rows: the new people never sent, missing from results.csv, and exit 0 with
     `--resend-unknown`. It is refused instead (exit 2, naming the file); after the lease
     the same command loads the fixed input and sends everyone once."""
-    # The lease outlasts the two commands run inside it, however loaded the machine.
-    limits = {"concurrency": 4, "rate_per_second": 40, "lease_s": 10}
+    # The worker is killed as soon as it has renewed its lease: all of the 7 s are left
+    # for the two commands run inside it, however loaded the machine (a lease of 10 s
+    # counted from a heartbeat up to a third of a lease old left less).
+    limits = {"concurrency": 4, "rate_per_second": 40, "lease_s": 7}
+    sandbox = sandboxes(0)
     job = write_job(
-        tmp_path, sandbox.url, input=people(tmp_path / "in.csv", 200), ledger=pg_url, limits=limits
+        tmp_path,
+        sandbox.url,
+        input=people(tmp_path / "in.csv", 200),
+        ledger=pg_url,
+        api=sandbox.api(),
+        limits=limits,
     )
     first = spawn_cli("run", str(job), "--no-progress")
     wait_for(lambda: len(sandbox.records()) >= 40, what="requests")
+    run_id = only_run(pg_url)
+    with in_campaign(pg_url) as db:
+        last = heartbeat_at(db, run_id)
+        wait_for(lambda: heartbeat_at(db, run_id) != last, what="a heartbeat")
     first.kill()
     first.wait()
     fixed = people(tmp_path / "fixed.csv", 230)
@@ -207,6 +228,7 @@ def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
         name="spelled",
         input=people(tmp_path / "copy.csv", 200),
         ledger=pg_url,
+        api=sandbox.api(),
         limits=limits,
         mapping={"default_region": "us", **spelled},
     )

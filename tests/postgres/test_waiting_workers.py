@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -14,7 +15,6 @@ from tests.helpers import (
     e164,
     kill_left,
     spawn_cli,
-    start_sandbox,
     statuses,
     write_csv,
     write_job,
@@ -26,13 +26,14 @@ from tests.helpers.pg import (
     workers,
 )
 from tests.helpers.runs import finish, people, results, wait_for
+from tests.helpers.shared_sandbox import ChannelView
 from tests.helpers.windows import HNL_PHONES, NY_PHONES, hhmm, local_minutes, ny_open_hnl_closed
 
 WAITING = "waiting for send windows"
 
 
 def a_waiting_worker(
-    tmp_path: Path, box: Sandbox, pg_url: str, lease_s: float
+    tmp_path: Path, box: ChannelView, pg_url: str, lease_s: float
 ) -> tuple[Path, subprocess.Popen[str]]:
     """A job of one New York person (inside the window now) and two Honolulu people (whose
     window opens hours later), and a `--wait` worker on it, once it waits for them."""
@@ -42,6 +43,7 @@ def a_waiting_worker(
         box.url,
         input=write_csv(tmp_path / "in.csv", ["Phone", "First Name"], rows),
         ledger=pg_url,
+        api=box.api(),
         limits={
             "send_window": ny_open_hnl_closed(),
             "timezone": "America/New_York",
@@ -77,7 +79,7 @@ def live_runs(url: str) -> int:
 
 
 def test_two_workers_with_people_waiting_for_their_window_both_end(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """Every person's send window is closed now (San Francisco numbers, a window that opens
     in two hours there). Two workers must not each wait for the people the other holds for
@@ -85,44 +87,43 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
     window"), the other with 1 too or 0 if it ended first with nobody of its own."""
     now = local_minutes(ZoneInfo("America/Los_Angeles"))
     window = f"{hhmm(now + 120)}-{hhmm(now + 180)}"
-    box = start_sandbox(tmp_path)
+    box = sandboxes(0)
+    job = write_job(
+        tmp_path,
+        box.url,
+        input=people(tmp_path / "in.csv", 400),
+        ledger=pg_url,
+        api=box.api(),
+        limits={
+            "concurrency": 8,
+            "lease_s": 1,
+            "send_window": window,
+            "timezone": "America/Los_Angeles",
+        },
+    )
+    running = workers(job, 2)
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", 400),
-            ledger=pg_url,
-            limits={
-                "concurrency": 8,
-                "lease_s": 1,
-                "send_window": window,
-                "timezone": "America/Los_Angeles",
-            },
-        )
-        running = workers(job, 2)
-        try:
-            codes = [finish(p, timeout=30) for p in running]
-        except subprocess.TimeoutExpired:
-            codes = [p.poll() for p in running]
-        finally:
-            for p in running:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        assert None not in codes and 1 in codes and set(codes) <= {0, 1}, codes
-        assert box.records() == []
+        codes = [finish(p, timeout=30) for p in running]
+    except subprocess.TimeoutExpired:
+        codes = [p.poll() for p in running]
     finally:
-        box.stop()
+        for p in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert None not in codes and 1 in codes and set(codes) <= {0, 1}, codes
+    assert box.records() == []
 
 
 def test_a_waiting_worker_whose_lease_expired_stops(
-    tmp_path: Path, pg_url: str, sandbox: Sandbox
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """A `--wait` worker sends the New York person and waits for Honolulu's window (hours
     away). Stopped past its lease, it is settled by a second worker that takes its people
     over; continued, it finds its lease gone and stops: exit 1 ("stopped: …") and its run
     stays `crashed`. Before, the loss was noted on the round that had already ended: the
     worker slept on until the window opened, to send another round on a lost lease."""
+    sandbox = sandboxes(0)
     job, first = a_waiting_worker(tmp_path, sandbox, pg_url, lease_s=1)
     log = tmp_path / "runs" / "test" / "log.jsonl"
     second: subprocess.Popen[str] | None = None
@@ -146,12 +147,13 @@ def test_a_waiting_worker_whose_lease_expired_stops(
 
 
 def test_a_worker_ending_beside_a_dead_waiting_worker_says_rows_are_left(
-    tmp_path: Path, pg_url: str, sandbox: Sandbox
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """A `--wait` worker holds the Honolulu people for their window (hours away) and is
     killed. A plain worker started inside its lease finds nobody to send and ends: before,
     with exit 0 ("another worker still sending") for a campaign nobody was sending any
     more; now exit 1. After the lease, a rerun takes the Honolulu people over."""
+    sandbox = sandboxes(0)
     job, waiting = a_waiting_worker(tmp_path, sandbox, pg_url, lease_s=2)
     waiting.kill()
     waiting.wait()
@@ -166,30 +168,27 @@ def test_a_worker_ending_beside_a_dead_waiting_worker_says_rows_are_left(
 
 
 def test_a_second_waiting_worker_stays_and_takes_over_a_dead_ones_people(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, sandboxes: Callable[[int], ChannelView]
 ) -> None:
     """Two `--wait` workers: the first holds the Honolulu people for their window (hours
     away). The second, with nobody of its own, stays (before, it ended at once). The first
     is killed: after its lease the second takes its people over and waits for their
     window itself; Ctrl-C then stops it. Nobody is sent but the New York person, once."""
-    box = start_sandbox(tmp_path)
+    box = sandboxes(0)
     second: subprocess.Popen[str] | None = None
+    job, first = a_waiting_worker(tmp_path, box, pg_url, lease_s=2)
+    dead = only_run(pg_url)
+    log = tmp_path / "runs" / "test" / "log.jsonl"
     try:
-        job, first = a_waiting_worker(tmp_path, box, pg_url, lease_s=2)
-        dead = only_run(pg_url)
-        log = tmp_path / "runs" / "test" / "log.jsonl"
-        try:
-            second = spawn_cli("run", str(job), "--wait", "--no-progress")
-            wait_for(lambda: live_runs(pg_url) == 2, what="the second worker to start")
-            first.kill()
-            first.wait()
-            wait_for(lambda: log.read_text().count(WAITING) == 2, what="the takeover")
-            assert run_state(pg_url, dead) == "crashed"
-            assert second.poll() is None
-            second.send_signal(signal.SIGINT)
-            assert finish(second) == 130
-        finally:
-            kill_left(first, second)
-        only_new_york_sent(box, tmp_path)
+        second = spawn_cli("run", str(job), "--wait", "--no-progress")
+        wait_for(lambda: live_runs(pg_url) == 2, what="the second worker to start")
+        first.kill()
+        first.wait()
+        wait_for(lambda: log.read_text().count(WAITING) == 2, what="the takeover")
+        assert run_state(pg_url, dead) == "crashed"
+        assert second.poll() is None
+        second.send_signal(signal.SIGINT)
+        assert finish(second) == 130
     finally:
-        box.stop()
+        kill_left(first, second)
+    only_new_york_sent(box, tmp_path)

@@ -141,9 +141,15 @@ def serve_sandbox(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         runner = web.AppRunner(create_app(config), access_log=None)
-        await runner.setup()
+        try:
+            await runner.setup()  # opens the record file
+        except OSError as exc:
+            raise UsageError(f"cannot write the record {args.record} ({exc.strerror})") from None
         site = web.TCPSite(runner, args.host, args.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
         port = runner.addresses[0][1]
         print(f"sandbox listening on http://{args.host}:{port}", flush=True)
         try:
@@ -151,11 +157,8 @@ def serve_sandbox(args: argparse.Namespace) -> int:
         finally:
             await runner.cleanup()
 
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(main())
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
     return 0
 
 

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import Sandbox, sparse_xlsx, start_sandbox, write_job, zip_bomb_xlsx
 from tests.helpers.pg_server import PgServer, Unavailable, remove_server, start_server
+from tests.helpers.shared_sandbox import ChannelView, module_sandboxes
 from tests.helpers.web import Served, start_serve
 
 # Why the PostgreSQL tests skipped this session, for the summary (empty: they did not).
@@ -25,10 +26,16 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 def module_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """One sandbox for a module's tests (each sandbox is a subprocess). A test sees its own
     share through a channel of its own or the records since it began
-    (tests/helpers/shared_box.py)."""
+    (tests/helpers/shared_sandbox.py)."""
     box = start_sandbox(tmp_path_factory.mktemp("sandbox"))
     yield box
     box.stop()
+
+
+@pytest.fixture(scope="module")
+def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], ChannelView]]:
+    """A channel of one of the module's sandboxes for each test (one sandbox per latency)."""
+    yield from module_sandboxes(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

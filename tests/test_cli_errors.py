@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, read_results, write_job
-from tests.helpers.forked import forked_cli
+from tests.helpers import Sandbox, cli, read_results, write_job
 from tests.helpers.runs import people
 
 TWO = ["415 555 0101", "415 555 0102"]  # sent as +14155550101 and +14155550102
@@ -78,7 +77,7 @@ def test_bad_option_exit_2_nothing_sent(
     options: list[str], says: str, tmp_path: Path, sandbox: Channel
 ) -> None:
     job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", TWO))
-    done = forked_cli("run", str(job), "--no-progress", *options)
+    done = cli("run", str(job), "--no-progress", *options)
     assert done.returncode == 2, done.stderr
     assert says in error_line(done)
     assert sandbox.records() == []
@@ -104,7 +103,7 @@ def test_bad_path_or_id_is_one_line(
     (tmp_path / "plain-file").write_text("a file, not a directory\n")
     job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", TWO))
     for command in ("validate", "run"):
-        done = forked_cli(command, str(job), "--no-progress", option, value, cwd=tmp_path)
+        done = cli(command, str(job), "--no-progress", option, value, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
         assert says in error_line(done)
@@ -130,7 +129,7 @@ def test_an_unexpected_error_is_one_line_and_a_log(
     """Exit 2 while nothing was sent, 1 once some were: one line, the traceback in a log."""
     job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", TWO), ledger=store)
     (tmp_path / "runs" / "test" / "results.csv").mkdir(parents=True)
-    done = forked_cli(command, str(job), "--no-progress")
+    done = cli(command, str(job), "--no-progress")
     assert done.returncode == code
     line = error_line(done)
     assert line.startswith("campaign: error: unexpected error: ")
@@ -140,7 +139,7 @@ def test_an_unexpected_error_is_one_line_and_a_log(
     # The ledger kept what happened: with the obstacle gone, the report is complete and
     # a second run sends nobody twice.
     (tmp_path / "runs" / "test" / "results.csv").rmdir()
-    again = forked_cli("run", str(job), "--no-progress")
+    again = cli("run", str(job), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert [r["_status"] for r in read_results(tmp_path / "runs" / "test" / "results.csv")] == [
         "sent",
@@ -160,7 +159,7 @@ def test_an_unexpected_error_is_one_line_and_a_log(
 def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_path: Path) -> None:
     (tmp_path / "empty-dir").mkdir()
     write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", TWO))
-    done = forked_cli("report", target, cwd=tmp_path)
+    done = cli("report", target, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert says in error_line(done)
@@ -169,8 +168,8 @@ def test_report_on_nothing_to_report_is_one_line(target: str, says: str, tmp_pat
 @pytest.mark.parametrize("campaign", ["", "../runs/test"])
 def test_report_takes_only_a_campaign_id(campaign: str, tmp_path: Path) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9", input=people(tmp_path / "in.csv", TWO))
-    assert forked_cli("validate", str(job), "--no-progress").returncode == 0
-    done = forked_cli("report", str(job), "--campaign", campaign, cwd=tmp_path)
+    assert cli("validate", str(job), "--no-progress").returncode == 0
+    done = cli("report", str(job), "--campaign", campaign, cwd=tmp_path)
     assert done.returncode == 2, done.stdout
     assert done.stderr.count("\n") == 1, done.stderr
     assert f"--campaign {campaign!r}: use letters" in error_line(done)
@@ -186,11 +185,11 @@ def test_a_ledger_of_a_newer_version_is_refused_and_left_alone(
     from campaign.store.ledger import LEDGER_FILE, SCHEMA_VERSION
 
     job = sandbox.job(tmp_path, input=people(tmp_path / "in.csv", 3))
-    assert forked_cli("run", str(job), "--no-progress").returncode == 0
+    assert cli("run", str(job), "--no-progress").returncode == 0
     ledger = tmp_path / "runs" / "test" / LEDGER_FILE
     with sqlite3.connect(ledger) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    done = forked_cli("run", str(job), "--no-progress")
+    done = cli("run", str(job), "--no-progress")
     assert done.returncode == 2, done.stderr
     assert "newer version of campaign" in error_line(done)
     assert len(sandbox.records()) == 3

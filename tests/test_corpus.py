@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Sandbox, read_results, write_job
-from tests.helpers.forked import forked_cli
+from tests.helpers import Sandbox, cli, read_results, write_job
 
 DATA = Path(__file__).resolve().parent / "data"
 MAPPING = {
@@ -142,7 +141,7 @@ def bad_runs(
     are pending: a bad new input must neither touch its results nor send its rows."""
     seed = tmp_path_factory.mktemp("seed")
     job = job_for(seed, module_sandbox, "seed")
-    done = forked_cli("validate", str(job), "--input", str(DATA / "crlf.csv"), "--no-progress")
+    done = cli("validate", str(job), "--input", str(DATA / "crlf.csv"), "--no-progress")
     assert done.returncode == 0, done.stderr
 
     def one(name: str, case: Bad) -> BadRun:
@@ -153,8 +152,8 @@ def bad_runs(
         shutil.copytree(seed / "runs" / "test", home / "again" / "runs" / "test")
         results = home / "again" / "runs" / "test" / "results.csv"
         previous = results.read_bytes()
-        checked = forked_cli("validate", str(fresh), "--input", str(path), "--no-progress")
-        ran = forked_cli("run", str(again), "--input", str(path), "--no-progress")
+        checked = cli("validate", str(fresh), "--input", str(path), "--no-progress")
+        ran = cli("run", str(again), "--input", str(path), "--no-progress")
         fresh_results = home / "fresh" / "runs" / "test" / "results.csv"
         return BadRun(path, channel, checked, fresh_results, ran, results, previous)
 
@@ -176,9 +175,7 @@ def test_file_level_error(
 
 def test_input_from_the_job_file_is_named_too(tmp_path: Path, module_sandbox: Sandbox) -> None:
     job = job_for(tmp_path, module_sandbox, "from-job", input=str(DATA / "garbage.csv"))
-    assert_one_line_error(
-        forked_cli("run", str(job), "--no-progress"), "garbage.csv", "binary data"
-    )
+    assert_one_line_error(cli("run", str(job), "--no-progress"), "garbage.csv", "binary data")
     assert sent_on(module_sandbox, "from-job") == []
 
 
@@ -244,11 +241,11 @@ def good_runs(
         home, channel = tmp_path_factory.mktemp("good"), f"good-{case}"
         job, data = job_for(home, module_sandbox, channel, **sections), str(DATA / name)
         results = home / "runs" / "test" / "results.csv"
-        checked = forked_cli("validate", str(job), "--input", data, "--no-progress")
+        checked = cli("validate", str(job), "--input", data, "--no-progress")
         validated = read_results(results) if results.exists() else []
         sent_by_validate = sent_on(module_sandbox, channel)
         assert sent_by_validate == [], "validate must send nothing"
-        done = forked_cli("run", str(job), "--input", data, "--no-progress")
+        done = cli("run", str(job), "--input", data, "--no-progress")
         with results.open(encoding="utf-8", newline="") as handle:
             header = next(csv.reader(handle))
         rows = read_results(results)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from campaign.escape import escape, unescape
-from tests.helpers import Sandbox, write_csv, write_job
-from tests.helpers.forked import forked_cli
+from tests.helpers import Sandbox, cli, write_csv, write_job
 
 FORMULAS = [  # (cell, as written to results.csv)
     ("=1+2", "'=1+2"),
@@ -71,7 +70,7 @@ def test_results_csv_is_safe_and_reads_back_the_same(tmp_path: Path, sandbox: Sa
         input=data,
         mapping={"params": {"note": "Note", "header": "=Header"}},
     )
-    done = forked_cli("run", str(job), "--no-progress")
+    done = cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr
 
     # The input's own `'` before a formula is read as an escape (a results CSV is valid
@@ -101,7 +100,7 @@ def test_results_csv_is_safe_and_reads_back_the_same(tmp_path: Path, sandbox: Sa
         campaign="again",
         mapping={"params": {"note": "Note", "header": "=Header"}},
     )
-    checked = forked_cli("validate", str(again), "--no-progress")
+    checked = cli("validate", str(again), "--no-progress")
     assert checked.returncode == 0, checked.stderr
     reread = raw_results(tmp_path / "runs" / "again" / "results.csv")
     assert [row[:3] for row in reread] == [row[:3] for row in table]

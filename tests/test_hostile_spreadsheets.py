@@ -29,6 +29,7 @@ from campaign.web.guess import PREVIEW_CHARS, PREVIEW_COLUMNS, PREVIEW_ROWS
 from tests.helpers import (
     ROOT,
     FaultServer,
+    cli,
     cli_peak_memory,
     loaded_or_refused,
     serve,
@@ -38,7 +39,6 @@ from tests.helpers import (
     xls_with_cell_at,
     xlsx_cell,
 )
-from tests.helpers.forked import forked_cli
 
 PEAK_MEMORY = 300 * 1024 * 1024
 RECIPIENTS = ROOT / "sample_data" / "recipients.xlsx"  # 43 to send, 5 invalid, 2 duplicates
@@ -74,10 +74,10 @@ def test_suppress_import_of_a_sparse_workbook_is_exit_2_and_adds_nothing(
     tmp_path: Path, sparse_workbook: Path
 ) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9")
-    done = forked_cli("suppress", "import", str(job), str(sparse_workbook))
+    done = cli("suppress", "import", str(job), str(sparse_workbook))
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert "XFD1048576" not in one_line(done.stderr)  # positions, never cells, are named
-    assert forked_cli("suppress", "list", str(job)).stdout.strip() == "phone,reason,source,added_at"
+    assert cli("suppress", "list", str(job)).stdout.strip() == "phone,reason,source,added_at"
 
 
 @pytest.mark.parametrize(
@@ -105,10 +105,10 @@ def test_suppress_import_of_a_file_without_a_header_adds_its_first_number(
         book.save(source)
         expected = {"+14155550101", "+14155550102"}
     job = write_job(tmp_path, "http://127.0.0.1:9")
-    done = forked_cli("suppress", "import", str(job), str(source))
+    done = cli("suppress", "import", str(job), str(source))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"added {len(expected)}," in done.stdout and "0 not added" in done.stdout
-    listed = forked_cli("suppress", "list", str(job)).stdout.splitlines()[1:]
+    listed = cli("suppress", "list", str(job)).stdout.splitlines()[1:]
     assert {line.split(",")[0] for line in listed} == expected
     for number in ("4155550101", "4155550102"):
         assert number not in done.stdout + done.stderr  # no cell in any message
@@ -120,7 +120,7 @@ def test_suppress_import_column_message_of_a_headerless_file_quotes_no_cell(
     source = tmp_path / "numbers.csv"
     source.write_text("+14155550101,Ann\n+14155550102,Bob\n")
     job = write_job(tmp_path, "http://127.0.0.1:9")
-    done = forked_cli("suppress", "import", str(job), str(source), "--column", "Mobile")
+    done = cli("suppress", "import", str(job), str(source), "--column", "Mobile")
     assert done.returncode == 2
     line = one_line(done.stderr)
     assert "'Mobile'" in line and "no such column" in line
@@ -215,7 +215,7 @@ def test_a_sheet_kept_in_a_part_not_named_xml_is_refused_not_read_unchecked(
             name = member.filename.replace("sheet1.xml", "sheet1.bin")
             hidden.writestr(name, data)
     job = write_job(tmp_path, "http://127.0.0.1:9", mapping={"params": {}})
-    done = forked_cli("validate", str(job), "--input", str(path))
+    done = cli("validate", str(job), "--input", str(path))
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert "sheet 1 is kept in a part that is not XML" in one_line(done.stderr)
 
@@ -235,7 +235,7 @@ def test_shared_strings_that_claim_billions_are_refused_before_the_reader_reserv
             '<?xml version="1.0"?><sst xmlns="x" uniqueCount="4000000000"><si><t>a</t></si></sst>',
         )
     job = write_job(tmp_path, "http://127.0.0.1:9", mapping={"params": {}})
-    done = forked_cli("validate", str(job), "--input", str(path))
+    done = cli("validate", str(job), "--input", str(path))
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert "says it holds 4000000000 strings but holds 1" in one_line(done.stderr)
 

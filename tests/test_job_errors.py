@@ -16,8 +16,7 @@ import pytest
 
 from campaign.errors import JobError
 from campaign.job import load_job
-from tests.helpers import Sandbox, write_csv
-from tests.helpers.forked import forked_cli
+from tests.helpers import Sandbox, cli, write_csv
 
 GOOD = """\
 campaign: test
@@ -196,7 +195,7 @@ def outcomes(
         assert text != GOOD, f"case {name!r} changes nothing"
         job = home / "job.yaml"
         job.write_text(fill(text, home=home, **fields), encoding="utf-8")
-        return Done(job, channel, forked_cli(case.command, str(job), "--no-progress", cwd=home))
+        return Done(job, channel, cli(case.command, str(job), "--no-progress", cwd=home))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         yield {name: pool.submit(one, name, case) for name, case in CASES.items()}
@@ -233,9 +232,7 @@ def test_variables_with_defaults_and_from_the_environment(
     )
     job = tmp_path / "job.yaml"
     job.write_text(text, encoding="utf-8")
-    done = forked_cli(
-        "run", str(job), "--no-progress", env={"CAMPAIGN_TEST_URL": module_sandbox.url}
-    )
+    done = cli("run", str(job), "--no-progress", env={"CAMPAIGN_TEST_URL": module_sandbox.url})
     assert done.returncode == 0, done.stderr
     assert [r["body"] for r in module_sandbox.records() if r["channel"] == "job-defaults"] == [
         {"to_phone": "+14155550101", "first_name": "Ann"}
@@ -252,7 +249,7 @@ def test_numbers_in_the_job_file_are_read_as_the_text_written(
     text = text.replace("    first_name: First Name", "    first_name: 2024")
     job = tmp_path / "job.yaml"
     job.write_text(text.replace("campaign: test", "campaign: 20240305"), encoding="utf-8")
-    done = forked_cli("run", str(job), "--no-progress")
+    done = cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "runs" / "20240305" / "results.csv").exists()
     assert [r["body"] for r in module_sandbox.records() if r["channel"] == "job-numbers"] == [

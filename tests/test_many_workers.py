@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,7 @@ from tests.helpers.pg import CONCURRENCY, in_campaign, pg_job, workers
 from tests.helpers.pg_server import READ_ONLY, PgServer
 from tests.helpers.rates import achieved, max_in_window
 from tests.helpers.runs import finish, people, people_job, resend_and_check, results, wait_for
-from tests.helpers.shared_sandbox import ChannelView, module_sandboxes
-
-
-@pytest.fixture(scope="module")
-def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], ChannelView]]:
-    """A channel of one of the module's sandboxes for each test (one sandbox per latency)."""
-    yield from module_sandboxes(tmp_path_factory)
+from tests.helpers.shared_sandbox import ChannelView
 
 
 def requests_per_run(url: str, campaign: str) -> dict[int, int]:

@@ -17,10 +17,8 @@ import pytest
 from aiohttp import web
 
 from tests.helpers import (
-    ChannelView,
     FaultServer,
     Sandbox,
-    channel_of,
     cli,
     phones,
     read_results,
@@ -29,6 +27,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.helpers.shared_sandbox import ChannelView, channel_of
 from tests.helpers.web import call, client, final_state, start_serve, upload
 
 # The page chooses Mobile; the job file says Phone: another person for every row.

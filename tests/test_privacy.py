@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from tests.helpers import FaultServer, write_csv, write_job
-from tests.helpers.forked import forked_cli
+from tests.helpers import FaultServer, cli, write_csv, write_job
 
 CHANNEL = "5f2c9d1e-7a3b-4c8d-9e0f-1a2b3c4d5e6f"
 PEOPLE = [  # (name, phone as written, employee id, what the API answers)
@@ -92,7 +91,7 @@ def test_no_phone_uuid_or_param_value_in_any_output(tmp_path: Path, store: str |
             ["run", str(job), "--resend-unknown", *json_logs],
             ["report", str(job)],
         ):
-            done = forked_cli(*command)
+            done = cli(*command)
             assert "Traceback" not in done.stdout + done.stderr
             outputs += [done.stdout, done.stderr]
         sent = server.bodies()
@@ -173,10 +172,10 @@ def test_a_file_without_a_header_row_is_not_quoted(
     with FaultServer(lambda _n, _body: 200) as server:
         job = write_job(tmp_path, server.url, input=good, mapping=shape)
         # The campaign exists (and has its log) before the file without a header comes.
-        checked = forked_cli("validate", str(job), "--no-progress")
+        checked = cli("validate", str(job), "--no-progress")
         assert checked.returncode == 0, checked.stderr
         for command in ("validate", "run"):
-            done = forked_cli(command, str(job), "--input", str(headerless), "--log-format", "json")
+            done = cli(command, str(job), "--input", str(headerless), "--log-format", "json")
             assert done.returncode == 2, (done.stdout, done.stderr)
             assert "Traceback" not in done.stdout + done.stderr
             lines = done.stderr.strip().splitlines()
@@ -211,7 +210,7 @@ def test_an_answer_that_echoes_the_channel_uuid_keeps_it_out_of_every_file(
         job = private_job(
             tmp_path, server.url, data, mapping={"params": {}}, limits={"max_attempts": 1}
         )
-        done = forked_cli("run", str(job), "--log-format", "json", "--no-progress")
+        done = cli("run", str(job), "--log-format", "json", "--no-progress")
         assert len(server.bodies()) == 1
     assert "Traceback" not in done.stdout + done.stderr
     directory = tmp_path / "runs" / "test"

@@ -206,22 +206,31 @@ def test_a_not_found_says_nothing_of_a_later_request(tmp_path: Path) -> None:
 def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
     tmp_path: Path,
 ) -> None:
-    # Entries say `sent` for this long after they appear (within CREATED_WITHIN_S of the
-    # request): room for the first reconcile to start and read them before any is
-    # delivered, on a loaded machine too.
-    delay_s = 8.0
-    box = start_sandbox(tmp_path, "--delivery-delay-s", str(delay_s))
+    """Entries say `sent` for a delay after they appear, then `delivered`. The first
+    reconcile must start within the delay to see a `sent`; a machine too loaded for that
+    tries again with a longer one (the transition is what is checked, not a start time)."""
+    for trial, delay_s in enumerate((8.0, 20.0, 45.0)):
+        if _sent_then_delivered(tmp_path / f"trial-{trial}", delay_s):
+            return
+    raise AssertionError("no reconcile started within 45 s of its run: no `sent` was seen")
+
+
+def _sent_then_delivered(directory: Path, delay_s: float) -> bool:
+    """False when the first reconcile came too late to see any entry still `sent`."""
+    directory.mkdir()
+    box = start_sandbox(directory, "--delivery-delay-s", str(delay_s))
     try:
         job = write_job(
-            tmp_path,
+            directory,
             box.url,
-            input=people(tmp_path / "in.csv", phones(10)),
+            input=people(directory / "in.csv", phones(10)),
             reporting=reporting(settle_minutes=30),
         )
         assert cli("run", str(job), "--no-progress").returncode == 0
-        early = reconcile_until(job, lambda rows: any(r["_delivery"] == "sent" for r in rows))
-        assert {r["_delivery"] for r in early} <= {"sent", ""}
-        assert "sent" in {r["_delivery"] for r in early}
+        early = reconcile_until(job, lambda rows: any(r["_delivery"] for r in rows))
+        assert {r["_delivery"] for r in early} <= {"sent", "delivered", ""}
+        if "sent" not in {r["_delivery"] for r in early}:
+            return False
         # Settle is 30 min: a person with no entry yet is not "not_found".
         due = max(r["report"]["created_at"] for r in box.records()) + delay_s
         late = reconcile_until(
@@ -233,6 +242,7 @@ def test_a_second_reconcile_after_the_delivery_delay_turns_sent_into_delivered(
         again = reconcile_until(job, lambda rows: True)
         strip = [{k: v for k, v in r.items() if k != "_delivery_checked_at"} for r in again]
         assert strip == [{k: v for k, v in r.items() if k != "_delivery_checked_at"} for r in late]
+        return True
     finally:
         box.stop()
 

@@ -28,7 +28,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.runs import finish, people, wait_for
-from tests.helpers.shared_box import since_now
+from tests.helpers.shared_sandbox import since_now
 
 
 @pytest.fixture

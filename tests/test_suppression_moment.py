@@ -31,7 +31,7 @@ from tests.helpers import (
 )
 from tests.helpers.pg import in_campaign, lock_waiters
 from tests.helpers.runs import people, wait_for
-from tests.helpers.shared_box import since_now
+from tests.helpers.shared_sandbox import since_now
 
 TRIALS = soak_trials()
 MOMENT_S = 2.0  # the promise: nothing leaves later than this after the commit

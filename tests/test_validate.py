@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FaultServer, read_results, write_csv, write_job
-from tests.helpers.forked import forked_cli
+from tests.helpers import FaultServer, cli, read_results, write_csv, write_job
 
 
 @pytest.fixture
@@ -27,7 +26,7 @@ def test_validate_reports_invalid_rows_and_sends_nothing(
     )
     job = write_job(tmp_path, server.url, input=data, ledger=store)
     for command in (["validate", str(job)], ["run", str(job), "--dry-run"]):
-        done = forked_cli(*command, "--no-progress")
+        done = cli(*command, "--no-progress")
         assert done.returncode == 1, done.stderr
         assert "invalid 1" in done.stdout and "duplicate 1" in done.stdout
         assert "row 2:" in done.stdout
@@ -46,7 +45,7 @@ def test_validate_is_exit_0_when_every_row_is_sendable_or_duplicate(
         [["Ann", "+1 415 200 0001"], ["Ann", "+1 415 200 0001"]],
     )
     job = write_job(tmp_path, server.url, input=data, ledger=store)
-    done = forked_cli("validate", str(job), "--no-progress", "--campaign", "check")
+    done = cli("validate", str(job), "--no-progress", "--campaign", "check")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "runs" / "check" / "results.csv").exists()
     assert server.arrivals == []
@@ -59,7 +58,7 @@ def test_a_changed_mapping_remaps_an_unchanged_file(
         tmp_path / "in.csv", ["First Name", "Phone", "Mobile"], [["Ann", "12", "+1 415 200 0001"]]
     )
     job = write_job(tmp_path, server.url, input=data, ledger=store)
-    assert forked_cli("validate", str(job)).returncode == 1
+    assert cli("validate", str(job)).returncode == 1
     job = write_job(
         tmp_path,
         server.url,
@@ -67,7 +66,7 @@ def test_a_changed_mapping_remaps_an_unchanged_file(
         mapping={"to_phone": "Mobile", "params": {"first_name": "First Name"}},
         ledger=store,
     )
-    assert forked_cli("validate", str(job)).returncode == 0
-    done = forked_cli("run", str(job), "--no-progress")
+    assert cli("validate", str(job)).returncode == 0
+    done = cli("run", str(job), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert server.bodies() == [{"to_phone": "+14152000001", "first_name": "Ann"}]

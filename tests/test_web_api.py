@@ -16,15 +16,14 @@ import aiohttp
 import pytest
 
 from tests.helpers import (
-    ChannelView,
     Sandbox,
     assert_no_duplicates,
-    channel_of,
     cli,
     spawn_cli,
     start_sandbox,
     write_job,
 )
+from tests.helpers.shared_sandbox import ChannelView, channel_of
 from tests.helpers.web import (
     COLUMNS,
     EXPECTED,

@@ -5,7 +5,7 @@ sandbox's record as the count of what was sent."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from tests.helpers import (
 from tests.helpers.pg import in_campaign, workers
 from tests.helpers.rates import max_in_window
 from tests.helpers.runs import finish, people, people_job, results
-from tests.helpers.shared_sandbox import ChannelView, module_sandboxes
+from tests.helpers.shared_sandbox import ChannelView
 from tests.helpers.web import (
     EXPECTED,
     XLSX,
@@ -35,12 +35,6 @@ from tests.helpers.web import (
     upload,
     wait_for_records,
 )
-
-
-@pytest.fixture(scope="module")
-def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], ChannelView]]:
-    """A channel of one of the module's sandboxes for each test (one sandbox per latency)."""
-    yield from module_sandboxes(tmp_path_factory)
 
 
 def runs_by_pid(url: str, campaign: str) -> dict[int, int]:

@@ -46,7 +46,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.runs import finish, wait_for
-from tests.helpers.shared_box import since_now
+from tests.helpers.shared_sandbox import since_now
 from tests.helpers.windows import (
     HNL_PHONES,
     HONOLULU,

@@ -46,7 +46,13 @@ def _command(args: Iterable[str]) -> list[str]:
 
 def _environment(env: dict[str, str] | None) -> dict[str, str]:
     """This process's environment, with this checkout importable and `env` on top."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    while True:
+        try:
+            current = dict(os.environ)
+            break
+        except (KeyError, RuntimeError):  # pytest set PYTEST_CURRENT_TEST in another thread
+            continue
+    return {**current, "PYTHONPATH": str(ROOT), **(env or {})}
 
 
 def _popen(
@@ -62,7 +68,24 @@ def cli(
     timeout: float = 120,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real command line, `python -m campaign ARGS`, and wait for it."""
+    """Run the command line, `python -m campaign ARGS`, in a process of its own, and wait
+    for it. The process is forked from one that has imported the package already
+    (tests/helpers/forked.py): the same code from `campaign/__main__.py` on, without the
+    half second of imports. Tests of the process itself (signals, kill -9, memory) use
+    `spawn_cli`/`cli_peak_memory`, and `fresh_cli` starts a new interpreter."""
+    from tests.helpers.forked import forked_cli
+
+    return forked_cli(*args, cwd=cwd, env=env, timeout=timeout, input=input)
+
+
+def fresh_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`cli` in a new interpreter: start-up and imports included."""
     return subprocess.run(
         _command(args),
         cwd=cwd,
@@ -635,25 +658,3 @@ def kill_left(*processes: subprocess.Popen[str] | None) -> None:
             process.send_signal(signal.SIGCONT)
             process.kill()
             process.wait()
-
-
-@dataclass
-class ChannelView(Sandbox):
-    """A sandbox shared by several tests, seen through one channel of its own: the
-    requests sent to `channel` only (the sandbox records each request's channel)."""
-
-    channel: str = CHANNEL
-
-    def records(self) -> list[dict[str, Any]]:
-        return [r for r in super().records() if r["channel"] == self.channel]
-
-    def stop(self) -> None:
-        """The sandbox is shared: whoever started it stops it."""
-
-
-def channel_of(box: Sandbox) -> ChannelView:
-    """`box` seen through a fresh channel; a job sends to it with
-    `api={"channel_uuid": view.channel}`."""
-    import uuid
-
-    return ChannelView(box.process, box.url, box.record, str(uuid.uuid4()))

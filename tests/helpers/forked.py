@@ -24,7 +24,7 @@ from typing import IO, Any
 from tests.helpers import ROOT, _environment
 
 SERVER = Path(__file__).with_name("forked_server.py")
-MOST = 4  # servers at once: one per concurrent caller, each runs one command at a time
+MOST = 8  # servers at once: one per concurrent caller, each runs one command at a time
 
 
 class _Server:
@@ -90,7 +90,7 @@ def forked_cli(
     timeout: float = 120,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Like `tests.helpers.cli`: the command's exit code, stdout and stderr."""
+    """`subprocess.run(python -m campaign ARGS)`'s exit code, stdout and stderr."""
     with tempfile.TemporaryDirectory() as scratch:
         streams = {name: Path(scratch) / name for name in ("in", "out", "err")}
         streams["in"].write_text(input or "", encoding="utf-8")

@@ -1,6 +1,8 @@
-"""One sandbox per module and latency, each test on a channel of its own: a test's view of
-the sandbox's record holds only the requests sent to its channel (a worker a failed test
-left running cannot count in the next test)."""
+"""One sandbox for a module's tests instead of one each (a sandbox is a subprocess), each
+test seeing its own share of the record: the requests sent to a channel of its own
+(`ChannelView`: a worker a failed test left running cannot count in the next test), or,
+for tests that send on the job's usual channel, those recorded since the test began
+(`since_now`: tests in one process run one after another and wait for their runs)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,30 @@ class ChannelView(Sandbox):
 
     def stop(self) -> None:
         pass
+
+
+def channel_of(box: Sandbox) -> ChannelView:
+    """`box` seen through a fresh channel; a job sends to it with `api=view.api()`."""
+    return ChannelView(box, str(uuid.uuid4()))
+
+
+class SandboxSince(Sandbox):
+    """`Sandbox` whose records begin at the `start`-th line of the shared record."""
+
+    def __init__(self, shared: Sandbox, start: int) -> None:
+        super().__init__(shared.process, shared.url, shared.record)
+        self.start = start
+
+    def records(self) -> list[dict[str, Any]]:
+        return super().records()[self.start :]
+
+    def stop(self) -> None:
+        raise AssertionError("a shared sandbox is stopped by its module's fixture")
+
+
+def since_now(box: Sandbox) -> SandboxSince:
+    """A view of `box` that holds only what is recorded from now on."""
+    return SandboxSince(box, len(box.records()))
 
 
 def module_sandboxes(

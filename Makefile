@@ -66,11 +66,12 @@ postgresql:
 		fi; \
 	fi
 
-# Two processes share the tests (most of their time is waiting on servers and subprocesses);
-# the ones that count requests against a rate at a real server run afterwards, alone.
+# Four processes share the tests on two cores (much of their time is waiting on servers,
+# leases and subprocesses); the ones that count requests against a rate at a real server
+# run afterwards, by themselves.
 test: install chromium postgresql
-	$(BIN)/pytest -q -rs -n 2 -m "not exact_rate"
-	$(BIN)/pytest -q -rs -m exact_rate
+	$(BIN)/pytest -q -rs -n 4 -m "not exact_rate"
+	$(BIN)/pytest -q -rs -n 2 -m exact_rate
 
 # The hostile schedules (two processes, kill -9, several writers) many times each, not once:
 # run before a release. SOAK_TRIALS=N sets how many (default 20).

@@ -148,7 +148,7 @@ def test_three_workers_share_one_rate_at_the_api(
 ) -> None:
     """The rate is one budget for the channel, whatever the number of workers: counted at
     the sandbox by arrival time, no one-second window above N, and N nearly reached."""
-    rows = rate * 6
+    rows = rate * 4  # four seconds: the middle two are all three workers sending
     box = sandboxes(10)
     job = pg_job(
         tmp_path, box.url, pg_url, rows, api=box.api(), concurrency=20, rate_per_second=rate

@@ -21,17 +21,14 @@ from tests.helpers import (
     Reply,
     cli_peak_memory,
     open_ledger,
-    phones,
     read_results,
-    write_csv,
     write_job,
 )
 from tests.helpers import cli as run_cli
 from tests.helpers.optouts import OFF
-from tests.helpers.reports import SentOnce
+from tests.helpers.reports import PEOPLE, SentOnce, sent_through
 
 TOKEN = "tok-51ab-SECRET-77cd"
-PEOPLE = phones(3)
 
 
 def cli(*args: str, timeout: float = 120) -> Any:
@@ -46,17 +43,9 @@ NOWHERE = "http://127.0.0.1:9"
 def sent_campaign(
     tmp_path: Path, send_url: str, report_url: str, store: str | None = None, **limits: Any
 ) -> Path:
-    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
-    job = write_job(
-        tmp_path,
-        send_url,
-        input=data,
-        reporting={**REPORTING, "base_url": report_url},
-        limits={"max_attempts": 2, **limits},
-        ledger=store,
-    )
-    cli("run", str(job), "--no-progress")
-    return job
+    reporting = {**REPORTING, "base_url": report_url}
+    env = {"REPORT_TOKEN": TOKEN}
+    return sent_through(tmp_path, send_url, reporting, store, expect=None, env=env, **limits)
 
 
 def entry(phone: str, at: Any, status: str = "delivered", **changes: Any) -> dict[str, Any]:

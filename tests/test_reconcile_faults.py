@@ -13,20 +13,18 @@ import pytest
 from tests.helpers import (
     FaultServer,
     by_employee_id,
-    phones,
     read_results,
     write_csv,
     write_job,
 )
 from tests.helpers import cli as run_cli
 from tests.helpers.optouts import OFF
-from tests.helpers.reports import SentOnce
+from tests.helpers.reports import PEOPLE, SentOnce, sent_through
 
 TOKEN = "tok-7c1e-SECRET-91aa-d00d"
 # The job file names the token's variable, as an operator's would: the token is in the
 # environment only, and must show up in no file the commands write.
 TOKEN_VAR = "${REPORT_TOKEN}"
-PEOPLE = phones(3)
 
 
 def cli(*args: str, timeout: float = 120) -> Any:
@@ -61,24 +59,7 @@ def campaign(
             tmp_path, NOWHERE, input=data, reporting=settings, limits={"max_attempts": 2}
         )
     with FaultServer(lambda n, body: 200) as api:
-        return sent_through(tmp_path, api.url, settings, store)
-
-
-def sent_through(
-    tmp_path: Path, send_url: str, reporting: dict[str, Any], store: str | None, expect: int = 0
-) -> Path:
-    """The campaign of 3 people sent through `send_url` on `store` (the run ends `expect`)."""
-    data = write_csv(tmp_path / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
-    job = write_job(
-        tmp_path,
-        send_url,
-        input=data,
-        reporting=reporting,
-        limits={"max_attempts": 2},
-        ledger=store,
-    )
-    assert cli("run", str(job), "--no-progress").returncode == expect
-    return job
+        return sent_through(tmp_path, api.url, settings, store, env={"REPORT_TOKEN": TOKEN})
 
 
 def entry(phone: str, at: float, status: str = "delivered", **changes: Any) -> dict[str, Any]:
@@ -363,7 +344,7 @@ def test_a_person_a_reconcile_could_not_judge_is_not_resent_blind(tmp_path: Path
     with FaultServer(lambda n, body: "reset") as box:
         with FaultServer(lambda n, q: 503) as api:
             reporting = {"base_url": api.url, **REPORTING}
-            job = sent_through(tmp_path, box.url, reporting, None, expect=1)
+            job = sent_through(tmp_path, box.url, reporting, expect=1, env={"REPORT_TOKEN": TOKEN})
             checked = cli("reconcile", str(job))
         assert checked.returncode == 1, checked.stderr
         rows = read_results(tmp_path / "runs" / "test" / "results.csv")

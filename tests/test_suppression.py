@@ -28,13 +28,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.runs import finish, people, wait_for
-from tests.helpers.shared_sandbox import since_now
-
-
-@pytest.fixture
-def sandbox(module_sandbox: Sandbox) -> Sandbox:
-    """The module's sandbox, showing only what this test sent."""
-    return since_now(module_sandbox)
+from tests.helpers.shared_sandbox import sandbox_since_start  # noqa: F401 (the `sandbox` here)
 
 
 def listed(output_dir: Path, store: str | None = None) -> dict[str, tuple[str, str]]:

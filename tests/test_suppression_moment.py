@@ -31,17 +31,11 @@ from tests.helpers import (
 )
 from tests.helpers.pg import in_campaign, lock_waiters
 from tests.helpers.runs import people, wait_for
-from tests.helpers.shared_sandbox import since_now
+from tests.helpers.shared_sandbox import sandbox_since_start, since_now  # noqa: F401 (the `sandbox` here)
 
 TRIALS = soak_trials()
 MOMENT_S = 2.0  # the promise: nothing leaves later than this after the commit
 HOLD_S = 4.0  # how long the slow writer keeps its number uncommitted
-
-
-@pytest.fixture
-def sandbox(module_sandbox: Sandbox) -> Sandbox:
-    """The module's sandbox, showing only what this test sent."""
-    return since_now(module_sandbox)
 
 
 def sent_after(box: Sandbox, committed: dict[str, float]) -> list[str]:

@@ -153,14 +153,7 @@ async def test_a_page_start_joins_the_command_line_workers_sending_the_campaign(
     rows, rate = 400, 100
     box = sandboxes(20)
     job = people_job(
-        tmp_path,
-        box.url,
-        rows,
-        ledger=pg_url,
-        api=box.api(),
-        rate_per_second=rate,
-        concurrency=4,
-        lease_s=3,
+        tmp_path, box, rows, ledger=pg_url, rate_per_second=rate, concurrency=4, lease_s=3
     )
     server = start_serve(tmp_path, job)
     try:

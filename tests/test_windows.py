@@ -46,7 +46,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.runs import finish, wait_for
-from tests.helpers.shared_sandbox import since_now
+from tests.helpers.shared_sandbox import sandbox_since_start  # noqa: F401 (the `sandbox` here)
 from tests.helpers.windows import (
     HNL_PHONES,
     HONOLULU,
@@ -58,12 +58,6 @@ from tests.helpers.windows import (
     new_york_hours,
     ny_open_hnl_closed,
 )
-
-
-@pytest.fixture
-def sandbox(module_sandbox: Sandbox) -> Sandbox:
-    """The module's sandbox, showing only what this test sent."""
-    return since_now(module_sandbox)
 
 
 def inside(window: str, zone: ZoneInfo, at: dt.datetime) -> bool:

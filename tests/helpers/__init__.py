@@ -67,25 +67,17 @@ def cli(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     input: str | None = None,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run the command line, `python -m campaign ARGS`, in a process of its own, and wait
     for it. The process is forked from one that has imported the package already
     (tests/helpers/forked.py): the same code from `campaign/__main__.py` on, without the
-    half second of imports. Tests of the process itself (signals, kill -9, memory) use
-    `spawn_cli`/`cli_peak_memory`, and `fresh_cli` starts a new interpreter."""
-    from tests.helpers.forked import forked_cli
+    half second of imports. `fresh`: a new interpreter, start-up included. Tests of the
+    process itself (signals, kill -9, memory) use `spawn_cli`/`cli_peak_memory`."""
+    if not fresh:
+        from tests.helpers.forked import run_forked
 
-    return forked_cli(*args, cwd=cwd, env=env, timeout=timeout, input=input)
-
-
-def fresh_cli(
-    *args: str,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-    timeout: float = 120,
-    input: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """`cli` in a new interpreter: start-up and imports included."""
+        return run_forked(args, cwd, _environment(env), timeout, input)
     return subprocess.run(
         _command(args),
         cwd=cwd,

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from tests.helpers import ROOT, _environment
+from tests.helpers import ROOT
 
 SERVER = Path(__file__).with_name("forked_server.py")
 MOST = 8  # servers at once: one per concurrent caller, each runs one command at a time
@@ -83,21 +84,18 @@ def _close_all() -> None:
         server.close()
 
 
-def forked_cli(
-    *args: str,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-    timeout: float = 120,
-    input: str | None = None,
+def run_forked(
+    args: Sequence[str], cwd: Path | None, env: dict[str, str], timeout: float, stdin: str | None
 ) -> subprocess.CompletedProcess[str]:
-    """`subprocess.run(python -m campaign ARGS)`'s exit code, stdout and stderr."""
+    """`subprocess.run([python, -m, campaign, *args], ...)` with the output captured as
+    text: the command's exit code, stdout and stderr (`tests.helpers.cli`)."""
     with tempfile.TemporaryDirectory() as scratch:
         streams = {name: Path(scratch) / name for name in ("in", "out", "err")}
-        streams["in"].write_text(input or "", encoding="utf-8")
+        streams["in"].write_text(stdin or "", encoding="utf-8")
         request = {
             "argv": list(args),
             "cwd": str(cwd) if cwd is not None else os.getcwd(),
-            "env": _environment(env),
+            "env": env,
             "timeout": timeout,
             **{name: str(path) for name, path in streams.items()},
         }

@@ -20,6 +20,7 @@ from tests.helpers import (
     statuses,
 )
 from tests.helpers.runs import people_job, resend_and_check, results, wait_for
+from tests.helpers.shared_sandbox import ChannelView
 
 CONCURRENCY = 8
 
@@ -75,11 +76,11 @@ def check_report_against_record(box: Sandbox, tmp_path: Path, rows: int) -> dict
     return counts
 
 
-def pg_job(tmp_path: Path, base_url: str, pg_url: str, rows: int, **limits: Any) -> Path:
-    """A job sending `rows` people through `base_url`, its ledger at `pg_url`: CONCURRENCY
-    requests at once and no rate to speak of unless `limits` say otherwise."""
+def pg_job(tmp_path: Path, to: str | ChannelView, pg_url: str, rows: int, **limits: Any) -> Path:
+    """A job sending `rows` people to `to` (`people_job`), its ledger at `pg_url`:
+    CONCURRENCY requests at once and no rate to speak of unless `limits` say otherwise."""
     fast: dict[str, Any] = {"concurrency": CONCURRENCY, "rate_per_second": 100_000}
-    return people_job(tmp_path, base_url, rows, ledger=pg_url, **{**fast, **limits})
+    return people_job(tmp_path, to, rows, ledger=pg_url, **{**fast, **limits})
 
 
 def workers(job: Path, n: int, *extra: str) -> list[subprocess.Popen[str]]:
@@ -109,11 +110,13 @@ def check_against_record(box: Sandbox, tmp_path: Path, rows: int, in_doubt: int)
     return unknown
 
 
-def ended_cleanly(process: subprocess.Popen[str], timeout: float = 180) -> None:
-    """A worker whose database failed under it ended 0, 1 or 3, never with a traceback."""
+def ended_cleanly(process: subprocess.Popen[str], timeout: float = 180) -> tuple[str, str]:
+    """A worker whose database failed under it ended 0, 1 or 3, never with a traceback:
+    its stdout and stderr."""
     out, err = process.communicate(timeout=timeout)
     assert process.returncode in (0, 1, 3), out + err
     assert "Traceback" not in err, err
+    return out, err
 
 
 def rerun_sends_the_rest(box: Sandbox, tmp_path: Path, job: Path, rows: int) -> None:

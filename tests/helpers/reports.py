@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import FaultServer, cli, write_csv, write_job
+from tests.helpers import FaultServer, cli, phones, write_csv, write_job
 from tests.helpers.runs import wait_for
 
 # Entries match requests made at most 15 minutes before them (the matcher's MATCH_S):
@@ -60,3 +60,32 @@ def wait_until(at: float) -> None:
     """Wait for the wall clock (time.time()) to pass `at`: when a report's entries are due
     or a campaign's requests have settled, so that a reconcile from then on can decide."""
     wait_for(lambda: time.time() >= at, timeout=120, what=f"the clock to pass {at:.1f}")
+
+
+PEOPLE = phones(3)
+
+
+def sent_through(
+    directory: Path,
+    send_url: str,
+    reporting: dict[str, Any],
+    store: str | None = None,
+    expect: int | None = 0,
+    env: dict[str, str] | None = None,
+    **limits: Any,
+) -> Path:
+    """The job of a campaign of `PEOPLE` sent through `send_url` on `store`, with
+    `reporting`, the command run with `env`; the run ends `expect` (None: the test does
+    not rely on how)."""
+    data = write_csv(directory / "in.csv", ["First Name", "Phone"], [["A", p] for p in PEOPLE])
+    job = write_job(
+        directory,
+        send_url,
+        input=data,
+        reporting=reporting,
+        limits={"max_attempts": 2, **limits},
+        ledger=store,
+    )
+    done = cli("run", str(job), "--no-progress", env=env)
+    assert expect is None or done.returncode == expect, done.stderr
+    return job

@@ -19,6 +19,7 @@ from tests.helpers import (
     write_csv,
     write_job,
 )
+from tests.helpers.shared_sandbox import ChannelView
 
 # With a PostgreSQL ledger, a killed run's people are settled once its lease expires: a
 # short lease keeps the tests that kill a run from waiting out the default 30 s.
@@ -45,19 +46,22 @@ def people(
 
 def people_job(
     tmp_path: Path,
-    base_url: str,
+    to: str | ChannelView,
     rows: int,
     *,
     ledger: str | None = None,
     api: dict[str, Any] | None = None,
     **limits: Any,
 ) -> Path:
-    """A job sending `rows` people (tmp_path/in.csv) through `base_url`, its ledger at
-    `ledger` (None: SQLite); `api` and `limits` update the job's defaults."""
+    """A job sending `rows` people (tmp_path/in.csv) to `to` (a URL, or a shared sandbox's
+    channel), its ledger at `ledger` (None: SQLite); `api` and `limits` update the job's
+    defaults."""
+    if isinstance(to, ChannelView):
+        to, api = to.url, to.api(**(api or {}))
     sections: dict[str, Any] = {"api": api or {}, "limits": limits}
     if ledger is not None:
         sections["ledger"] = ledger
-    return write_job(tmp_path, base_url, input=people(tmp_path / "in.csv", rows), **sections)
+    return write_job(tmp_path, to, input=people(tmp_path / "in.csv", rows), **sections)
 
 
 def sent_job(tmp_path: Path, base_url: str, rows: int, *, ledger: str | None = None) -> Path:

@@ -77,6 +77,13 @@ def since_now(box: Sandbox) -> SandboxSince:
     return SandboxSince(box, len(box.records()))
 
 
+@pytest.fixture(name="sandbox")
+def sandbox_since_start(module_sandbox: Sandbox) -> Sandbox:
+    """For a module whose tests share its sandbox: the module's sandbox, showing only what
+    the test sent (import it into the module)."""
+    return since_now(module_sandbox)
+
+
 def module_sandboxes(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[[int], ChannelView]]:

@@ -32,7 +32,7 @@ from tests.helpers.pg import (
     pg_job,
     workers,
 )
-from tests.helpers.runs import YESTERDAY, finish, people, results, wait_for
+from tests.helpers.runs import YESTERDAY, finish, people, people_job, results, wait_for
 from tests.helpers.shared_sandbox import ChannelView
 
 
@@ -198,14 +198,7 @@ def test_a_rerun_with_another_input_inside_a_dead_workers_lease_is_refused(
     # counted from a heartbeat up to a third of a lease old left less).
     limits = {"concurrency": 4, "rate_per_second": 40, "lease_s": 7}
     sandbox = sandboxes(0)
-    job = write_job(
-        tmp_path,
-        sandbox.url,
-        input=people(tmp_path / "in.csv", 200),
-        ledger=pg_url,
-        api=sandbox.api(),
-        limits=limits,
-    )
+    job = people_job(tmp_path, sandbox, 200, ledger=pg_url, **limits)
     first = spawn_cli("run", str(job), "--no-progress")
     wait_for(lambda: len(sandbox.records()) >= 40, what="requests")
     run_id = only_run(pg_url)

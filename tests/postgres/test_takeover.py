@@ -35,7 +35,7 @@ def test_workers_killed_and_replaced_at_random_moments_send_each_person_once(
     group commit: latency is low, so commits follow each other) and replaced."""
     rows, kills = 900, 4
     box = sandboxes(5)
-    job = pg_job(tmp_path, box.url, pg_url, rows, api=box.api(), lease_s=3)
+    job = pg_job(tmp_path, box, pg_url, rows, lease_s=3)
     rng = random.Random()
     running = workers(job, 3)
     marks = sorted(rng.sample(range(30, rows - 150), kills))

@@ -25,7 +25,7 @@ from tests.helpers.pg import (
     only_run,
     workers,
 )
-from tests.helpers.runs import finish, people, results, wait_for
+from tests.helpers.runs import finish, people_job, results, wait_for
 from tests.helpers.shared_sandbox import ChannelView
 from tests.helpers.windows import HNL_PHONES, NY_PHONES, hhmm, local_minutes, ny_open_hnl_closed
 
@@ -88,19 +88,8 @@ def test_two_workers_with_people_waiting_for_their_window_both_end(
     now = local_minutes(ZoneInfo("America/Los_Angeles"))
     window = f"{hhmm(now + 120)}-{hhmm(now + 180)}"
     box = sandboxes(0)
-    job = write_job(
-        tmp_path,
-        box.url,
-        input=people(tmp_path / "in.csv", 400),
-        ledger=pg_url,
-        api=box.api(),
-        limits={
-            "concurrency": 8,
-            "lease_s": 1,
-            "send_window": window,
-            "timezone": "America/Los_Angeles",
-        },
-    )
+    where = {"send_window": window, "timezone": "America/Los_Angeles"}
+    job = people_job(tmp_path, box, 400, ledger=pg_url, concurrency=8, lease_s=1, **where)
     running = workers(job, 2)
     try:
         codes = [finish(p, timeout=30) for p in running]

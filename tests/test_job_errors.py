@@ -45,6 +45,12 @@ class Case:
     command: str = "run"
 
 
+def limit(key: str, value: str, *says: str) -> Case:
+    """GOOD with `limits.KEY: VALUE`, refused naming the key (and `says`)."""
+    written = {"rate_per_second": "1000", "concurrency": "4"}[key]
+    return Case(f"  {key}: {written}", f"  {key}: {value}", (f"limits.{key}", *says))
+
+
 CASES = {
     "yaml syntax": Case("  timeout_s: 2", "  timeout_s: [2", ("YAML syntax error", "line 8")),
     "tab indent": Case("  concurrency: 4", "\tconcurrency: 4", ("YAML syntax error", "line 15")),
@@ -94,34 +100,18 @@ CASES = {
         "limits: fast\n",
         ("limits: must be a section",),
     ),
-    "rate not a number": Case(
-        "  rate_per_second: 1000", "  rate_per_second: fast", ("limits.rate_per_second",)
-    ),
-    "concurrency not whole": Case(
-        "  concurrency: 4", "  concurrency: 2.5", ("limits.concurrency", "integer")
-    ),
+    "rate not a number": limit("rate_per_second", "fast"),
+    "concurrency not whole": limit("concurrency", "2.5", "integer"),
     "params a list": Case(
         "    first_name: First Name", "    - First Name", ("mapping.params", "`all`")
     ),
     "require_phone not bool": Case(
         "  to_phone: Phone", "  to_phone: Phone\n  require_phone: maybe", ("require_phone",)
     ),
-    "rate zero": Case(
-        "  rate_per_second: 1000",
-        "  rate_per_second: 0",
-        ("limits.rate_per_second", "greater than 0"),
-    ),
-    "rate negative": Case(
-        "  rate_per_second: 1000",
-        "  rate_per_second: -3",
-        ("limits.rate_per_second", "greater than 0"),
-    ),
-    "concurrency zero": Case(
-        "  concurrency: 4", "  concurrency: 0", ("limits.concurrency", "from 1 to 1000")
-    ),
-    "concurrency too high": Case(
-        "  concurrency: 4", "  concurrency: 5000", ("limits.concurrency", "from 1 to 1000")
-    ),
+    "rate zero": limit("rate_per_second", "0", "greater than 0"),
+    "rate negative": limit("rate_per_second", "-3", "greater than 0"),
+    "concurrency zero": limit("concurrency", "0", "from 1 to 1000"),
+    "concurrency too high": limit("concurrency", "5000", "from 1 to 1000"),
     "output_dir empty": Case(
         "output_dir: {runs}", "output_dir: ${CAMPAIGN_TEST_NEVER_SET:-}", ("output_dir: is empty",)
     ),

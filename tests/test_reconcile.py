@@ -29,7 +29,7 @@ from tests.helpers import (
     write_job,
 )
 from tests.helpers.reports import wait_until
-from tests.helpers.runs import people
+from tests.helpers.runs import people, people_job
 
 DEADLINE_S = 60
 FINAL = {"delivered", "undelivered", "failed", "not_found"}
@@ -220,12 +220,7 @@ def _sent_then_delivered(directory: Path, delay_s: float) -> bool:
     directory.mkdir()
     box = start_sandbox(directory, "--delivery-delay-s", str(delay_s))
     try:
-        job = write_job(
-            directory,
-            box.url,
-            input=people(directory / "in.csv", phones(10)),
-            reporting=reporting(settle_minutes=30),
-        )
+        job = people_job(directory, box.url, 10, reporting=reporting(settle_minutes=30))
         assert cli("run", str(job), "--no-progress").returncode == 0
         early = reconcile_until(job, lambda rows: any(r["_delivery"] for r in rows))
         assert {r["_delivery"] for r in early} <= {"sent", "delivered", ""}
@@ -256,14 +251,8 @@ def test_a_killed_reconcile_loses_nothing_and_the_next_one_finishes(
         return contextlib.closing(open_ledger(tmp_path / "runs", store))
 
     try:
-        job = write_job(
-            tmp_path,
-            box.url,
-            input=people(tmp_path / "in.csv", phones(120)),
-            reporting=reporting(rate_per_second=2),
-            ledger=store,
-            limits={"lease_s": 3},
-        )
+        pages = reporting(rate_per_second=2)
+        job = people_job(tmp_path, box.url, 120, ledger=store, reporting=pages, lease_s=3)
         assert cli("run", str(job), "--no-progress").returncode == 0
         process = spawn_cli("reconcile", str(job))
         deadline = time.monotonic() + DEADLINE_S

@@ -84,12 +84,17 @@ def untouched(reporting: tuple[Sandbox, Served, Path]) -> tuple[Sandbox, Served,
     (each checks that the sandbox got no request while it ran): the sandbox, server and
     campaign."""
     box, server, _ = reporting
+    return box, server, validated_upload(server)
+
+
+def validated_upload(server: Served) -> str:
+    """A campaign uploaded to `server` and validated: its id."""
 
     async def validated() -> str:
         async with client(server) as http:
             return await upload_and_validate(http)
 
-    return box, server, asyncio.run(validated())
+    return asyncio.run(validated())
 
 
 @pytest.mark.parametrize(
@@ -141,12 +146,7 @@ def test_a_page_campaign_is_tested_from_the_command_line_only_with_its_spreadshe
 
     box, server, job = reporting
     before = len(box.records())
-
-    async def validated() -> str:
-        async with client(server) as http:
-            return await upload_and_validate(http)
-
-    campaign = asyncio.run(validated())
+    campaign = validated_upload(server)
     refused = cli("test", str(job), "--campaign", campaign, "--to", TEST_PHONE)
     assert refused.returncode == 2
     assert "was made on the page: send the test from the page" in refused.stderr

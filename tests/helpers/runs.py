@@ -51,14 +51,17 @@ def people_job(
     *,
     ledger: str | None = None,
     api: dict[str, Any] | None = None,
+    reporting: dict[str, Any] | None = None,
     **limits: Any,
 ) -> Path:
     """A job sending `rows` people (tmp_path/in.csv) to `to` (a URL, or a shared sandbox's
-    channel), its ledger at `ledger` (None: SQLite); `api` and `limits` update the job's
-    defaults."""
+    channel), its ledger at `ledger` (None: SQLite); `api`, `reporting` and `limits` update
+    the job's defaults."""
     if isinstance(to, ChannelView):
         to, api = to.url, to.api(**(api or {}))
     sections: dict[str, Any] = {"api": api or {}, "limits": limits}
+    if reporting is not None:
+        sections["reporting"] = reporting
     if ledger is not None:
         sections["ledger"] = ledger
     return write_job(tmp_path, to, input=people(tmp_path / "in.csv", rows), **sections)

@@ -114,14 +114,9 @@ def test_a_request_begun_while_its_worker_is_settled_for_dead_is_unknown_not_inf
 
     lease = 1.0
     with FaultServer(reply) as server:
+        hang = {"timeout_s": 60}  # the hanging request outlasts the lease
         job = people_job(
-            tmp_path,
-            server.url,
-            3,
-            ledger=pg_url,
-            api={"timeout_s": 60},
-            concurrency=1,
-            lease_s=lease,
+            tmp_path, server.url, 3, ledger=pg_url, api=hang, concurrency=1, lease_s=lease
         )
         checked = cli("validate", str(job))
         assert checked.returncode == 0, checked.stdout + checked.stderr

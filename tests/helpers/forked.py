@@ -5,7 +5,8 @@ Each call is still its own process (own pid, cwd, environment, stdin, stdout, st
 code): a server started once imports `campaign` and its libraries, then forks a child per
 call that runs `campaign/__main__.py` as `python -m campaign` would, including the exit
 handlers Python runs at shutdown. For checks of what a command says and does; tests of the
-process itself (peak memory, signals) keep `tests.helpers.cli`/`cli_peak_memory`.
+process itself (peak memory, signals) start a new interpreter (`spawn_cli`,
+`cli_peak_memory`, `cli(..., fresh=True)` in tests/helpers).
 """
 
 from __future__ import annotations

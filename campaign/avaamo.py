@@ -32,9 +32,9 @@ Opt status: times are epoch milliseconds, and both are sent or neither (with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import ClassVar, Self, TypeVar
 
 import aiohttp
 
@@ -214,8 +214,11 @@ class SendClient(_Client):
 
 class _PagedReader(_Client):
     """GETs of one paged endpoint within one rate limiter, each page retried as a read.
-    An endpoint gives its address, its refusal message, and its page parser (which
-    raises `PageUnreadable`)."""
+    An endpoint gives its address, its name and what to check on each refusal, and its
+    page parser (which raises `PageUnreadable`)."""
+
+    NAME: ClassVar[str] = ""
+    FIXES: ClassVar[Mapping[int, str]] = {}  # HTTP status of a refusal: what to check
 
     def __init__(
         self,
@@ -242,11 +245,10 @@ class _PagedReader(_Client):
         return {TOKEN_HEADER: self._token, "Accept": "application/json"}
 
     def _refused(self, answer: Answer) -> str:
-        raise NotImplementedError
+        fix = self.FIXES.get(answer.http_status or 0, "check the reporting: section")
+        return f"the {self.NAME} refused the request (HTTP {answer.http_status}): {fix}"
 
-    async def _page(
-        self, params: dict[str, str], number: int, parse: Callable[[bytes], P], what: str
-    ) -> P:
+    async def _page(self, params: dict[str, str], number: int, parse: Callable[[bytes], P]) -> P:
         """Page `number`, parsed; `ReportingRefused` on 401/403/404, `PageUnreadable`
         once the retries are spent."""
         attempt = 0
@@ -270,7 +272,7 @@ class _PagedReader(_Client):
                 raise ReportingRefused(self._refused(answer))
             if decision.retry_in_s is None:
                 raise PageUnreadable(f"page {number}: {decision.error or ''}")
-            await wait(decision.retry_in_s, what, page=number)
+            await wait(decision.retry_in_s, self.NAME, page=number)
 
     async def _get(self, params: dict[str, str]) -> tuple[Answer | None, bytes]:
         """(None, body) for a 200; else what went wrong as the send policy's `Answer`."""
@@ -291,6 +293,13 @@ class _PagedReader(_Client):
 
 class ReportingClient(_PagedReader):
     """Pages of the Reporting API, one session and one rate limiter per reconcile."""
+
+    NAME = "Reporting API"
+    FIXES: ClassVar[Mapping[int, str]] = {
+        401: "check reporting.access_token",
+        403: "check reporting.access_token (it has no access to this agent)",
+        404: "check reporting.agent_id and reporting.base_url",
+    }
 
     def __init__(
         self,
@@ -326,9 +335,7 @@ class ReportingClient(_PagedReader):
         if self.from_phone:
             params["from_phone"] = self.from_phone
         region = self.region
-        return await self._page(
-            params, number, lambda raw: parse_page(raw, number, region), "Reporting API"
-        )
+        return await self._page(params, number, lambda raw: parse_page(raw, number, region))
 
     async def received(self, to_phone: str, start: float, end: float) -> list[Received]:
         """The entries to `to_phone` created in [start, end], with their messages: the
@@ -342,22 +349,19 @@ class ReportingClient(_PagedReader):
         if self.from_phone:
             params["from_phone"] = self.from_phone
         region = self.region
-        page = await self._page(
-            params, 1, lambda raw: parse_received(raw, 1, region), "Reporting API"
-        )
+        page = await self._page(params, 1, lambda raw: parse_received(raw, 1, region))
         return page[1]
-
-    def _refused(self, answer: Answer) -> str:
-        fix = {
-            401: "check reporting.access_token",
-            403: "check reporting.access_token (it has no access to this agent)",
-            404: "check reporting.agent_id and reporting.base_url",
-        }.get(answer.http_status or 0, "check the reporting: section")
-        return f"the Reporting API refused the request (HTTP {answer.http_status}): {fix}"
 
 
 class OptStatusClient(_PagedReader):
     """Pages of the SMS Opt Status API: who is opted out (or back in) at Avaamo."""
+
+    NAME = "SMS Opt Status API"
+    FIXES: ClassVar[Mapping[int, str]] = {
+        401: "check reporting.access_token",
+        403: "check reporting.access_token (it has no access to opt status)",
+        404: "check reporting.base_url",
+    }
 
     def __init__(
         self,
@@ -407,20 +411,8 @@ class OptStatusClient(_PagedReader):
             params["to_phone"] = to_phone
         if self.from_phone:
             params["from_phone"] = self.from_phone
-        return await self._page(
-            params,
-            number,
-            lambda raw: parse_opt_page(raw, number, self.region),
-            "SMS Opt Status API",
-        )
-
-    def _refused(self, answer: Answer) -> str:
-        fix = {
-            401: "check reporting.access_token",
-            403: "check reporting.access_token (it has no access to opt status)",
-            404: "check reporting.base_url",
-        }.get(answer.http_status or 0, "check the reporting: section")
-        return f"the SMS Opt Status API refused the request (HTTP {answer.http_status}): {fix}"
+        region = self.region
+        return await self._page(params, number, lambda raw: parse_opt_page(raw, number, region))
 
 
 async def read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:

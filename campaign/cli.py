@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from campaign.job import Job
     from campaign.pipeline import RunControl, RunOutcome
     from campaign.progress import Progress
 
@@ -404,16 +405,23 @@ def _load(args: argparse.Namespace, path: str | None = None) -> Any:
     return load_job(path or args.job, *given)
 
 
-def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
-
+def _load_logged(args: argparse.Namespace) -> Job:
+    """The job of a command that logs: logging set up first (a job error is then one line
+    of it), and the job's channel and access token hidden from every line after."""
     from campaign import logs
-    from campaign.pipeline import RunControl, RunOptions, run_campaign
 
     logs.configure(args.log_format)
     job = _load(args)
     logs.masker.hide(job.api.channel_uuid)
     if job.reporting is not None:
         logs.masker.hide(job.reporting.access_token, keep=0)
+    return job
+
+
+def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    from campaign.pipeline import RunControl, RunOptions, run_campaign
+
+    job = _load_logged(args)
     options = RunOptions(
         campaign=args.campaign,
         new=getattr(args, "new", False),
@@ -595,13 +603,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace, state: dict[str, Any]) -> int:
-    from campaign import logs
     from campaign.reconcile import reconcile_campaign, reporting_of
 
-    logs.configure(args.log_format)
-    job = _load(args)
-    logs.masker.hide(job.api.channel_uuid)
-    logs.masker.hide(reporting_of(job).access_token, keep=0)
+    job = _load_logged(args)
+    reporting_of(job)  # without a reporting: section, one line and exit 2 before anything
     state["directory"] = Path(job.output_dir)
     outcome = _run_loop(reconcile_campaign(job, args.campaign))
     tally = outcome.tally
@@ -630,14 +635,9 @@ def _reconcile(args: argparse.Namespace, state: dict[str, Any]) -> int:
 
 
 def _test(args: argparse.Namespace, state: dict[str, Any]) -> int:
-    from campaign import logs
     from campaign.test_send import run_test_command
 
-    logs.configure(args.log_format)
-    job = _load(args)
-    logs.masker.hide(job.api.channel_uuid)
-    if job.reporting is not None:
-        logs.masker.hide(job.reporting.access_token, keep=0)
+    job = _load_logged(args)
     state["directory"] = Path(job.output_dir)
     return int(run_test_command(job, args, _run_loop))
 

@@ -160,18 +160,25 @@ def read_envelope(raw: bytes, number: int, per_page: int) -> Envelope:
 
 def parse_page(raw: bytes, number: int, region: str) -> Page:
     """A page's answer; `PageUnreadable` when it is not a report page."""
+    return _read_page(raw, number, region)[0]
+
+
+def _read_page(raw: bytes, number: int, region: str) -> tuple[Page, list[Any]]:
+    """The page, and the answer's items its usable entries were read from (in order)."""
     envelope = read_envelope(raw, number, PER_PAGE)
     page = Page(
         number, envelope.total_pages, envelope.total_entries, received=len(envelope.entries)
     )
     page.per_page = envelope.per_page
+    usable = []
     for item in envelope.entries:
         entry = parse_entry(item, region)
         if entry is None:
             page.bad += 1
         else:
             page.entries.append(entry)
-    return page
+            usable.append(item)
+    return page, usable
 
 
 def _count(value: object) -> TypeGuard[int]:
@@ -200,16 +207,11 @@ class Received:
 
 def parse_received(raw: bytes, number: int, region: str) -> tuple[Page, list[Received]]:
     """A page's answer (`parse_page`), and its usable entries with their `message`."""
-    page = parse_page(raw, number, region)
-    body = load_json(raw, MAX_PAGE_BYTES)  # parsed once already: it is a page
+    page, usable = _read_page(raw, number, region)
     received = []
-    for item in body["entries"]:
-        entry = parse_entry(item, region)
-        if entry is None:
-            continue
+    for item, (key, _, created, status, error) in zip(usable, page.entries, strict=True):
         text = item.get("message")
         message = text[:MESSAGE_CHARS] if isinstance(text, str) else None
-        key, _, created, status, error = entry
         received.append(Received(key, created, status, error, message))
     return page, received
 

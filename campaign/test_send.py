@@ -267,20 +267,12 @@ def _record_reports(store: Store, plan: Plan, requests: list[TestRequest]) -> No
 
 async def _send_all(plan: Plan, ledger: Ledger, requests: list[TestRequest]) -> None:
     from campaign.avaamo import SendClient
-    from campaign.rate import RateLimiter
+    from campaign.worker import channel_limiter
 
     job = plan.job
-    budget = None
-    limiter: Any = RateLimiter(job.limits.rate_per_second)
-    if job.ledger is not None:
-        # On PostgreSQL the channel's rate is one budget for every worker (store/budget.py):
-        # a test beside a run of the same channel takes its slots from it too.
-        from campaign.avaamo import send_url
-        from campaign.rate import SharedRateLimiter
-        from campaign.store.budget import RateBudget
-
-        budget = await RateBudget.connect(job.ledger, send_url(job.api))
-        limiter = SharedRateLimiter(job.limits.rate_per_second, budget.grant)
+    # On PostgreSQL the channel's budget (store/budget.py): a test beside a run of the same
+    # channel takes its slots from it too.
+    limiter, close = await channel_limiter(job)
     try:
         async with SendClient(job.api, 1) as client:
             for request in requests:
@@ -289,9 +281,8 @@ async def _send_all(plan: Plan, ledger: Ledger, requests: list[TestRequest]) -> 
                 if request.fatal:
                     return  # the channel is wrong: the other numbers would get the same
     finally:
-        if budget is not None:
-            await limiter.aclose()
-            await budget.close()
+        if close is not None:
+            await close()
 
 
 async def _send_one(

@@ -34,8 +34,7 @@ from campaign.times import iso_local
 if TYPE_CHECKING:
     from campaign.dispatch import Dispatcher
     from campaign.gate import Gate
-    from campaign.rate import Limiter, SharedRateLimiter
-    from campaign.store.budget import RateBudget
+    from campaign.rate import Limiter
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -200,22 +199,34 @@ async def _limiter(
     job: Job, control: RunControl
 ) -> tuple[Limiter, Callable[[], Awaitable[None]] | None]:
     """The one place a run's rate limiter is chosen: the one its caller shares between runs
-    to the channel (the page server's), else on PostgreSQL the channel's budget shared by
-    every worker on every host (slots granted by the database: store/budget.py), else its
-    own. With it, what the run must close when it ends (the budget's connection)."""
+    to the channel (the page server's), else the channel's (`channel_limiter`). With it,
+    what the run must close when it ends."""
     if control.limiter is not None:
         return control.limiter, None
-    if job.ledger is not None:
-        shared, budget = await _shared_limiter(job)
+    return await channel_limiter(job)
 
-        async def close() -> None:
-            await shared.aclose()
-            await budget.close()
 
-        return shared, close
-    from campaign.rate import RateLimiter
+async def channel_limiter(job: Job) -> tuple[Limiter, Callable[[], Awaitable[None]] | None]:
+    """A rate limiter for one sender to the job's channel (a run, the page server, a test
+    send): on PostgreSQL the channel's budget shared by every worker on every host (slots
+    granted by the database: store/budget.py), else its own. With it, what the sender
+    must close when it is done (the budget's connection), or None."""
+    if job.ledger is None:
+        from campaign.rate import RateLimiter
 
-    return RateLimiter(job.limits.rate_per_second), None
+        return RateLimiter(job.limits.rate_per_second), None
+    from campaign.avaamo import send_url
+    from campaign.rate import SharedRateLimiter
+    from campaign.store.budget import RateBudget
+
+    budget = await RateBudget.connect(job.ledger, send_url(job.api))
+    shared = SharedRateLimiter(job.limits.rate_per_second, budget.grant)
+
+    async def close() -> None:
+        await shared.aclose()
+        await budget.close()
+
+    return shared, close
 
 
 async def _nobody_to_send(
@@ -237,18 +248,6 @@ async def _nobody_to_send(
 
 async def _set_aside_elsewhere(ledger: Ledger, run_id: int) -> bool:
     return ledger.postgres and await asyncio.to_thread(ledger.set_aside_elsewhere, run_id)
-
-
-async def _shared_limiter(job: Job) -> tuple[SharedRateLimiter, RateBudget]:
-    """On PostgreSQL the channel's rate is one budget for every worker on every host: its
-    slots are granted by the database (store/budget.py)."""
-    from campaign.avaamo import send_url
-    from campaign.rate import SharedRateLimiter
-    from campaign.store.budget import RateBudget
-
-    assert job.ledger is not None
-    budget = await RateBudget.connect(job.ledger, send_url(job.api))
-    return SharedRateLimiter(job.limits.rate_per_second, budget.grant), budget
 
 
 async def _claims(

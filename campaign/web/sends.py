@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -28,10 +29,8 @@ from campaign.errors import CampaignError
 from campaign.job import Job
 from campaign.logs import masker, save_traceback
 from campaign.pipeline import RunControl, RunOptions, RunOutcome, run_campaign
-from campaign.rate import Limiter, RateLimiter, SharedRateLimiter
-
-if TYPE_CHECKING:
-    from campaign.store.budget import RateBudget
+from campaign.rate import Limiter
+from campaign.worker import channel_limiter
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +69,7 @@ class Sends:
     def __init__(self) -> None:
         self._sends: dict[str, Send] = {}
         self._limiters: dict[str, Limiter] = {}  # by send URL
-        self._budgets: list[tuple[SharedRateLimiter, RateBudget]] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # the budgets' connections
         self._making = asyncio.Lock()  # two first sends must not make two limiters
 
     def get(self, campaign: str) -> Send | None:
@@ -92,16 +91,9 @@ class Sends:
         async with self._making:
             if url not in self._limiters:
                 # Every campaign of one server has the job's limits, so one rate per channel.
-                rate = job.limits.rate_per_second
-                if job.ledger is None:
-                    self._limiters[url] = RateLimiter(rate)
-                else:
-                    from campaign.store.budget import RateBudget  # psycopg: PostgreSQL only
-
-                    budget = await RateBudget.connect(job.ledger, url)
-                    shared = SharedRateLimiter(rate, budget.grant)
-                    self._budgets.append((shared, budget))
-                    self._limiters[url] = shared
+                self._limiters[url], close = await channel_limiter(job)
+                if close is not None:
+                    self._closers.append(close)
             return self._limiters[url]
 
     async def _run(
@@ -132,8 +124,7 @@ class Sends:
         for send in running:
             send.control.stop()
         await asyncio.gather(*(s.task for s in running), return_exceptions=True)
-        budgets, self._budgets = self._budgets, []
+        closers, self._closers = self._closers, []
         self._limiters.clear()
-        for limiter, budget in budgets:
-            await limiter.aclose()
-            await budget.close()
+        for close in closers:
+            await close()
